@@ -1,0 +1,141 @@
+/* Fork-join pool on pthreads: a generation counter wakes the workers, a countdown tells the
+ * caller they are done. */
+#include "pool.h"
+
+#include <pthread.h>
+
+#include "util.h"
+
+struct tern_pool {
+    const tern_allocator *alloc;
+    int nthreads;
+    pthread_t *threads;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    unsigned long generation;
+    int pending;
+    int stop;
+    tern_task_fn fn;
+    void *arg;
+};
+
+typedef struct {
+    tern_pool *pool;
+    int ith;
+} worker_arg;
+
+static void *worker_main(void *p)
+{
+    tern_pool *pool = ((worker_arg *)p)->pool;
+    int ith = ((worker_arg *)p)->ith;
+    unsigned long seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&pool->lock);
+        while (pool->generation == seen && !pool->stop)
+            pthread_cond_wait(&pool->wake, &pool->lock);
+        if (pool->stop) {
+            pthread_mutex_unlock(&pool->lock);
+            return NULL;
+        }
+        seen = pool->generation;
+        tern_task_fn fn = pool->fn;
+        void *arg = pool->arg;
+        pthread_mutex_unlock(&pool->lock);
+
+        fn(arg, ith, pool->nthreads);
+
+        pthread_mutex_lock(&pool->lock);
+        if (--pool->pending == 0)
+            pthread_cond_signal(&pool->done);
+        pthread_mutex_unlock(&pool->lock);
+    }
+}
+
+/* Worker arguments live right after the thread handles in one block. */
+static worker_arg *worker_args(tern_pool *pool)
+{
+    return (worker_arg *)(pool->threads + pool->nthreads);
+}
+
+static void stop_workers(tern_pool *pool, int started)
+{
+    pthread_mutex_lock(&pool->lock);
+    pool->stop = 1;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->lock);
+    for (int i = 0; i < started; i++)
+        pthread_join(pool->threads[i], NULL);
+}
+
+tern_status tern_pool_create(int nthreads, const tern_allocator *alloc, tern_pool **out)
+{
+    if (nthreads < 1 || nthreads > 1024 || !out)
+        return TERN_ERR_INVALID;
+    tern_pool *pool = tern_calloc(alloc, 1, sizeof *pool);
+    if (!pool)
+        return TERN_ERR_NOMEM;
+    pool->alloc = alloc;
+    pool->nthreads = nthreads;
+    pool->threads = tern_calloc(alloc, (size_t)nthreads, sizeof(pthread_t) + sizeof(worker_arg));
+    if (!pool->threads) {
+        tern_free(alloc, pool);
+        return TERN_ERR_NOMEM;
+    }
+    pthread_mutex_init(&pool->lock, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pthread_cond_init(&pool->done, NULL);
+    worker_arg *args = worker_args(pool);
+    for (int i = 1; i < nthreads; i++) {
+        args[i - 1] = (worker_arg){pool, i};
+        if (pthread_create(&pool->threads[i - 1], NULL, worker_main, &args[i - 1]) != 0) {
+            stop_workers(pool, i - 1);
+            pool->nthreads = 1;
+            tern_pool_destroy(&pool);
+            return TERN_ERR_THREAD;
+        }
+    }
+    *out = pool;
+    return TERN_OK;
+}
+
+void tern_pool_destroy(tern_pool **pool_p)
+{
+    if (!pool_p || !*pool_p)
+        return;
+    tern_pool *pool = *pool_p;
+    if (!pool->stop)
+        stop_workers(pool, pool->nthreads - 1);
+    pthread_mutex_destroy(&pool->lock);
+    pthread_cond_destroy(&pool->wake);
+    pthread_cond_destroy(&pool->done);
+    tern_free(pool->alloc, pool->threads);
+    tern_free(pool->alloc, pool);
+    *pool_p = NULL;
+}
+
+int tern_pool_size(const tern_pool *pool)
+{
+    return pool ? pool->nthreads : 1;
+}
+
+void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg)
+{
+    if (!pool || pool->nthreads == 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&pool->lock);
+    pool->fn = fn;
+    pool->arg = arg;
+    pool->pending = pool->nthreads - 1;
+    pool->generation++;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->lock);
+
+    fn(arg, 0, pool->nthreads);
+
+    pthread_mutex_lock(&pool->lock);
+    while (pool->pending > 0)
+        pthread_cond_wait(&pool->done, &pool->lock);
+    pthread_mutex_unlock(&pool->lock);
+}

@@ -1,0 +1,83 @@
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+uint64_t test_rng_next(test_rng *r)
+{
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+float test_rng_uniform(test_rng *r, float lo, float hi)
+{
+    return lo + (hi - lo) * (float)((test_rng_next(r) >> 40) * 0x1.0p-24);
+}
+
+int test_rng_int(test_rng *r, int lo, int hi)
+{
+    return lo + (int)(test_rng_next(r) % (uint64_t)(hi - lo + 1));
+}
+
+void test_fill_uniform(test_rng *r, float *x, size_t n, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = test_rng_uniform(r, lo, hi);
+}
+
+bool test_close(const char *what, const float *a, const float *b, size_t n, float tol,
+                float floor)
+{
+    double scale = floor, worst = 0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++)
+        if (fabs(b[i]) > scale)
+            scale = fabs(b[i]);
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= worst)) { /* also catches NaN */
+            worst = isnan(d) ? INFINITY : d;
+            at = i;
+        }
+    }
+    if (worst / scale > tol) {
+        fprintf(stderr, "%s: mismatch at %zu: got %.9g want %.9g (rel err %.3g > %.3g, scale %.3g)\n",
+                what, at, (double)a[at], (double)b[at], worst / scale, (double)tol, scale);
+        return false;
+    }
+    return true;
+}
+
+static void *failing_alloc(void *user, size_t size, size_t align)
+{
+    test_alloc_state *s = user;
+    if (++s->count == s->fail_at)
+        return NULL;
+    void *p = aligned_alloc(align, size);
+    if (p)
+        s->live++;
+    return p;
+}
+
+static void failing_free(void *user, void *ptr)
+{
+    test_alloc_state *s = user;
+    if (ptr) {
+        s->live--;
+        free(ptr);
+    }
+}
+
+tern_allocator test_failing_allocator(test_alloc_state *state)
+{
+    return (tern_allocator){failing_alloc, failing_free, state};
+}
+
+const char *test_fixture_dir(void)
+{
+    const char *d = getenv("TERN_FIXTURES");
+    return d && *d ? d : "tests/golden";
+}

@@ -1,0 +1,35 @@
+/* Helpers shared by the cmocka tests: a seeded generator for test data, tensor comparison
+ * that reports the worst element, and an allocator that fails on demand. */
+#ifndef TERN_TESTUTIL_H
+#define TERN_TESTUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tern/alloc.h"
+
+/* splitmix64-based generator for test inputs (tests only; the library has its own). */
+typedef struct { uint64_t s; } test_rng;
+uint64_t test_rng_next(test_rng *r);
+float test_rng_uniform(test_rng *r, float lo, float hi); /* [lo, hi) */
+int test_rng_int(test_rng *r, int lo, int hi);           /* [lo, hi] */
+void test_fill_uniform(test_rng *r, float *x, size_t n, float lo, float hi);
+
+/* Max |a - b| / scale over n values, where scale = max(max|b|, floor). Prints the worst index
+ * with `what` when it exceeds tol, and returns whether it is within tol. */
+bool test_close(const char *what, const float *a, const float *b, size_t n, float tol,
+                float floor);
+
+/* Allocator that counts allocations and fails the fail_at-th one (1-based; 0 = never). */
+typedef struct {
+    long count;
+    long fail_at;
+    long live; /* allocations not yet freed */
+} test_alloc_state;
+tern_allocator test_failing_allocator(test_alloc_state *state);
+
+/* Directory holding golden fixtures ($TERN_FIXTURES, else tests/golden). */
+const char *test_fixture_dir(void);
+
+#endif
