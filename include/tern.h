@@ -1,0 +1,14 @@
+/* Tern: federated training of MobileNetV3 image classifiers, in C.
+ * Umbrella header: includes every public module. */
+#ifndef TERN_H
+#define TERN_H
+
+#include "tern/alloc.h"
+#include "tern/model.h"
+#include "tern/model_io.h"
+#include "tern/optim.h"
+#include "tern/rng.h"
+#include "tern/safetensors.h"
+#include "tern/status.h"
+
+#endif

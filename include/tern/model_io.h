@@ -1,0 +1,42 @@
+/* Moving a tern_model's state in and out of safetensors files.
+ *
+ * Names, shapes and dtypes follow torchvision's state_dict (float tensors F32,
+ * num_batches_tracked I64 scalars), so a torchvision MobileNetV3 saved as safetensors loads
+ * unchanged and a Tern file loads into torchvision. Tern's files also carry metadata: arch,
+ * width_mult, in_channels, num_classes, norm, format. */
+#ifndef TERN_MODEL_IO_H
+#define TERN_MODEL_IO_H
+
+#include "tern/model.h"
+#include "tern/safetensors.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Copy every state_dict entry from the tensors named prefix + name in st ("" for a plain
+ * model file). Strict: each must exist with the right dtype and shape, and st may hold no
+ * other tensor starting with prefix. Nothing is changed unless everything checks.
+ * Errors (detail in err, naming the tensor and both shapes): TERN_ERR_NOT_FOUND (missing),
+ * TERN_ERR_SHAPE (dtype or shape), TERN_ERR_FORMAT (unexpected extra tensor). */
+tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
+                                  const char *prefix, tern_error *err);
+/* Open path and load it with prefix "". */
+tern_status tern_model_load_file(tern_model *model, const char *path, tern_error *err);
+/* Add every state_dict entry to a writer, named prefix + name (data borrowed from the model:
+ * write before changing it). */
+tern_status tern_model_add_state(const tern_model *model, tern_safetensors_writer *w,
+                                 const char *prefix);
+/* Save the model's state with its metadata, atomically (see tern_safetensors_writer_write). */
+tern_status tern_model_save_file(const tern_model *model, const char *path, tern_error *err);
+/* Fill arch, width_mult, in_channels, num_classes and norm from a file's metadata, leaving
+ * the other fields of opt as they are. TERN_ERR_NOT_FOUND if the file has no "arch" key,
+ * TERN_ERR_FORMAT if a value does not parse. */
+tern_status tern_model_options_from_metadata(const tern_safetensors *st, tern_model_options *opt,
+                                             tern_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,187 @@
+/* safetensors <-> tern_model, validated against the model's own state_dict table. */
+#include "tern/model_io.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nn/util.h"
+
+static void format_shape(char *buf, size_t len, int ndim, const int64_t *shape)
+{
+    size_t used = (size_t)snprintf(buf, len, "[");
+    for (int i = 0; i < ndim && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, i ? ", %lld" : "%lld",
+                                 (long long)shape[i]);
+    if (used < len)
+        snprintf(buf + used, len - used, "]");
+}
+
+static tern_status check_tensor(const tern_model_tensor *t, const tern_tensor_view *v,
+                                const char *prefix, tern_error *err)
+{
+    tern_dtype want = t->kind == TERN_TENSOR_COUNTER ? TERN_DTYPE_I64 : TERN_DTYPE_F32;
+    if (v->dtype != want)
+        return tern_set_error(err, TERN_ERR_SHAPE, "tensor '%s%s': expected dtype %s, file has %s",
+                              prefix, t->name, tern_dtype_name(want), tern_dtype_name(v->dtype));
+    bool same = v->ndim == t->ndim;
+    for (int i = 0; same && i < t->ndim; i++)
+        same = v->shape[i] == t->shape[i];
+    if (!same) {
+        char a[96], b[96];
+        format_shape(a, sizeof a, t->ndim, t->shape);
+        format_shape(b, sizeof b, v->ndim, v->shape);
+        return tern_set_error(err, TERN_ERR_SHAPE, "tensor '%s%s': expected shape %s, file has %s",
+                              prefix, t->name, a, b);
+    }
+    return TERN_OK;
+}
+
+tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
+                                  const char *prefix, tern_error *err)
+{
+    if (!model || !st || !prefix)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    size_t plen = strlen(prefix), n = tern_model_tensor_count(model);
+    char name[256];
+    /* Validate everything first so that a bad file changes nothing. */
+    for (size_t pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < n; i++) {
+            const tern_model_tensor *t = tern_model_tensor_at(model, i);
+            tern_tensor_view v;
+            snprintf(name, sizeof name, "%s%s", prefix, t->name);
+            if (tern_safetensors_find(st, name, &v) != TERN_OK)
+                return tern_set_error(err, TERN_ERR_NOT_FOUND, "tensor '%s' missing from file",
+                                      name);
+            if (pass == 0) {
+                tern_status s = check_tensor(t, &v, prefix, err);
+                if (s != TERN_OK)
+                    return s;
+            } else if (t->kind == TERN_TENSOR_COUNTER) {
+                memcpy(t->counter, v.data, sizeof(int64_t));
+            } else {
+                memcpy(t->data, v.data, v.nbytes);
+            }
+        }
+        if (pass == 0) {
+            for (size_t i = 0; i < tern_safetensors_count(st); i++) {
+                tern_tensor_view v;
+                tern_safetensors_get(st, i, &v);
+                if (strncmp(v.name, prefix, plen) == 0 &&
+                    !tern_model_find_tensor(model, v.name + plen))
+                    return tern_set_error(err, TERN_ERR_FORMAT,
+                                          "unexpected tensor '%s' in file (not part of %s)",
+                                          v.name, tern_arch_name(tern_model_options_of(model)->arch));
+            }
+        }
+    }
+    return TERN_OK;
+}
+
+tern_status tern_model_load_file(tern_model *model, const char *path, tern_error *err)
+{
+    tern_safetensors *st = NULL;
+    tern_status s = tern_safetensors_open(path, tern_model_options_of(model)->alloc, &st, err);
+    if (s != TERN_OK)
+        return s;
+    s = tern_model_load_state(model, st, "", err);
+    if (s != TERN_OK && err) {
+        char detail[sizeof err->message];
+        memcpy(detail, err->message, sizeof detail);
+        tern_set_error(err, s, "%s: %s", path, detail);
+    }
+    tern_safetensors_close(&st);
+    return s;
+}
+
+tern_status tern_model_add_state(const tern_model *model, tern_safetensors_writer *w,
+                                 const char *prefix)
+{
+    char name[256];
+    for (size_t i = 0; i < tern_model_tensor_count(model); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(model, i);
+        snprintf(name, sizeof name, "%s%s", prefix, t->name);
+        tern_status s = t->kind == TERN_TENSOR_COUNTER
+            ? tern_safetensors_writer_add(w, name, TERN_DTYPE_I64, 0, t->shape, t->counter)
+            : tern_safetensors_writer_add(w, name, TERN_DTYPE_F32, t->ndim, t->shape, t->data);
+        if (s != TERN_OK)
+            return s;
+    }
+    return TERN_OK;
+}
+
+tern_status tern_model_save_file(const tern_model *model, const char *path, tern_error *err)
+{
+    const tern_model_options *o = tern_model_options_of(model);
+    tern_safetensors_writer *w = NULL;
+    tern_status s = tern_safetensors_writer_create(o->alloc, &w);
+    if (s != TERN_OK)
+        return tern_set_error(err, s, "%s", tern_strerror(s));
+    char width[32], channels[16], classes[16];
+    snprintf(width, sizeof width, "%.17g", o->width_mult);
+    snprintf(channels, sizeof channels, "%d", o->in_channels);
+    snprintf(classes, sizeof classes, "%d", o->num_classes);
+    if ((s = tern_safetensors_writer_set_metadata(w, "format", "tern")) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "arch", tern_arch_name(o->arch))) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "width_mult", width)) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "in_channels", channels)) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "num_classes", classes)) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(
+             w, "norm", o->norm == TERN_NORM_GROUP ? "group" : "batch")) != TERN_OK ||
+        (s = tern_model_add_state(model, w, "")) != TERN_OK) {
+        tern_set_error(err, s, "%s: %s", path, tern_strerror(s));
+        goto done;
+    }
+    s = tern_safetensors_writer_write(w, path, err);
+done:
+    tern_safetensors_writer_destroy(&w);
+    return s;
+}
+
+static tern_status parse_int(const char *text, const char *key, int lo, int hi, int *out,
+                             tern_error *err)
+{
+    char *end;
+    errno = 0;
+    long v = text ? strtol(text, &end, 10) : 0;
+    if (!text || errno || *end || end == text || v < lo || v > hi)
+        return tern_set_error(err, TERN_ERR_FORMAT, "metadata %s: '%s' is not an integer in [%d, %d]",
+                              key, text ? text : "(missing)", lo, hi);
+    *out = (int)v;
+    return TERN_OK;
+}
+
+tern_status tern_model_options_from_metadata(const tern_safetensors *st, tern_model_options *opt,
+                                             tern_error *err)
+{
+    const char *arch = tern_safetensors_metadata(st, "arch");
+    if (!arch)
+        return tern_set_error(err, TERN_ERR_NOT_FOUND, "file has no 'arch' metadata");
+    tern_model_options o = *opt;
+    if (tern_arch_parse(arch, &o.arch) != TERN_OK)
+        return tern_set_error(err, TERN_ERR_FORMAT, "metadata arch: unknown architecture '%s'", arch);
+    const char *width = tern_safetensors_metadata(st, "width_mult");
+    if (width) {
+        char *end;
+        o.width_mult = strtod(width, &end);
+        if (*end || end == width || !(o.width_mult > 0))
+            return tern_set_error(err, TERN_ERR_FORMAT, "metadata width_mult: '%s' is not a positive number", width);
+    }
+    tern_status s = parse_int(tern_safetensors_metadata(st, "in_channels"), "in_channels", 1, 4096,
+                              &o.in_channels, err);
+    if (s == TERN_OK)
+        s = parse_int(tern_safetensors_metadata(st, "num_classes"), "num_classes", 1, 1000000,
+                      &o.num_classes, err);
+    if (s != TERN_OK)
+        return s;
+    const char *norm = tern_safetensors_metadata(st, "norm");
+    if (norm && strcmp(norm, "group") == 0)
+        o.norm = TERN_NORM_GROUP;
+    else if (!norm || strcmp(norm, "batch") == 0)
+        o.norm = TERN_NORM_BATCH;
+    else
+        return tern_set_error(err, TERN_ERR_FORMAT, "metadata norm: '%s' is not batch or group", norm);
+    *opt = o;
+    return TERN_OK;
+}

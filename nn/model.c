@@ -1,0 +1,882 @@
+/* MobileNetV3 as a small static graph.
+ *
+ * The network is a list of values (activation tensors, NHWC) and a list of ops that read
+ * values and write one new value each; nothing is computed in place. Forward runs the ops in
+ * order; backward runs them in reverse, each op accumulating into the gradients of its inputs,
+ * so a value read by two ops (a residual input, the input of squeeze-and-excitation) simply
+ * receives both contributions.
+ *
+ * The graph is built twice by the same code: once to count values, ops, tensors and floats,
+ * then, with everything allocated at the counted sizes, to fill them in. Parameters are
+ * initialised as they are created, so the random stream follows state_dict order.
+ *
+ * Channel counts follow torchvision 0.14 (_mobilenet_v3_conf, InvertedResidual,
+ * SqueezeExcitation, Conv2dNormActivation); names follow its state_dict. */
+#include "tern/model.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "pool.h"
+#include "tern/rng.h"
+#include "util.h"
+
+#define NAME_MAX_LEN 96 /* longest torchvision name is about 40 */
+#define NO_PARAM ((size_t)-1)
+
+typedef struct value {
+    int c;          /* channels */
+    int h, w;       /* spatial size, set by the plan */
+    float *x, *dx;  /* (max_batch, h, w, c), set by the plan; dx only in a training plan */
+} value;
+
+typedef enum op_kind {
+    OP_CONV,    /* convolution without bias: in -> out */
+    OP_BN,      /* BatchNorm2d */
+    OP_GN,      /* GroupNorm */
+    OP_ACT,     /* elementwise activation */
+    OP_POOL,    /* global average pool: (N, H, W, C) -> (N, 1, 1, C) */
+    OP_LINEAR,  /* fully connected (also the 1x1 convolutions of squeeze-and-excitation) */
+    OP_SCALE,   /* out = in * in2 broadcast over H, W (squeeze-and-excitation gate) */
+    OP_ADD,     /* out = in + in2 (residual) */
+    OP_DROPOUT, /* inverted dropout, identity outside training */
+} op_kind;
+
+typedef struct op {
+    op_kind kind;
+    int in, in2, out;       /* value indices (in2 for SCALE and ADD) */
+    tern_conv_params conv;  /* OP_CONV: channels, kernel, stride, pad, groups */
+    int fin, fout;          /* OP_LINEAR */
+    size_t w, b;            /* parameter offsets: weight, bias (NO_PARAM if none) */
+    size_t run_mean, run_var; /* OP_BN: buffer offsets */
+    int counter;            /* OP_BN: index of num_batches_tracked */
+    int groups;             /* OP_GN */
+    float eps, momentum;    /* OP_BN, OP_GN */
+    tern_act act;           /* OP_ACT */
+    float p;                /* OP_DROPOUT */
+    float *save_mean, *save_invstd, *mask; /* planned per-op state */
+} op;
+
+struct tern_model {
+    tern_model_options opt;
+    char error[256];
+    tern_pool *pool;
+    tern_rng rng;
+
+    float *params, *grads, *buffers;
+    int64_t *counters;
+    size_t nparams, nbuffers, ncounters;
+    tern_model_tensor *tensors;
+    char (*names)[NAME_MAX_LEN];
+    size_t ntensors;
+
+    value *values;
+    op *ops;
+    int nvalues, nops;
+
+    /* plan */
+    void *arena;
+    size_t arena_bytes;
+    float *workspace;
+    int max_batch, height, width;
+    bool plan_training;
+    /* last forward */
+    int batch;
+    bool trained; /* last forward was a training forward */
+    bool dropped; /* and it drew dropout masks */
+};
+
+static tern_status model_fail(tern_model *m, tern_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static tern_status model_fail(tern_model *m, tern_status s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->error, sizeof m->error, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+/* ---- construction ------------------------------------------------------------------------- */
+
+typedef enum init_kind { INIT_KAIMING_FAN_OUT, INIT_NORMAL_0_01, INIT_ZERO, INIT_ONE } init_kind;
+
+/* Counts in the first pass; fills the model's arrays in the second (m->values != NULL). */
+typedef struct builder {
+    tern_model *m;
+    bool fill;
+    int nvalues, nops;
+    size_t ntensors, nparams, nbuffers, ncounters;
+    op scratch; /* target of op writes while counting */
+    char prefix[64];
+} builder;
+
+static int new_value(builder *b, int channels)
+{
+    if (b->fill)
+        b->m->values[b->nvalues] = (value){.c = channels};
+    return b->nvalues++;
+}
+
+static op *new_op(builder *b, op_kind kind, int in, int out)
+{
+    op *o = b->fill ? &b->m->ops[b->nops] : &b->scratch;
+    b->nops++;
+    *o = (op){.kind = kind, .in = in, .in2 = -1, .out = out, .w = NO_PARAM, .b = NO_PARAM,
+              .counter = -1};
+    return o;
+}
+
+static void init_floats(tern_rng *rng, float *x, size_t n, init_kind init, double std)
+{
+    for (size_t i = 0; i < n; i++) {
+        switch (init) {
+        case INIT_KAIMING_FAN_OUT:
+        case INIT_NORMAL_0_01: x[i] = (float)(std * tern_rng_normal(rng)); break;
+        case INIT_ZERO: x[i] = 0.0f; break;
+        case INIT_ONE: x[i] = 1.0f; break;
+        }
+    }
+}
+
+/* Adds a state_dict entry named prefix + "." + suffix. Returns its offset in the parameter
+ * block, the buffer block or the counter array, according to kind. */
+static size_t add_tensor(builder *b, const char *suffix, tern_tensor_kind kind, int ndim,
+                         const int64_t *shape, init_kind init)
+{
+    size_t count = 1;
+    for (int i = 0; i < ndim; i++)
+        count *= (size_t)shape[i];
+    size_t *next = kind == TERN_TENSOR_PARAM ? &b->nparams
+                   : kind == TERN_TENSOR_BUFFER ? &b->nbuffers : &b->ncounters;
+    size_t offset = *next;
+    *next += count;
+    if (b->fill) {
+        tern_model *m = b->m;
+        size_t i = b->ntensors;
+        snprintf(m->names[i], NAME_MAX_LEN, "%s.%s", b->prefix, suffix);
+        tern_model_tensor *t = &m->tensors[i];
+        *t = (tern_model_tensor){.name = m->names[i], .kind = kind, .ndim = ndim, .count = count};
+        memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+        if (kind == TERN_TENSOR_PARAM) {
+            t->data = m->params + offset;
+            t->grad = m->grads + offset;
+            /* Kaiming normal, mode fan_out, gain sqrt(2): fan_out = Cout * k * k, not divided
+             * by groups (torch's _calculate_fan_in_and_fan_out). */
+            double fan_out = (double)shape[0] * (ndim == 4 ? (double)(shape[2] * shape[3]) : 1.0);
+            double std = init == INIT_KAIMING_FAN_OUT ? sqrt(2.0 / fan_out) : 0.01;
+            init_floats(&m->rng, t->data, count, init, std);
+        } else if (kind == TERN_TENSOR_BUFFER) {
+            t->data = m->buffers + offset;
+            init_floats(&m->rng, t->data, count, init, 0.0);
+        } else {
+            t->counter = m->counters + offset;
+            *t->counter = 0;
+        }
+    }
+    b->ntensors++;
+    return offset;
+}
+
+static size_t add_param(builder *b, const char *suffix, int64_t d0, int64_t d1, int64_t d2,
+                        int64_t d3, int ndim, init_kind init)
+{
+    int64_t shape[4] = {d0, d1, d2, d3};
+    return add_tensor(b, suffix, TERN_TENSOR_PARAM, ndim, shape, init);
+}
+
+static void set_prefix(builder *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_prefix(builder *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->prefix, sizeof b->prefix, fmt, ap);
+    va_end(ap);
+}
+
+static int gcd(int a, int b)
+{
+    while (b) {
+        int t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* torchvision's _make_divisible(v, 8): round to the nearest multiple of 8, never below 8 nor
+ * more than 10% below v. */
+static int make_divisible(double v, int divisor)
+{
+    int rounded = (int)(v + divisor / 2.0) / divisor * divisor;
+    if (rounded < divisor)
+        rounded = divisor;
+    if (rounded < 0.9 * v)
+        rounded += divisor;
+    return rounded;
+}
+
+/* Conv2dNormActivation at `base`: conv (no bias) as base.0, norm as base.1, then act. */
+static int conv_norm_act(builder *b, const char *base, int in, int cin, int cout, int k,
+                         int stride, int groups, tern_act act)
+{
+    const tern_model_options *opt = &b->m->opt;
+    set_prefix(b, "%s.0", base);
+    size_t w = add_param(b, "weight", cout, cin / groups, k, k, 4, INIT_KAIMING_FAN_OUT);
+    int y = new_value(b, cout);
+    op *o = new_op(b, OP_CONV, in, y);
+    o->w = w;
+    o->conv = (tern_conv_params){.cin = cin, .cout = cout, .k = k, .stride = stride,
+                                 .pad = (k - 1) / 2, .groups = groups};
+
+    set_prefix(b, "%s.1", base);
+    size_t gamma = add_param(b, "weight", cout, 0, 0, 0, 1, INIT_ONE);
+    size_t beta = add_param(b, "bias", cout, 0, 0, 0, 1, INIT_ZERO);
+    int z = new_value(b, cout);
+    if (opt->norm == TERN_NORM_BATCH) {
+        int64_t shape[1] = {cout};
+        size_t mean = add_tensor(b, "running_mean", TERN_TENSOR_BUFFER, 1, shape, INIT_ZERO);
+        size_t var = add_tensor(b, "running_var", TERN_TENSOR_BUFFER, 1, shape, INIT_ONE);
+        size_t counter = add_tensor(b, "num_batches_tracked", TERN_TENSOR_COUNTER, 0, NULL, INIT_ZERO);
+        o = new_op(b, OP_BN, y, z);
+        o->run_mean = mean;
+        o->run_var = var;
+        o->counter = (int)counter;
+        o->eps = 1e-3f;
+        o->momentum = 0.01f;
+    } else {
+        o = new_op(b, OP_GN, y, z);
+        o->groups = gcd(32, cout);
+        o->eps = 1e-5f;
+    }
+    o->w = gamma;
+    o->b = beta;
+    if (act == TERN_ACT_NONE)
+        return z;
+    int a = new_value(b, cout);
+    new_op(b, OP_ACT, z, a)->act = act;
+    return a;
+}
+
+/* A fully connected layer named prefix.suffix_{weight,bias}; conv1x1 gives the 4-d shape that
+ * the squeeze-and-excitation convolutions have in the state_dict. */
+static int linear(builder *b, const char *wname, const char *bname, int in, int fin, int fout,
+                  bool conv1x1)
+{
+    size_t w = conv1x1 ? add_param(b, wname, fout, fin, 1, 1, 4, INIT_KAIMING_FAN_OUT)
+                       : add_param(b, wname, fout, fin, 0, 0, 2, INIT_NORMAL_0_01);
+    size_t bias = add_param(b, bname, fout, 0, 0, 0, 1, INIT_ZERO);
+    int y = new_value(b, fout);
+    op *o = new_op(b, OP_LINEAR, in, y);
+    o->w = w;
+    o->b = bias;
+    o->fin = fin;
+    o->fout = fout;
+    return y;
+}
+
+static int activation(builder *b, int in, int channels, tern_act act)
+{
+    int y = new_value(b, channels);
+    new_op(b, OP_ACT, in, y)->act = act;
+    return y;
+}
+
+static int squeeze_excitation(builder *b, const char *base, int in, int channels, int squeeze)
+{
+    int pooled = new_value(b, channels);
+    new_op(b, OP_POOL, in, pooled);
+    set_prefix(b, "%s.fc1", base);
+    int h = linear(b, "weight", "bias", pooled, channels, squeeze, true);
+    h = activation(b, h, squeeze, TERN_ACT_RELU);
+    set_prefix(b, "%s.fc2", base);
+    int g = linear(b, "weight", "bias", h, squeeze, channels, true);
+    g = activation(b, g, channels, TERN_ACT_HARDSIGMOID);
+    int y = new_value(b, channels);
+    new_op(b, OP_SCALE, in, y)->in2 = g;
+    return y;
+}
+
+typedef struct bneck {
+    int in, k, exp, out;
+    bool se, hardswish;
+    int stride;
+} bneck;
+
+/* torchvision 0.14 _mobilenet_v3_conf, before the width multiplier. */
+static const bneck SMALL_BLOCKS[] = {
+    {16, 3, 16, 16, true, false, 2},   {16, 3, 72, 24, false, false, 2},
+    {24, 3, 88, 24, false, false, 1},  {24, 5, 96, 40, true, true, 2},
+    {40, 5, 240, 40, true, true, 1},   {40, 5, 240, 40, true, true, 1},
+    {40, 5, 120, 48, true, true, 1},   {48, 5, 144, 48, true, true, 1},
+    {48, 5, 288, 96, true, true, 2},   {96, 5, 576, 96, true, true, 1},
+    {96, 5, 576, 96, true, true, 1},
+};
+static const bneck LARGE_BLOCKS[] = {
+    {16, 3, 16, 16, false, false, 1},  {16, 3, 64, 24, false, false, 2},
+    {24, 3, 72, 24, false, false, 1},  {24, 5, 72, 40, true, false, 2},
+    {40, 5, 120, 40, true, false, 1},  {40, 5, 120, 40, true, false, 1},
+    {40, 3, 240, 80, false, true, 2},  {80, 3, 200, 80, false, true, 1},
+    {80, 3, 184, 80, false, true, 1},  {80, 3, 184, 80, false, true, 1},
+    {80, 3, 480, 112, true, true, 1},  {112, 3, 672, 112, true, true, 1},
+    {112, 5, 672, 160, true, true, 2}, {160, 5, 960, 160, true, true, 1},
+    {160, 5, 960, 160, true, true, 1},
+};
+
+static int inverted_residual(builder *b, int index, int in, const bneck *cfg)
+{
+    double wm = b->m->opt.width_mult;
+    int cin = make_divisible(cfg->in * wm, 8);
+    int exp = make_divisible(cfg->exp * wm, 8);
+    int cout = make_divisible(cfg->out * wm, 8);
+    tern_act act = cfg->hardswish ? TERN_ACT_HARDSWISH : TERN_ACT_RELU;
+    char base[NAME_MAX_LEN];
+    int j = 0, x = in;
+    if (exp != cin) {
+        snprintf(base, sizeof base, "features.%d.block.%d", index, j++);
+        x = conv_norm_act(b, base, x, cin, exp, 1, 1, 1, act);
+    }
+    snprintf(base, sizeof base, "features.%d.block.%d", index, j++);
+    x = conv_norm_act(b, base, x, exp, exp, cfg->k, cfg->stride, exp, act);
+    if (cfg->se) {
+        snprintf(base, sizeof base, "features.%d.block.%d", index, j++);
+        x = squeeze_excitation(b, base, x, exp, make_divisible(exp / 4, 8));
+    }
+    snprintf(base, sizeof base, "features.%d.block.%d", index, j);
+    x = conv_norm_act(b, base, x, exp, cout, 1, 1, 1, TERN_ACT_NONE);
+    if (cfg->stride == 1 && cin == cout) {
+        int y = new_value(b, cout);
+        new_op(b, OP_ADD, x, y)->in2 = in;
+        x = y;
+    }
+    return x;
+}
+
+static void build(builder *b)
+{
+    const tern_model_options *opt = &b->m->opt;
+    bool small = opt->arch == TERN_ARCH_MOBILENET_V3_SMALL;
+    const bneck *blocks = small ? SMALL_BLOCKS : LARGE_BLOCKS;
+    int nblocks = small ? (int)(sizeof SMALL_BLOCKS / sizeof *SMALL_BLOCKS)
+                        : (int)(sizeof LARGE_BLOCKS / sizeof *LARGE_BLOCKS);
+    double wm = opt->width_mult;
+    char base[NAME_MAX_LEN];
+
+    int x = new_value(b, opt->in_channels);
+    x = conv_norm_act(b, "features.0", x, opt->in_channels, make_divisible(16 * wm, 8), 3, 2, 1,
+                      TERN_ACT_HARDSWISH);
+    for (int i = 0; i < nblocks; i++)
+        x = inverted_residual(b, i + 1, x, &blocks[i]);
+    int last_in = make_divisible(blocks[nblocks - 1].out * wm, 8);
+    int last_out = 6 * last_in;
+    snprintf(base, sizeof base, "features.%d", nblocks + 1);
+    x = conv_norm_act(b, base, x, last_in, last_out, 1, 1, 1, TERN_ACT_HARDSWISH);
+
+    int pooled = new_value(b, last_out);
+    new_op(b, OP_POOL, x, pooled);
+    int hidden = make_divisible((small ? 1024 : 1280) * wm, 8);
+    set_prefix(b, "classifier.0");
+    x = linear(b, "weight", "bias", pooled, last_out, hidden, false);
+    x = activation(b, x, hidden, TERN_ACT_HARDSWISH);
+    int dropped = new_value(b, hidden);
+    new_op(b, OP_DROPOUT, x, dropped)->p = opt->dropout;
+    set_prefix(b, "classifier.3");
+    linear(b, "weight", "bias", dropped, hidden, opt->num_classes, false);
+}
+
+tern_model_options tern_model_options_default(tern_arch arch)
+{
+    return (tern_model_options){.arch = arch, .width_mult = 1.0, .in_channels = 3,
+                                .num_classes = 1000, .dropout = 0.2f,
+                                .norm = TERN_NORM_BATCH, .seed = 0, .threads = 1};
+}
+
+const char *tern_arch_name(tern_arch arch)
+{
+    return arch == TERN_ARCH_MOBILENET_V3_LARGE ? "mobilenet_v3_large" : "mobilenet_v3_small";
+}
+
+tern_status tern_arch_parse(const char *name, tern_arch *out)
+{
+    if (name && strcmp(name, "mobilenet_v3_small") == 0)
+        *out = TERN_ARCH_MOBILENET_V3_SMALL;
+    else if (name && strcmp(name, "mobilenet_v3_large") == 0)
+        *out = TERN_ARCH_MOBILENET_V3_LARGE;
+    else
+        return TERN_ERR_INVALID;
+    return TERN_OK;
+}
+
+static tern_status check_options(const tern_model_options *o, tern_error *err)
+{
+    if (o->arch != TERN_ARCH_MOBILENET_V3_SMALL && o->arch != TERN_ARCH_MOBILENET_V3_LARGE)
+        return tern_set_error(err, TERN_ERR_INVALID, "unknown architecture %d", (int)o->arch);
+    if (!(o->width_mult > 0.0 && o->width_mult <= 16.0))
+        return tern_set_error(err, TERN_ERR_INVALID, "width multiplier %g outside (0, 16]",
+                              o->width_mult);
+    if (o->in_channels < 1 || o->in_channels > 4096)
+        return tern_set_error(err, TERN_ERR_INVALID, "input channels %d outside [1, 4096]",
+                              o->in_channels);
+    if (o->num_classes < 1 || o->num_classes > 1000000)
+        return tern_set_error(err, TERN_ERR_INVALID, "number of classes %d outside [1, 1000000]",
+                              o->num_classes);
+    if (!(o->dropout >= 0.0f && o->dropout < 1.0f))
+        return tern_set_error(err, TERN_ERR_INVALID, "dropout %g outside [0, 1)",
+                              (double)o->dropout);
+    if (o->norm != TERN_NORM_BATCH && o->norm != TERN_NORM_GROUP)
+        return tern_set_error(err, TERN_ERR_INVALID, "unknown normalization %d", (int)o->norm);
+    if (o->threads < 1 || o->threads > 256)
+        return tern_set_error(err, TERN_ERR_INVALID, "thread count %d outside [1, 256]",
+                              o->threads);
+    return TERN_OK;
+}
+
+tern_status tern_model_create(const tern_model_options *opt, tern_model **out, tern_error *err)
+{
+    if (!opt || !out)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    tern_status s = check_options(opt, err);
+    if (s != TERN_OK)
+        return s;
+    const tern_allocator *a = opt->alloc;
+    tern_model *m = tern_calloc(a, 1, sizeof *m);
+    if (!m)
+        return tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
+    m->opt = *opt;
+    tern_rng_seed(&m->rng, opt->seed);
+
+    builder count = {.m = m};
+    build(&count);
+    m->nparams = count.nparams;
+    m->nbuffers = count.nbuffers;
+    m->ncounters = count.ncounters;
+    m->ntensors = count.ntensors;
+    m->nvalues = count.nvalues;
+    m->nops = count.nops;
+
+    s = TERN_ERR_NOMEM;
+    m->params = tern_calloc(a, m->nparams, sizeof(float));
+    m->grads = tern_calloc(a, m->nparams, sizeof(float));
+    m->buffers = tern_calloc(a, m->nbuffers, sizeof(float));
+    m->counters = tern_calloc(a, m->ncounters, sizeof(int64_t));
+    m->tensors = tern_calloc(a, m->ntensors, sizeof *m->tensors);
+    m->names = tern_calloc(a, m->ntensors, sizeof *m->names);
+    m->values = tern_calloc(a, (size_t)m->nvalues, sizeof *m->values);
+    m->ops = tern_calloc(a, (size_t)m->nops, sizeof *m->ops);
+    if (!m->params || !m->grads || !m->buffers || !m->counters || !m->tensors || !m->names ||
+        !m->values || !m->ops)
+        goto fail;
+    builder fill = {.m = m, .fill = true};
+    build(&fill);
+
+    s = tern_pool_create(opt->threads, a, &m->pool);
+    if (s != TERN_OK)
+        goto fail;
+    /* Tern splits work across its own threads; OpenBLAS threading on top would oversubscribe
+     * the cores. This setting is process-wide in OpenBLAS. */
+    openblas_set_num_threads(1);
+    *out = m;
+    return TERN_OK;
+fail:
+    tern_model_destroy(&m);
+    return tern_set_error(err, s, "%s while creating the model", tern_strerror(s));
+}
+
+static void free_plan(tern_model *m)
+{
+    tern_free(m->opt.alloc, m->arena);
+    m->arena = NULL;
+    m->arena_bytes = 0;
+    m->workspace = NULL;
+    m->max_batch = 0;
+    m->trained = false;
+    for (int i = 0; i < m->nvalues; i++) {
+        m->values[i].x = m->values[i].dx = NULL;
+        m->values[i].h = m->values[i].w = 0;
+    }
+    for (int i = 0; i < m->nops; i++)
+        m->ops[i].save_mean = m->ops[i].save_invstd = m->ops[i].mask = NULL;
+}
+
+void tern_model_destroy(tern_model **model)
+{
+    if (!model || !*model)
+        return;
+    tern_model *m = *model;
+    const tern_allocator *a = m->opt.alloc;
+    if (m->values)
+        free_plan(m);
+    tern_pool_destroy(&m->pool);
+    tern_free(a, m->params);
+    tern_free(a, m->grads);
+    tern_free(a, m->buffers);
+    tern_free(a, m->counters);
+    tern_free(a, m->tensors);
+    tern_free(a, m->names);
+    tern_free(a, m->values);
+    tern_free(a, m->ops);
+    tern_free(a, m);
+    *model = NULL;
+}
+
+const tern_model_options *tern_model_options_of(const tern_model *model)
+{
+    return &model->opt;
+}
+
+const char *tern_model_last_error(const tern_model *model)
+{
+    return model->error;
+}
+
+size_t tern_model_tensor_count(const tern_model *model)
+{
+    return model->ntensors;
+}
+
+const tern_model_tensor *tern_model_tensor_at(const tern_model *model, size_t i)
+{
+    return i < model->ntensors ? &model->tensors[i] : NULL;
+}
+
+const tern_model_tensor *tern_model_find_tensor(const tern_model *model, const char *name)
+{
+    for (size_t i = 0; i < model->ntensors; i++)
+        if (strcmp(model->tensors[i].name, name) == 0)
+            return &model->tensors[i];
+    return NULL;
+}
+
+size_t tern_model_param_count(const tern_model *model)
+{
+    return model->nparams;
+}
+
+float *tern_model_params(tern_model *model)
+{
+    return model->params;
+}
+
+float *tern_model_grads(tern_model *model)
+{
+    return model->grads;
+}
+
+void tern_model_zero_grad(tern_model *model)
+{
+    memset(model->grads, 0, model->nparams * sizeof(float));
+}
+
+/* ---- planning --------------------------------------------------------------------------------- */
+
+/* Hands out 64-byte aligned pieces of the arena; with base == NULL it only measures. */
+typedef struct carver {
+    char *base;
+    size_t used;
+    bool overflow;
+} carver;
+
+static float *carve(carver *c, size_t floats)
+{
+    size_t bytes, end;
+    if (!tern_mul_size(floats, sizeof(float), &bytes) ||
+        !tern_add_size(bytes, TERN_ALIGN - 1, &bytes) ||
+        !tern_add_size(c->used, bytes & ~(size_t)(TERN_ALIGN - 1), &end)) {
+        c->overflow = true;
+        return NULL;
+    }
+    float *p = c->base ? (float *)(c->base + c->used) : NULL;
+    c->used = end;
+    return p;
+}
+
+static size_t value_floats(const value *v, int batch)
+{
+    return (size_t)batch * (size_t)v->h * (size_t)v->w * (size_t)v->c;
+}
+
+/* Spatial sizes of every value for an input of height x width. */
+static void propagate_shapes(tern_model *m, int height, int width)
+{
+    m->values[0].h = height;
+    m->values[0].w = width;
+    for (int i = 0; i < m->nops; i++) {
+        op *o = &m->ops[i];
+        const value *in = &m->values[o->in];
+        value *out = &m->values[o->out];
+        switch (o->kind) {
+        case OP_CONV:
+            o->conv.h = in->h;
+            o->conv.w = in->w;
+            tern_conv_params_finish(&o->conv);
+            out->h = o->conv.oh;
+            out->w = o->conv.ow;
+            break;
+        case OP_POOL:
+        case OP_LINEAR:
+            out->h = out->w = 1;
+            break;
+        default:
+            out->h = in->h;
+            out->w = in->w;
+            break;
+        }
+    }
+}
+
+/* Lays out (or, with c->base == NULL, measures) all planned memory. */
+static void layout_plan(tern_model *m, carver *c, int batch, bool training)
+{
+    size_t workspace = 0;
+    for (int i = 0; i < m->nvalues; i++) {
+        value *v = &m->values[i];
+        v->x = carve(c, value_floats(v, batch));
+        v->dx = training && i > 0 ? carve(c, value_floats(v, batch)) : NULL;
+    }
+    for (int i = 0; i < m->nops; i++) {
+        op *o = &m->ops[i];
+        int channels = m->values[o->out].c;
+        if (o->kind == OP_BN && training) {
+            o->save_mean = carve(c, (size_t)channels);
+            o->save_invstd = carve(c, (size_t)channels);
+        } else if (o->kind == OP_GN) {
+            o->save_mean = carve(c, (size_t)batch * (size_t)o->groups);
+            o->save_invstd = carve(c, (size_t)batch * (size_t)o->groups);
+        } else if (o->kind == OP_DROPOUT && training) {
+            o->mask = carve(c, (size_t)batch * (size_t)channels);
+        } else if (o->kind == OP_CONV) {
+            tern_conv_params p = o->conv;
+            p.n = batch;
+            size_t ws = tern_conv2d_workspace_size(&p, tern_pool_size(m->pool));
+            if (ws > workspace)
+                workspace = ws;
+        }
+    }
+    m->workspace = carve(c, workspace);
+}
+
+tern_status tern_model_plan(tern_model *model, int max_batch, int height, int width,
+                            bool training)
+{
+    tern_model *m = model;
+    free_plan(m);
+    if (max_batch < 1 || height < 32 || width < 32 || height > 16384 || width > 16384)
+        return model_fail(m, TERN_ERR_INVALID,
+                          "plan for batch %d of %dx%d: need batch >= 1 and 32 <= size <= 16384",
+                          max_batch, height, width);
+    propagate_shapes(m, height, width);
+    carver measure = {0};
+    layout_plan(m, &measure, max_batch, training);
+    if (measure.overflow)
+        return model_fail(m, TERN_ERR_INVALID, "plan for batch %d of %dx%d is too large",
+                          max_batch, height, width);
+    char *arena = tern_alloc(m->opt.alloc, measure.used);
+    if (!arena) {
+        free_plan(m);
+        return model_fail(m, TERN_ERR_NOMEM, "cannot allocate %zu bytes of activations",
+                          measure.used);
+    }
+    carver place = {.base = arena};
+    layout_plan(m, &place, max_batch, training);
+    m->arena = arena;
+    m->arena_bytes = measure.used;
+    m->max_batch = max_batch;
+    m->height = height;
+    m->width = width;
+    m->plan_training = training;
+    return TERN_OK;
+}
+
+size_t tern_model_plan_bytes(const tern_model *model)
+{
+    return model->arena_bytes;
+}
+
+/* ---- forward and backward --------------------------------------------------------------------- */
+
+static const float *param_or_null(const tern_model *m, size_t offset)
+{
+    return offset == NO_PARAM ? NULL : m->params + offset;
+}
+
+static float *grad_or_null(tern_model *m, size_t offset)
+{
+    return offset == NO_PARAM ? NULL : m->grads + offset;
+}
+
+static void draw_dropout_mask(tern_rng *rng, float *mask, size_t count, float p)
+{
+    float keep = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < count; i++)
+        mask[i] = tern_rng_uniform(rng) < p ? 0.0f : keep;
+}
+
+static void forward_op(tern_model *m, op *o, int n, bool training)
+{
+    const value *in = &m->values[o->in];
+    const value *out = &m->values[o->out];
+    size_t hw = (size_t)in->h * (size_t)in->w;
+    size_t count = value_floats(out, n);
+    tern_pool *pool = m->pool;
+    switch (o->kind) {
+    case OP_CONV: {
+        tern_conv_params p = o->conv;
+        p.n = n;
+        tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL, &p, pool);
+        break;
+    }
+    case OP_BN:
+        if (training) {
+            tern_batchnorm_forward_train(out->x, o->save_mean, o->save_invstd,
+                                         m->buffers + o->run_mean, m->buffers + o->run_var, in->x,
+                                         m->params + o->w, m->params + o->b, (size_t)n * hw,
+                                         in->c, o->eps, o->momentum, pool);
+            m->counters[o->counter]++;
+        } else {
+            tern_batchnorm_forward_eval(out->x, in->x, m->params + o->w, m->params + o->b,
+                                        m->buffers + o->run_mean, m->buffers + o->run_var,
+                                        (size_t)n * hw, in->c, o->eps, pool);
+        }
+        break;
+    case OP_GN:
+        tern_groupnorm_forward(out->x, o->save_mean, o->save_invstd, in->x, m->params + o->w,
+                               m->params + o->b, n, hw, in->c, o->groups, o->eps, pool);
+        break;
+    case OP_ACT:
+        tern_act_forward(out->x, in->x, count, o->act, pool);
+        break;
+    case OP_POOL:
+        tern_avgpool_forward(out->x, in->x, n, hw, in->c, pool);
+        break;
+    case OP_LINEAR:
+        tern_linear_forward(out->x, in->x, m->params + o->w, param_or_null(m, o->b), n, o->fin,
+                            o->fout, pool);
+        break;
+    case OP_SCALE:
+        tern_scale_channels_forward(out->x, in->x, m->values[o->in2].x, n, hw, in->c, pool);
+        break;
+    case OP_ADD:
+        tern_add_forward(out->x, in->x, m->values[o->in2].x, count, pool);
+        break;
+    case OP_DROPOUT:
+        if (training && o->p > 0.0f) {
+            draw_dropout_mask(&m->rng, o->mask, count, o->p);
+            tern_dropout_forward(out->x, in->x, o->mask, count);
+        } else {
+            memcpy(out->x, in->x, count * sizeof(float));
+        }
+        break;
+    }
+}
+
+static void backward_op(tern_model *m, op *o, int n)
+{
+    value *in = &m->values[o->in];
+    const value *out = &m->values[o->out];
+    size_t hw = (size_t)in->h * (size_t)in->w;
+    size_t count = value_floats(out, n);
+    tern_pool *pool = m->pool;
+    switch (o->kind) {
+    case OP_CONV: {
+        tern_conv_params p = o->conv;
+        p.n = n;
+        tern_conv2d_backward(in->dx, m->grads + o->w, NULL, m->workspace, out->dx, in->x,
+                             m->params + o->w, &p, pool);
+        break;
+    }
+    case OP_BN:
+        tern_batchnorm_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
+                                o->save_mean, o->save_invstd, m->params + o->w, (size_t)n * hw,
+                                in->c, pool);
+        break;
+    case OP_GN:
+        tern_groupnorm_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
+                                o->save_mean, o->save_invstd, m->params + o->w, n, hw, in->c,
+                                o->groups, pool);
+        break;
+    case OP_ACT:
+        tern_act_backward(in->dx, out->dx, in->x, count, o->act, pool);
+        break;
+    case OP_POOL:
+        tern_avgpool_backward(in->dx, out->dx, n, hw, in->c, pool);
+        break;
+    case OP_LINEAR:
+        tern_linear_backward(in->dx, m->grads + o->w, grad_or_null(m, o->b), out->dx, in->x,
+                             m->params + o->w, n, o->fin, o->fout, pool);
+        break;
+    case OP_SCALE: {
+        value *gate = &m->values[o->in2];
+        tern_scale_channels_backward(in->dx, gate->dx, out->dx, in->x, gate->x, n, hw, in->c,
+                                     pool);
+        break;
+    }
+    case OP_ADD:
+        tern_accumulate(in->dx, out->dx, count, pool);
+        tern_accumulate(m->values[o->in2].dx, out->dx, count, pool);
+        break;
+    case OP_DROPOUT:
+        if (m->dropped)
+            tern_dropout_backward(in->dx, out->dx, o->mask, count);
+        else
+            tern_accumulate(in->dx, out->dx, count, pool);
+        break;
+    }
+}
+
+tern_status tern_model_forward(tern_model *model, float *logits, const float *input, int batch,
+                               bool training)
+{
+    tern_model *m = model;
+    if (!logits || !input)
+        return model_fail(m, TERN_ERR_INVALID, "NULL input or logits");
+    if (!m->arena)
+        return model_fail(m, TERN_ERR_STATE, "forward before tern_model_plan");
+    if (training && !m->plan_training)
+        return model_fail(m, TERN_ERR_STATE, "training forward needs a training plan");
+    if (batch < 1 || batch > m->max_batch)
+        return model_fail(m, TERN_ERR_INVALID, "batch %d outside the planned [1, %d]", batch,
+                          m->max_batch);
+    m->trained = false;
+    memcpy(m->values[0].x, input, value_floats(&m->values[0], batch) * sizeof(float));
+    for (int i = 0; i < m->nops; i++)
+        forward_op(m, &m->ops[i], batch, training);
+    const value *last = &m->values[m->nvalues - 1];
+    memcpy(logits, last->x, value_floats(last, batch) * sizeof(float));
+    m->batch = batch;
+    m->trained = training;
+    m->dropped = training && m->opt.dropout > 0.0f;
+    return TERN_OK;
+}
+
+tern_status tern_model_backward(tern_model *model, const float *dlogits)
+{
+    tern_model *m = model;
+    if (!dlogits)
+        return model_fail(m, TERN_ERR_INVALID, "NULL dlogits");
+    if (!m->trained)
+        return model_fail(m, TERN_ERR_STATE, "backward needs a training forward first");
+    int n = m->batch;
+    for (int i = 1; i < m->nvalues; i++)
+        memset(m->values[i].dx, 0, value_floats(&m->values[i], n) * sizeof(float));
+    value *last = &m->values[m->nvalues - 1];
+    memcpy(last->dx, dlogits, value_floats(last, n) * sizeof(float));
+    for (int i = m->nops - 1; i >= 0; i--)
+        backward_op(m, &m->ops[i], n);
+    return TERN_OK;
+}
+
+tern_status tern_cross_entropy_loss(float *loss, float *dlogits, const float *logits,
+                                    const int32_t *labels, int n, int k, float smoothing)
+{
+    if (!loss || !logits || !labels || n < 1 || k < 1 || !(smoothing >= 0.0f && smoothing <= 1.0f))
+        return TERN_ERR_INVALID;
+    for (int i = 0; i < n; i++)
+        if (labels[i] < 0 || labels[i] >= k)
+            return TERN_ERR_INVALID;
+    *loss = tern_cross_entropy(dlogits, logits, labels, n, k, smoothing);
+    return TERN_OK;
+}
