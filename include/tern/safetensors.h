@@ -32,9 +32,9 @@ typedef enum tern_dtype {
     TERN_DTYPE_BOOL,
 } tern_dtype;
 
-/* Bytes per element (BOOL: 1). */
+/* Bytes per element (BOOL: 1); 0 for a value outside the enum. */
 size_t tern_dtype_size(tern_dtype dtype);
-/* The safetensors spelling ("F32", "I64", ...); static storage. */
+/* The safetensors spelling ("F32", "I64", ...; "?" outside the enum); static storage. */
 const char *tern_dtype_name(tern_dtype dtype);
 
 #define TERN_MAX_DIMS 8
@@ -84,20 +84,21 @@ tern_status tern_safetensors_writer_create(const tern_allocator *alloc,
                                            tern_safetensors_writer **out);
 void tern_safetensors_writer_destroy(tern_safetensors_writer **w);
 /* Add a tensor. name and shape are copied; data is BORROWED and must stay valid until the
- * write/serialize call. TERN_ERR_INVALID for a duplicate or empty name, ndim outside
- * [0, TERN_MAX_DIMS], negative dimensions, or a byte count that overflows. */
+ * write/serialize call. TERN_ERR_INVALID for a duplicate, empty, non-UTF-8 or "__metadata__"
+ * name, ndim outside [0, TERN_MAX_DIMS], negative dimensions, or a byte count that overflows;
+ * TERN_ERR_NOMEM. */
 tern_status tern_safetensors_writer_add(tern_safetensors_writer *w, const char *name,
                                         tern_dtype dtype, int ndim, const int64_t *shape,
                                         const void *data);
-/* Set (or replace) a metadata string; both copied. */
+/* Set (or replace) a metadata string; both copied. TERN_ERR_INVALID, TERN_ERR_NOMEM. */
 tern_status tern_safetensors_writer_set_metadata(tern_safetensors_writer *w, const char *key,
                                                  const char *value);
 /* Write atomically: a temporary file in the same directory, fsync, rename over path. On any
  * failure the previous file at path is left as it was. TERN_ERR_IO with detail in err. */
 tern_status tern_safetensors_writer_write(const tern_safetensors_writer *w, const char *path,
                                           tern_error *err);
-/* Serialize to a new buffer allocated with the writer's allocator (free with the same
- * allocator; tern_free semantics). */
+/* Serialize to a new buffer allocated with the writer's allocator: release it with that
+ * allocator's free (or free() when the writer was created with a NULL allocator). */
 tern_status tern_safetensors_writer_serialize(const tern_safetensors_writer *w, void **bytes,
                                               size_t *len);
 
