@@ -161,7 +161,8 @@ static size_t add_tensor(builder *b, const char *suffix, tern_tensor_kind kind, 
         snprintf(m->names[i], NAME_MAX_LEN, "%s.%s", b->prefix, suffix);
         tern_model_tensor *t = &m->tensors[i];
         *t = (tern_model_tensor){.name = m->names[i], .kind = kind, .ndim = ndim, .count = count};
-        memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+        if (ndim > 0)
+            memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
         if (kind == TERN_TENSOR_PARAM) {
             t->data = m->params + offset;
             t->grad = m->grads + offset;
