@@ -17,6 +17,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -83,6 +84,7 @@ struct tern_model {
     size_t arena_bytes;
     float *workspace;
     int max_batch, height, width;
+    size_t bn_min_hw; /* smallest H*W any BatchNorm sees (SIZE_MAX without BatchNorm) */
     bool plan_training;
     /* last forward */
     int batch;
@@ -495,11 +497,11 @@ static void free_plan(tern_model *m)
     m->workspace = NULL;
     m->max_batch = 0;
     m->trained = false;
-    for (int i = 0; i < m->nvalues; i++) {
+    for (int i = 0; m->values && i < m->nvalues; i++) {
         m->values[i].x = m->values[i].dx = NULL;
         m->values[i].h = m->values[i].w = 0;
     }
-    for (int i = 0; i < m->nops; i++)
+    for (int i = 0; m->ops && i < m->nops; i++)
         m->ops[i].save_mean = m->ops[i].save_invstd = m->ops[i].mask = NULL;
 }
 
@@ -509,8 +511,7 @@ void tern_model_destroy(tern_model **model)
         return;
     tern_model *m = *model;
     const tern_allocator *a = m->opt.alloc;
-    if (m->values)
-        free_plan(m);
+    free_plan(m);
     tern_pool_destroy(&m->pool);
     tern_free(a, m->params);
     tern_free(a, m->grads);
@@ -605,10 +606,13 @@ static void propagate_shapes(tern_model *m, int height, int width)
 {
     m->values[0].h = height;
     m->values[0].w = width;
+    m->bn_min_hw = SIZE_MAX;
     for (int i = 0; i < m->nops; i++) {
         op *o = &m->ops[i];
         const value *in = &m->values[o->in];
         value *out = &m->values[o->out];
+        if (o->kind == OP_BN && (size_t)in->h * (size_t)in->w < m->bn_min_hw)
+            m->bn_min_hw = (size_t)in->h * (size_t)in->w;
         switch (o->kind) {
         case OP_CONV:
             o->conv.h = in->h;
@@ -841,6 +845,12 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
     if (batch < 1 || batch > m->max_batch)
         return model_fail(m, TERN_ERR_INVALID, "batch %d outside the planned [1, %d]", batch,
                           m->max_batch);
+    /* As in PyTorch: batch statistics of a single value per channel are meaningless. */
+    if (training && m->bn_min_hw < SIZE_MAX && (size_t)batch * m->bn_min_hw < 2)
+        return model_fail(m, TERN_ERR_INVALID,
+                          "training with BatchNorm needs more than one value per channel: batch "
+                          "%d of %dx%d leaves one in the last layers",
+                          batch, m->height, m->width);
     m->trained = false;
     memcpy(m->values[0].x, input, value_floats(&m->values[0], batch) * sizeof(float));
     for (int i = 0; i < m->nops; i++)

@@ -43,7 +43,7 @@ typedef struct tern_model_options {
     tern_norm norm;
     uint64_t seed;    /* initialisation and dropout masks */
     int threads;      /* compute threads, >= 1 */
-    const tern_allocator *alloc; /* NULL: the C library */
+    const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the model */
 } tern_model_options;
 
 /* torchvision's defaults for arch: width 1.0, 3 channels, 1000 classes, dropout 0.2,
@@ -119,7 +119,8 @@ size_t tern_model_plan_bytes(const tern_model *model);
  *   logits (batch, num_classes), written
  * training: BatchNorm uses batch statistics and updates its running statistics and counter,
  * dropout is applied; it needs a training plan, and enables tern_model_backward.
- * Errors: TERN_ERR_STATE (no plan / no training plan), TERN_ERR_INVALID (batch). */
+ * Errors: TERN_ERR_STATE (no plan / no training plan), TERN_ERR_INVALID (batch out of range,
+ * or a training batch that leaves BatchNorm a single value per channel, as PyTorch refuses). */
 tern_status tern_model_forward(tern_model *model, float *logits, const float *input, int batch,
                                bool training);
 /* Backward pass of the last training forward: ACCUMULATES into the gradients.
