@@ -29,13 +29,6 @@
 /* Rows (output pixels) gathered per im2col GEMM: big enough for sgemm to reach speed, small
  * enough that a tile of a stem conv (K = 27) stays in L1/L2. */
 #define IM2COL_TILE 128
-/* Depthwise: channels per block, and the largest k*k handled directly (k <= 7); the stack
- * holds (k*k, block) weights and, in backward, the same again for their gradient. */
-#define DW_BLOCK 64
-#define DW_TAPS_MAX 49
-/* Depthwise backward splits channels across threads in units of this many floats (one cache
- * line), so threads never share a line of dx/dw and blocks stay vector-sized. */
-#define DW_UNIT 16
 #define GEMM_ROWS_MAX ((size_t)INT_MAX)
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
@@ -63,7 +56,7 @@ static conv_path conv_path_of(const tern_conv_params *p)
 {
     if (p->groups == 1 && p->k == 1 && p->stride == 1 && p->pad == 0)
         return CONV_PATH_GEMM;
-    if (p->groups == p->cin && p->groups == p->cout && (size_t)p->k * (size_t)p->k <= DW_TAPS_MAX)
+    if (p->groups == p->cin && p->groups == p->cout && (size_t)p->k * (size_t)p->k <= TERN_DW_TAPS_MAX)
         return CONV_PATH_DEPTHWISE;
     if (p->groups == 1 && im2col_cols(p) <= (size_t)INT_MAX)
         return CONV_PATH_IM2COL;
@@ -179,122 +172,6 @@ typedef struct conv_task {
     const tern_conv_params *p;
 } conv_task;
 
-/* ---- depthwise ------------------------------------------------------------------------------ */
-
-/* wt (taps, cb) = w[c0 .. c0+cb) (C, 1, k, k) transposed, so a tap's weights are contiguous
- * across channels like the activations they multiply. */
-static void dw_transpose_weights(float *wt, const float *w, size_t c0, size_t cb, size_t taps)
-{
-    for (size_t c = 0; c < cb; c++)
-        for (size_t t = 0; t < taps; t++)
-            wt[t * cb + c] = w[(c0 + c) * taps + t];
-}
-
-/* Each thread owns a range of output rows (n, oy); within it, blocks of channels. */
-static void dw_forward_task(void *arg, int ith, int nth)
-{
-    const conv_task *a = arg;
-    const tern_conv_params *p = a->p;
-    const size_t C = (size_t)p->cin, k = (size_t)p->k, taps = k * k;
-    const size_t H = (size_t)p->h, W = (size_t)p->w, OH = (size_t)p->oh, OW = (size_t)p->ow;
-    float wt[DW_TAPS_MAX * DW_BLOCK];
-    size_t r0, r1;
-    tern_split((size_t)p->n * OH, ith, nth, &r0, &r1);
-    if (r0 == r1)
-        return;
-    for (size_t c0 = 0; c0 < C; c0 += DW_BLOCK) {
-        const size_t cb = min_size(DW_BLOCK, C - c0);
-        dw_transpose_weights(wt, a->w, c0, cb, taps);
-        for (size_t r = r0; r < r1; r++) {
-            const size_t n = r / OH;
-            const long oy = (long)(r % OH);
-            for (size_t ox = 0; ox < OW; ox++) {
-                float *restrict yp = a->y + (r * OW + ox) * C + c0; /* (cb) */
-                if (a->b)
-                    memcpy(yp, a->b + c0, cb * sizeof *yp);
-                else
-                    memset(yp, 0, cb * sizeof *yp);
-                for (size_t ky = 0; ky < k; ky++) {
-                    const long iy = oy * p->stride - p->pad + (long)ky;
-                    if (iy < 0 || iy >= (long)H)
-                        continue;
-                    for (size_t kx = 0; kx < k; kx++) {
-                        const long ix = (long)ox * p->stride - p->pad + (long)kx;
-                        if (ix < 0 || ix >= (long)W)
-                            continue;
-                        const float *restrict xp =
-                            a->x + ((n * H + (size_t)iy) * W + (size_t)ix) * C + c0;
-                        const float *restrict wp = wt + (ky * k + kx) * cb;
-                        for (size_t c = 0; c < cb; c++)
-                            yp[c] += xp[c] * wp[c];
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* Each thread owns a range of channels: dx, dw and db of a channel depend only on that
- * channel, so the split needs neither locks nor a reduction. */
-static void dw_backward_task(void *arg, int ith, int nth)
-{
-    const conv_task *a = arg;
-    const tern_conv_params *p = a->p;
-    const size_t C = (size_t)p->cin, k = (size_t)p->k, taps = k * k;
-    const size_t H = (size_t)p->h, W = (size_t)p->w, OH = (size_t)p->oh, OW = (size_t)p->ow;
-    const size_t N = (size_t)p->n;
-    float wt[DW_TAPS_MAX * DW_BLOCK], dwt[DW_TAPS_MAX * DW_BLOCK], dbt[DW_BLOCK];
-    size_t u0, u1;
-    tern_split((C + DW_UNIT - 1) / DW_UNIT, ith, nth, &u0, &u1);
-    const size_t cbeg = u0 * DW_UNIT, cend = min_size(u1 * DW_UNIT, C);
-    for (size_t c0 = cbeg; c0 < cend; c0 += DW_BLOCK) {
-        const size_t cb = min_size(DW_BLOCK, cend - c0);
-        if (a->dx)
-            dw_transpose_weights(wt, a->w, c0, cb, taps);
-        memset(dwt, 0, taps * cb * sizeof *dwt);
-        memset(dbt, 0, cb * sizeof *dbt);
-        for (size_t n = 0; n < N; n++)
-            for (size_t oy = 0; oy < OH; oy++)
-                for (size_t ox = 0; ox < OW; ox++) {
-                    const float *restrict dyp = a->dy + ((n * OH + oy) * OW + ox) * C + c0;
-                    for (size_t c = 0; c < cb; c++)
-                        dbt[c] += dyp[c];
-                    for (size_t ky = 0; ky < k; ky++) {
-                        const long iy = (long)oy * p->stride - p->pad + (long)ky;
-                        if (iy < 0 || iy >= (long)H)
-                            continue;
-                        for (size_t kx = 0; kx < k; kx++) {
-                            const long ix = (long)ox * p->stride - p->pad + (long)kx;
-                            if (ix < 0 || ix >= (long)W)
-                                continue;
-                            const size_t off =
-                                ((n * H + (size_t)iy) * W + (size_t)ix) * C + c0;
-                            const size_t tap = (ky * k + kx) * cb;
-                            if (a->dx) {
-                                float *restrict dxp = a->dx + off;
-                                const float *restrict wp = wt + tap;
-                                for (size_t c = 0; c < cb; c++)
-                                    dxp[c] += dyp[c] * wp[c];
-                            }
-                            if (a->dw) {
-                                float *restrict dwp = dwt + tap;
-                                const float *restrict xp = a->x + off;
-                                for (size_t c = 0; c < cb; c++)
-                                    dwp[c] += dyp[c] * xp[c];
-                            }
-                        }
-                    }
-                }
-        if (a->dw)
-            for (size_t c = 0; c < cb; c++)
-                for (size_t t = 0; t < taps; t++)
-                    a->dw[(c0 + c) * taps + t] += dwt[t * cb + c];
-        if (a->db)
-            for (size_t c = 0; c < cb; c++)
-                a->db[c0 + c] += dbt[c];
-    }
-}
-
 /* ---- im2col (groups == 1, k > 1 or strided) -------------------------------------------------- */
 
 /* Columns [j0, j1) of the im2col row of output pixel `pix` (index into N*OH*OW), written to
@@ -406,7 +283,7 @@ static void im2col_backward_task(void *arg, int ith, int nth)
 /* workspace: at least tern_conv2d_workspace_size(p, tern_pool_size(pool)) floats; only the
  * im2col path reads it, and may be NULL otherwise. Passing less is a caller bug (not checked). */
 void tern_conv2d_forward(float *y, float *workspace, const float *x, const float *w,
-                         const float *b, const tern_conv_params *p, tern_pool *pool)
+                         const float *b, tern_act act, const tern_conv_params *p, tern_pool *pool)
 {
     conv_task t = {.y = y, .ws = workspace, .x = x, .w = w, .b = b, .p = p};
     switch (conv_path_of(p)) {
@@ -416,12 +293,15 @@ void tern_conv2d_forward(float *y, float *workspace, const float *x, const float
                        .m = (size_t)p->n * (size_t)p->h * (size_t)p->w, .in = p->cin,
                        .out = p->cout};
         tern_pool_run(pool, gemm_forward_task, &g);
-        return;
+        break;
     }
-    case CONV_PATH_DEPTHWISE: tern_pool_run(pool, dw_forward_task, &t); return;
-    case CONV_PATH_IM2COL: tern_pool_run(pool, im2col_forward_task, &t); return;
-    case CONV_PATH_REF: tern_conv2d_forward_ref(y, x, w, b, p); return;
+    case CONV_PATH_DEPTHWISE: tern_dwconv_forward(y, x, w, b, act, p, pool); return;
+    case CONV_PATH_IM2COL: tern_pool_run(pool, im2col_forward_task, &t); break;
+    case CONV_PATH_REF: tern_conv2d_forward_ref(y, x, w, b, p); break;
     }
+    if (act != TERN_ACT_NONE)
+        tern_act_forward(y, y, (size_t)p->n * (size_t)p->oh * (size_t)p->ow * (size_t)p->cout,
+                         act, pool);
 }
 
 void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
@@ -440,7 +320,7 @@ void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, con
         tern_pool_run(pool, gemm_backward_task, &g);
         return;
     }
-    case CONV_PATH_DEPTHWISE: tern_pool_run(pool, dw_backward_task, &t); return;
+    case CONV_PATH_DEPTHWISE: tern_dwconv_backward(dx, dw, db, dy, x, w, p, pool); return;
     case CONV_PATH_IM2COL: tern_pool_run(pool, im2col_backward_task, &t); return;
     case CONV_PATH_REF: tern_conv2d_backward_ref(dx, dw, db, dy, x, w, p); return;
     }

@@ -20,6 +20,13 @@
 
 #include "pool.h"
 
+typedef enum tern_act {
+    TERN_ACT_NONE,
+    TERN_ACT_RELU,
+    TERN_ACT_HARDSWISH,   /* x * relu6(x + 3) / 6 */
+    TERN_ACT_HARDSIGMOID, /* relu6(x + 3) / 6 */
+} tern_act;
+
 /* ---- convolution ------------------------------------------------------------------------ */
 
 typedef struct tern_conv_params {
@@ -36,11 +43,15 @@ void tern_conv_params_finish(tern_conv_params *p);
  * groups == 1, nothing for pointwise or depthwise. Same value for forward and backward. */
 size_t tern_conv2d_workspace_size(const tern_conv_params *p, int nthreads);
 
-/* y = conv(x, w) + b. Dispatches: 1x1/stride 1/pad 0/groups 1 -> GEMM; groups == cin == cout
- * -> direct depthwise; groups == 1 -> im2col + GEMM (using workspace); else reference.
+/* Largest k*k the direct depthwise kernels take (k <= 7). */
+#define TERN_DW_TAPS_MAX 49
+
+/* y = act(conv(x, w) + b). Dispatches: 1x1/stride 1/pad 0/groups 1 -> GEMM; groups == cin ==
+ * cout -> direct depthwise; groups == 1 -> im2col + GEMM (using workspace); else reference.
  *   y (N, OH, OW, Cout), x (N, H, W, Cin), w (Cout, Cin/groups, k, k), b (Cout) or NULL */
 void tern_conv2d_forward(float *y, float *workspace, const float *x, const float *w,
-                         const float *b, const tern_conv_params *p, tern_pool *pool);
+                         const float *b, tern_act act, const tern_conv_params *p,
+                         tern_pool *pool);
 /* dx += dL/dx, dw += dL/dw, db += dL/db (each may be NULL). */
 void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
                           const float *x, const float *w, const tern_conv_params *p,
@@ -50,6 +61,13 @@ void tern_conv2d_forward_ref(float *y, const float *x, const float *w, const flo
                              const tern_conv_params *p);
 void tern_conv2d_backward_ref(float *dx, float *dw, float *db, const float *dy, const float *x,
                               const float *w, const tern_conv_params *p);
+
+/* Depthwise (groups == cin == cout, k*k <= TERN_DW_TAPS_MAX), direct NHWC:
+ * y = act(conv(x, w) + b); backward accumulates dx, dw, db (each may be NULL). */
+void tern_dwconv_forward(float *y, const float *x, const float *w, const float *b, tern_act act,
+                         const tern_conv_params *p, tern_pool *pool);
+void tern_dwconv_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                          const float *w, const tern_conv_params *p, tern_pool *pool);
 
 /* ---- fully connected ---------------------------------------------------------------------- */
 
@@ -79,6 +97,21 @@ void tern_batchnorm_backward(float *dx, float *dgamma, float *dbeta, const float
                              const float *x, const float *save_mean, const float *save_invstd,
                              const float *gamma, size_t m, int c, tern_pool *pool);
 
+/* BatchNorm2d followed by an activation, training mode, fused: a = act(bn(y)) over m rows of c
+ * channels. Statistics, saved mean/invstd and running-stat updates exactly as
+ * tern_batchnorm_forward_train; the normalized pre-activation is not stored. */
+void tern_batchnorm_act_forward_train(float *a, float *save_mean, float *save_invstd,
+                                      float *run_mean, float *run_var, const float *y,
+                                      const float *gamma, const float *beta, size_t m, int c,
+                                      float eps, float momentum, tern_act act, tern_pool *pool);
+/* Backward of the fused forward: recomputes z = (y - mean) * invstd * gamma + beta, takes
+ * dz = da * act'(z) (PyTorch's choices at the kinks), then the BatchNorm backward:
+ * dy += ..., dgamma += ..., dbeta += ... (dy, dgamma, dbeta may be NULL). */
+void tern_batchnorm_act_backward(float *dy, float *dgamma, float *dbeta, const float *da,
+                                 const float *y, const float *save_mean, const float *save_invstd,
+                                 const float *gamma, const float *beta, size_t m, int c,
+                                 tern_act act, tern_pool *pool);
+
 /* GroupNorm: x (N, HW, C), channels split into `groups` consecutive groups; statistics per
  * (sample, group) over HW * C/groups values, biased variance; save_mean/save_invstd (N, groups). */
 void tern_groupnorm_forward(float *y, float *save_mean, float *save_invstd, const float *x,
@@ -91,12 +124,6 @@ void tern_groupnorm_backward(float *dx, float *dgamma, float *dbeta, const float
 
 /* ---- elementwise ----------------------------------------------------------------------------- */
 
-typedef enum tern_act {
-    TERN_ACT_NONE,
-    TERN_ACT_RELU,
-    TERN_ACT_HARDSWISH,   /* x * relu6(x + 3) / 6 */
-    TERN_ACT_HARDSIGMOID, /* relu6(x + 3) / 6 */
-} tern_act;
 
 /* y = act(x) over count values (y may equal x). */
 void tern_act_forward(float *y, const float *x, size_t count, tern_act act, tern_pool *pool);

@@ -432,6 +432,8 @@ static tern_status check_options(const tern_model_options *o, tern_error *err)
                               (double)o->dropout);
     if (o->norm != TERN_NORM_BATCH && o->norm != TERN_NORM_GROUP)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown normalization %d", (int)o->norm);
+    if (o->isa < TERN_ISA_AUTO || o->isa > TERN_ISA_AVX512)
+        return tern_set_error(err, TERN_ERR_INVALID, "unknown instruction set %d", (int)o->isa);
     if (o->threads < 1 || o->threads > 256)
         return tern_set_error(err, TERN_ERR_INVALID, "thread count %d outside [1, 256]",
                               o->threads);
@@ -476,7 +478,7 @@ tern_status tern_model_create(const tern_model_options *opt, tern_model **out, t
     builder fill = {.m = m, .fill = true};
     build(&fill);
 
-    s = tern_pool_create(opt->threads, a, &m->pool);
+    s = tern_pool_create(opt->threads, opt->isa, a, &m->pool);
     if (s != TERN_OK)
         goto fail;
     /* Tern splits work across its own threads; OpenBLAS threading on top would oversubscribe
@@ -731,7 +733,7 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
     case OP_CONV: {
         tern_conv_params p = o->conv;
         p.n = n;
-        tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL, &p, pool);
+        tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL, TERN_ACT_NONE, &p, pool);
         break;
     }
     case OP_BN:

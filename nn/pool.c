@@ -9,6 +9,8 @@
 struct tern_pool {
     const tern_allocator *alloc;
     int nthreads;
+    tern_isa isa;
+    float *scratch; /* nthreads * TERN_POOL_SCRATCH_FLOATS */
     pthread_t *threads;
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
@@ -67,7 +69,8 @@ static void stop_workers(tern_pool *pool, int started)
         pthread_join(pool->threads[i], NULL);
 }
 
-tern_status tern_pool_create(int nthreads, const tern_allocator *alloc, tern_pool **out)
+tern_status tern_pool_create(int nthreads, tern_isa isa, const tern_allocator *alloc,
+                             tern_pool **out)
 {
     if (nthreads < 1 || nthreads > 1024 || !out)
         return TERN_ERR_INVALID;
@@ -76,8 +79,12 @@ tern_status tern_pool_create(int nthreads, const tern_allocator *alloc, tern_poo
         return TERN_ERR_NOMEM;
     pool->alloc = alloc;
     pool->nthreads = nthreads;
+    pool->isa = tern_isa_resolve(isa);
     pool->threads = tern_calloc(alloc, (size_t)nthreads, sizeof(pthread_t) + sizeof(worker_arg));
-    if (!pool->threads) {
+    pool->scratch = tern_alloc(alloc, (size_t)nthreads * TERN_POOL_SCRATCH_FLOATS * sizeof(float));
+    if (!pool->threads || !pool->scratch) {
+        tern_free(alloc, pool->threads);
+        tern_free(alloc, pool->scratch);
         tern_free(alloc, pool);
         return TERN_ERR_NOMEM;
     }
@@ -109,6 +116,7 @@ void tern_pool_destroy(tern_pool **pool_p)
     pthread_cond_destroy(&pool->wake);
     pthread_cond_destroy(&pool->done);
     tern_free(pool->alloc, pool->threads);
+    tern_free(pool->alloc, pool->scratch);
     tern_free(pool->alloc, pool);
     *pool_p = NULL;
 }
@@ -116,6 +124,16 @@ void tern_pool_destroy(tern_pool **pool_p)
 int tern_pool_size(const tern_pool *pool)
 {
     return pool ? pool->nthreads : 1;
+}
+
+tern_isa tern_pool_isa(const tern_pool *pool)
+{
+    return pool ? pool->isa : tern_isa_resolve(TERN_ISA_AUTO);
+}
+
+float *tern_pool_scratch(tern_pool *pool, int ith)
+{
+    return pool ? pool->scratch + (size_t)ith * TERN_POOL_SCRATCH_FLOATS : NULL;
 }
 
 void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg)

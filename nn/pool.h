@@ -6,17 +6,28 @@
 #define TERN_POOL_H
 
 #include "tern/alloc.h"
+#include "tern/model.h"
 #include "tern/status.h"
+
+/* Per-thread scratch every pool owns (GEMM packing buffers and the like), in floats. */
+#define TERN_POOL_SCRATCH_FLOATS ((size_t)1 << 19) /* 2 MiB */
 
 typedef struct tern_pool tern_pool;
 typedef void (*tern_task_fn)(void *arg, int ith, int nth);
 
-/* Start nthreads - 1 workers (nthreads >= 1). TERN_ERR_THREAD if a thread cannot start. */
-tern_status tern_pool_create(int nthreads, const tern_allocator *alloc, tern_pool **out);
+/* Start nthreads - 1 workers (nthreads >= 1) that run kernels at instruction-set level isa
+ * (resolved with tern_isa_resolve). TERN_ERR_THREAD if a thread cannot start, TERN_ERR_NOMEM. */
+tern_status tern_pool_create(int nthreads, tern_isa isa, const tern_allocator *alloc,
+                             tern_pool **out);
 /* Join the workers and free the pool; *pool becomes NULL. Accepts NULL. */
 void tern_pool_destroy(tern_pool **pool);
 /* Number of threads including the caller; 1 for a NULL pool. */
 int tern_pool_size(const tern_pool *pool);
+/* Kernel level for this pool; for a NULL pool, the best the CPU has. */
+tern_isa tern_pool_isa(const tern_pool *pool);
+/* TERN_POOL_SCRATCH_FLOATS floats, 64-byte aligned, private to thread ith during a run; NULL
+ * for a NULL pool. */
+float *tern_pool_scratch(tern_pool *pool, int ith);
 /* Run fn on every thread. A NULL pool runs fn(arg, 0, 1) inline. Not reentrant. */
 void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg);
 

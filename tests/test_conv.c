@@ -128,7 +128,7 @@ static conv_result run_fast(const conv_case *c, tern_pool *pool)
     conv_result r = {alloc_floats(c->ny), alloc_floats(c->nx), alloc_floats(c->nw),
                      alloc_floats(c->nb)};
     float *ws = workspace_for(&c->p, pool);
-    tern_conv2d_forward(r.y, ws, c->x, c->w, c->b, &c->p, pool);
+    tern_conv2d_forward(r.y, ws, c->x, c->w, c->b, TERN_ACT_NONE, &c->p, pool);
     tern_conv2d_backward(r.dx, r.dw, r.db, ws, c->dy, c->x, c->w, &c->p, pool);
     free(ws);
     return r;
@@ -251,7 +251,7 @@ static void check_forward_both(const float *want, size_t ny, const float *x, con
         assert_float_equal(y[i], want[i], 1e-6);
     float *ws = workspace_for(p, NULL);
     memset(y, 0, sizeof y);
-    tern_conv2d_forward(y, ws, x, w, b, p, NULL);
+    tern_conv2d_forward(y, ws, x, w, b, TERN_ACT_NONE, p, NULL);
     free(ws);
     for (size_t i = 0; i < ny; i++)
         assert_float_equal(y[i], want[i], 1e-5);
@@ -553,7 +553,7 @@ static void test_threads_deterministic(void **state)
     test_rng rng = {9};
     for (int nthreads = 2; nthreads <= 3; nthreads++) {
         tern_pool *pool = NULL;
-        assert_int_equal(tern_pool_create(nthreads, NULL, &pool), TERN_OK);
+        assert_int_equal(tern_pool_create(nthreads, TERN_ISA_AUTO, NULL, &pool), TERN_OK);
         /* Shapes big enough that every thread gets work on every split. */
         const tern_conv_params fixed[] = {
             make_params(3, 9, 7, 24, 40, 1, 1, 0, 1),    /* pointwise */

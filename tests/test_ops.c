@@ -709,7 +709,7 @@ static void test_threads_deterministic(void **state)
     size_t nout = 12 * nx + 20 * (size_t)c + 16 * (size_t)n * c;
     float *a = falloc(nout), *b = falloc(nout), *ref = falloc(nout);
     tern_pool *pool = NULL;
-    assert_int_equal(tern_pool_create(2, NULL, &pool), 0);
+    assert_int_equal(tern_pool_create(2, TERN_ISA_AUTO, NULL, &pool), 0);
     run_all(a, nout, x, dy, s, gamma, beta, n, hw, c, pool);
     run_all(b, nout, x, dy, s, gamma, beta, n, hw, c, pool);
     run_all(ref, nout, x, dy, s, gamma, beta, n, hw, c, NULL);

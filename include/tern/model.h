@@ -34,6 +34,20 @@ typedef enum tern_norm {
     TERN_NORM_GROUP, /* GroupNorm(gcd(32, C) groups, eps 1e-5), for DP-SGD */
 } tern_norm;
 
+/* Instruction-set level for Tern's kernels. AUTO picks the best the CPU has; a lower level may
+ * be forced (to test the scalar path, say); a higher one than the CPU has falls back to AUTO. */
+typedef enum tern_isa {
+    TERN_ISA_AUTO = 0,
+    TERN_ISA_SCALAR,
+    TERN_ISA_AVX2,   /* AVX2 + FMA */
+    TERN_ISA_AVX512, /* AVX-512 F, BW, DQ, VL */
+} tern_isa;
+
+/* "auto", "scalar", "avx2", "avx512"; static storage. */
+const char *tern_isa_name(tern_isa isa);
+/* The level kernels will run at for a request on this CPU (never AUTO). */
+tern_isa tern_isa_resolve(tern_isa requested);
+
 typedef struct tern_model_options {
     tern_arch arch;
     double width_mult; /* channel multiplier, > 0; 1.0 is the published network */
@@ -43,6 +57,7 @@ typedef struct tern_model_options {
     tern_norm norm;
     uint64_t seed;    /* initialisation and dropout masks */
     int threads;      /* compute threads, >= 1 */
+    tern_isa isa;     /* kernel instruction set; TERN_ISA_AUTO (0) by default */
     const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the model */
 } tern_model_options;
 
