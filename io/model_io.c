@@ -64,6 +64,8 @@ tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
                 memcpy(t->data, v.data, v.nbytes);
             }
         }
+        if (pass == 1)
+            tern_model_invalidate(model);
         if (pass == 0) {
             for (size_t i = 0; i < tern_safetensors_count(st); i++) {
                 tern_tensor_view v;

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 #include "pool.h"
@@ -33,11 +34,12 @@ typedef struct value {
     int c;          /* channels */
     int h, w;       /* spatial size, set by the plan */
     float *x, *dx;  /* (max_batch, h, w, c), set by the plan; dx only in a training plan */
+    bool bn_input;  /* a convolution output feeding BatchNorm: unused by folded inference */
 } value;
 
 typedef enum op_kind {
     OP_CONV,    /* convolution without bias: in -> out */
-    OP_BN,      /* BatchNorm2d */
+    OP_BN,      /* BatchNorm2d, then its activation (act) */
     OP_GN,      /* GroupNorm */
     OP_ACT,     /* elementwise activation */
     OP_POOL,    /* global average pool: (N, H, W, C) -> (N, 1, 1, C) */
@@ -53,13 +55,17 @@ typedef struct op {
     tern_conv_params conv;  /* OP_CONV: channels, kernel, stride, pad, groups */
     int fin, fout;          /* OP_LINEAR */
     size_t w, b;            /* parameter offsets: weight, bias (NO_PARAM if none) */
+    size_t fold;            /* OP_CONV before OP_BN: offset of its BN-folded weights and bias */
     size_t run_mean, run_var; /* OP_BN: buffer offsets */
     int counter;            /* OP_BN: index of num_batches_tracked */
     int groups;             /* OP_GN */
     float eps, momentum;    /* OP_BN, OP_GN */
-    tern_act act;           /* OP_ACT */
+    tern_act act;           /* OP_ACT, OP_BN */
     float p;                /* OP_DROPOUT */
     float *save_mean, *save_invstd, *mask; /* planned per-op state */
+    const char *name;       /* state_dict prefix of the layer ("" for parameter-free ops) */
+    double seconds[2];      /* profiling: time in forward, backward */
+    unsigned long calls[2];
 } op;
 
 struct tern_model {
@@ -71,6 +77,12 @@ struct tern_model {
     float *params, *grads, *buffers;
     int64_t *counters;
     size_t nparams, nbuffers, ncounters;
+    /* Inference with BatchNorm folded into the convolutions: per conv, weights then bias.
+     * Refolded when `version` (bumped by anything that may change parameters or running
+     * statistics) has moved on from `folded_version`. */
+    float *folded;
+    size_t nfolded;
+    uint64_t version, folded_version;
     tern_model_tensor *tensors;
     char (*names)[NAME_MAX_LEN];
     size_t ntensors;
@@ -90,6 +102,7 @@ struct tern_model {
     int batch;
     bool trained; /* last forward was a training forward */
     bool dropped; /* and it drew dropout masks */
+    bool profiling;
 };
 
 static tern_status model_fail(tern_model *m, tern_status s, const char *fmt, ...)
@@ -112,8 +125,9 @@ typedef struct builder {
     tern_model *m;
     bool fill;
     int nvalues, nops;
-    size_t ntensors, nparams, nbuffers, ncounters;
+    size_t ntensors, nparams, nbuffers, ncounters, nfolded;
     op scratch; /* target of op writes while counting */
+    const char *last_weight; /* name of the latest "weight" tensor (fill pass) */
     char prefix[64];
 } builder;
 
@@ -128,8 +142,9 @@ static op *new_op(builder *b, op_kind kind, int in, int out)
 {
     op *o = b->fill ? &b->m->ops[b->nops] : &b->scratch;
     b->nops++;
+    bool has_params = kind == OP_CONV || kind == OP_BN || kind == OP_GN || kind == OP_LINEAR;
     *o = (op){.kind = kind, .in = in, .in2 = -1, .out = out, .w = NO_PARAM, .b = NO_PARAM,
-              .counter = -1};
+              .counter = -1, .name = has_params && b->last_weight ? b->last_weight : ""};
     return o;
 }
 
@@ -161,6 +176,8 @@ static size_t add_tensor(builder *b, const char *suffix, tern_tensor_kind kind, 
         tern_model *m = b->m;
         size_t i = b->ntensors;
         snprintf(m->names[i], NAME_MAX_LEN, "%s.%s", b->prefix, suffix);
+        if (strcmp(suffix, "weight") == 0)
+            b->last_weight = m->names[i];
         tern_model_tensor *t = &m->tensors[i];
         *t = (tern_model_tensor){.name = m->names[i], .kind = kind, .ndim = ndim, .count = count};
         if (ndim > 0)
@@ -241,6 +258,12 @@ static int conv_norm_act(builder *b, const char *base, int in, int cin, int cout
     size_t beta = add_param(b, "bias", cout, 0, 0, 0, 1, INIT_ZERO);
     int z = new_value(b, cout);
     if (opt->norm == TERN_NORM_BATCH) {
+        /* The activation is fused into the BatchNorm op; for inference the pair is folded
+         * into the convolution as well. */
+        o->fold = b->nfolded;
+        b->nfolded += (size_t)cout * (size_t)(cin / groups) * (size_t)(k * k) + (size_t)cout;
+        if (b->fill)
+            b->m->values[y].bn_input = true;
         int64_t shape[1] = {cout};
         size_t mean = add_tensor(b, "running_mean", TERN_TENSOR_BUFFER, 1, shape, INIT_ZERO);
         size_t var = add_tensor(b, "running_var", TERN_TENSOR_BUFFER, 1, shape, INIT_ONE);
@@ -251,11 +274,14 @@ static int conv_norm_act(builder *b, const char *base, int in, int cin, int cout
         o->counter = (int)counter;
         o->eps = 1e-3f;
         o->momentum = 0.01f;
-    } else {
-        o = new_op(b, OP_GN, y, z);
-        o->groups = gcd(32, cout);
-        o->eps = 1e-5f;
+        o->act = act;
+        o->w = gamma;
+        o->b = beta;
+        return z;
     }
+    o = new_op(b, OP_GN, y, z);
+    o->groups = gcd(32, cout);
+    o->eps = 1e-5f;
     o->w = gamma;
     o->b = beta;
     if (act == TERN_ACT_NONE)
@@ -462,6 +488,8 @@ tern_status tern_model_create(const tern_model_options *opt, tern_model **out, t
     m->ntensors = count.ntensors;
     m->nvalues = count.nvalues;
     m->nops = count.nops;
+    m->nfolded = count.nfolded;
+    m->folded_version = UINT64_MAX;
 
     s = TERN_ERR_NOMEM;
     m->params = tern_calloc(a, m->nparams, sizeof(float));
@@ -472,8 +500,9 @@ tern_status tern_model_create(const tern_model_options *opt, tern_model **out, t
     m->names = tern_calloc(a, m->ntensors, sizeof *m->names);
     m->values = tern_calloc(a, (size_t)m->nvalues, sizeof *m->values);
     m->ops = tern_calloc(a, (size_t)m->nops, sizeof *m->ops);
+    m->folded = tern_calloc(a, m->nfolded, sizeof(float));
     if (!m->params || !m->grads || !m->buffers || !m->counters || !m->tensors || !m->names ||
-        !m->values || !m->ops)
+        !m->values || !m->ops || !m->folded)
         goto fail;
     builder fill = {.m = m, .fill = true};
     build(&fill);
@@ -523,6 +552,7 @@ void tern_model_destroy(tern_model **model)
     tern_free(a, m->names);
     tern_free(a, m->values);
     tern_free(a, m->ops);
+    tern_free(a, m->folded);
     tern_free(a, m);
     *model = NULL;
 }
@@ -562,7 +592,13 @@ size_t tern_model_param_count(const tern_model *model)
 
 float *tern_model_params(tern_model *model)
 {
+    model->version++; /* the caller may write through the pointer */
     return model->params;
+}
+
+void tern_model_invalidate(tern_model *model)
+{
+    model->version++;
 }
 
 float *tern_model_grads(tern_model *model)
@@ -641,7 +677,8 @@ static void layout_plan(tern_model *m, carver *c, int batch, bool training)
     size_t workspace = 0;
     for (int i = 0; i < m->nvalues; i++) {
         value *v = &m->values[i];
-        v->x = carve(c, value_floats(v, batch));
+        bool folded_away = !training && v->bn_input;
+        v->x = folded_away ? NULL : carve(c, value_floats(v, batch));
         v->dx = training && i > 0 ? carve(c, value_floats(v, batch)) : NULL;
     }
     for (int i = 0; i < m->nops; i++) {
@@ -722,6 +759,42 @@ static void draw_dropout_mask(tern_rng *rng, float *mask, size_t count, float p)
         mask[i] = tern_rng_uniform(rng) < p ? 0.0f : keep;
 }
 
+static size_t conv_weight_count(const op *o)
+{
+    return (size_t)o->conv.cout * (size_t)(o->conv.cin / o->conv.groups) *
+           (size_t)o->conv.k * (size_t)o->conv.k;
+}
+
+/* Folds each BatchNorm's running statistics and affine parameters into the convolution before
+ * it: w' = w * s, b' = beta - mean * s per output channel, s = gamma / sqrt(var + eps). */
+static void refold(tern_model *m)
+{
+    for (int i = 0; i + 1 < m->nops; i++) {
+        const op *conv = &m->ops[i], *bn = &m->ops[i + 1];
+        if (conv->kind != OP_CONV || bn->kind != OP_BN)
+            continue;
+        size_t per = conv_weight_count(conv) / (size_t)conv->conv.cout;
+        const float *w = m->params + conv->w, *gamma = m->params + bn->w;
+        const float *beta = m->params + bn->b, *mean = m->buffers + bn->run_mean;
+        const float *var = m->buffers + bn->run_var;
+        float *wf = m->folded + conv->fold, *bf = wf + conv_weight_count(conv);
+        for (size_t co = 0; co < (size_t)conv->conv.cout; co++) {
+            double scale = gamma[co] / sqrt((double)var[co] + bn->eps);
+            for (size_t j = 0; j < per; j++)
+                wf[co * per + j] = (float)(w[co * per + j] * scale);
+            bf[co] = (float)(beta[co] - mean[co] * scale);
+        }
+    }
+    m->folded_version = m->version;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static void forward_op(tern_model *m, op *o, int n, bool training)
 {
     const value *in = &m->values[o->in];
@@ -736,18 +809,12 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
         tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL, TERN_ACT_NONE, &p, pool);
         break;
     }
-    case OP_BN:
-        if (training) {
-            tern_batchnorm_forward_train(out->x, o->save_mean, o->save_invstd,
+    case OP_BN: /* training only: inference folds BatchNorm into the convolution */
+        tern_batchnorm_act_forward_train(out->x, o->save_mean, o->save_invstd,
                                          m->buffers + o->run_mean, m->buffers + o->run_var, in->x,
                                          m->params + o->w, m->params + o->b, (size_t)n * hw,
-                                         in->c, o->eps, o->momentum, pool);
-            m->counters[o->counter]++;
-        } else {
-            tern_batchnorm_forward_eval(out->x, in->x, m->params + o->w, m->params + o->b,
-                                        m->buffers + o->run_mean, m->buffers + o->run_var,
-                                        (size_t)n * hw, in->c, o->eps, pool);
-        }
+                                         in->c, o->eps, o->momentum, o->act, pool);
+        m->counters[o->counter]++;
         break;
     case OP_GN:
         tern_groupnorm_forward(out->x, o->save_mean, o->save_invstd, in->x, m->params + o->w,
@@ -796,9 +863,9 @@ static void backward_op(tern_model *m, op *o, int n)
         break;
     }
     case OP_BN:
-        tern_batchnorm_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
-                                o->save_mean, o->save_invstd, m->params + o->w, (size_t)n * hw,
-                                in->c, pool);
+        tern_batchnorm_act_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
+                                    o->save_mean, o->save_invstd, m->params + o->w,
+                                    m->params + o->b, (size_t)n * hw, in->c, o->act, pool);
         break;
     case OP_GN:
         tern_groupnorm_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
@@ -855,8 +922,30 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
                           batch, m->height, m->width);
     m->trained = false;
     memcpy(m->values[0].x, input, value_floats(&m->values[0], batch) * sizeof(float));
-    for (int i = 0; i < m->nops; i++)
-        forward_op(m, &m->ops[i], batch, training);
+    bool fold = !training && m->opt.norm == TERN_NORM_BATCH;
+    if (fold && m->folded_version != m->version)
+        refold(m);
+    for (int i = 0; i < m->nops; i++) {
+        op *o = &m->ops[i];
+        double t0 = m->profiling ? now_seconds() : 0;
+        if (fold && o->kind == OP_CONV) {
+            /* Convolution, BatchNorm and activation in one kernel call. */
+            const op *bn = &m->ops[++i];
+            tern_conv_params p = o->conv;
+            p.n = batch;
+            const float *w = m->folded + o->fold;
+            tern_conv2d_forward(m->values[bn->out].x, m->workspace, m->values[o->in].x, w,
+                                w + conv_weight_count(o), bn->act, &p, m->pool);
+        } else {
+            forward_op(m, o, batch, training);
+        }
+        if (m->profiling) {
+            o->seconds[0] += now_seconds() - t0;
+            o->calls[0]++;
+        }
+    }
+    if (training)
+        m->version++; /* running statistics moved */
     const value *last = &m->values[m->nvalues - 1];
     memcpy(logits, last->x, value_floats(last, batch) * sizeof(float));
     m->batch = batch;
@@ -877,8 +966,14 @@ tern_status tern_model_backward(tern_model *model, const float *dlogits)
         memset(m->values[i].dx, 0, value_floats(&m->values[i], n) * sizeof(float));
     value *last = &m->values[m->nvalues - 1];
     memcpy(last->dx, dlogits, value_floats(last, n) * sizeof(float));
-    for (int i = m->nops - 1; i >= 0; i--)
+    for (int i = m->nops - 1; i >= 0; i--) {
+        double t0 = m->profiling ? now_seconds() : 0;
         backward_op(m, &m->ops[i], n);
+        if (m->profiling) {
+            m->ops[i].seconds[1] += now_seconds() - t0;
+            m->ops[i].calls[1]++;
+        }
+    }
     return TERN_OK;
 }
 
@@ -891,5 +986,58 @@ tern_status tern_cross_entropy_loss(float *loss, float *dlogits, const float *lo
         if (labels[i] < 0 || labels[i] >= k)
             return TERN_ERR_INVALID;
     *loss = tern_cross_entropy(dlogits, logits, labels, n, k, smoothing);
+    return TERN_OK;
+}
+
+/* ---- profiling ------------------------------------------------------------------------------ */
+
+void tern_model_profile_enable(tern_model *model, bool enable)
+{
+    model->profiling = enable;
+    for (int i = 0; i < model->nops; i++) {
+        model->ops[i].seconds[0] = model->ops[i].seconds[1] = 0;
+        model->ops[i].calls[0] = model->ops[i].calls[1] = 0;
+    }
+}
+
+size_t tern_model_profile_count(const tern_model *model)
+{
+    return (size_t)model->nops;
+}
+
+static const char *op_kind_name(const op *o)
+{
+    switch (o->kind) {
+    case OP_CONV:
+        return o->conv.k == 1 ? "conv1x1" : o->conv.groups == o->conv.cin ? "depthwise" : "conv";
+    case OP_BN: return "batchnorm";
+    case OP_GN: return "groupnorm";
+    case OP_ACT: return "activation";
+    case OP_POOL: return "avgpool";
+    case OP_LINEAR: return "linear";
+    case OP_SCALE: return "se_scale";
+    case OP_ADD: return "add";
+    case OP_DROPOUT: return "dropout";
+    }
+    return "?";
+}
+
+tern_status tern_model_profile_at(const tern_model *model, size_t i, tern_op_profile *out)
+{
+    if (i >= (size_t)model->nops || !out)
+        return TERN_ERR_INVALID;
+    const op *o = &model->ops[i];
+    const value *v = &model->values[o->out];
+    double flops = 0;
+    if (o->kind == OP_CONV)
+        flops = 2.0 * (double)v->h * v->w * v->c * (o->conv.cin / o->conv.groups) * o->conv.k *
+                o->conv.k;
+    else if (o->kind == OP_LINEAR)
+        flops = 2.0 * o->fin * o->fout;
+    *out = (tern_op_profile){.kind = op_kind_name(o), .name = o->name,
+                             .out_shape = {v->h, v->w, v->c},
+                             .flops_per_image = flops,
+                             .forward_s = o->seconds[0], .backward_s = o->seconds[1],
+                             .forward_calls = o->calls[0], .backward_calls = o->calls[1]};
     return TERN_OK;
 }

@@ -93,7 +93,8 @@ typedef enum tern_tensor_kind {
     TERN_TENSOR_COUNTER, /* int64 scalar (BatchNorm num_batches_tracked) */
 } tern_tensor_kind;
 
-/* One state_dict entry. Pointers are borrowed and valid for the model's life. */
+/* One state_dict entry. Pointers are borrowed and valid for the model's life; after writing
+ * through `data` or `counter`, call tern_model_invalidate(). */
 typedef struct tern_model_tensor {
     const char *name; /* e.g. "features.3.block.1.0.weight" */
     tern_tensor_kind kind;
@@ -116,6 +117,10 @@ const tern_model_tensor *tern_model_find_tensor(const tern_model *model, const c
 size_t tern_model_param_count(const tern_model *model);
 float *tern_model_params(tern_model *model);
 float *tern_model_grads(tern_model *model);
+/* Tell the model that parameters or buffers were written through a pointer obtained earlier
+ * (tern_model_params() itself, and Tern's own loaders and optimizers, do this already).
+ * Inference folds BatchNorm into the convolutions and refolds after this. */
+void tern_model_invalidate(tern_model *model);
 /* Set every gradient to zero. */
 void tern_model_zero_grad(tern_model *model);
 
@@ -142,6 +147,26 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
  *   dlogits (batch, num_classes): gradient of the loss with respect to the logits.
  * Errors: TERN_ERR_STATE if the last forward was not a training forward. */
 tern_status tern_model_backward(tern_model *model, const float *dlogits);
+
+/* ---- profiling ------------------------------------------------------------------------------ */
+
+/* Time spent per op of the network. In folded inference a convolution's time includes its
+ * BatchNorm and activation (which then show 0). */
+typedef struct tern_op_profile {
+    const char *kind;      /* "conv1x1", "depthwise", "conv", "batchnorm", "activation", ... */
+    const char *name;      /* the layer's weight tensor, e.g. "features.1.block.0.0.weight", or "" */
+    int out_shape[3];      /* output H, W, C for the planned input size */
+    double flops_per_image; /* multiply-adds x 2 of the forward pass, convolutions and linear only */
+    double forward_s, backward_s;
+    unsigned long forward_calls, backward_calls;
+} tern_op_profile;
+
+/* Start (or stop) timing every op; resets the totals. Timing costs two clock reads per op. */
+void tern_model_profile_enable(tern_model *model, bool enable);
+size_t tern_model_profile_count(const tern_model *model);
+/* Totals of op i (in execution order) since profiling was enabled; borrowed strings valid for
+ * the model's life. TERN_ERR_INVALID if i is out of range. */
+tern_status tern_model_profile_at(const tern_model *model, size_t i, tern_op_profile *out);
 
 /* ---- loss ----------------------------------------------------------------------------------- */
 
