@@ -1009,7 +1009,9 @@ static const char *op_kind_name(const op *o)
 {
     switch (o->kind) {
     case OP_CONV:
-        return o->conv.k == 1 ? "conv1x1" : o->conv.groups == o->conv.cin ? "depthwise" : "conv";
+        return o->conv.k == 1                                  ? "conv1x1"
+               : o->conv.groups > 1 && o->conv.groups == o->conv.cin ? "depthwise"
+                                                                      : "conv";
     case OP_BN: return "batchnorm";
     case OP_GN: return "groupnorm";
     case OP_ACT: return "activation";
