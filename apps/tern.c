@@ -418,7 +418,7 @@ static int cmd_step(int argc, char **argv)
         goto done;
     }
     tern_sgd_step(sgd);
-    if (tern_model_save_file(model, c.output, &err) != TERN_OK) {
+    if (tern_model_save_file(model, NULL, c.output, &err) != TERN_OK) {
         rc = die("%s", err.message);
         goto done;
     }

@@ -4,6 +4,9 @@
 #define TERN_H
 
 #include "tern/alloc.h"
+#include "tern/data.h"
+#include "tern/image.h"
+#include "tern/metrics.h"
 #include "tern/model.h"
 #include "tern/model_io.h"
 #include "tern/optim.h"

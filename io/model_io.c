@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "nn/util.h"
 
 static void format_shape(char *buf, size_t len, int ndim, const int64_t *shape)
@@ -113,7 +115,55 @@ tern_status tern_model_add_state(const tern_model *model, tern_safetensors_write
     return TERN_OK;
 }
 
-tern_status tern_model_save_file(const tern_model *model, const char *path, tern_error *err)
+/* Metadata values holding lists are JSON arrays, produced and parsed with jansson. */
+static char *json_floats(const float *v, int n)
+{
+    json_t *a = json_array();
+    for (int i = 0; a && i < n; i++)
+        json_array_append_new(a, json_real(v[i]));
+    char *text = a ? json_dumps(a, JSON_COMPACT | JSON_REAL_PRECISION(9)) : NULL;
+    json_decref(a);
+    return text;
+}
+
+static char *json_strings(char *const *v, int n)
+{
+    json_t *a = json_array();
+    for (int i = 0; a && i < n; i++)
+        json_array_append_new(a, json_string(v[i]));
+    char *text = a ? json_dumps(a, JSON_COMPACT) : NULL;
+    json_decref(a);
+    return text;
+}
+
+static tern_status add_info(tern_safetensors_writer *w, const tern_model_info *info)
+{
+    tern_status s = TERN_OK;
+    char size[16], *mean = NULL, *std = NULL, *names = NULL;
+    if (info->input_size > 0) {
+        snprintf(size, sizeof size, "%d", info->input_size);
+        s = tern_safetensors_writer_set_metadata(w, "input_size", size);
+    }
+    if (s == TERN_OK && info->std[0] != 0) {
+        mean = json_floats(info->mean, 3);
+        std = json_floats(info->std, 3);
+        s = !mean || !std ? TERN_ERR_NOMEM
+                          : tern_safetensors_writer_set_metadata(w, "mean", mean);
+        if (s == TERN_OK)
+            s = tern_safetensors_writer_set_metadata(w, "std", std);
+    }
+    if (s == TERN_OK && info->nclasses > 0) {
+        names = json_strings(info->class_names, info->nclasses);
+        s = !names ? TERN_ERR_NOMEM : tern_safetensors_writer_set_metadata(w, "class_names", names);
+    }
+    free(mean);
+    free(std);
+    free(names);
+    return s;
+}
+
+tern_status tern_model_save_file(const tern_model *model, const tern_model_info *info,
+                                 const char *path, tern_error *err)
 {
     const tern_model_options *o = tern_model_options_of(model);
     tern_safetensors_writer *w = NULL;
@@ -131,6 +181,9 @@ tern_status tern_model_save_file(const tern_model *model, const char *path, tern
         (s = tern_safetensors_writer_set_metadata(w, "num_classes", classes)) != TERN_OK ||
         (s = tern_safetensors_writer_set_metadata(
              w, "norm", o->norm == TERN_NORM_GROUP ? "group" : "batch")) != TERN_OK ||
+        (info && info->nclasses > 0 && info->nclasses != o->num_classes &&
+         (s = TERN_ERR_INVALID) != TERN_OK) ||
+        (info && (s = add_info(w, info)) != TERN_OK) ||
         (s = tern_model_add_state(model, w, "")) != TERN_OK) {
         tern_set_error(err, s, "%s: %s", path, tern_strerror(s));
         goto done;
@@ -185,5 +238,71 @@ tern_status tern_model_options_from_metadata(const tern_safetensors *st, tern_mo
     else
         return tern_set_error(err, TERN_ERR_FORMAT, "metadata norm: '%s' is not batch or group", norm);
     *opt = o;
+    return TERN_OK;
+}
+
+void tern_model_info_free(tern_model_info *info)
+{
+    for (int i = 0; info->class_names && i < info->nclasses; i++)
+        free(info->class_names[i]);
+    free(info->class_names);
+    memset(info, 0, sizeof *info);
+}
+
+static tern_status read_floats(const char *text, const char *key, float *out, tern_error *err)
+{
+    json_t *a = json_loads(text, 0, NULL);
+    size_t n = json_is_array(a) ? json_array_size(a) : 0;
+    bool ok = n >= 1 && n <= 3;
+    for (size_t i = 0; ok && i < n; i++) {
+        json_t *v = json_array_get(a, i);
+        ok = json_is_number(v);
+        out[i] = ok ? (float)json_number_value(v) : 0;
+    }
+    json_decref(a);
+    return ok ? TERN_OK
+              : tern_set_error(err, TERN_ERR_FORMAT, "metadata %s: '%s' is not a list of 1 to 3 numbers",
+                               key, text);
+}
+
+tern_status tern_model_info_read(const tern_safetensors *st, tern_model_info *info,
+                                 tern_error *err)
+{
+    tern_model_info r = {0};
+    const char *size = tern_safetensors_metadata(st, "input_size");
+    tern_status s = TERN_OK;
+    if (size)
+        s = parse_int(size, "input_size", 1, 16384, &r.input_size, err);
+    const char *mean = tern_safetensors_metadata(st, "mean");
+    const char *std = tern_safetensors_metadata(st, "std");
+    if (s == TERN_OK && mean)
+        s = read_floats(mean, "mean", r.mean, err);
+    if (s == TERN_OK && std)
+        s = read_floats(std, "std", r.std, err);
+    const char *names = tern_safetensors_metadata(st, "class_names");
+    if (s == TERN_OK && names) {
+        json_t *a = json_loads(names, 0, NULL);
+        size_t n = json_is_array(a) ? json_array_size(a) : 0;
+        if (n == 0 || n > 1000000) {
+            s = tern_set_error(err, TERN_ERR_FORMAT, "metadata class_names is not a list of names");
+        } else if (!(r.class_names = calloc(n, sizeof *r.class_names))) {
+            s = tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
+        } else {
+            r.nclasses = (int)n;
+            for (size_t i = 0; s == TERN_OK && i < n; i++) {
+                const char *name = json_string_value(json_array_get(a, i));
+                if (!name)
+                    s = tern_set_error(err, TERN_ERR_FORMAT, "metadata class_names[%zu] is not a string", i);
+                else if (!(r.class_names[i] = strdup(name)))
+                    s = tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
+            }
+        }
+        json_decref(a);
+    }
+    if (s != TERN_OK) {
+        tern_model_info_free(&r);
+        return s;
+    }
+    *info = r;
     return TERN_OK;
 }

@@ -596,6 +596,11 @@ float *tern_model_params(tern_model *model)
     return model->params;
 }
 
+tern_rng *tern_model_rng(tern_model *model)
+{
+    return &model->rng;
+}
+
 void tern_model_invalidate(tern_model *model)
 {
     model->version++;

@@ -2,7 +2,8 @@
 # Installs the Debian packages Tern builds and tests with. Idempotent: does nothing (and needs
 # no network) when they are all present. Run as root or with sudo available.
 set -euo pipefail
-packages=(build-essential cmake pkg-config libopenblas-dev libjansson-dev zlib1g-dev libcmocka-dev)
+packages=(build-essential cmake pkg-config libopenblas-dev libjansson-dev zlib1g-dev libcmocka-dev
+          libpng-dev libjpeg62-turbo-dev liblmdb-dev dataset-fashion-mnist)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1107,7 +1107,7 @@ static void save_and_load(void **state)
     train_step(src, sgd, &b);
     tern_sgd_destroy(&sgd);
     tern_error err = {{0}};
-    if (tern_model_save_file(src, path, &err) != TERN_OK)
+    if (tern_model_save_file(src, NULL, path, &err) != TERN_OK)
         fail_msg("save: %s", err.message);
     snapshot saved = snapshot_take(src);
 
@@ -1187,7 +1187,7 @@ static void save_and_load(void **state)
     go.norm = TERN_NORM_GROUP;
     tern_model *gn = create(&go);
     snprintf(bad, sizeof bad, "%s/group.safetensors", dir);
-    if (tern_model_save_file(gn, bad, &err) != TERN_OK)
+    if (tern_model_save_file(gn, NULL, bad, &err) != TERN_OK)
         fail_msg("save: %s", err.message);
     assert_int_equal(tern_safetensors_open(bad, NULL, &st, &err), TERN_OK);
     back = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
@@ -1295,6 +1295,70 @@ static void two_models_interleaved(void **state)
     batch_free(&bb);
 }
 
+/* ---- 13. what inference needs, in the file's metadata --------------------------------------- */
+
+static void model_info_round_trip(void **state)
+{
+    const char *dir = *state;
+    char path[256];
+    snprintf(path, sizeof path, "%s/info.safetensors", dir);
+    tern_model_options o = small_options(3);
+    o.num_classes = 3;
+    tern_model *m = create(&o);
+    char *names[3] = {"T-shirt/top", "caf\xc3\xa9 \"au lait\"", "x,y"};
+    tern_model_info info = {.input_size = 64, .mean = {0.5f, 0.25f, 0.125f},
+                            .std = {0.2f, 0.3f, 0.4f}, .nclasses = 3, .class_names = names};
+    tern_error err = {{0}};
+    assert_int_equal(tern_model_save_file(m, &info, path, &err), TERN_OK);
+
+    tern_safetensors *st = NULL;
+    assert_int_equal(tern_safetensors_open(path, NULL, &st, &err), TERN_OK);
+    tern_model_info back;
+    assert_int_equal(tern_model_info_read(st, &back, &err), TERN_OK);
+    assert_int_equal(back.input_size, 64);
+    for (int i = 0; i < 3; i++) {
+        assert_true(back.mean[i] == info.mean[i]);
+        assert_true(back.std[i] == info.std[i]);
+        assert_string_equal(back.class_names[i], names[i]);
+    }
+    assert_int_equal(back.nclasses, 3);
+    tern_model_info_free(&back);
+    assert_null(back.class_names);
+    tern_safetensors_close(&st);
+
+    /* Class names must match the classifier. */
+    info.nclasses = 2;
+    assert_int_equal(tern_model_save_file(m, &info, path, &err), TERN_ERR_INVALID);
+
+    /* A file without info reads as zeros; malformed lists are errors. */
+    tern_safetensors_writer *w = NULL;
+    assert_int_equal(tern_safetensors_writer_create(NULL, &w), TERN_OK);
+    float one = 1;
+    int64_t shape[1] = {1};
+    assert_int_equal(tern_safetensors_writer_add(w, "x", TERN_DTYPE_F32, 1, shape, &one), TERN_OK);
+    assert_int_equal(tern_safetensors_writer_write(w, path, &err), TERN_OK);
+    assert_int_equal(tern_safetensors_open(path, NULL, &st, &err), TERN_OK);
+    assert_int_equal(tern_model_info_read(st, &back, &err), TERN_OK);
+    assert_int_equal(back.input_size, 0);
+    assert_int_equal(back.nclasses, 0);
+    tern_safetensors_close(&st);
+    assert_int_equal(tern_safetensors_writer_set_metadata(w, "class_names", "[1, 2]"), TERN_OK);
+    assert_int_equal(tern_safetensors_writer_write(w, path, &err), TERN_OK);
+    assert_int_equal(tern_safetensors_open(path, NULL, &st, &err), TERN_OK);
+    assert_int_equal(tern_model_info_read(st, &back, &err), TERN_ERR_FORMAT);
+    assert_non_null(strstr(err.message, "class_names"));
+    tern_safetensors_close(&st);
+    assert_int_equal(tern_safetensors_writer_set_metadata(w, "class_names", "[\"a\"]"), TERN_OK);
+    assert_int_equal(tern_safetensors_writer_set_metadata(w, "mean", "{}"), TERN_OK);
+    assert_int_equal(tern_safetensors_writer_write(w, path, &err), TERN_OK);
+    assert_int_equal(tern_safetensors_open(path, NULL, &st, &err), TERN_OK);
+    assert_int_equal(tern_model_info_read(st, &back, &err), TERN_ERR_FORMAT);
+    assert_non_null(strstr(err.message, "mean"));
+    tern_safetensors_close(&st);
+    tern_safetensors_writer_destroy(&w);
+    tern_model_destroy(&m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1313,6 +1377,7 @@ int main(void)
         cmocka_unit_test(sgd_rejects_bad_options),
         cmocka_unit_test_setup_teardown(save_and_load, tmpdir_setup, tmpdir_teardown),
         cmocka_unit_test(two_models_interleaved),
+        cmocka_unit_test_setup_teardown(model_info_round_trip, tmpdir_setup, tmpdir_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

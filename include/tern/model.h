@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "tern/alloc.h"
+#include "tern/rng.h"
 #include "tern/status.h"
 
 #ifdef __cplusplus
@@ -121,6 +122,9 @@ float *tern_model_grads(tern_model *model);
  * (tern_model_params() itself, and Tern's own loaders and optimizers, do this already).
  * Inference folds BatchNorm into the convolutions and refolds after this. */
 void tern_model_invalidate(tern_model *model);
+/* The model's random generator (dropout masks; initialisation already drew from it). Borrowed;
+ * saving and restoring the struct resumes the stream exactly (checkpoints). */
+tern_rng *tern_model_rng(tern_model *model);
 /* Set every gradient to zero. */
 void tern_model_zero_grad(tern_model *model);
 

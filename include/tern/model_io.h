@@ -27,8 +27,23 @@ tern_status tern_model_load_file(tern_model *model, const char *path, tern_error
  * write before changing it). */
 tern_status tern_model_add_state(const tern_model *model, tern_safetensors_writer *w,
                                  const char *prefix);
-/* Save the model's state with its metadata, atomically (see tern_safetensors_writer_write). */
-tern_status tern_model_save_file(const tern_model *model, const char *path, tern_error *err);
+/* What inference needs beyond the architecture, kept in a model file's metadata. */
+typedef struct tern_model_info {
+    int input_size;      /* height = width the model was trained at; 0 if unknown */
+    float mean[3], std[3]; /* input normalization (per input channel; unused entries 0) */
+    int nclasses;        /* entries in class_names: 0 or the model's num_classes */
+    char **class_names;  /* owned by the struct when read by tern_model_info_read */
+} tern_model_info;
+
+/* Save the model's state with its metadata (and info, which may be NULL), atomically (see
+ * tern_safetensors_writer_write). */
+tern_status tern_model_save_file(const tern_model *model, const tern_model_info *info,
+                                 const char *path, tern_error *err);
+/* Read info from a file's metadata; fields a file lacks are left 0. Class names are copied
+ * (free with tern_model_info_free). TERN_ERR_FORMAT for malformed values. */
+tern_status tern_model_info_read(const tern_safetensors *st, tern_model_info *info,
+                                 tern_error *err);
+void tern_model_info_free(tern_model_info *info);
 /* Fill arch, width_mult, in_channels, num_classes and norm from a file's metadata, leaving
  * the other fields of opt as they are. TERN_ERR_NOT_FOUND if the file has no "arch" key,
  * TERN_ERR_FORMAT if a value does not parse. */
