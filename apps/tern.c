@@ -18,197 +18,15 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli.h"
 #include "tern.h"
 
-static const char *prog = "tern";
-
-static int die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s: ", prog);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    return 1;
-}
-
-/* ---- option parsing shared by the commands -------------------------------------------------- */
-
-typedef struct cli {
-    const char *arch, *weights, *input, *labels, *output, *norm;
-    double width_mult;
-    int in_channels, num_classes, threads;
-    float dropout, lr, momentum, weight_decay, smoothing;
-    bool nesterov;
-    int steps, batch, size;
-    long long seed;
-} cli;
-
-enum {
-    OPT_ARCH = 256, OPT_WIDTH, OPT_IN_CHANNELS, OPT_NUM_CLASSES, OPT_WEIGHTS, OPT_INPUT,
-    OPT_OUTPUT, OPT_LABELS, OPT_THREADS, OPT_DROPOUT, OPT_LR, OPT_MOMENTUM, OPT_WD, OPT_NESTEROV,
-    OPT_SMOOTHING, OPT_NORM, OPT_STEPS, OPT_BATCH, OPT_SIZE, OPT_SEED,
-};
-
-static const struct option LONG_OPTIONS[] = {
-    {"arch", required_argument, NULL, OPT_ARCH},
-    {"width-mult", required_argument, NULL, OPT_WIDTH},
-    {"in-channels", required_argument, NULL, OPT_IN_CHANNELS},
-    {"num-classes", required_argument, NULL, OPT_NUM_CLASSES},
-    {"weights", required_argument, NULL, OPT_WEIGHTS},
-    {"input", required_argument, NULL, OPT_INPUT},
-    {"output", required_argument, NULL, OPT_OUTPUT},
-    {"labels", required_argument, NULL, OPT_LABELS},
-    {"threads", required_argument, NULL, OPT_THREADS},
-    {"dropout", required_argument, NULL, OPT_DROPOUT},
-    {"lr", required_argument, NULL, OPT_LR},
-    {"momentum", required_argument, NULL, OPT_MOMENTUM},
-    {"weight-decay", required_argument, NULL, OPT_WD},
-    {"nesterov", no_argument, NULL, OPT_NESTEROV},
-    {"label-smoothing", required_argument, NULL, OPT_SMOOTHING},
-    {"norm", required_argument, NULL, OPT_NORM},
-    {"steps", required_argument, NULL, OPT_STEPS},
-    {"batch", required_argument, NULL, OPT_BATCH},
-    {"size", required_argument, NULL, OPT_SIZE},
-    {"seed", required_argument, NULL, OPT_SEED},
-    {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
-};
-
-static bool parse_double(const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi))
-        return false;
-    *out = v;
-    return true;
-}
-
-static bool parse_long(const char *s, long long lo, long long hi, long long *out)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return false;
-    *out = v;
-    return true;
-}
-
-/* Parses argv into c; returns 0 to go on, 1 for an error (printed), 2 for --help. */
-static int parse_cli(int argc, char **argv, cli *c)
-{
-    int opt;
-    double d = 0;
-    long long l = 0;
-    optind = 1;
-    while ((opt = getopt_long(argc, argv, "h", LONG_OPTIONS, NULL)) != -1) {
-        const char *a = optarg;
-        bool ok = true;
-        switch (opt) {
-        case OPT_ARCH: c->arch = a; break;
-        case OPT_WEIGHTS: c->weights = a; break;
-        case OPT_INPUT: c->input = a; break;
-        case OPT_OUTPUT: c->output = a; break;
-        case OPT_LABELS: c->labels = a; break;
-        case OPT_NORM: c->norm = a; break;
-        case OPT_WIDTH: ok = parse_double(a, 1e-3, 16, &c->width_mult); break;
-        case OPT_IN_CHANNELS: ok = parse_long(a, 1, 4096, &l); c->in_channels = (int)l; break;
-        case OPT_NUM_CLASSES: ok = parse_long(a, 1, 1000000, &l); c->num_classes = (int)l; break;
-        case OPT_THREADS: ok = parse_long(a, 1, 256, &l); c->threads = (int)l; break;
-        case OPT_STEPS: ok = parse_long(a, 1, 1000000, &l); c->steps = (int)l; break;
-        case OPT_BATCH: ok = parse_long(a, 1, 65536, &l); c->batch = (int)l; break;
-        case OPT_SIZE: ok = parse_long(a, 32, 4096, &l); c->size = (int)l; break;
-        case OPT_SEED: ok = parse_long(a, 0, INT64_MAX, &c->seed); break;
-        case OPT_DROPOUT: ok = parse_double(a, 0, 0.999, &d); c->dropout = (float)d; break;
-        case OPT_LR: ok = parse_double(a, 1e-12, 1e6, &d); c->lr = (float)d; break;
-        case OPT_MOMENTUM: ok = parse_double(a, 0, 1, &d); c->momentum = (float)d; break;
-        case OPT_WD: ok = parse_double(a, 0, 1e3, &d); c->weight_decay = (float)d; break;
-        case OPT_SMOOTHING: ok = parse_double(a, 0, 1, &d); c->smoothing = (float)d; break;
-        case OPT_NESTEROV: c->nesterov = true; break;
-        case 'h': return 2;
-        default: return 1; /* getopt printed the problem */
-        }
-        if (!ok)
-            return die("bad value '%s' for --%s", a, LONG_OPTIONS[opt - OPT_ARCH].name);
-    }
-    if (optind < argc)
-        return die("unexpected argument '%s' (see --help)", argv[optind]);
-    return 0;
-}
-
-static const char MODEL_OPTIONS_HELP[] =
-    "Model options (taken from the weights file's metadata when it has them):\n"
-    "  --arch mobilenet_v3_small|mobilenet_v3_large\n"
-    "  --width-mult F        channel multiplier (default 1.0)\n"
-    "  --in-channels C       input channels (default 3)\n"
-    "  --num-classes K       classifier outputs (default 1000)\n"
-    "  --norm batch|group    normalization layers (default batch)\n"
-    "  --threads N           compute threads (default 1)\n";
-
-/* Model options: the weights file's metadata, overridden by the command line. */
-static int model_options(const cli *c, const tern_safetensors *weights, tern_model_options *o)
-{
-    *o = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
-    tern_error err = {{0}};
-    bool have_arch = false;
-    if (weights) {
-        tern_status s = tern_model_options_from_metadata(weights, o, &err);
-        if (s == TERN_OK)
-            have_arch = true;
-        else if (s != TERN_ERR_NOT_FOUND)
-            return die("%s: %s", c->weights, err.message);
-    }
-    if (c->arch) {
-        if (tern_arch_parse(c->arch, &o->arch) != TERN_OK)
-            return die("unknown --arch '%s' (mobilenet_v3_small or mobilenet_v3_large)", c->arch);
-        have_arch = true;
-    }
-    if (!have_arch)
-        return die("--arch is required (the weights file has no metadata naming it)");
-    if (c->width_mult > 0)
-        o->width_mult = c->width_mult;
-    if (c->in_channels > 0)
-        o->in_channels = c->in_channels;
-    if (c->num_classes > 0)
-        o->num_classes = c->num_classes;
-    if (c->norm) {
-        if (strcmp(c->norm, "batch") == 0)
-            o->norm = TERN_NORM_BATCH;
-        else if (strcmp(c->norm, "group") == 0)
-            o->norm = TERN_NORM_GROUP;
-        else
-            return die("unknown --norm '%s' (batch or group)", c->norm);
-    }
-    o->threads = c->threads > 0 ? c->threads : 1;
-    o->dropout = c->dropout;
-    o->seed = (uint64_t)c->seed;
-    return 0;
-}
-
-/* Opens --weights, builds the model from it. */
-static int load_model(const cli *c, tern_model **model)
+/* Opens --weights and builds the model it describes. */
+static int load_weights(const cli *c, tern_model **model)
 {
     if (!c->weights)
         return die("--weights is required");
-    tern_error err = {{0}};
-    tern_safetensors *st = NULL;
-    if (tern_safetensors_open(c->weights, NULL, &st, &err) != TERN_OK)
-        return die("%s", err.message);
-    tern_model_options o;
-    int rc = model_options(c, st, &o);
-    if (rc == 0 && tern_model_create(&o, model, &err) != TERN_OK)
-        rc = die("%s", err.message);
-    if (rc == 0 && tern_model_load_state(*model, st, "", &err) != TERN_OK) {
-        rc = die("%s: %s", c->weights, err.message);
-        tern_model_destroy(model);
-    }
-    tern_safetensors_close(&st);
-    return rc;
+    return cli_load_model(c, c->weights, model, NULL);
 }
 
 /* Reads tensor "input" (N, C, H, W) F32 from path into a new NHWC buffer. */
@@ -304,13 +122,13 @@ static int read_labels(const char *path, int n, int k, int32_t **out)
 static int cmd_forward(int argc, char **argv)
 {
     cli c = {0};
-    int rc = parse_cli(argc, argv, &c);
+    int rc = cli_parse(argc, argv, CMD_FORWARD, false, &c);
     if (rc == 2) {
         printf("usage: tern forward --weights W.safetensors --input X.safetensors "
                "--output Y.safetensors [model options]\n\n"
                "Runs the model in eval mode. X holds 'input' [N, C, H, W] float32 (H, W >= 32);\n"
                "Y receives 'logits' [N, K].\n\n%s",
-               MODEL_OPTIONS_HELP);
+               CLI_MODEL_HELP);
         return 0;
     }
     if (rc)
@@ -318,7 +136,7 @@ static int cmd_forward(int argc, char **argv)
     if (!c.output)
         return die("--output is required");
     tern_model *model = NULL;
-    if ((rc = load_model(&c, &model)))
+    if ((rc = load_weights(&c, &model)))
         return rc;
     const tern_model_options *o = tern_model_options_of(model);
     float *input = NULL, *logits = NULL;
@@ -358,7 +176,7 @@ done:
 static int cmd_step(int argc, char **argv)
 {
     cli c = {.momentum = 0};
-    int rc = parse_cli(argc, argv, &c);
+    int rc = cli_parse(argc, argv, CMD_STEP, false, &c);
     if (rc == 2) {
         printf("usage: tern step --weights W.safetensors --input X.safetensors "
                "--labels L.safetensors --lr F --output W2.safetensors [options]\n\n"
@@ -372,7 +190,7 @@ static int cmd_step(int argc, char **argv)
                "  --label-smoothing F   (default 0)\n"
                "  --dropout P           classifier dropout (default 0)\n"
                "  --seed S              dropout seed (default 0)\n\n%s",
-               MODEL_OPTIONS_HELP);
+               CLI_MODEL_HELP);
         return 0;
     }
     if (rc)
@@ -382,7 +200,7 @@ static int cmd_step(int argc, char **argv)
     if (!(c.lr > 0))
         return die("--lr is required");
     tern_model *model = NULL;
-    if ((rc = load_model(&c, &model)))
+    if ((rc = load_weights(&c, &model)))
         return rc;
     const tern_model_options *o = tern_model_options_of(model);
     float *input = NULL, *logits = NULL, *dlogits = NULL;
@@ -433,13 +251,6 @@ done:
     return rc;
 }
 
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* A fixed batch of synthetic pictures: class k is a bright square at one of a grid of places
  * over noise, so that there is something to learn. */
 static void synthetic_batch(float *x, int32_t *labels, int n, int size, int channels, int classes,
@@ -469,7 +280,7 @@ static int cmd_demo(int argc, char **argv)
 {
     cli c = {.steps = 15, .batch = 16, .size = 64, .lr = 0.1f, .momentum = 0.9f,
              .num_classes = 4};
-    int rc = parse_cli(argc, argv, &c);
+    int rc = cli_parse(argc, argv, CMD_DEMO, false, &c);
     if (rc == 2) {
         printf("usage: tern demo [--arch A] [--steps N] [--batch B] [--size S] [--threads T]\n\n"
                "Trains a freshly initialised MobileNetV3 on one fixed batch of synthetic\n"
@@ -491,7 +302,7 @@ static int cmd_demo(int argc, char **argv)
     cli mc = c;
     if (!mc.arch)
         mc.arch = "mobilenet_v3_small";
-    if ((rc = model_options(&mc, NULL, &o)))
+    if ((rc = cli_model_options(&mc, NULL, NULL, &o)))
         return rc;
     o.dropout = 0.0f;
     tern_error err = {{0}};
@@ -521,16 +332,16 @@ static int cmd_demo(int argc, char **argv)
     printf("%s, width %.2f, %zu parameters; batch %d of %dx%dx%d, %d classes, %d thread%s\n",
            tern_arch_name(o.arch), o.width_mult, tern_model_param_count(model), c.batch, c.size,
            c.size, o.in_channels, o.num_classes, o.threads, o.threads == 1 ? "" : "s");
-    double start = now_seconds();
+    double start = cli_now();
     for (int step = 1; step <= c.steps; step++) {
         float loss;
-        double t0 = now_seconds();
+        double t0 = cli_now();
         tern_model_forward(model, logits, x, c.batch, true);
         tern_cross_entropy_loss(&loss, dlogits, logits, labels, c.batch, o.num_classes, 0.0f);
         tern_model_zero_grad(model);
         tern_model_backward(model, dlogits);
         tern_sgd_step(sgd);
-        double dt = now_seconds() - t0;
+        double dt = cli_now() - t0;
         int correct = 0;
         for (int i = 0; i < c.batch; i++) {
             int best = 0;
@@ -547,7 +358,7 @@ static int cmd_demo(int argc, char **argv)
             goto done;
         }
     }
-    printf("%d steps in %.2f s\n", c.steps, now_seconds() - start);
+    printf("%d steps in %.2f s\n", c.steps, cli_now() - start);
 done:
     tern_sgd_destroy(&sgd);
     tern_model_destroy(&model);
@@ -620,7 +431,7 @@ int main(int argc, char **argv)
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];
             snprintf(name, sizeof name, "tern %s", cmd);
-            prog = name;
+            cli_prog = name;
             return COMMANDS[i].run(argc - 1, argv + 1);
         }
     }

@@ -1,0 +1,243 @@
+/* Option table and parsing for the `tern` tool. */
+#include "cli.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+const char *cli_prog = "tern";
+
+int die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", cli_prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return 1;
+}
+
+double cli_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef enum { T_STR, T_INT, T_LONG, T_FLOAT, T_DOUBLE, T_FLAG } opt_type;
+
+typedef struct opt_spec {
+    const char *name;
+    opt_type type;
+    size_t offset;
+    double lo, hi;
+    unsigned cmds;
+} opt_spec;
+
+#define MODEL (CMD_FORWARD | CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS)
+#define TRAINING (CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_ADD_CLASS)
+#define LOOPS (CMD_TRAIN | CMD_ADD_CLASS)
+#define O(field) offsetof(cli, field)
+
+static const opt_spec OPTIONS[] = {
+    {"arch", T_STR, O(arch), 0, 0, MODEL},
+    {"norm", T_STR, O(norm), 0, 0, MODEL},
+    {"isa", T_STR, O(isa), 0, 0, MODEL},
+    {"width-mult", T_DOUBLE, O(width_mult), 1e-3, 16, MODEL},
+    {"in-channels", T_INT, O(in_channels), 1, 4096, MODEL},
+    {"num-classes", T_INT, O(num_classes), 1, 1000000, MODEL},
+    {"threads", T_INT, O(threads), 1, 256, MODEL},
+    {"dropout", T_FLOAT, O(dropout), 0, 0.999, TRAINING},
+    {"seed", T_LONG, O(seed), 0, (double)LLONG_MAX, TRAINING | CMD_EVAL},
+    {"weights", T_STR, O(weights), 0, 0, CMD_FORWARD | CMD_STEP},
+    {"input", T_STR, O(input), 0, 0, CMD_FORWARD | CMD_STEP},
+    {"labels", T_STR, O(labels), 0, 0, CMD_STEP},
+    {"output", T_STR, O(output), 0, 0, CMD_FORWARD | CMD_STEP},
+    {"out", T_STR, O(output), 0, 0, LOOPS},
+    {"data", T_STR, O(data), 0, 0, LOOPS | CMD_EVAL},
+    {"val", T_STR, O(val), 0, 0, LOOPS},
+    {"val-split", T_FLOAT, O(val_split), 0, 0.9, LOOPS},
+    {"model", T_STR, O(model), 0, 0, CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS},
+    {"init", T_STR, O(init), 0, 0, CMD_TRAIN},
+    {"reset-head", T_FLAG, O(reset_head), 0, 0, CMD_TRAIN},
+    {"checkpoint", T_STR, O(checkpoint), 0, 0, CMD_TRAIN},
+    {"resume", T_STR, O(resume), 0, 0, CMD_TRAIN},
+    {"cache", T_STR, O(cache), 0, 0, LOOPS | CMD_EVAL},
+    {"metrics-json", T_STR, O(metrics_json), 0, 0, LOOPS | CMD_EVAL},
+    {"class", T_STR, O(new_class), 0, 0, CMD_ADD_CLASS},
+    {"optimizer", T_STR, O(optimizer), 0, 0, LOOPS},
+    {"schedule", T_STR, O(schedule), 0, 0, LOOPS},
+    {"lr", T_FLOAT, O(lr), 1e-12, 1e6, TRAINING},
+    {"momentum", T_FLOAT, O(momentum), 0, 1, TRAINING},
+    {"nesterov", T_FLAG, O(nesterov), 0, 0, TRAINING},
+    {"weight-decay", T_FLOAT, O(weight_decay), 0, 1e3, TRAINING},
+    {"label-smoothing", T_FLOAT, O(smoothing), 0, 1, TRAINING},
+    {"clip-grad-norm", T_FLOAT, O(clip), 0, 1e9, LOOPS},
+    {"warmup-epochs", T_FLOAT, O(warmup_epochs), 0, 1e6, LOOPS},
+    {"distill", T_FLOAT, O(distill), 0, 1, CMD_ADD_CLASS},
+    {"epochs", T_INT, O(epochs), 1, 100000, LOOPS},
+    {"batch", T_INT, O(batch), 1, 65536, TRAINING | CMD_EVAL},
+    {"size", T_INT, O(size), 32, 4096, CMD_DEMO | LOOPS | CMD_EVAL | CMD_PREDICT},
+    {"steps", T_INT, O(steps), 1, 1000000, CMD_DEMO},
+    {"top", T_INT, O(top), 1, 1000, CMD_PREDICT | CMD_EVAL},
+    {"limit", T_LONG, O(limit), 1, 1e12, LOOPS | CMD_EVAL},
+    {"val-limit", T_LONG, O(val_limit), 1, 1e12, LOOPS},
+    {"no-augment", T_FLAG, O(no_augment), 0, 0, LOOPS},
+    {"strict", T_FLAG, O(strict), 0, 0, LOOPS | CMD_EVAL | CMD_PREDICT},
+    {"progress", T_FLAG, O(progress), 0, 0, LOOPS | CMD_EVAL},
+    {"no-progress", T_FLAG, O(no_progress), 0, 0, LOOPS | CMD_EVAL},
+};
+#define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
+
+static bool parse_number(const char *s, double lo, double hi, bool integer, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = integer ? (double)strtoll(s, &end, 10) : strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi))
+        return false;
+    *out = v;
+    return true;
+}
+
+int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
+{
+    struct option longopts[NOPTIONS + 2];
+    for (size_t i = 0; i < NOPTIONS; i++)
+        longopts[i] = (struct option){OPTIONS[i].name,
+                                      OPTIONS[i].type == T_FLAG ? no_argument : required_argument,
+                                      NULL, (int)(256 + i)};
+    longopts[NOPTIONS] = (struct option){"help", no_argument, NULL, 'h'};
+    longopts[NOPTIONS + 1] = (struct option){NULL, 0, NULL, 0};
+    optind = 1;
+    opterr = 0;
+    int opt;
+    while ((opt = getopt_long(argc, argv, "+h", longopts, NULL)) != -1) {
+        if (opt == 'h')
+            return 2;
+        if (opt < 256)
+            return die("unknown option '%s' (see --help)", argv[optind - 1]);
+        const opt_spec *o = &OPTIONS[opt - 256];
+        if (!(o->cmds & cmd))
+            return die("option --%s does not apply here (see --help)", o->name);
+        char *field = (char *)c + o->offset;
+        double v = 0;
+        bool ok = true;
+        switch (o->type) {
+        case T_STR: *(const char **)field = optarg; break;
+        case T_FLAG: *(bool *)field = true; break;
+        case T_INT:
+            if ((ok = parse_number(optarg, o->lo, o->hi, true, &v)))
+                *(int *)field = (int)v;
+            break;
+        case T_LONG:
+            if ((ok = parse_number(optarg, o->lo, o->hi, true, &v)))
+                *(long long *)field = (long long)v;
+            break;
+        case T_FLOAT:
+            if ((ok = parse_number(optarg, o->lo, o->hi, false, &v)))
+                *(float *)field = (float)v;
+            break;
+        case T_DOUBLE:
+            if ((ok = parse_number(optarg, o->lo, o->hi, false, &v)))
+                *(double *)field = v;
+            break;
+        }
+        if (!ok)
+            return die("bad value '%s' for --%s (expected a number in [%g, %g])", optarg,
+                       o->name, o->lo, o->hi);
+    }
+    if (optind < argc && !allow_args)
+        return die("unexpected argument '%s' (see --help)", argv[optind]);
+    c->args = argv + optind;
+    c->nargs = argc - optind;
+    return 0;
+}
+
+const char CLI_MODEL_HELP[] =
+    "Model options (taken from the model file's metadata when it has them):\n"
+    "  --arch mobilenet_v3_small|mobilenet_v3_large\n"
+    "  --width-mult F        channel multiplier (default 1.0)\n"
+    "  --in-channels C       input channels (default 3)\n"
+    "  --num-classes K       classifier outputs (default 1000)\n"
+    "  --norm batch|group    normalization layers (default batch)\n"
+    "  --threads N           compute threads (default 1)\n"
+    "  --isa auto|scalar|avx2|avx512  kernel instruction set (default auto)\n";
+
+int cli_model_options(const cli *c, const char *path, const tern_safetensors *st,
+                      tern_model_options *o)
+{
+    *o = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
+    tern_error err = {{0}};
+    bool have_arch = false;
+    if (st) {
+        tern_status s = tern_model_options_from_metadata(st, o, &err);
+        if (s == TERN_OK)
+            have_arch = true;
+        else if (s != TERN_ERR_NOT_FOUND)
+            return die("%s: %s", path, err.message);
+    }
+    if (c->arch) {
+        if (tern_arch_parse(c->arch, &o->arch) != TERN_OK)
+            return die("unknown --arch '%s' (mobilenet_v3_small or mobilenet_v3_large)", c->arch);
+        have_arch = true;
+    }
+    if (!have_arch)
+        return die("--arch is required (%s has no metadata naming it)", path ? path : "no model file");
+    if (c->width_mult > 0)
+        o->width_mult = c->width_mult;
+    if (c->in_channels > 0)
+        o->in_channels = c->in_channels;
+    if (c->num_classes > 0)
+        o->num_classes = c->num_classes;
+    if (c->norm) {
+        if (strcmp(c->norm, "batch") == 0)
+            o->norm = TERN_NORM_BATCH;
+        else if (strcmp(c->norm, "group") == 0)
+            o->norm = TERN_NORM_GROUP;
+        else
+            return die("unknown --norm '%s' (batch or group)", c->norm);
+    }
+    if (c->isa) {
+        const char *names[] = {"auto", "scalar", "avx2", "avx512"};
+        int k = 0;
+        while (k < 4 && strcmp(c->isa, names[k]) != 0)
+            k++;
+        if (k == 4)
+            return die("unknown --isa '%s' (auto, scalar, avx2 or avx512)", c->isa);
+        o->isa = (tern_isa)k;
+    }
+    o->threads = c->threads > 0 ? c->threads : 1;
+    o->dropout = c->dropout;
+    o->seed = (uint64_t)c->seed;
+    return 0;
+}
+
+int cli_load_model(const cli *c, const char *path, tern_model **model, tern_model_info *info)
+{
+    tern_error err = {{0}};
+    tern_safetensors *st = NULL;
+    if (tern_safetensors_open(path, NULL, &st, &err) != TERN_OK)
+        return die("%s", err.message);
+    tern_model_options o;
+    int rc = cli_model_options(c, path, st, &o);
+    if (rc == 0 && tern_model_create(&o, model, &err) != TERN_OK)
+        rc = die("%s", err.message);
+    if (rc == 0 && tern_model_load_state(*model, st, "", &err) != TERN_OK) {
+        rc = die("%s: %s", path, err.message);
+        tern_model_destroy(model);
+    }
+    if (rc == 0 && info && tern_model_info_read(st, info, &err) != TERN_OK) {
+        rc = die("%s: %s", path, err.message);
+        tern_model_destroy(model);
+    }
+    tern_safetensors_close(&st);
+    return rc;
+}

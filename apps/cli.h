@@ -1,0 +1,68 @@
+/* Shared command-line plumbing of the `tern` tool: one table of options (each naming the
+ * commands that take it), parsing with range checks, error printing, and building a model from
+ * options and a weights file. */
+#ifndef TERN_APPS_CLI_H
+#define TERN_APPS_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "tern.h"
+
+enum {
+    CMD_FORWARD = 1 << 0,
+    CMD_STEP = 1 << 1,
+    CMD_DEMO = 1 << 2,
+    CMD_TRAIN = 1 << 3,
+    CMD_EVAL = 1 << 4,
+    CMD_PREDICT = 1 << 5,
+    CMD_ADD_CLASS = 1 << 6,
+};
+
+typedef struct cli {
+    /* model */
+    const char *arch, *norm, *isa;
+    double width_mult;
+    int in_channels, num_classes, threads;
+    float dropout;
+    long long seed;
+    /* files */
+    const char *weights, *input, *labels, *output, *data, *val, *model, *init, *checkpoint,
+        *resume, *cache, *metrics_json, *new_class;
+    /* training */
+    const char *optimizer, *schedule;
+    float lr, momentum, weight_decay, smoothing, clip, warmup_epochs, val_split, distill;
+    bool nesterov, reset_head, strict, no_augment, progress, no_progress;
+    int epochs, batch, size, steps, top;
+    long long limit, val_limit;
+    /* positional arguments (predict) */
+    char **args;
+    int nargs;
+} cli;
+
+/* Name used in messages ("tern train"). */
+extern const char *cli_prog;
+
+/* Prints "PROG: message" to stderr; returns 1 (for `return die(...)`). */
+int die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Parses argv (argv[0] is the command name) for command `cmd` into c, which holds the
+ * defaults. Returns 0 to go on, 1 after printing an error, 2 for --help. Positional arguments
+ * are collected when allow_args, refused otherwise. */
+int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c);
+
+/* Help text for the model options. */
+extern const char CLI_MODEL_HELP[];
+
+/* Model options from a weights file's metadata (st may be NULL), overridden by the command
+ * line. Returns 0 or prints an error and returns 1. */
+int cli_model_options(const cli *c, const char *path, const tern_safetensors *st,
+                      tern_model_options *o);
+
+/* Opens path, builds the model it describes (with command-line overrides) and loads it;
+ * also returns its info when info is not NULL. Prints errors. */
+int cli_load_model(const cli *c, const char *path, tern_model **model, tern_model_info *info);
+
+double cli_now(void);
+
+#endif
