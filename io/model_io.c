@@ -40,17 +40,27 @@ static tern_status check_tensor(const tern_model_tensor *t, const tern_tensor_vi
     return TERN_OK;
 }
 
-tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
-                                  const char *prefix, tern_error *err)
+static bool kept(const char *name, const char *const *keep, int nkeep)
+{
+    for (int i = 0; i < nkeep; i++)
+        if (strncmp(name, keep[i], strlen(keep[i])) == 0)
+            return true;
+    return false;
+}
+
+/* Validate everything first, then copy, so that a bad file changes nothing. */
+static tern_status load_state(tern_model *model, const tern_safetensors *st, const char *prefix,
+                              const char *const *keep, int nkeep, tern_error *err)
 {
     if (!model || !st || !prefix)
         return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
     size_t plen = strlen(prefix), n = tern_model_tensor_count(model);
     char name[256];
-    /* Validate everything first so that a bad file changes nothing. */
-    for (size_t pass = 0; pass < 2; pass++) {
+    for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i < n; i++) {
             const tern_model_tensor *t = tern_model_tensor_at(model, i);
+            if (kept(t->name, keep, nkeep))
+                continue;
             tern_tensor_view v;
             snprintf(name, sizeof name, "%s%s", prefix, t->name);
             if (tern_safetensors_find(st, name, &v) != TERN_OK)
@@ -66,21 +76,31 @@ tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
                 memcpy(t->data, v.data, v.nbytes);
             }
         }
-        if (pass == 1)
-            tern_model_invalidate(model);
-        if (pass == 0) {
-            for (size_t i = 0; i < tern_safetensors_count(st); i++) {
-                tern_tensor_view v;
-                tern_safetensors_get(st, i, &v);
-                if (strncmp(v.name, prefix, plen) == 0 &&
-                    !tern_model_find_tensor(model, v.name + plen))
-                    return tern_set_error(err, TERN_ERR_FORMAT,
-                                          "unexpected tensor '%s' in file (not part of %s)",
-                                          v.name, tern_arch_name(tern_model_options_of(model)->arch));
-            }
+        for (size_t i = 0; pass == 0 && i < tern_safetensors_count(st); i++) {
+            tern_tensor_view v;
+            tern_safetensors_get(st, i, &v);
+            if (strncmp(v.name, prefix, plen) == 0 && !kept(v.name + plen, keep, nkeep) &&
+                !tern_model_find_tensor(model, v.name + plen))
+                return tern_set_error(err, TERN_ERR_FORMAT,
+                                      "unexpected tensor '%s' in file (not part of %s)", v.name,
+                                      tern_arch_name(tern_model_options_of(model)->arch));
         }
     }
+    tern_model_invalidate(model);
     return TERN_OK;
+}
+
+tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
+                                  const char *prefix, tern_error *err)
+{
+    return load_state(model, st, prefix, NULL, 0, err);
+}
+
+tern_status tern_model_load_state_except(tern_model *model, const tern_safetensors *st,
+                                         const char *const *keep_prefixes, int nkeep,
+                                         tern_error *err)
+{
+    return load_state(model, st, "", keep_prefixes, nkeep, err);
 }
 
 tern_status tern_model_load_file(tern_model *model, const char *path, tern_error *err)

@@ -1359,6 +1359,53 @@ static void model_info_round_trip(void **state)
     tern_model_destroy(&m);
 }
 
+/* ---- 14. starting from other weights with a new classifier ------------------------------------ */
+
+static void load_with_new_head(void **state)
+{
+    const char *dir = *state;
+    char path[256];
+    snprintf(path, sizeof path, "%s/base.safetensors", dir);
+    tern_model_options o = small_options(5);
+    o.num_classes = 7;
+    tern_model *base = create(&o);
+    tern_error err = {{0}};
+    assert_int_equal(tern_model_save_file(base, NULL, path, &err), TERN_OK);
+
+    o.num_classes = 9;
+    o.seed = 6;
+    tern_model *m = create(&o);
+    tern_safetensors *st = NULL;
+    assert_int_equal(tern_safetensors_open(path, NULL, &st, &err), TERN_OK);
+    /* Strict loading refuses the 7-class head... */
+    assert_int_equal(tern_model_load_state(m, st, "", &err), TERN_ERR_SHAPE);
+    const tern_model_tensor *head = tern_model_find_tensor(m, "classifier.3.weight");
+    float *head_before = malloc(head->count * sizeof(float));
+    memcpy(head_before, head->data, head->count * sizeof(float));
+    /* ...loading everything but the head keeps the new head and takes the rest. */
+    const char *keep[] = {"classifier.3."};
+    assert_int_equal(tern_model_load_state_except(m, st, keep, 1, &err), TERN_OK);
+    assert_memory_equal(head->data, head_before, head->count * sizeof(float));
+    for (size_t i = 0; i < tern_model_tensor_count(m); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(m, i);
+        if (strncmp(t->name, "classifier.3.", 13) == 0)
+            continue;
+        const tern_model_tensor *b = tern_model_find_tensor(base, t->name);
+        if (t->kind == TERN_TENSOR_COUNTER)
+            assert_int_equal(*t->counter, *b->counter);
+        else
+            assert_memory_equal(t->data, b->data, t->count * sizeof(float));
+    }
+    /* A mismatch elsewhere is still an error. */
+    const char *keep_other[] = {"features.0.0."};
+    assert_int_equal(tern_model_load_state_except(m, st, keep_other, 1, &err), TERN_ERR_SHAPE);
+    assert_non_null(strstr(err.message, "classifier.3"));
+    free(head_before);
+    tern_safetensors_close(&st);
+    tern_model_destroy(&m);
+    tern_model_destroy(&base);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1378,6 +1425,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(save_and_load, tmpdir_setup, tmpdir_teardown),
         cmocka_unit_test(two_models_interleaved),
         cmocka_unit_test_setup_teardown(model_info_round_trip, tmpdir_setup, tmpdir_teardown),
+        cmocka_unit_test_setup_teardown(load_with_new_head, tmpdir_setup, tmpdir_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

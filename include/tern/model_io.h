@@ -21,6 +21,13 @@ extern "C" {
  * TERN_ERR_SHAPE (dtype or shape), TERN_ERR_FORMAT (unexpected extra tensor). */
 tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
                                   const char *prefix, tern_error *err);
+/* Like tern_model_load_state with prefix "", except that tensors whose names start with
+ * `keep_prefix` (e.g. "classifier.3." for a new classifier head, or "features.0.0." for a
+ * different input channel count) keep their current values and may be missing from, or
+ * differently shaped in, the file. Everything else is strict. */
+tern_status tern_model_load_state_except(tern_model *model, const tern_safetensors *st,
+                                         const char *const *keep_prefixes, int nkeep,
+                                         tern_error *err);
 /* Open path and load it with prefix "". */
 tern_status tern_model_load_file(tern_model *model, const char *path, tern_error *err);
 /* Add every state_dict entry to a writer, named prefix + name (data borrowed from the model:
