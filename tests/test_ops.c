@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -231,6 +232,113 @@ static void test_bn_backward_fd(void **state)
         free(x), free(gamma), free(beta), free(rm), free(rv), free(y), free(smean), free(sinv);
         free((float *)k.r), free(g), free(p), free(dgamma);
     }
+}
+
+/* ---- fused batch normalization + activation, every ISA ----------------------------------- */
+
+/* Pools for every kernel level this CPU runs, at 1 and 2 threads; returns how many. Index 0 is
+ * the scalar pool with one thread. */
+#define MAX_POOLS 6
+static int make_pools(tern_pool **pools, tern_isa *isas, int *threads)
+{
+    int np = 0;
+    tern_isa all[] = {TERN_ISA_SCALAR, TERN_ISA_AVX2, TERN_ISA_AVX512};
+    for (int i = 0; i < 3; i++) {
+        if (tern_isa_resolve(all[i]) != all[i])
+            continue;
+        for (int t = 1; t <= 2; t++) {
+            assert_int_equal(tern_pool_create(t, all[i], NULL, &pools[np]), 0);
+            assert_int_equal(tern_pool_isa(pools[np]), all[i]);
+            isas[np] = all[i];
+            threads[np++] = t;
+        }
+    }
+    return np;
+}
+
+static void destroy_pools(tern_pool **pools, int np)
+{
+    for (int i = 0; i < np; i++)
+        tern_pool_destroy(&pools[i]);
+}
+
+/* Channel counts off the 16-lane grid, one- and two-row batches, and sizes above the
+ * threshold where the pool wakes up. */
+static const size_t bn_sizes[][2] = {{1, 1}, {2, 3}, {1, 17}, {2, 72}, {37, 88}, {9, 120},
+                                     {300, 120}, {700, 72}, {4096, 16}, {2000, 17},
+                                     {1500, 3}, {64, 576}};
+
+/* Everything the fused forward and backward produce, in one buffer: a (m, c), save_mean,
+ * save_invstd, run_mean, run_var (c each), dy (m, c), dgamma, dbeta (c each). */
+static void bn_act_all(float *out, const float *y, const float *da, const float *gamma,
+                       const float *beta, const float *rm0, const float *rv0, const float *pre,
+                       size_t m, size_t c, tern_act act, bool fused, tern_pool *pool)
+{
+    size_t mc = m * c;
+    float *a = out, *mean = a + mc, *inv = mean + c, *rm = inv + c, *rv = rm + c;
+    float *dy = rv + c, *dg = dy + mc, *db = dg + c;
+    memcpy(rm, rm0, c * sizeof *rm);
+    memcpy(rv, rv0, c * sizeof *rv);
+    memcpy(dy, pre, (mc + 2 * c) * sizeof *dy); /* gradients accumulate into pre */
+    if (fused) {
+        tern_batchnorm_act_forward_train(a, mean, inv, rm, rv, y, gamma, beta, m, (int)c, 1e-3f,
+                                         0.1f, act, pool);
+        tern_batchnorm_act_backward(dy, dg, db, da, y, mean, inv, gamma, beta, m, (int)c, act,
+                                    pool);
+    } else {
+        float *z = falloc(mc), *dz = falloc(mc);
+        tern_batchnorm_forward_train(z, mean, inv, rm, rv, y, gamma, beta, m, (int)c, 1e-3f,
+                                     0.1f, pool);
+        tern_act_forward(a, z, mc, act, pool);
+        tern_act_backward(dz, da, z, mc, act, pool);
+        tern_batchnorm_backward(dy, dg, db, dz, y, mean, inv, gamma, m, (int)c, pool);
+        free(z), free(dz);
+    }
+}
+
+static void test_bn_act_fused(void **state)
+{
+    (void)state;
+    test_rng r = {13};
+    tern_pool *pools[MAX_POOLS];
+    tern_isa isas[MAX_POOLS];
+    int threads[MAX_POOLS], np = make_pools(pools, isas, threads);
+    for (size_t t = 0; t < sizeof bn_sizes / sizeof *bn_sizes; t++) {
+        size_t m = bn_sizes[t][0], c = bn_sizes[t][1], mc = m * c, nout = 2 * mc + 6 * c;
+        float *y = frandom(&r, mc, -3, 5), *da = frandom(&r, mc, -1, 1);
+        float *gamma = frandom(&r, c, 0.5f, 3), *beta = frandom(&r, c, -1, 1);
+        float *rm0 = frandom(&r, c, -1, 1), *rv0 = frandom(&r, c, 0.5f, 2);
+        float *pre = frandom(&r, mc + 2 * c, -1, 1);
+        float *want = falloc(nout), *got = falloc(nout), *again = falloc(nout);
+        for (int act = 0; act < 4; act++)
+            for (int p = 0; p < np; p++) {
+                bn_act_all(want, y, da, gamma, beta, rm0, rv0, pre, m, c, (tern_act)act, false,
+                           pools[p]);
+                bn_act_all(got, y, da, gamma, beta, rm0, rv0, pre, m, c, (tern_act)act, true,
+                           pools[p]);
+                char what[96];
+                snprintf(what, sizeof what, "bn+act m=%zu c=%zu act=%d isa=%d threads=%d", m, c,
+                         act, (int)isas[p], threads[p]);
+                assert_true(test_close(what, got, want, nout, 1e-6f, 1e-3f));
+                /* running statistics exactly as the unfused kernel leaves them */
+                assert_memory_equal(got + mc + 2 * c, want + mc + 2 * c, 2 * c * sizeof *got);
+                /* bitwise reproducible for this pool */
+                bn_act_all(again, y, da, gamma, beta, rm0, rv0, pre, m, c, (tern_act)act, true,
+                           pools[p]);
+                assert_memory_equal(got, again, nout * sizeof *got);
+                /* bitwise equal to the scalar path at the same thread count */
+                bn_act_all(again, y, da, gamma, beta, rm0, rv0, pre, m, c, (tern_act)act, true,
+                           pools[p % 2]);
+                assert_memory_equal(got, again, nout * sizeof *got);
+                /* and close to the single-threaded scalar path */
+                bn_act_all(again, y, da, gamma, beta, rm0, rv0, pre, m, c, (tern_act)act, true,
+                           pools[0]);
+                assert_true(test_close(what, got, again, nout, 1e-6f, 1e-3f));
+            }
+        free(y), free(da), free(gamma), free(beta), free(rm0), free(rv0), free(pre);
+        free(want), free(got), free(again);
+    }
+    destroy_pools(pools, np);
 }
 
 /* ---- group normalization ------------------------------------------------------------------ */
@@ -678,7 +786,7 @@ static void run_all(float *out, size_t nout, const float *x, const float *dy, co
                                  pool);
     tern_batchnorm_backward(dx, dg, db, dy, x, mean, inv, gamma, m, c, pool);
 
-    int groups = 4;
+    int groups = c % 4 == 0 ? 4 : 1;
     float *gy = (o += c), *gmean = (o += nx), *ginv = (o += (size_t)n * groups);
     float *gdx = (o += (size_t)n * groups), *gdg = (o += nx), *gdb = (o += c);
     tern_groupnorm_forward(gy, gmean, ginv, x, gamma, beta, n, hw, c, groups, 1e-5f, pool);
@@ -720,12 +828,104 @@ static void test_threads_deterministic(void **state)
     free(x), free(dy), free(s), free(gamma), free(beta), free(a), free(b), free(ref);
 }
 
+/* Every kernel at every ISA and thread count: bitwise equal to the scalar kernels with the same
+ * number of threads, reproducible run to run, close to one scalar thread. */
+static void test_isa_bitwise(void **state)
+{
+    (void)state;
+    test_rng r = {14};
+    tern_pool *pools[MAX_POOLS];
+    tern_isa isas[MAX_POOLS];
+    int threads[MAX_POOLS], np = make_pools(pools, isas, threads);
+    const int cs[] = {1, 3, 17, 72, 88, 120, 16};
+    const size_t hws[] = {1, 5, 600};
+    for (size_t ci = 0; ci < sizeof cs / sizeof *cs; ci++)
+        for (size_t hi = 0; hi < sizeof hws / sizeof *hws; hi++) {
+            int n = 2, c = cs[ci];
+            size_t hw = hws[hi], nx = (size_t)n * hw * c;
+            float *x = frandom(&r, nx, -4, 4), *dy = frandom(&r, nx, -1, 1);
+            float *s = frandom(&r, (size_t)n * c, 0, 1), *gamma = frandom(&r, c, 0.5f, 1.5f);
+            float *beta = frandom(&r, c, -1, 1);
+            size_t nout = 12 * nx + 20 * (size_t)c + 16 * (size_t)n * c;
+            float *ref = falloc(nout), *same = falloc(nout), *a = falloc(nout), *b = falloc(nout);
+            run_all(ref, nout, x, dy, s, gamma, beta, n, hw, c, pools[0]);
+            for (int p = 0; p < np; p++) {
+                run_all(same, nout, x, dy, s, gamma, beta, n, hw, c, pools[p % 2]);
+                run_all(a, nout, x, dy, s, gamma, beta, n, hw, c, pools[p]);
+                run_all(b, nout, x, dy, s, gamma, beta, n, hw, c, pools[p]);
+                if (memcmp(a, same, nout * sizeof *a))
+                    print_error("c=%d hw=%zu isa=%d threads=%d differs from scalar\n", c, hw,
+                                (int)isas[p], threads[p]);
+                assert_memory_equal(a, same, nout * sizeof *a);
+                assert_memory_equal(a, b, nout * sizeof *a);
+                assert_true(test_close("isa vs scalar", a, ref, nout, 1e-6f, 1e-3f));
+            }
+            free(x), free(dy), free(s), free(gamma), free(beta), free(ref), free(same);
+            free(a), free(b);
+        }
+    destroy_pools(pools, np);
+}
+
+/* Activations on the values where a vector version could go wrong: kinks, signed zeros,
+ * subnormals, infinities, NaN, values whose x * t / 6 rounds differently from x * t * (1/6). */
+static void test_act_special_values(void **state)
+{
+    (void)state;
+    test_rng r = {15};
+    tern_pool *pools[MAX_POOLS];
+    tern_isa isas[MAX_POOLS];
+    int threads[MAX_POOLS], np = make_pools(pools, isas, threads);
+    const float special[] = {-3, 3, 0, -0.0f, -3.0000002f, -2.9999998f, 2.9999998f, 3.0000002f,
+                             1e-40f, -1e-40f, 1e-30f, -1e-30f, 1e30f, -1e30f, INFINITY,
+                             -INFINITY, NAN, -NAN, 1.17549435e-38f, 0.1f, -0.1f, 5.9999995f};
+    size_t ns = sizeof special / sizeof *special, n = 40000 + 13;
+    float *x = falloc(n), *dy = frandom(&r, n, -2, 2);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)test_rng_next(&r);
+        float v;
+        memcpy(&v, &bits, sizeof v);
+        x[i] = i % 3 == 0 ? special[i % ns] : i % 3 == 1 ? test_rng_uniform(&r, -7, 7) : v;
+    }
+    float *want = falloc(n), *got = falloc(n), *dwant = falloc(n), *dgot = falloc(n);
+    for (int act = 0; act < 4; act++)
+        for (int p = 0; p < np; p++) {
+            tern_act_forward(want, x, n, (tern_act)act, pools[0]);
+            tern_act_forward(got, x, n, (tern_act)act, pools[p]);
+            memset(dwant, 0, n * sizeof *dwant);
+            memset(dgot, 0, n * sizeof *dgot);
+            tern_act_backward(dwant, dy, x, n, (tern_act)act, pools[0]);
+            tern_act_backward(dgot, dy, x, n, (tern_act)act, pools[p]);
+            for (size_t i = 0; i < n; i++)
+                if (memcmp(&want[i], &got[i], sizeof *got) ||
+                    memcmp(&dwant[i], &dgot[i], sizeof *got)) {
+                    print_error("act %d isa %d x=%a: y %a vs %a, dx %a vs %a\n", act,
+                                (int)isas[p], x[i], got[i], want[i], dgot[i], dwant[i]);
+                    fail();
+                }
+            /* the scalar definitions PyTorch uses, for finite x */
+            for (size_t i = 0; i < n; i++) {
+                float v = x[i], t = fminf(fmaxf(v + 3, 0), 6), e;
+                if (act == TERN_ACT_HARDSWISH)
+                    e = v * t / 6;
+                else if (act == TERN_ACT_HARDSIGMOID)
+                    e = t / 6;
+                else
+                    continue;
+                if (!isnan(e))
+                    assert_memory_equal(&e, &got[i], sizeof e);
+            }
+        }
+    free(x), free(dy), free(want), free(got), free(dwant), free(dgot);
+    destroy_pools(pools, np);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bn_train_forward_and_running_stats),
         cmocka_unit_test(test_bn_eval),
         cmocka_unit_test(test_bn_backward_fd),
+        cmocka_unit_test(test_bn_act_fused),
         cmocka_unit_test(test_groupnorm_forward_and_fd),
         cmocka_unit_test(test_act_forward_and_fd),
         cmocka_unit_test(test_act_kinks),
@@ -737,6 +937,8 @@ int main(void)
         cmocka_unit_test(test_cross_entropy_fd),
         cmocka_unit_test(test_backward_accumulates),
         cmocka_unit_test(test_threads_deterministic),
+        cmocka_unit_test(test_isa_bitwise),
+        cmocka_unit_test(test_act_special_values),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
