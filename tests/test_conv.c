@@ -1,7 +1,8 @@
 /* Tests for nn/conv.c: hand-computed values for the reference conv, finite differences for
  * the reference conv and linear backward, the dispatching conv (GEMM, depthwise, im2col and
- * reference paths) against the reference on random shapes, accumulation into non-zero
- * gradients, and bitwise reproducibility with a thread pool. */
+ * reference paths, with a fused activation) against the reference on random shapes at every
+ * ISA level the CPU runs, accumulation into non-zero gradients, and bitwise reproducibility
+ * with a thread pool. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -9,7 +10,6 @@
 
 #include <cmocka.h>
 
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,6 +61,7 @@ typedef struct {
     float *w;  /* (Cout, Cin/groups, k, k) */
     float *b;  /* (Cout) or NULL */
     float *dy; /* (N, OH, OW, Cout) */
+    tern_act act; /* fused into the forward */
 } conv_case;
 
 static conv_case case_new(const tern_conv_params *p, test_rng *rng, int with_bias)
@@ -80,6 +81,7 @@ static conv_case case_new(const tern_conv_params *p, test_rng *rng, int with_bia
         c.b = alloc_floats(c.nb);
         test_fill_uniform(rng, c.b, c.nb, -1, 1);
     }
+    c.act = (tern_act)test_rng_int(rng, 0, 3);
     return c;
 }
 
@@ -109,6 +111,7 @@ static conv_result run_ref(const conv_case *c)
     conv_result r = {alloc_floats(c->ny), alloc_floats(c->nx), alloc_floats(c->nw),
                      alloc_floats(c->nb)};
     tern_conv2d_forward_ref(r.y, c->x, c->w, c->b, &c->p);
+    tern_act_forward(r.y, r.y, c->ny, c->act, NULL);
     tern_conv2d_backward_ref(r.dx, r.dw, r.db, c->dy, c->x, c->w, &c->p);
     return r;
 }
@@ -128,7 +131,7 @@ static conv_result run_fast(const conv_case *c, tern_pool *pool)
     conv_result r = {alloc_floats(c->ny), alloc_floats(c->nx), alloc_floats(c->nw),
                      alloc_floats(c->nb)};
     float *ws = workspace_for(&c->p, pool);
-    tern_conv2d_forward(r.y, ws, c->x, c->w, c->b, TERN_ACT_NONE, &c->p, pool);
+    tern_conv2d_forward(r.y, ws, c->x, c->w, c->b, c->act, &c->p, pool);
     tern_conv2d_backward(r.dx, r.dw, r.db, ws, c->dy, c->x, c->w, &c->p, pool);
     free(ws);
     return r;
@@ -204,13 +207,31 @@ static tern_conv_params random_grouped(test_rng *r)
 
 typedef tern_conv_params (*shape_gen)(test_rng *r);
 
+static const tern_isa isas[] = {TERN_ISA_SCALAR, TERN_ISA_AVX2, TERN_ISA_AVX512};
+#define NISAS (sizeof isas / sizeof isas[0])
+
+/* No pool (reference GEMMs), then every ISA level this CPU runs with 1 and 2 threads. */
 static void check_random_shapes(shape_gen gen, uint64_t seed)
 {
     test_rng rng = {seed};
     int failures = 0;
-    for (int i = 0; i < CASES; i++) {
-        tern_conv_params p = gen(&rng);
-        failures += !check_fast_vs_ref(&p, &rng, NULL);
+    for (size_t i = 0; i <= NISAS; i++) {
+        if (i > 0 && tern_isa_resolve(isas[i - 1]) != isas[i - 1])
+            continue;
+        for (int nthreads = 1; nthreads <= (i == 0 ? 1 : 2); nthreads++) {
+            tern_pool *pool = NULL;
+            if (i > 0)
+                assert_int_equal(tern_pool_create(nthreads, isas[i - 1], NULL, &pool), TERN_OK);
+            for (int c = 0; c < CASES; c++) {
+                tern_conv_params p = gen(&rng);
+                if (!check_fast_vs_ref(&p, &rng, pool)) {
+                    fprintf(stderr, "  (isa %s, %d threads)\n",
+                            i ? tern_isa_name(isas[i - 1]) : "none (NULL pool)", nthreads);
+                    failures++;
+                }
+            }
+            tern_pool_destroy(&pool);
+        }
     }
     assert_int_equal(failures, 0);
 }
@@ -297,18 +318,18 @@ static void test_known_values(void **state)
 /* ---- accumulation and NULL gradients ------------------------------------------------------- */
 
 /* Backward on non-zero gradients adds to them; a NULL gradient leaves the others unchanged. */
-static void check_accumulates(const tern_conv_params *p, test_rng *rng)
+static void check_accumulates(const tern_conv_params *p, test_rng *rng, tern_pool *pool)
 {
     conv_case c = case_new(p, rng, 1);
-    conv_result fresh = run_fast(&c, NULL);
+    conv_result fresh = run_fast(&c, pool);
     float *dx0 = alloc_floats(c.nx), *dw0 = alloc_floats(c.nw), *db0 = alloc_floats(c.nb);
     test_fill_uniform(rng, dx0, c.nx, -1, 1);
     test_fill_uniform(rng, dw0, c.nw, -1, 1);
     test_fill_uniform(rng, db0, c.nb, -1, 1);
     float *dx = dup_floats(dx0, c.nx), *dw = dup_floats(dw0, c.nw), *db = dup_floats(db0, c.nb);
-    float *ws = workspace_for(p, NULL);
+    float *ws = workspace_for(p, pool);
 
-    tern_conv2d_backward(dx, dw, db, ws, c.dy, c.x, c.w, p, NULL);
+    tern_conv2d_backward(dx, dw, db, ws, c.dy, c.x, c.w, p, pool);
     for (size_t i = 0; i < c.nx; i++)
         fresh.dx[i] += dx0[i];
     for (size_t i = 0; i < c.nw; i++)
@@ -321,13 +342,13 @@ static void check_accumulates(const tern_conv_params *p, test_rng *rng)
 
     /* One gradient at a time, the others NULL: each must match the accumulated result. */
     memcpy(dx, dx0, c.nx * sizeof *dx);
-    tern_conv2d_backward(dx, NULL, NULL, ws, c.dy, c.x, c.w, p, NULL);
+    tern_conv2d_backward(dx, NULL, NULL, ws, c.dy, c.x, c.w, p, pool);
     ok &= test_close("dx alone", dx, fresh.dx, c.nx, TOL, 1);
     memcpy(dw, dw0, c.nw * sizeof *dw);
-    tern_conv2d_backward(NULL, dw, NULL, ws, c.dy, c.x, c.w, p, NULL);
+    tern_conv2d_backward(NULL, dw, NULL, ws, c.dy, c.x, c.w, p, pool);
     ok &= test_close("dw alone", dw, fresh.dw, c.nw, TOL, 1);
     memcpy(db, db0, c.nb * sizeof *db);
-    tern_conv2d_backward(NULL, NULL, db, ws, c.dy, c.x, c.w, p, NULL);
+    tern_conv2d_backward(NULL, NULL, db, ws, c.dy, c.x, c.w, p, pool);
     ok &= test_close("db alone", db, fresh.db, c.nb, TOL, 1);
 
     /* The reference accumulates too. */
@@ -358,17 +379,23 @@ static void test_backward_accumulates(void **state)
     (void)state;
     test_rng rng = {5};
     shape_gen gens[] = {random_pointwise, random_depthwise, random_im2col, random_grouped};
-    for (size_t g = 0; g < sizeof gens / sizeof gens[0]; g++)
-        for (int i = 0; i < 5; i++) {
-            tern_conv_params p = gens[g](&rng);
-            check_accumulates(&p, &rng);
-        }
+    tern_pool *pool = NULL;
+    assert_int_equal(tern_pool_create(1, TERN_ISA_AUTO, NULL, &pool), TERN_OK);
+    for (int with_pool = 0; with_pool < 2; with_pool++)
+        for (size_t g = 0; g < sizeof gens / sizeof gens[0]; g++)
+            for (int i = 0; i < 5; i++) {
+                tern_conv_params p = gens[g](&rng);
+                check_accumulates(&p, &rng, with_pool ? pool : NULL);
+            }
+    tern_pool_destroy(&pool);
 }
 
 static void test_linear_accumulates(void **state)
 {
     (void)state;
     test_rng rng = {6};
+    tern_pool *pool = NULL;
+    assert_int_equal(tern_pool_create(1, TERN_ISA_AUTO, NULL, &pool), TERN_OK);
     const int n = 5, in = 7, out = 4;
     float x[35], w[28], dy[20], dx[35], dw[28], db[4], dx0[35], dw0[28], db0[4];
     test_fill_uniform(&rng, x, 35, -1, 1);
@@ -377,7 +404,7 @@ static void test_linear_accumulates(void **state)
     memset(dx, 0, sizeof dx);
     memset(dw, 0, sizeof dw);
     memset(db, 0, sizeof db);
-    tern_linear_backward(dx, dw, db, dy, x, w, n, in, out, NULL);
+    tern_linear_backward(dx, dw, db, dy, x, w, n, in, out, pool);
     test_fill_uniform(&rng, dx0, 35, -1, 1);
     test_fill_uniform(&rng, dw0, 28, -1, 1);
     test_fill_uniform(&rng, db0, 4, -1, 1);
@@ -388,10 +415,11 @@ static void test_linear_accumulates(void **state)
         want_dw[i] = dw[i] + dw0[i];
     for (int i = 0; i < 4; i++)
         want_db[i] = db[i] + db0[i];
-    tern_linear_backward(dx0, dw0, db0, dy, x, w, n, in, out, NULL);
+    tern_linear_backward(dx0, dw0, db0, dy, x, w, n, in, out, pool);
     assert_true(test_close("linear dx", dx0, want_dx, 35, TOL, 1));
     assert_true(test_close("linear dw", dw0, want_dw, 28, TOL, 1));
     assert_true(test_close("linear db", db0, want_db, 4, TOL, 1));
+    tern_pool_destroy(&pool);
 }
 
 /* ---- finite differences ------------------------------------------------------------------- */
@@ -551,9 +579,13 @@ static void test_threads_deterministic(void **state)
 {
     (void)state;
     test_rng rng = {9};
-    for (int nthreads = 2; nthreads <= 3; nthreads++) {
+    for (int cfg = 0; cfg < 2 * (int)NISAS; cfg++) {
+        const tern_isa isa = isas[cfg / 2];
+        const int nthreads = 2 + cfg % 2;
+        if (tern_isa_resolve(isa) != isa)
+            continue;
         tern_pool *pool = NULL;
-        assert_int_equal(tern_pool_create(nthreads, TERN_ISA_AUTO, NULL, &pool), TERN_OK);
+        assert_int_equal(tern_pool_create(nthreads, isa, NULL, &pool), TERN_OK);
         /* Shapes big enough that every thread gets work on every split. */
         const tern_conv_params fixed[] = {
             make_params(3, 9, 7, 24, 40, 1, 1, 0, 1),    /* pointwise */
@@ -607,14 +639,15 @@ static void test_workspace_size(void **state)
     tern_conv_params stem = make_params(2, 8, 8, 3, 16, 3, 2, 1, 1);
     assert_int_equal(tern_conv2d_workspace_size(&pw, 4), 0);
     assert_int_equal(tern_conv2d_workspace_size(&dw, 4), 0);
-    size_t one = tern_conv2d_workspace_size(&stem, 1);
-    assert_true(one >= 27);
-    assert_int_equal(tern_conv2d_workspace_size(&stem, 4), 4 * one);
+    /* Shared permuted weights plus one tile per thread. */
+    size_t one = tern_conv2d_workspace_size(&stem, 1), two = tern_conv2d_workspace_size(&stem, 2);
+    assert_true(one >= 27 + 2 * 27 * 16);
+    assert_true(two > one);
+    assert_int_equal(tern_conv2d_workspace_size(&stem, 4), one + 3 * (two - one));
 }
 
 int main(void)
 {
-    openblas_set_num_threads(1);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_known_values),
         cmocka_unit_test(test_workspace_size),
