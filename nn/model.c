@@ -14,7 +14,6 @@
  * SqueezeExcitation, Conv2dNormActivation); names follow its state_dict. */
 #include "tern/model.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -510,9 +509,6 @@ tern_status tern_model_create(const tern_model_options *opt, tern_model **out, t
     s = tern_pool_create(opt->threads, opt->isa, a, &m->pool);
     if (s != TERN_OK)
         goto fail;
-    /* Tern splits work across its own threads; OpenBLAS threading on top would oversubscribe
-     * the cores. This setting is process-wide in OpenBLAS. */
-    openblas_set_num_threads(1);
     *out = m;
     return TERN_OK;
 fail:
@@ -926,6 +922,7 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
                           "%d of %dx%d leaves one in the last layers",
                           batch, m->height, m->width);
     m->trained = false;
+    unsigned fp_mode = tern_flush_denormals_begin();
     memcpy(m->values[0].x, input, value_floats(&m->values[0], batch) * sizeof(float));
     bool fold = !training && m->opt.norm == TERN_NORM_BATCH;
     if (fold && m->folded_version != m->version)
@@ -949,6 +946,7 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
             o->calls[0]++;
         }
     }
+    tern_flush_denormals_end(fp_mode);
     if (training)
         m->version++; /* running statistics moved */
     const value *last = &m->values[m->nvalues - 1];
@@ -967,6 +965,7 @@ tern_status tern_model_backward(tern_model *model, const float *dlogits)
     if (!m->trained)
         return model_fail(m, TERN_ERR_STATE, "backward needs a training forward first");
     int n = m->batch;
+    unsigned fp_mode = tern_flush_denormals_begin();
     for (int i = 1; i < m->nvalues; i++)
         memset(m->values[i].dx, 0, value_floats(&m->values[i], n) * sizeof(float));
     value *last = &m->values[m->nvalues - 1];
@@ -979,6 +978,7 @@ tern_status tern_model_backward(tern_model *model, const float *dlogits)
             m->ops[i].calls[1]++;
         }
     }
+    tern_flush_denormals_end(fp_mode);
     return TERN_OK;
 }
 

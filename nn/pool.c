@@ -3,8 +3,28 @@
 #include "pool.h"
 
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "util.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FLUSH_BITS 0x8040u /* FTZ | DAZ */
+unsigned tern_flush_denormals_begin(void)
+{
+    unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | FLUSH_BITS);
+    return saved;
+}
+void tern_flush_denormals_end(unsigned saved)
+{
+    _mm_setcsr(saved);
+}
+#else
+unsigned tern_flush_denormals_begin(void) { return 0; }
+void tern_flush_denormals_end(unsigned saved) { (void)saved; }
+#endif
 
 struct tern_pool {
     const tern_allocator *alloc;
@@ -31,6 +51,7 @@ static void *worker_main(void *p)
     tern_pool *pool = ((worker_arg *)p)->pool;
     int ith = ((worker_arg *)p)->ith;
     unsigned long seen = 0;
+    tern_flush_denormals_begin(); /* a worker only ever runs kernels */
     for (;;) {
         pthread_mutex_lock(&pool->lock);
         while (pool->generation == seen && !pool->stop)
@@ -138,8 +159,14 @@ float *tern_pool_scratch(tern_pool *pool, int ith)
 
 void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg)
 {
-    if (!pool || pool->nthreads == 1) {
+    if (!pool) {
         fn(arg, 0, 1);
+        return;
+    }
+    unsigned saved = tern_flush_denormals_begin();
+    if (pool->nthreads == 1) {
+        fn(arg, 0, 1);
+        tern_flush_denormals_end(saved);
         return;
     }
     pthread_mutex_lock(&pool->lock);
@@ -156,4 +183,5 @@ void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg)
     while (pool->pending > 0)
         pthread_cond_wait(&pool->done, &pool->lock);
     pthread_mutex_unlock(&pool->lock);
+    tern_flush_denormals_end(saved);
 }
