@@ -65,4 +65,9 @@ int cli_load_model(const cli *c, const char *path, tern_model **model, tern_mode
 
 double cli_now(void);
 
+/* Commands in tern_train.c. */
+int tern_cmd_train(int argc, char **argv);
+int tern_cmd_eval(int argc, char **argv);
+int tern_cmd_predict(int argc, char **argv);
+
 #endif

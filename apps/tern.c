@@ -4,6 +4,7 @@
  *   tern step     one SGD step in train mode, writing the updated model
  *   tern demo     a few training steps on a fixed synthetic batch, showing the loss fall
  *   tern info     metadata and tensors of a safetensors file
+ *   tern train, eval, predict   (tern_train.c)
  *
  * Tensor files use PyTorch's NCHW layout; the conversion to Tern's NHWC happens here. All
  * printing lives in the apps, never in the library. */
@@ -407,7 +408,10 @@ static void usage(FILE *f)
             "  forward   eval-mode logits of a model for an input tensor file\n"
             "  step      one SGD training step, writing the updated model\n"
             "  demo      train on a fixed synthetic batch and show the loss fall\n"
-            "  info      print a safetensors file's metadata and tensors\n\n"
+            "  info      print a safetensors file's metadata and tensors\n"
+            "  train     train on Fashion-MNIST or an image folder\n"
+            "  eval      accuracy, per-class metrics and confusion matrix of a model\n"
+            "  predict   classify images with a trained model\n\n"
             "Run 'tern <command> --help' for a command's options.\n");
 }
 
@@ -426,7 +430,9 @@ int main(int argc, char **argv)
         const char *name;
         int (*run)(int, char **);
     } COMMANDS[] = {
-        {"forward", cmd_forward}, {"step", cmd_step}, {"demo", cmd_demo}, {"info", cmd_info}};
+        {"forward", cmd_forward}, {"step", cmd_step},       {"demo", cmd_demo},
+        {"info", cmd_info},       {"train", tern_cmd_train}, {"eval", tern_cmd_eval},
+        {"predict", tern_cmd_predict}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];

@@ -4,6 +4,7 @@
 #define TERN_H
 
 #include "tern/alloc.h"
+#include "tern/checkpoint.h"
 #include "tern/data.h"
 #include "tern/image.h"
 #include "tern/metrics.h"

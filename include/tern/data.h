@@ -29,7 +29,7 @@ typedef struct tern_dataset tern_dataset;
 /* Fashion-MNIST's ten class names, in label order ("T-shirt/top", "Trouser", ...). */
 const char *tern_fashion_mnist_class(int label);
 
-/* Open an IDX image file (magic 0x00000803, uint8, N x rows x cols) and its IDX label file
+/* Open an IDX image file (10 classes named "0" to "9") (magic 0x00000803, uint8, N x rows x cols) and its IDX label file
  * (0x00000801, N labels), each gzipped or plain. Everything is read and checked at open: magic
  * numbers, dimensions, sizes against the data, counts that agree, labels < num_classes (10 for
  * Fashion-MNIST). Errors: TERN_ERR_IO, TERN_ERR_FORMAT (naming the file and the problem),
@@ -46,7 +46,8 @@ tern_status tern_dataset_open_fashion_mnist(const char *dir, bool train,
 typedef struct tern_folder_options {
     tern_image_limits limits;
     bool strict; /* fail on the first bad image instead of skipping it with a warning */
-    /* Called once per skipped file with a message naming it (may be NULL). */
+    /* Called once per skipped file with a message naming it (may be NULL). It is called from
+     * whichever thread decodes (usually a loader's background thread): it must be thread-safe. */
     void (*warn)(void *user, const char *message);
     void *warn_user;
 } tern_folder_options;

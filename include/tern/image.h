@@ -1,7 +1,8 @@
 /* Decoded images and their decoding (JPEG through libjpeg-turbo, PNG through libpng).
  *
  * A tern_image is 8-bit, interleaved (H, W, C) with C = 1 (grey) or 3 (RGB): decoding converts
- * palette, grey+alpha, RGBA (alpha dropped) and 16-bit PNGs (high byte... rounded) to one of those.
+ * palette, grey+alpha, RGBA (alpha dropped, as Pillow's convert("RGB")) and 16-bit PNGs (high byte kept) to one of
+ * those.
  * Decoding is defensive: limits on file size and pixel count are checked before any large
  * allocation, and a truncated or corrupt file is an error (TERN_ERR_FORMAT with the reason),
  * never a crash or an exit (libjpeg's and libpng's error handlers are redirected). */

@@ -1,0 +1,809 @@
+/* tern train, tern eval, tern predict: training on real pictures and using the result.
+ *
+ * Data comes from Fashion-MNIST (--data fashion-mnist: Debian's dataset-fashion-mnist, or the
+ * directory in $TERN_FASHION_MNIST) or from an image folder (DIR/<class>/<image>; DIR/train and
+ * DIR/val when both exist, else a seeded --val-split of DIR). The pipelines follow
+ * torchvision's references: for Fashion-MNIST, 28x28 zero-padded to 32x32 (or resized to
+ * --size), random crop with padding and horizontal flip for training; for folders,
+ * RandomResizedCrop and flip for training, resize to size*256/224 and center crop for
+ * evaluation, ImageNet normalization. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "tern.h"
+#include "tern/checkpoint.h"
+
+#define DEFAULT_FASHION_DIR "/usr/share/datasets/fashion-mnist"
+
+/* ---- data ------------------------------------------------------------------------------------- */
+
+typedef struct data {
+    tern_dataset *train, *val; /* val may be the same dataset as train (split) or NULL */
+    size_t *train_idx, *val_idx;
+    size_t ntrain, nval;
+    tern_transform train_t, eval_t;
+    bool fashion;
+} data;
+
+static void data_close(data *d)
+{
+    if (d->val != d->train)
+        tern_dataset_close(&d->val);
+    tern_dataset_close(&d->train);
+    free(d->train_idx);
+    free(d->val_idx);
+    memset(d, 0, sizeof *d);
+}
+
+static bool is_dir(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static void warn_skip(void *user, const char *message)
+{
+    (void)user;
+    fprintf(stderr, "%s: warning: %s\n", cli_prog, message);
+}
+
+/* The geometry and normalization for a data source at `size`. */
+static void make_transforms(data *d, int size, int channels, bool augment)
+{
+    tern_transform e = {.size = size, .channels = channels};
+    if (d->fashion) {
+        /* 28x28: zero-pad to 32 at the reference size, resize for other sizes. */
+        e.resize = size == 32 ? 28 : size;
+        tern_transform_normalize_fashion_mnist(&e);
+    } else {
+        e.resize = size * 256 / 224;
+        tern_transform_normalize_imagenet(&e);
+    }
+    tern_transform t = e;
+    if (augment) {
+        t.hflip = true;
+        if (d->fashion) {
+            t.pad = size / 16;
+        } else {
+            t.random_resized_crop = true;
+            t.resize = 0;
+        }
+    }
+    d->train_t = t;
+    d->eval_t = e;
+}
+
+static int open_folder(const char *dir, bool strict, tern_dataset **out)
+{
+    tern_folder_options fo = {.strict = strict, .warn = warn_skip};
+    tern_error err = {{0}};
+    if (tern_dataset_open_folder(dir, &fo, NULL, out, &err) != TERN_OK)
+        return die("%s", err.message);
+    return 0;
+}
+
+/* A seeded random sample of k of the indices [0, n) (all of them, shuffled, when k >= n). */
+static size_t *sample_indices(size_t n, size_t k, uint64_t seed, size_t *count)
+{
+    size_t *idx = malloc((n ? n : 1) * sizeof *idx);
+    if (!idx)
+        return NULL;
+    tern_rng rng;
+    tern_rng_seed(&rng, seed);
+    for (size_t i = 0; i < n; i++)
+        idx[i] = i;
+    for (size_t i = n; i > 1; i--) {
+        size_t j = (size_t)(tern_rng_next(&rng) % i);
+        size_t t = idx[i - 1];
+        idx[i - 1] = idx[j];
+        idx[j] = t;
+    }
+    *count = k < n ? k : n;
+    return idx;
+}
+
+/* Opens --data (and --val) for training or evaluation. */
+static int open_data(const cli *c, bool training, data *d)
+{
+    memset(d, 0, sizeof *d);
+    if (!c->data)
+        return die("--data is required (fashion-mnist or an image folder)");
+    tern_error err = {{0}};
+    if (strcmp(c->data, "fashion-mnist") == 0) {
+        const char *dir = getenv("TERN_FASHION_MNIST");
+        dir = dir && *dir ? dir : DEFAULT_FASHION_DIR;
+        d->fashion = true;
+        if (training && tern_dataset_open_fashion_mnist(dir, true, NULL, &d->train, &err) != TERN_OK)
+            return die("%s (install the dataset-fashion-mnist package)", err.message);
+        if (tern_dataset_open_fashion_mnist(dir, false, NULL, &d->val, &err) != TERN_OK) {
+            data_close(d);
+            return die("%s (install the dataset-fashion-mnist package)", err.message);
+        }
+    } else if (!is_dir(c->data)) {
+        return die("--data: '%s' is neither fashion-mnist nor a directory", c->data);
+    } else if (!training) {
+        if (open_folder(c->data, c->strict, &d->val))
+            return 1;
+    } else {
+        char train_dir[4096], val_dir[4096];
+        snprintf(train_dir, sizeof train_dir, "%s/train", c->data);
+        snprintf(val_dir, sizeof val_dir, "%s/val", c->data);
+        bool split_dirs = !c->val && is_dir(train_dir) && is_dir(val_dir);
+        if (open_folder(split_dirs ? train_dir : c->data, c->strict, &d->train))
+            return 1;
+        const char *val = split_dirs ? val_dir : c->val;
+        if (val && open_folder(val, c->strict, &d->val)) {
+            data_close(d);
+            return 1;
+        }
+        if (d->val && tern_dataset_num_classes(d->val) != tern_dataset_num_classes(d->train)) {
+            data_close(d);
+            return die("the validation folder has a different number of classes than the training folder");
+        }
+    }
+    /* Index lists: --limit, --val-limit, and a split of the training set when no separate
+     * validation set exists. */
+    uint64_t seed = (uint64_t)c->seed;
+    if (d->train) {
+        size_t n = tern_dataset_size(d->train), k;
+        size_t *perm = sample_indices(n, n, seed ^ 0x5eed, &k);
+        if (!perm)
+            return die("out of memory");
+        size_t nval = 0;
+        if (!d->val) {
+            float frac = c->val_split > 0 ? c->val_split : 0.1f;
+            nval = (size_t)(frac * (double)n);
+            if (nval < 1 || nval >= n) {
+                free(perm);
+                data_close(d);
+                return die("%s: %zu images cannot be split into training and validation", c->data, n);
+            }
+            d->val = d->train;
+            d->val_idx = malloc(nval * sizeof *d->val_idx);
+            if (!d->val_idx) {
+                free(perm);
+                return die("out of memory");
+            }
+            memcpy(d->val_idx, perm + (n - nval), nval * sizeof *perm);
+            d->nval = nval;
+        }
+        d->train_idx = perm;
+        d->ntrain = n - nval;
+        if (c->limit > 0 && (size_t)c->limit < d->ntrain)
+            d->ntrain = (size_t)c->limit;
+    }
+    if (d->val && !d->val_idx) {
+        size_t n = tern_dataset_size(d->val), k;
+        long long limit = training ? c->val_limit : c->limit;
+        d->val_idx = sample_indices(n, limit > 0 ? (size_t)limit : n, seed ^ 0x7a1, &k);
+        if (!d->val_idx)
+            return die("out of memory");
+        d->nval = k;
+        /* Without a limit, keep the natural order (easier to read confusions by source). */
+        for (size_t i = 0; limit <= 0 && i < n; i++)
+            d->val_idx[i] = i;
+    }
+    if (training && c->val_limit > 0 && (size_t)c->val_limit < d->nval)
+        d->nval = (size_t)c->val_limit;
+    return 0;
+}
+
+static const char *class_name(const data *d, int k)
+{
+    const tern_dataset *ds = d->train ? d->train : d->val;
+    return tern_dataset_class_name(ds, k);
+}
+
+/* ---- progress ------------------------------------------------------------------------------- */
+
+typedef struct progress {
+    bool bar;        /* redraw one line on a terminal; else log lines */
+    double start, last_draw;
+    size_t total, last_logged;
+} progress;
+
+static void progress_start(progress *p, const cli *c, size_t total)
+{
+    p->bar = c->progress || (!c->no_progress && isatty(STDERR_FILENO));
+    p->start = p->last_draw = cli_now();
+    p->total = total;
+    p->last_logged = 0;
+}
+
+static void progress_update(progress *p, const char *what, size_t done, double loss,
+                            size_t images)
+{
+    double now = cli_now(), elapsed = now - p->start;
+    double rate = elapsed > 0 ? images / elapsed : 0;
+    double eta = done > 0 ? elapsed * (double)(p->total - done) / (double)done : 0;
+    if (p->bar) {
+        if (now - p->last_draw < 0.1 && done < p->total)
+            return;
+        p->last_draw = now;
+        int width = 24, filled = (int)(width * (double)done / (double)(p->total ? p->total : 1));
+        char bar[32];
+        for (int i = 0; i < width; i++)
+            bar[i] = i < filled ? '#' : '.';
+        bar[width] = 0;
+        fprintf(stderr, "\r%s [%s] %zu/%zu loss %.4f %.0f img/s ETA %d:%02d  ", what, bar, done,
+                p->total, loss, rate, (int)eta / 60, (int)eta % 60);
+        if (done == p->total)
+            fputc('\n', stderr);
+    } else if (done == p->total || done - p->last_logged >= (p->total + 9) / 10) {
+        p->last_logged = done;
+        fprintf(stderr, "%s batch %zu/%zu loss %.4f %.0f img/s ETA %d:%02d\n", what, done,
+                p->total, loss, rate, (int)eta / 60, (int)eta % 60);
+    }
+}
+
+/* ---- evaluation ------------------------------------------------------------------------------ */
+
+/* Runs the model in eval mode over a loader's epoch into metrics. */
+static int evaluate(tern_model *m, tern_loader *loader, tern_metrics *metrics, float *logits,
+                    const cli *c, const char *what)
+{
+    const tern_model_options *o = tern_model_options_of(m);
+    tern_metrics_reset(metrics);
+    tern_error err = {{0}};
+    progress p;
+    progress_start(&p, c, tern_loader_batches(loader));
+    size_t batches = 0, images = 0;
+    for (;;) {
+        const float *x;
+        const int32_t *y;
+        int n;
+        tern_status s = tern_loader_next(loader, &x, &y, &n, &err);
+        if (s == TERN_ERR_NOT_FOUND)
+            break;
+        if (s != TERN_OK)
+            return die("%s", err.message);
+        if (tern_model_forward(m, logits, x, n, false) != TERN_OK)
+            return die("%s", tern_model_last_error(m));
+        float loss;
+        tern_cross_entropy_loss(&loss, NULL, logits, y, n, o->num_classes, 0.0f);
+        tern_metrics_add(metrics, logits, y, n, loss);
+        images += (size_t)n;
+        progress_update(&p, what, ++batches, tern_metrics_loss(metrics), images);
+    }
+    return 0;
+}
+
+static void print_metrics(const tern_metrics *m, int classes, const data *d, int top)
+{
+    printf("accuracy %.2f%% on %zu images", 100 * tern_metrics_accuracy(m), tern_metrics_count(m));
+    if (top > 1 && top <= classes)
+        printf(", top-%d %.2f%%", top, 100 * tern_metrics_topk(m, top));
+    printf(", loss %.4f\n\n", tern_metrics_loss(m));
+    printf("%-24s %9s %9s %9s %8s\n", "class", "precision", "recall", "f1", "support");
+    for (int k = 0; k < classes; k++)
+        printf("%-24.24s %9.3f %9.3f %9.3f %8zu\n", class_name(d, k), tern_metrics_precision(m, k),
+               tern_metrics_recall(m, k), tern_metrics_f1(m, k), tern_metrics_support(m, k));
+    if (classes <= 20) {
+        printf("\nconfusion matrix (rows: true class, columns: predicted)\n%-14s", "");
+        for (int k = 0; k < classes; k++)
+            printf(" %6d", k);
+        printf("\n");
+        for (int t = 0; t < classes; t++) {
+            printf("%2d %-11.11s", t, class_name(d, t));
+            for (int k = 0; k < classes; k++)
+                printf(" %6zu", tern_metrics_confusion(m, t, k));
+            printf("\n");
+        }
+    }
+}
+
+static int write_metrics_json(const char *path, const tern_metrics *m, const data *d, int classes)
+{
+    const char **names = malloc(sizeof *names * (size_t)classes);
+    if (!names)
+        return die("out of memory");
+    for (int k = 0; k < classes; k++)
+        names[k] = class_name(d, k);
+    char *text = tern_metrics_to_json(m, names);
+    free(names);
+    if (!text)
+        return die("out of memory");
+    FILE *f = fopen(path, "w");
+    int rc = 0;
+    if (!f || fputs(text, f) < 0 || fputc('\n', f) < 0)
+        rc = die("cannot write %s", path);
+    if (f && fclose(f) != 0 && rc == 0)
+        rc = die("cannot write %s", path);
+    free(text);
+    return rc;
+}
+
+/* ---- train ------------------------------------------------------------------------------------ */
+
+static const char TRAIN_HELP[] =
+    "usage: tern train --data fashion-mnist|DIR [options] [--out model.safetensors]\n\n"
+    "Trains MobileNetV3 on Fashion-MNIST or an image folder (DIR/<class>/<image>, or\n"
+    "DIR/train and DIR/val), evaluating on the validation set after every epoch.\n\n"
+    "Data:\n"
+    "  --data fashion-mnist|DIR   training data ($TERN_FASHION_MNIST overrides the dataset dir)\n"
+    "  --val DIR              validation folder (default: DIR/val, or a split of DIR)\n"
+    "  --val-split F          fraction of DIR held out for validation (default 0.1)\n"
+    "  --size S               input size (default 32 for Fashion-MNIST, 224 for folders)\n"
+    "  --no-augment           no random crops or flips\n"
+    "  --limit N, --val-limit N   use N random training / validation images\n"
+    "  --cache DIR            keep decoded, resized images in an LMDB cache\n"
+    "  --strict               fail on a bad image instead of skipping it with a warning\n"
+    "Optimization (defaults: the torchvision recipe for Fashion-MNIST):\n"
+    "  --epochs N             (default 30)\n"
+    "  --batch B              (default 128)\n"
+    "  --optimizer sgd|adam|adamw|rmsprop   (default sgd)\n"
+    "  --lr F                 peak learning rate (default 0.1 for SGD, 1e-3 otherwise)\n"
+    "  --momentum F           SGD/RMSprop momentum (default 0.9 for SGD)\n"
+    "  --nesterov             Nesterov momentum (SGD)\n"
+    "  --weight-decay F       (default 5e-5)\n"
+    "  --schedule cosine|step|constant   (default cosine)\n"
+    "  --warmup-epochs F      linear warmup (default 0)\n"
+    "  --label-smoothing F    (default 0.1)\n"
+    "  --clip-grad-norm F     clip the gradient norm (default off)\n"
+    "  --dropout P            classifier dropout (default 0.2)\n"
+    "  --seed S               initialisation, data order and augmentation (default 0)\n"
+    "Model:\n"
+    "  --arch A, --width-mult F, --norm batch|group, --threads N, --isa I  (see tern forward)\n"
+    "  --init W.safetensors   start from these weights (e.g. torchvision's, saved as safetensors)\n"
+    "  --reset-head           with --init: a new classifier for this data's classes\n"
+    "Output:\n"
+    "  --out PATH             trained model (default model.safetensors)\n"
+    "  --checkpoint PATH      save a resumable checkpoint after every epoch\n"
+    "  --resume PATH          continue from a checkpoint (same data and options)\n"
+    "  --metrics-json PATH    final validation metrics as JSON\n"
+    "  --progress / --no-progress   progress bar (default: when stderr is a terminal)\n";
+
+static int make_optimizer(const cli *c, tern_model *m, tern_optimizer **opt)
+{
+    tern_optimizer_kind kind = TERN_OPTIMIZER_SGD;
+    if (c->optimizer && tern_optimizer_kind_parse(c->optimizer, &kind) != TERN_OK)
+        return die("unknown --optimizer '%s' (sgd, adam, adamw or rmsprop)", c->optimizer);
+    tern_optimizer_options o = tern_optimizer_options_default(kind);
+    o.lr = c->lr > 0 ? c->lr : kind == TERN_OPTIMIZER_SGD ? 0.1f : 1e-3f;
+    if (kind == TERN_OPTIMIZER_SGD || kind == TERN_OPTIMIZER_RMSPROP)
+        o.momentum = c->momentum >= 0 ? c->momentum : kind == TERN_OPTIMIZER_SGD ? 0.9f : 0.0f;
+    o.nesterov = c->nesterov;
+    if (c->weight_decay >= 0)
+        o.weight_decay = c->weight_decay;
+    tern_error err = {{0}};
+    if (tern_optimizer_create(m, &o, opt, &err) != TERN_OK)
+        return die("%s", err.message);
+    return 0;
+}
+
+static int make_schedule(const cli *c, float base_lr, long steps_per_epoch, tern_schedule *s)
+{
+    *s = (tern_schedule){.kind = TERN_SCHEDULE_COSINE, .base_lr = base_lr,
+                         .warmup_steps = (long)(c->warmup_epochs * (float)steps_per_epoch),
+                         .warmup_start_factor = 0.01f, .step_size = steps_per_epoch * 10,
+                         .gamma = 0.1f, .total_steps = steps_per_epoch * c->epochs};
+    if (c->schedule && strcmp(c->schedule, "step") == 0)
+        s->kind = TERN_SCHEDULE_STEP;
+    else if (c->schedule && strcmp(c->schedule, "constant") == 0)
+        s->kind = TERN_SCHEDULE_CONSTANT;
+    else if (c->schedule && strcmp(c->schedule, "cosine") != 0)
+        return die("unknown --schedule '%s' (cosine, step or constant)", c->schedule);
+    if (s->total_steps <= s->warmup_steps)
+        s->total_steps = s->warmup_steps + 1;
+    tern_error err = {{0}};
+    if (tern_schedule_validate(s, &err) != TERN_OK)
+        return die("%s", err.message);
+    return 0;
+}
+
+/* Creates the model: fresh, from --init, or shaped like the checkpoint being resumed. */
+static int make_model(const cli *c, int classes, int channels, tern_model **m)
+{
+    tern_error err = {{0}};
+    tern_model_options o;
+    if (c->resume) {
+        o = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
+        if (tern_checkpoint_peek(c->resume, NULL, &o, NULL, NULL, NULL, &err) != TERN_OK)
+            return die("%s", err.message);
+        tern_model_options mine;
+        cli mc = *c;
+        mc.arch = tern_arch_name(o.arch);
+        if (cli_model_options(&mc, NULL, NULL, &mine))
+            return 1;
+        mine.arch = o.arch;
+        mine.width_mult = o.width_mult;
+        mine.norm = o.norm;
+        mine.in_channels = o.in_channels;
+        mine.num_classes = o.num_classes;
+        o = mine;
+        if (o.num_classes != classes || o.in_channels != channels)
+            return die("%s was trained on %d classes of %d-channel images; this data has %d of %d",
+                       c->resume, o.num_classes, o.in_channels, classes, channels);
+        if (tern_model_create(&o, m, &err) != TERN_OK)
+            return die("%s", err.message);
+        return 0;
+    }
+    tern_safetensors *st = NULL;
+    if (c->init && tern_safetensors_open(c->init, NULL, &st, &err) != TERN_OK)
+        return die("%s", err.message);
+    cli mc = *c;
+    if (!mc.arch && !st)
+        mc.arch = "mobilenet_v3_small";
+    int rc = cli_model_options(&mc, c->init, st, &o);
+    if (rc == 0) {
+        o.num_classes = classes;
+        o.in_channels = channels;
+        if (tern_model_create(&o, m, &err) != TERN_OK)
+            rc = die("%s", err.message);
+    }
+    if (rc == 0 && st) {
+        const char *keep[] = {"classifier.3."};
+        tern_status s = tern_model_load_state_except(*m, st, keep, c->reset_head ? 1 : 0, &err);
+        if (s != TERN_OK) {
+            rc = die("%s: %s%s", c->init, err.message,
+                     c->reset_head ? "" : " (--reset-head starts a new classifier)");
+            tern_model_destroy(m);
+        }
+    }
+    tern_safetensors_close(&st);
+    return rc;
+}
+
+static int cmd_train(int argc, char **argv)
+{
+    cli c = {.epochs = 30, .batch = 128, .dropout = 0.2f, .smoothing = 0.1f, .momentum = -1,
+             .weight_decay = 5e-5f};
+    int rc = cli_parse(argc, argv, CMD_TRAIN, false, &c);
+    if (rc == 2) {
+        fputs(TRAIN_HELP, stdout);
+        return 0;
+    }
+    if (rc)
+        return rc;
+    if (c.reset_head && !c.init)
+        return die("--reset-head needs --init");
+    if (c.resume && c.init)
+        return die("--resume and --init exclude each other");
+    data d;
+    if (open_data(&c, true, &d))
+        return 1;
+    int classes = tern_dataset_num_classes(d.train);
+    int size = c.size ? c.size : d.fashion ? 32 : 224;
+    int channels = d.fashion ? 1 : 3;
+    make_transforms(&d, size, channels, !c.no_augment);
+
+    tern_model *m = NULL;
+    tern_optimizer *opt = NULL;
+    tern_loader *train = NULL, *val = NULL;
+    tern_metrics *metrics = NULL;
+    float *logits = NULL, *dlogits = NULL;
+    tern_error err = {{0}};
+    if ((rc = make_model(&c, classes, channels, &m)) || (rc = make_optimizer(&c, m, &opt)))
+        goto done;
+    tern_loader_options lo = {.batch = c.batch, .shuffle = true, .drop_last = true,
+                              .seed = (uint64_t)c.seed, .indices = d.train_idx,
+                              .nindices = d.ntrain, .cache_dir = c.cache, .cache_size = size};
+    tern_loader_options vo = {.batch = c.batch, .seed = (uint64_t)c.seed, .indices = d.val_idx,
+                              .nindices = d.nval, .cache_dir = c.cache, .cache_size = size};
+    if (d.ntrain < (size_t)c.batch) {
+        rc = die("%zu training images are fewer than one batch of %d", d.ntrain, c.batch);
+        goto done;
+    }
+    if (tern_loader_create(d.train, &d.train_t, &lo, NULL, &train, &err) != TERN_OK ||
+        tern_loader_create(d.val, &d.eval_t, &vo, NULL, &val, &err) != TERN_OK) {
+        rc = die("%s", err.message);
+        goto done;
+    }
+    long steps_per_epoch = (long)tern_loader_batches(train);
+    tern_schedule sched;
+    if ((rc = make_schedule(&c, tern_optimizer_lr(opt), steps_per_epoch, &sched)))
+        goto done;
+    if (tern_metrics_create(classes, classes < 5 ? classes : 5, NULL, &metrics) != TERN_OK ||
+        !(logits = malloc(sizeof(float) * (size_t)c.batch * (size_t)classes)) ||
+        !(dlogits = malloc(sizeof(float) * (size_t)c.batch * (size_t)classes))) {
+        rc = die("out of memory");
+        goto done;
+    }
+    if (tern_model_plan(m, c.batch, size, size, true) != TERN_OK) {
+        rc = die("%s", tern_model_last_error(m));
+        goto done;
+    }
+    tern_checkpoint_info info = {0};
+    if (c.resume) {
+        if (tern_checkpoint_load(m, opt, &info, c.resume, &err) != TERN_OK) {
+            rc = die("%s", err.message);
+            goto done;
+        }
+        tern_loader_set_epoch(train, info.epoch);
+        fprintf(stderr, "resuming %s after epoch %llu\n", c.resume, (unsigned long long)info.epoch);
+    }
+    const tern_model_options *mo = tern_model_options_of(m);
+    fprintf(stderr, "%s (width %.2f, %zu parameters) on %zu training and %zu validation images "
+                    "of %dx%dx%d, %d classes; %s, %d epochs of %ld steps, %d thread%s\n",
+            tern_arch_name(mo->arch), mo->width_mult, tern_model_param_count(m), d.ntrain, d.nval,
+            size, size, channels, classes, tern_optimizer_kind_name(tern_optimizer_options_of(opt)->kind),
+            c.epochs, steps_per_epoch, mo->threads, mo->threads == 1 ? "" : "s");
+    double run_start = cli_now();
+    for (int epoch = (int)info.epoch; epoch < c.epochs; epoch++) {
+        char what[64];
+        snprintf(what, sizeof what, "epoch %d/%d", epoch + 1, c.epochs);
+        progress p;
+        progress_start(&p, &c, (size_t)steps_per_epoch);
+        double loss_sum = 0, start = cli_now();
+        size_t batches = 0, images = 0;
+        for (;;) {
+            const float *x;
+            const int32_t *y;
+            int n;
+            tern_status s = tern_loader_next(train, &x, &y, &n, &err);
+            if (s == TERN_ERR_NOT_FOUND)
+                break;
+            if (s != TERN_OK) {
+                rc = die("%s", err.message);
+                goto done;
+            }
+            tern_optimizer_set_lr(opt, tern_schedule_lr(&sched, (long)info.global_step));
+            float loss;
+            if (tern_model_forward(m, logits, x, n, true) != TERN_OK) {
+                rc = die("%s", tern_model_last_error(m));
+                goto done;
+            }
+            tern_cross_entropy_loss(&loss, dlogits, logits, y, n, classes, c.smoothing);
+            if (!isfinite(loss)) {
+                rc = die("loss is %f at epoch %d step %zu: lower --lr", (double)loss, epoch + 1,
+                         batches + 1);
+                goto done;
+            }
+            tern_model_zero_grad(m);
+            tern_model_backward(m, dlogits);
+            if (c.clip > 0)
+                tern_clip_grad_norm(m, c.clip);
+            tern_optimizer_step(opt);
+            info.global_step++;
+            loss_sum += loss;
+            images += (size_t)n;
+            batches++;
+            progress_update(&p, what, batches, loss_sum / (double)batches, images);
+        }
+        double train_s = cli_now() - start;
+        if ((rc = evaluate(m, val, metrics, logits, &c, "  validating")))
+            goto done;
+        fprintf(stderr, "epoch %d/%d: train loss %.4f, %.0f img/s, %.1f s | val loss %.4f, accuracy %.2f%%\n",
+                epoch + 1, c.epochs, loss_sum / (double)(batches ? batches : 1),
+                (double)images / train_s, train_s, tern_metrics_loss(metrics),
+                100 * tern_metrics_accuracy(metrics));
+        info.epoch = (uint64_t)epoch + 1;
+        if (c.checkpoint && tern_checkpoint_save(m, opt, &info, c.checkpoint, &err) != TERN_OK) {
+            rc = die("%s", err.message);
+            goto done;
+        }
+    }
+    if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, val, metrics, logits, &c, "  validating")))
+        goto done;
+    printf("trained in %.1f s\n", cli_now() - run_start);
+    print_metrics(metrics, classes, &d, 5);
+    if (tern_loader_skipped(train) + tern_loader_skipped(val) > 0)
+        fprintf(stderr, "%zu images could not be decoded and were skipped\n",
+                tern_loader_skipped(train) + tern_loader_skipped(val));
+    const char *out = c.output ? c.output : "model.safetensors";
+    char **names = malloc(sizeof *names * (size_t)classes);
+    if (!names) {
+        rc = die("out of memory");
+        goto done;
+    }
+    for (int k = 0; k < classes; k++)
+        names[k] = (char *)class_name(&d, k);
+    tern_model_info mi = {.input_size = size, .nclasses = classes, .class_names = names};
+    for (int ch = 0; ch < 3; ch++) {
+        mi.mean[ch] = d.eval_t.mean[ch];
+        mi.std[ch] = d.eval_t.std[ch];
+    }
+    tern_status s = tern_model_save_file(m, &mi, out, &err);
+    free(names);
+    if (s != TERN_OK) {
+        rc = die("%s", err.message);
+        goto done;
+    }
+    printf("saved %s\n", out);
+    if (c.metrics_json)
+        rc = write_metrics_json(c.metrics_json, metrics, &d, classes);
+done:
+    tern_loader_destroy(&train);
+    tern_loader_destroy(&val);
+    tern_metrics_destroy(&metrics);
+    tern_optimizer_destroy(&opt);
+    tern_model_destroy(&m);
+    free(logits);
+    free(dlogits);
+    data_close(&d);
+    return rc;
+}
+
+/* ---- eval and predict ------------------------------------------------------------------------- */
+
+/* The evaluation transform a model file describes (its input size and normalization). */
+static tern_transform model_transform(const tern_model *m, const tern_model_info *info,
+                                      int size_override, bool fashion)
+{
+    const tern_model_options *o = tern_model_options_of(m);
+    int size = size_override ? size_override : info->input_size ? info->input_size : 224;
+    data d = {.fashion = fashion};
+    make_transforms(&d, size, o->in_channels, false);
+    tern_transform t = d.eval_t;
+    if (info->std[0] != 0)
+        for (int ch = 0; ch < 3; ch++) {
+            t.mean[ch] = info->mean[ch];
+            t.std[ch] = info->std[ch] != 0 ? info->std[ch] : 1;
+        }
+    return t;
+}
+
+static int cmd_eval(int argc, char **argv)
+{
+    cli c = {.batch = 256, .top = 5};
+    int rc = cli_parse(argc, argv, CMD_EVAL, false, &c);
+    if (rc == 2) {
+        printf("usage: tern eval --model M.safetensors --data fashion-mnist|DIR [options]\n\n"
+               "Evaluates a model on Fashion-MNIST's test set or an image folder: accuracy,\n"
+               "top-k, per-class precision, recall and F1, and the confusion matrix.\n\n"
+               "  --batch B             images per forward pass (default 256)\n"
+               "  --top K               also report top-K accuracy (default 5)\n"
+               "  --limit N             evaluate N random images\n"
+               "  --size S              input size (default: the model's)\n"
+               "  --metrics-json PATH   write the metrics as JSON\n"
+               "  --strict              fail on a bad image instead of skipping it\n"
+               "  --threads N, --isa I\n");
+        return 0;
+    }
+    if (rc)
+        return rc;
+    if (!c.model)
+        return die("--model is required");
+    tern_model *m = NULL;
+    tern_model_info info = {0};
+    if ((rc = cli_load_model(&c, c.model, &m, &info)))
+        return rc;
+    data d;
+    tern_loader *loader = NULL;
+    tern_metrics *metrics = NULL;
+    float *logits = NULL;
+    tern_error err = {{0}};
+    if ((rc = open_data(&c, false, &d)))
+        goto done;
+    const tern_model_options *o = tern_model_options_of(m);
+    int classes = tern_dataset_num_classes(d.val);
+    if (classes != o->num_classes) {
+        rc = die("the model has %d classes, the data %d", o->num_classes, classes);
+        goto done;
+    }
+    for (int k = 0; k < info.nclasses; k++)
+        if (strcmp(info.class_names[k], class_name(&d, k)) != 0) {
+            rc = die("class %d is '%s' in the model but '%s' in the data", k, info.class_names[k],
+                     class_name(&d, k));
+            goto done;
+        }
+    tern_transform t = model_transform(m, &info, c.size, d.fashion);
+    tern_loader_options lo = {.batch = c.batch, .indices = d.val_idx, .nindices = d.nval,
+                              .cache_dir = c.cache, .cache_size = t.size};
+    if (tern_loader_create(d.val, &t, &lo, NULL, &loader, &err) != TERN_OK) {
+        rc = die("%s", err.message);
+        goto done;
+    }
+    int top = c.top < classes ? c.top : classes;
+    if (tern_metrics_create(classes, top, NULL, &metrics) != TERN_OK ||
+        !(logits = malloc(sizeof(float) * (size_t)c.batch * (size_t)classes))) {
+        rc = die("out of memory");
+        goto done;
+    }
+    if (tern_model_plan(m, c.batch, t.size, t.size, false) != TERN_OK) {
+        rc = die("%s", tern_model_last_error(m));
+        goto done;
+    }
+    double start = cli_now();
+    if ((rc = evaluate(m, loader, metrics, logits, &c, "evaluating")))
+        goto done;
+    double secs = cli_now() - start;
+    print_metrics(metrics, classes, &d, top);
+    printf("\n%.1f s, %.0f images/s\n", secs, (double)tern_metrics_count(metrics) / secs);
+    if (tern_loader_skipped(loader))
+        fprintf(stderr, "%zu images could not be decoded and were skipped\n",
+                tern_loader_skipped(loader));
+    if (c.metrics_json)
+        rc = write_metrics_json(c.metrics_json, metrics, &d, classes);
+done:
+    tern_loader_destroy(&loader);
+    tern_metrics_destroy(&metrics);
+    free(logits);
+    data_close(&d);
+    tern_model_info_free(&info);
+    tern_model_destroy(&m);
+    return rc;
+}
+
+static int cmd_predict(int argc, char **argv)
+{
+    cli c = {.top = 3};
+    int rc = cli_parse(argc, argv, CMD_PREDICT, true, &c);
+    if (rc == 2) {
+        printf("usage: tern predict --model M.safetensors [--top K] IMAGE...\n\n"
+               "Classifies JPEG or PNG images, printing the K most likely classes (default 3)\n"
+               "with their probabilities.\n");
+        return 0;
+    }
+    if (rc)
+        return rc;
+    if (!c.model)
+        return die("--model is required");
+    if (c.nargs == 0)
+        return die("no images given (see --help)");
+    tern_model *m = NULL;
+    tern_model_info info = {0};
+    if ((rc = cli_load_model(&c, c.model, &m, &info)))
+        return rc;
+    const tern_model_options *o = tern_model_options_of(m);
+    /* A one-channel 28..32 px model is taken to be a Fashion-MNIST one (zero-padded input). */
+    bool fashion = o->in_channels == 1 && info.input_size == 32;
+    tern_transform t = model_transform(m, &info, c.size, fashion);
+    int k = o->num_classes, top = c.top < k ? c.top : k;
+    float *x = malloc(sizeof(float) * (size_t)t.size * (size_t)t.size * (size_t)t.channels);
+    float *logits = malloc(sizeof(float) * (size_t)k);
+    int *order = malloc(sizeof(int) * (size_t)k);
+    if (!x || !logits || !order) {
+        rc = die("out of memory");
+        goto done;
+    }
+    if (tern_model_plan(m, 1, t.size, t.size, false) != TERN_OK) {
+        rc = die("%s", tern_model_last_error(m));
+        goto done;
+    }
+    for (int i = 0; i < c.nargs; i++) {
+        tern_image img = {0};
+        tern_error err = {{0}};
+        if (tern_image_load(c.args[i], NULL, NULL, &img, &err) != TERN_OK) {
+            rc = die("%s", err.message);
+            if (c.strict)
+                goto done;
+            continue;
+        }
+        tern_status s = tern_transform_apply(&t, &img, NULL, x);
+        tern_image_free(NULL, &img);
+        if (s != TERN_OK || tern_model_forward(m, logits, x, 1, false) != TERN_OK) {
+            rc = die("%s: cannot classify", c.args[i]);
+            continue;
+        }
+        double mx = logits[0], sum = 0;
+        for (int j = 1; j < k; j++)
+            mx = logits[j] > mx ? logits[j] : mx;
+        for (int j = 0; j < k; j++) {
+            sum += exp(logits[j] - mx);
+            order[j] = j;
+        }
+        for (int a = 0; a < top; a++) /* partial selection sort: top is small */
+            for (int b = a + 1; b < k; b++)
+                if (logits[order[b]] > logits[order[a]]) {
+                    int tmp = order[a];
+                    order[a] = order[b];
+                    order[b] = tmp;
+                }
+        printf("%s:", c.args[i]);
+        for (int a = 0; a < top; a++) {
+            int j = order[a];
+            char fallback[16];
+            snprintf(fallback, sizeof fallback, "class %d", j);
+            printf("%s %s %.1f%%", a ? "," : "", j < info.nclasses ? info.class_names[j] : fallback,
+                   100 * exp(logits[j] - mx) / sum);
+        }
+        printf("\n");
+    }
+done:
+    free(x);
+    free(logits);
+    free(order);
+    tern_model_info_free(&info);
+    tern_model_destroy(&m);
+    return rc;
+}
+
+int tern_cmd_train(int argc, char **argv) { return cmd_train(argc, argv); }
+int tern_cmd_eval(int argc, char **argv) { return cmd_eval(argc, argv); }
+int tern_cmd_predict(int argc, char **argv) { return cmd_predict(argc, argv); }
