@@ -1,8 +1,10 @@
 /* Fork-join pool on pthreads: a generation counter wakes the workers, a countdown tells the
- * caller they are done. */
+ * caller they are done; both are polled briefly before anyone sleeps, since a network runs
+ * hundreds of short ops back to back. */
 #include "pool.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
@@ -32,14 +34,27 @@ struct tern_pool {
     tern_isa isa;
     float *scratch; /* nthreads * TERN_POOL_SCRATCH_FLOATS */
     pthread_t *threads;
-    pthread_mutex_t lock;
-    pthread_cond_t wake, done;
-    unsigned long generation;
-    int pending;
-    int stop;
+    /* A run publishes fn and arg, then bumps `generation`; workers spin on it for a while
+     * (ops follow each other within microseconds) before sleeping on `wake`. The caller spins
+     * on `pending` the same way before sleeping on `done`. */
+    _Atomic unsigned long generation;
+    atomic_int pending;
+    atomic_int stop;
     tern_task_fn fn;
     void *arg;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
 };
+
+/* About 50 microseconds of polling before a thread goes to sleep. */
+#define SPIN_ROUNDS 4000
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+}
 
 typedef struct {
     tern_pool *pool;
@@ -53,24 +68,28 @@ static void *worker_main(void *p)
     unsigned long seen = 0;
     tern_flush_denormals_begin(); /* a worker only ever runs kernels */
     for (;;) {
-        pthread_mutex_lock(&pool->lock);
-        while (pool->generation == seen && !pool->stop)
-            pthread_cond_wait(&pool->wake, &pool->lock);
-        if (pool->stop) {
-            pthread_mutex_unlock(&pool->lock);
-            return NULL;
+        unsigned long g = atomic_load_explicit(&pool->generation, memory_order_acquire);
+        for (int i = 0; i < SPIN_ROUNDS && g == seen; i++) {
+            if (atomic_load_explicit(&pool->stop, memory_order_relaxed))
+                break;
+            cpu_relax();
+            g = atomic_load_explicit(&pool->generation, memory_order_acquire);
         }
-        seen = pool->generation;
-        tern_task_fn fn = pool->fn;
-        void *arg = pool->arg;
-        pthread_mutex_unlock(&pool->lock);
-
-        fn(arg, ith, pool->nthreads);
-
-        pthread_mutex_lock(&pool->lock);
-        if (--pool->pending == 0)
+        if (g == seen) {
+            pthread_mutex_lock(&pool->lock);
+            while ((g = atomic_load(&pool->generation)) == seen && !atomic_load(&pool->stop))
+                pthread_cond_wait(&pool->wake, &pool->lock);
+            pthread_mutex_unlock(&pool->lock);
+        }
+        if (atomic_load(&pool->stop))
+            return NULL;
+        seen = g;
+        pool->fn(pool->arg, ith, pool->nthreads);
+        if (atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool->lock);
             pthread_cond_signal(&pool->done);
-        pthread_mutex_unlock(&pool->lock);
+            pthread_mutex_unlock(&pool->lock);
+        }
     }
 }
 
@@ -83,7 +102,7 @@ static worker_arg *worker_args(tern_pool *pool)
 static void stop_workers(tern_pool *pool, int started)
 {
     pthread_mutex_lock(&pool->lock);
-    pool->stop = 1;
+    atomic_store(&pool->stop, 1);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
     for (int i = 0; i < started; i++)
@@ -131,7 +150,7 @@ void tern_pool_destroy(tern_pool **pool_p)
     if (!pool_p || !*pool_p)
         return;
     tern_pool *pool = *pool_p;
-    if (!pool->stop)
+    if (!atomic_load(&pool->stop))
         stop_workers(pool, pool->nthreads - 1);
     pthread_mutex_destroy(&pool->lock);
     pthread_cond_destroy(&pool->wake);
@@ -169,19 +188,23 @@ void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg)
         tern_flush_denormals_end(saved);
         return;
     }
-    pthread_mutex_lock(&pool->lock);
     pool->fn = fn;
     pool->arg = arg;
-    pool->pending = pool->nthreads - 1;
-    pool->generation++;
+    atomic_store_explicit(&pool->pending, pool->nthreads - 1, memory_order_relaxed);
+    pthread_mutex_lock(&pool->lock);
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
 
     fn(arg, 0, pool->nthreads);
 
-    pthread_mutex_lock(&pool->lock);
-    while (pool->pending > 0)
-        pthread_cond_wait(&pool->done, &pool->lock);
-    pthread_mutex_unlock(&pool->lock);
+    for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; i++)
+        cpu_relax();
+    if (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) {
+        pthread_mutex_lock(&pool->lock);
+        while (atomic_load(&pool->pending) > 0)
+            pthread_cond_wait(&pool->done, &pool->lock);
+        pthread_mutex_unlock(&pool->lock);
+    }
     tern_flush_denormals_end(saved);
 }
