@@ -203,6 +203,7 @@ static const char *class_name(const data *d, int k)
 
 typedef struct progress {
     bool bar;        /* redraw one line on a terminal; else log lines */
+    bool quiet;      /* no log lines (validation: its summary line says enough) */
     double start, last_draw;
     size_t total, last_logged;
 } progress;
@@ -210,6 +211,7 @@ typedef struct progress {
 static void progress_start(progress *p, const cli *c, size_t total)
 {
     p->bar = c->progress || (!c->no_progress && isatty(STDERR_FILENO));
+    p->quiet = false;
     p->start = p->last_draw = cli_now();
     p->total = total;
     p->last_logged = 0;
@@ -234,7 +236,7 @@ static void progress_update(progress *p, const char *what, size_t done, double l
                 p->total, loss, rate, (int)eta / 60, (int)eta % 60);
         if (done == p->total)
             fputc('\n', stderr);
-    } else if (done == p->total || done - p->last_logged >= (p->total + 9) / 10) {
+    } else if (!p->quiet && (done == p->total || done - p->last_logged >= (p->total + 9) / 10)) {
         p->last_logged = done;
         fprintf(stderr, "%s batch %zu/%zu loss %.4f %.0f img/s ETA %d:%02d\n", what, done,
                 p->total, loss, rate, (int)eta / 60, (int)eta % 60);
@@ -245,13 +247,14 @@ static void progress_update(progress *p, const char *what, size_t done, double l
 
 /* Runs the model in eval mode over a loader's epoch into metrics. */
 static int evaluate(tern_model *m, tern_loader *loader, tern_metrics *metrics, float *logits,
-                    const cli *c, const char *what)
+                    const cli *c, const char *what, bool quiet_log)
 {
     const tern_model_options *o = tern_model_options_of(m);
     tern_metrics_reset(metrics);
     tern_error err = {{0}};
     progress p;
     progress_start(&p, c, tern_loader_batches(loader));
+    p.quiet = quiet_log;
     size_t batches = 0, images = 0;
     for (;;) {
         const float *x;
@@ -566,7 +569,7 @@ static int cmd_train(int argc, char **argv)
             progress_update(&p, what, batches, loss_sum / (double)batches, images);
         }
         double train_s = cli_now() - start;
-        if ((rc = evaluate(m, val, metrics, logits, &c, "  validating")))
+        if ((rc = evaluate(m, val, metrics, logits, &c, "  validating", true)))
             goto done;
         fprintf(stderr, "epoch %d/%d: train loss %.4f, %.0f img/s, %.1f s | val loss %.4f, accuracy %.2f%%\n",
                 epoch + 1, c.epochs, loss_sum / (double)(batches ? batches : 1),
@@ -578,7 +581,7 @@ static int cmd_train(int argc, char **argv)
             goto done;
         }
     }
-    if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, val, metrics, logits, &c, "  validating")))
+    if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, val, metrics, logits, &c, "  validating", true)))
         goto done;
     printf("trained in %.1f s\n", cli_now() - run_start);
     print_metrics(metrics, classes, &d, 5);
@@ -593,7 +596,8 @@ static int cmd_train(int argc, char **argv)
     }
     for (int k = 0; k < classes; k++)
         names[k] = (char *)class_name(&d, k);
-    tern_model_info mi = {.input_size = size, .nclasses = classes, .class_names = names};
+    tern_model_info mi = {.input_size = size, .resize = d.eval_t.resize, .nclasses = classes,
+                          .class_names = names};
     for (int ch = 0; ch < 3; ch++) {
         mi.mean[ch] = d.eval_t.mean[ch];
         mi.std[ch] = d.eval_t.std[ch];
@@ -621,15 +625,18 @@ done:
 
 /* ---- eval and predict ------------------------------------------------------------------------- */
 
-/* The evaluation transform a model file describes (its input size and normalization). */
+/* The evaluation transform a model file describes (input size, resize, normalization); files
+ * without that information get the folder pipeline at 224 (or --size). */
 static tern_transform model_transform(const tern_model *m, const tern_model_info *info,
-                                      int size_override, bool fashion)
+                                      int size_override)
 {
     const tern_model_options *o = tern_model_options_of(m);
     int size = size_override ? size_override : info->input_size ? info->input_size : 224;
-    data d = {.fashion = fashion};
+    data d = {0};
     make_transforms(&d, size, o->in_channels, false);
     tern_transform t = d.eval_t;
+    if (info->resize > 0 && !size_override)
+        t.resize = info->resize;
     if (info->std[0] != 0)
         for (int ch = 0; ch < 3; ch++) {
             t.mean[ch] = info->mean[ch];
@@ -682,7 +689,7 @@ static int cmd_eval(int argc, char **argv)
                      class_name(&d, k));
             goto done;
         }
-    tern_transform t = model_transform(m, &info, c.size, d.fashion);
+    tern_transform t = model_transform(m, &info, c.size);
     tern_loader_options lo = {.batch = c.batch, .indices = d.val_idx, .nindices = d.nval,
                               .cache_dir = c.cache, .cache_size = t.size};
     if (tern_loader_create(d.val, &t, &lo, NULL, &loader, &err) != TERN_OK) {
@@ -700,7 +707,7 @@ static int cmd_eval(int argc, char **argv)
         goto done;
     }
     double start = cli_now();
-    if ((rc = evaluate(m, loader, metrics, logits, &c, "evaluating")))
+    if ((rc = evaluate(m, loader, metrics, logits, &c, "evaluating", false)))
         goto done;
     double secs = cli_now() - start;
     print_metrics(metrics, classes, &d, top);
@@ -741,9 +748,7 @@ static int cmd_predict(int argc, char **argv)
     if ((rc = cli_load_model(&c, c.model, &m, &info)))
         return rc;
     const tern_model_options *o = tern_model_options_of(m);
-    /* A one-channel 28..32 px model is taken to be a Fashion-MNIST one (zero-padded input). */
-    bool fashion = o->in_channels == 1 && info.input_size == 32;
-    tern_transform t = model_transform(m, &info, c.size, fashion);
+    tern_transform t = model_transform(m, &info, c.size);
     int k = o->num_classes, top = c.top < k ? c.top : k;
     float *x = malloc(sizeof(float) * (size_t)t.size * (size_t)t.size * (size_t)t.channels);
     float *logits = malloc(sizeof(float) * (size_t)k);

@@ -164,6 +164,10 @@ static tern_status add_info(tern_safetensors_writer *w, const tern_model_info *i
         snprintf(size, sizeof size, "%d", info->input_size);
         s = tern_safetensors_writer_set_metadata(w, "input_size", size);
     }
+    if (s == TERN_OK && info->resize > 0) {
+        snprintf(size, sizeof size, "%d", info->resize);
+        s = tern_safetensors_writer_set_metadata(w, "resize", size);
+    }
     if (s == TERN_OK && info->std[0] != 0) {
         mean = json_floats(info->mean, 3);
         std = json_floats(info->std, 3);
@@ -293,6 +297,9 @@ tern_status tern_model_info_read(const tern_safetensors *st, tern_model_info *in
     tern_status s = TERN_OK;
     if (size)
         s = parse_int(size, "input_size", 1, 16384, &r.input_size, err);
+    const char *resize = tern_safetensors_metadata(st, "resize");
+    if (s == TERN_OK && resize)
+        s = parse_int(resize, "resize", 1, 65536, &r.resize, err);
     const char *mean = tern_safetensors_metadata(st, "mean");
     const char *std = tern_safetensors_metadata(st, "std");
     if (s == TERN_OK && mean)

@@ -1306,7 +1306,7 @@ static void model_info_round_trip(void **state)
     o.num_classes = 3;
     tern_model *m = create(&o);
     char *names[3] = {"T-shirt/top", "caf\xc3\xa9 \"au lait\"", "x,y"};
-    tern_model_info info = {.input_size = 64, .mean = {0.5f, 0.25f, 0.125f},
+    tern_model_info info = {.input_size = 64, .resize = 73, .mean = {0.5f, 0.25f, 0.125f},
                             .std = {0.2f, 0.3f, 0.4f}, .nclasses = 3, .class_names = names};
     tern_error err = {{0}};
     assert_int_equal(tern_model_save_file(m, &info, path, &err), TERN_OK);
@@ -1316,6 +1316,7 @@ static void model_info_round_trip(void **state)
     tern_model_info back;
     assert_int_equal(tern_model_info_read(st, &back, &err), TERN_OK);
     assert_int_equal(back.input_size, 64);
+    assert_int_equal(back.resize, 73);
     for (int i = 0; i < 3; i++) {
         assert_true(back.mean[i] == info.mean[i]);
         assert_true(back.std[i] == info.std[i]);

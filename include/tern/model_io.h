@@ -37,6 +37,8 @@ tern_status tern_model_add_state(const tern_model *model, tern_safetensors_write
 /* What inference needs beyond the architecture, kept in a model file's metadata. */
 typedef struct tern_model_info {
     int input_size;      /* height = width the model was trained at; 0 if unknown */
+    int resize;          /* evaluation: shorter side resized to this, then center crop of
+                          * input_size (zero-padded when smaller); 0 if unknown */
     float mean[3], std[3]; /* input normalization (per input channel; unused entries 0) */
     int nclasses;        /* entries in class_names: 0 or the model's num_classes */
     char **class_names;  /* owned by the struct when read by tern_model_info_read */
