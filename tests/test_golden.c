@@ -73,7 +73,7 @@ static bool close_or_zero(const char *what, const float *got, const float *want,
     return false;
 }
 
-static void fixture_open(fixture *f, const char *name, int threads)
+static void fixture_open(fixture *f, const char *name, int threads, tern_isa isa)
 {
     char path[1024];
     snprintf(path, sizeof path, "%s/%s.safetensors", test_fixture_dir(), name);
@@ -85,6 +85,7 @@ static void fixture_open(fixture *f, const char *name, int threads)
     assert_int_equal(tern_model_options_from_metadata(f->st, &opt, &err), TERN_OK);
     opt.dropout = 0.0f;
     opt.threads = threads;
+    opt.isa = isa;
     if (tern_model_create(&opt, &f->model, &err) != TERN_OK)
         fail_msg("%s", err.message);
     if (tern_model_load_state(f->model, f->st, "init.", &err) != TERN_OK)
@@ -127,10 +128,10 @@ static void fixture_close(fixture *f)
     free(f->dlogits);
 }
 
-static void check_against_torchvision(const char *name, int threads)
+static void check_against_torchvision(const char *name, int threads, tern_isa isa)
 {
     fixture f;
-    fixture_open(&f, name, threads);
+    fixture_open(&f, name, threads, isa);
     size_t nk = (size_t)f.n * f.k;
     char what[600];
 
@@ -229,12 +230,25 @@ static void check_against_torchvision(const char *name, int threads)
     fixture_close(&f);
 }
 
-static void small_bn_1(void **state) { (void)state; check_against_torchvision("small_bn", 1); }
-static void small_bn_2(void **state) { (void)state; check_against_torchvision("small_bn", 2); }
-static void large_bn_1(void **state) { (void)state; check_against_torchvision("large_bn", 1); }
-static void large_bn_2(void **state) { (void)state; check_against_torchvision("large_bn", 2); }
-static void small_gn_1(void **state) { (void)state; check_against_torchvision("small_gn", 1); }
-static void small_gn_2(void **state) { (void)state; check_against_torchvision("small_gn", 2); }
+/* Every kernel level must pass: the best the CPU has, and the portable paths forced. */
+#define GOLDEN(name, fixture, threads, isa)                                                   \
+    static void name(void **state)                                                            \
+    {                                                                                         \
+        (void)state;                                                                          \
+        check_against_torchvision(fixture, threads, isa);                                     \
+    }
+GOLDEN(small_bn_1, "small_bn", 1, TERN_ISA_AUTO)
+GOLDEN(small_bn_2, "small_bn", 2, TERN_ISA_AUTO)
+GOLDEN(large_bn_1, "large_bn", 1, TERN_ISA_AUTO)
+GOLDEN(large_bn_2, "large_bn", 2, TERN_ISA_AUTO)
+GOLDEN(small_gn_1, "small_gn", 1, TERN_ISA_AUTO)
+GOLDEN(small_gn_2, "small_gn", 2, TERN_ISA_AUTO)
+GOLDEN(small_bn_scalar, "small_bn", 2, TERN_ISA_SCALAR)
+GOLDEN(large_bn_scalar, "large_bn", 1, TERN_ISA_SCALAR)
+GOLDEN(small_gn_scalar, "small_gn", 1, TERN_ISA_SCALAR)
+GOLDEN(small_bn_avx2, "small_bn", 1, TERN_ISA_AVX2)
+GOLDEN(large_bn_avx2, "large_bn", 2, TERN_ISA_AVX2)
+GOLDEN(small_gn_avx2, "small_gn", 2, TERN_ISA_AVX2)
 
 /* The full-size networks: every state_dict name, dtype and shape in torchvision's order, and
  * the parameter count. */
@@ -291,6 +305,9 @@ int main(void)
         cmocka_unit_test(small_bn_1),       cmocka_unit_test(small_bn_2),
         cmocka_unit_test(large_bn_1),       cmocka_unit_test(large_bn_2),
         cmocka_unit_test(small_gn_1),       cmocka_unit_test(small_gn_2),
+        cmocka_unit_test(small_bn_scalar),  cmocka_unit_test(large_bn_scalar),
+        cmocka_unit_test(small_gn_scalar),  cmocka_unit_test(small_bn_avx2),
+        cmocka_unit_test(large_bn_avx2),    cmocka_unit_test(small_gn_avx2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
