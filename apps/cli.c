@@ -81,7 +81,7 @@ static const opt_spec OPTIONS[] = {
     {"label-smoothing", T_FLOAT, O(smoothing), 0, 1, TRAINING},
     {"clip-grad-norm", T_FLOAT, O(clip), 0, 1e9, LOOPS},
     {"warmup-epochs", T_FLOAT, O(warmup_epochs), 0, 1e6, LOOPS},
-    {"distill", T_FLOAT, O(distill), 0, 1, CMD_ADD_CLASS},
+    {"distill", T_FLOAT, O(distill), 0, 1000, CMD_ADD_CLASS},
     {"epochs", T_INT, O(epochs), 1, 100000, LOOPS},
     {"batch", T_INT, O(batch), 1, 65536, TRAINING | CMD_EVAL},
     {"size", T_INT, O(size), 32, 4096, CMD_DEMO | LOOPS | CMD_EVAL | CMD_PREDICT},
@@ -91,8 +91,8 @@ static const opt_spec OPTIONS[] = {
     {"val-limit", T_LONG, O(val_limit), 1, 1e12, LOOPS},
     {"no-augment", T_FLAG, O(no_augment), 0, 0, LOOPS},
     {"strict", T_FLAG, O(strict), 0, 0, LOOPS | CMD_EVAL | CMD_PREDICT},
-    {"progress", T_FLAG, O(progress), 0, 0, LOOPS | CMD_EVAL},
-    {"no-progress", T_FLAG, O(no_progress), 0, 0, LOOPS | CMD_EVAL},
+    {"progress", T_FLAG, O(progress), 0, 0, CMD_TRAIN | CMD_EVAL},
+    {"no-progress", T_FLAG, O(no_progress), 0, 0, CMD_TRAIN | CMD_EVAL},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 

@@ -69,5 +69,7 @@ double cli_now(void);
 int tern_cmd_train(int argc, char **argv);
 int tern_cmd_eval(int argc, char **argv);
 int tern_cmd_predict(int argc, char **argv);
+/* Command in tern_add_class.c. */
+int tern_cmd_add_class(int argc, char **argv);
 
 #endif

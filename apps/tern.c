@@ -5,6 +5,7 @@
  *   tern demo     a few training steps on a fixed synthetic batch, showing the loss fall
  *   tern info     metadata and tensors of a safetensors file
  *   tern train, eval, predict   (tern_train.c)
+ *   tern add-class              (tern_add_class.c)
  *
  * Tensor files use PyTorch's NCHW layout; the conversion to Tern's NHWC happens here. All
  * printing lives in the apps, never in the library. */
@@ -411,7 +412,8 @@ static void usage(FILE *f)
             "  info      print a safetensors file's metadata and tensors\n"
             "  train     train on Fashion-MNIST or an image folder\n"
             "  eval      accuracy, per-class metrics and confusion matrix of a model\n"
-            "  predict   classify images with a trained model\n\n"
+            "  predict   classify images with a trained model\n"
+            "  add-class add a class to a trained model without forgetting the old ones\n\n"
             "Run 'tern <command> --help' for a command's options.\n");
 }
 
@@ -432,7 +434,7 @@ int main(int argc, char **argv)
     } COMMANDS[] = {
         {"forward", cmd_forward}, {"step", cmd_step},       {"demo", cmd_demo},
         {"info", cmd_info},       {"train", tern_cmd_train}, {"eval", tern_cmd_eval},
-        {"predict", tern_cmd_predict}};
+        {"predict", tern_cmd_predict}, {"add-class", tern_cmd_add_class}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];

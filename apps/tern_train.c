@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "train_common.h"
 #include "tern.h"
 #include "tern/checkpoint.h"
 
@@ -38,18 +39,6 @@ static void data_close(data *d)
     free(d->train_idx);
     free(d->val_idx);
     memset(d, 0, sizeof *d);
-}
-
-static bool is_dir(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-static void warn_skip(void *user, const char *message)
-{
-    (void)user;
-    fprintf(stderr, "%s: warning: %s\n", cli_prog, message);
 }
 
 /* The geometry and normalization for a data source at `size`. */
@@ -76,35 +65,6 @@ static void make_transforms(data *d, int size, int channels, bool augment)
     }
     d->train_t = t;
     d->eval_t = e;
-}
-
-static int open_folder(const char *dir, bool strict, tern_dataset **out)
-{
-    tern_folder_options fo = {.strict = strict, .warn = warn_skip};
-    tern_error err = {{0}};
-    if (tern_dataset_open_folder(dir, &fo, NULL, out, &err) != TERN_OK)
-        return die("%s", err.message);
-    return 0;
-}
-
-/* A seeded random sample of k of the indices [0, n) (all of them, shuffled, when k >= n). */
-static size_t *sample_indices(size_t n, size_t k, uint64_t seed, size_t *count)
-{
-    size_t *idx = malloc((n ? n : 1) * sizeof *idx);
-    if (!idx)
-        return NULL;
-    tern_rng rng;
-    tern_rng_seed(&rng, seed);
-    for (size_t i = 0; i < n; i++)
-        idx[i] = i;
-    for (size_t i = n; i > 1; i--) {
-        size_t j = (size_t)(tern_rng_next(&rng) % i);
-        size_t t = idx[i - 1];
-        idx[i - 1] = idx[j];
-        idx[j] = t;
-    }
-    *count = k < n ? k : n;
-    return idx;
 }
 
 /* Opens --data (and --val) for training or evaluation. */
@@ -150,8 +110,8 @@ static int open_data(const cli *c, bool training, data *d)
      * validation set exists. */
     uint64_t seed = (uint64_t)c->seed;
     if (d->train) {
-        size_t n = tern_dataset_size(d->train), k;
-        size_t *perm = sample_indices(n, n, seed ^ 0x5eed, &k);
+        size_t n = tern_dataset_size(d->train);
+        size_t *perm = shuffled_indices(n, seed ^ 0x5eed);
         if (!perm)
             return die("out of memory");
         size_t nval = 0;
@@ -178,12 +138,12 @@ static int open_data(const cli *c, bool training, data *d)
             d->ntrain = (size_t)c->limit;
     }
     if (d->val && !d->val_idx) {
-        size_t n = tern_dataset_size(d->val), k;
+        size_t n = tern_dataset_size(d->val);
         long long limit = training ? c->val_limit : c->limit;
-        d->val_idx = sample_indices(n, limit > 0 ? (size_t)limit : n, seed ^ 0x7a1, &k);
+        d->val_idx = shuffled_indices(n, seed ^ 0x7a1);
         if (!d->val_idx)
             return die("out of memory");
-        d->nval = k;
+        d->nval = limit > 0 && (size_t)limit < n ? (size_t)limit : n;
         /* Without a limit, keep the natural order (easier to read confusions by source). */
         for (size_t i = 0; limit <= 0 && i < n; i++)
             d->val_idx[i] = i;
@@ -361,44 +321,6 @@ static const char TRAIN_HELP[] =
     "  --metrics-json PATH    final validation metrics as JSON\n"
     "  --progress / --no-progress   progress bar (default: when stderr is a terminal)\n";
 
-static int make_optimizer(const cli *c, tern_model *m, tern_optimizer **opt)
-{
-    tern_optimizer_kind kind = TERN_OPTIMIZER_SGD;
-    if (c->optimizer && tern_optimizer_kind_parse(c->optimizer, &kind) != TERN_OK)
-        return die("unknown --optimizer '%s' (sgd, adam, adamw or rmsprop)", c->optimizer);
-    tern_optimizer_options o = tern_optimizer_options_default(kind);
-    o.lr = c->lr > 0 ? c->lr : kind == TERN_OPTIMIZER_SGD ? 0.1f : 1e-3f;
-    if (kind == TERN_OPTIMIZER_SGD || kind == TERN_OPTIMIZER_RMSPROP)
-        o.momentum = c->momentum >= 0 ? c->momentum : kind == TERN_OPTIMIZER_SGD ? 0.9f : 0.0f;
-    o.nesterov = c->nesterov;
-    if (c->weight_decay >= 0)
-        o.weight_decay = c->weight_decay;
-    tern_error err = {{0}};
-    if (tern_optimizer_create(m, &o, opt, &err) != TERN_OK)
-        return die("%s", err.message);
-    return 0;
-}
-
-static int make_schedule(const cli *c, float base_lr, long steps_per_epoch, tern_schedule *s)
-{
-    *s = (tern_schedule){.kind = TERN_SCHEDULE_COSINE, .base_lr = base_lr,
-                         .warmup_steps = (long)(c->warmup_epochs * (float)steps_per_epoch),
-                         .warmup_start_factor = 0.01f, .step_size = steps_per_epoch * 10,
-                         .gamma = 0.1f, .total_steps = steps_per_epoch * c->epochs};
-    if (c->schedule && strcmp(c->schedule, "step") == 0)
-        s->kind = TERN_SCHEDULE_STEP;
-    else if (c->schedule && strcmp(c->schedule, "constant") == 0)
-        s->kind = TERN_SCHEDULE_CONSTANT;
-    else if (c->schedule && strcmp(c->schedule, "cosine") != 0)
-        return die("unknown --schedule '%s' (cosine, step or constant)", c->schedule);
-    if (s->total_steps <= s->warmup_steps)
-        s->total_steps = s->warmup_steps + 1;
-    tern_error err = {{0}};
-    if (tern_schedule_validate(s, &err) != TERN_OK)
-        return die("%s", err.message);
-    return 0;
-}
-
 /* Creates the model: fresh, from --init, or shaped like the checkpoint being resumed. */
 static int make_model(const cli *c, int classes, int channels, tern_model **m)
 {
@@ -481,7 +403,7 @@ static int cmd_train(int argc, char **argv)
     tern_metrics *metrics = NULL;
     float *logits = NULL, *dlogits = NULL;
     tern_error err = {{0}};
-    if ((rc = make_model(&c, classes, channels, &m)) || (rc = make_optimizer(&c, m, &opt)))
+    if ((rc = make_model(&c, classes, channels, &m)) || (rc = make_optimizer(&c, m, 0.1f, 1e-3f, &opt)))
         goto done;
     tern_loader_options lo = {.batch = c.batch, .shuffle = true, .drop_last = true,
                               .seed = (uint64_t)c.seed, .indices = d.train_idx,
@@ -625,26 +547,6 @@ done:
 
 /* ---- eval and predict ------------------------------------------------------------------------- */
 
-/* The evaluation transform a model file describes (input size, resize, normalization); files
- * without that information get the folder pipeline at 224 (or --size). */
-static tern_transform model_transform(const tern_model *m, const tern_model_info *info,
-                                      int size_override)
-{
-    const tern_model_options *o = tern_model_options_of(m);
-    int size = size_override ? size_override : info->input_size ? info->input_size : 224;
-    data d = {0};
-    make_transforms(&d, size, o->in_channels, false);
-    tern_transform t = d.eval_t;
-    if (info->resize > 0 && !size_override)
-        t.resize = info->resize;
-    if (info->std[0] != 0)
-        for (int ch = 0; ch < 3; ch++) {
-            t.mean[ch] = info->mean[ch];
-            t.std[ch] = info->std[ch] != 0 ? info->std[ch] : 1;
-        }
-    return t;
-}
-
 static int cmd_eval(int argc, char **argv)
 {
     cli c = {.batch = 256, .top = 5};
@@ -689,7 +591,7 @@ static int cmd_eval(int argc, char **argv)
                      class_name(&d, k));
             goto done;
         }
-    tern_transform t = model_transform(m, &info, c.size);
+    tern_transform t = model_eval_transform(&info, c.size, tern_model_options_of(m)->in_channels);
     tern_loader_options lo = {.batch = c.batch, .indices = d.val_idx, .nindices = d.nval,
                               .cache_dir = c.cache, .cache_size = t.size};
     if (tern_loader_create(d.val, &t, &lo, NULL, &loader, &err) != TERN_OK) {
@@ -748,7 +650,7 @@ static int cmd_predict(int argc, char **argv)
     if ((rc = cli_load_model(&c, c.model, &m, &info)))
         return rc;
     const tern_model_options *o = tern_model_options_of(m);
-    tern_transform t = model_transform(m, &info, c.size);
+    tern_transform t = model_eval_transform(&info, c.size, tern_model_options_of(m)->in_channels);
     int k = o->num_classes, top = c.top < k ? c.top : k;
     float *x = malloc(sizeof(float) * (size_t)t.size * (size_t)t.size * (size_t)t.channels);
     float *logits = malloc(sizeof(float) * (size_t)k);

@@ -14,5 +14,6 @@
 #include "tern/rng.h"
 #include "tern/safetensors.h"
 #include "tern/status.h"
+#include "tern/store.h"
 
 #endif

@@ -180,6 +180,22 @@ tern_status tern_model_profile_at(const tern_model *model, size_t i, tern_op_pro
 tern_status tern_cross_entropy_loss(float *loss, float *dlogits, const float *logits,
                                     const int32_t *labels, int n, int k, float smoothing);
 
+/* Knowledge-distillation loss (Hinton et al. 2015) of a student against a teacher:
+ *   loss = weight * T^2 * mean_i KL(softmax(teacher_i / T) || softmax(student_i[:k] / T))
+ * i.e. PyTorch's weight * T^2 * kl_div(log_softmax(s / T), softmax(t / T), "batchmean").
+ *   student_logits (n, student_stride): only the first k columns take part (a grown model's
+ *                  old classes); student_stride >= k
+ *   teacher_logits (n, k)
+ *   dlogits        (n, student_stride) or NULL: dLoss/dstudent is ADDED to the first k columns
+ *                  (weight * T / n * (q - p)), so it can follow tern_cross_entropy_loss on the
+ *                  same buffer; the other columns are not touched
+ * *loss receives the value above (weight included). TERN_ERR_INVALID for NULL inputs, n or
+ * k < 1, student_stride < k, a temperature that is not finite and > 0, a weight that is not
+ * finite and >= 0. */
+tern_status tern_distillation_loss(float *loss, float *dlogits, const float *student_logits,
+                                   int student_stride, const float *teacher_logits, int n, int k,
+                                   float temperature, float weight);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,344 @@
+/* The federated server's persistent store and model registry, on LMDB.
+ *
+ * One store is one LMDB environment (a directory holding data.mdb and lock.mdb) with named
+ * sub-databases for categories, clients, training images, rounds, model versions, model blobs
+ * and an audit log, plus the secondary indexes lookups need. Every record is a JSON object
+ * (jansson) carrying a "schema" number. Every change is one LMDB write transaction, so a process
+ * killed at any instant leaves the store as it was before or after the change, never between;
+ * in particular tern_store_commit_round writes the round record, the model blob, the version
+ * record and the current-version pointer together.
+ *
+ * Records are plain structs with fixed-size, NUL-terminated string fields (sizes below); input
+ * strings longer than a field are refused with TERN_ERR_INVALID, never truncated. Functions
+ * returning lists allocate the array with the store's allocator; release it with
+ * tern_store_free. Every function that can fail takes a tern_error (may be NULL) that receives
+ * a message naming the record involved.
+ *
+ * Errors, common to every function: TERN_ERR_INVALID (NULL or out-of-range argument, a string
+ * too long, a duplicate name/class index/content, an illegal round transition), TERN_ERR_NOT_FOUND
+ * (unknown id, name, number or version: the message names it), TERN_ERR_FORMAT (a record that
+ * does not decode, a blob whose SHA-256 does not match), TERN_ERR_UNSUPPORTED (a record written
+ * by a newer schema), TERN_ERR_IO (LMDB or file system failure), TERN_ERR_NOMEM,
+ * TERN_ERR_STATE (writing to a store opened read-only).
+ *
+ * Concurrency: any number of processes may open the same directory (LMDB serializes writers
+ * and readers never block). Within a process, open a directory once (an LMDB rule); the handle
+ * may then be shared by threads. When the map is full a write is aborted, the map doubled and
+ * the write retried, up to max_map_size. */
+#ifndef TERN_STORE_H
+#define TERN_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tern/alloc.h"
+#include "tern/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Field sizes, including the terminating NUL. */
+#define TERN_STORE_ID_SIZE 37       /* RFC 4122 version-4 UUID text */
+#define TERN_STORE_NAME_SIZE 128    /* names, device types, actors, tags */
+#define TERN_STORE_TEXT_SIZE 512    /* descriptions, notes, reasons, paths */
+#define TERN_STORE_SHA256_SIZE 65   /* lower-case hex */
+#define TERN_STORE_VERSION_SIZE 32  /* "major.minor.patch" */
+#define TERN_STORE_KEY_HASH_SIZE 160 /* "pbkdf2-sha256$iterations$salt$hash" */
+
+/* Milliseconds since the Unix epoch. */
+typedef int64_t (*tern_store_clock)(void *user);
+
+typedef struct tern_store_options {
+    size_t map_size;      /* initial map size in bytes; 0 = 64 MiB (an existing larger map wins) */
+    size_t max_map_size;  /* growth limit; 0 = 1 TiB */
+    bool read_only;       /* open without write access; writes fail with TERN_ERR_STATE */
+    bool no_sync;         /* skip fsync at commit: survives a killed process, not a power loss */
+    tern_store_clock clock; /* NULL = real time */
+    void *clock_user;
+    const tern_allocator *alloc; /* NULL = C library; copied, need not outlive the call */
+} tern_store_options;
+
+typedef struct tern_store tern_store;
+
+/* Open the store in directory dir, creating the directory and the environment when missing
+ * (unless read_only). options may be NULL. Stale reader slots left by killed processes are
+ * cleared. On failure *out is untouched. */
+tern_status tern_store_open(const char *dir, const tern_store_options *options, tern_store **out,
+                            tern_error *err);
+/* Close; *store becomes NULL. Accepts NULL. */
+void tern_store_close(tern_store **store);
+/* Release an array returned by a list function. Accepts NULL. */
+void tern_store_free(tern_store *store, void *ptr);
+/* Current map size in bytes (grows as the store fills). */
+size_t tern_store_map_size(const tern_store *store);
+
+/* ---- object categories ----------------------------------------------------------------- */
+
+typedef struct tern_category {
+    char id[TERN_STORE_ID_SIZE];
+    char name[TERN_STORE_NAME_SIZE];        /* unique */
+    char description[TERN_STORE_TEXT_SIZE];
+    int32_t class_index;                    /* unique, >= 0: the model's output index */
+    bool active;
+    int64_t sample_count;                   /* images stored for it (kept by image_add) */
+    int64_t created_at, updated_at;
+    char created_by[TERN_STORE_NAME_SIZE];
+} tern_category;
+
+/* Add a category from in->name, description, class_index, active and created_by (other fields
+ * ignored). *out (may be NULL) receives the stored record with its new id. Audited.
+ * TERN_ERR_INVALID with "already" in the message for a duplicate name or class index. */
+tern_status tern_store_category_add(tern_store *store, const tern_category *in,
+                                    tern_category *out, tern_error *err);
+tern_status tern_store_category_get(tern_store *store, const char *id, tern_category *out,
+                                    tern_error *err);
+tern_status tern_store_category_get_by_name(tern_store *store, const char *name,
+                                            tern_category *out, tern_error *err);
+tern_status tern_store_category_get_by_index(tern_store *store, int32_t class_index,
+                                             tern_category *out, tern_error *err);
+/* All categories in class-index order; *out is released with tern_store_free. */
+tern_status tern_store_category_list(tern_store *store, tern_category **out, size_t *count,
+                                     tern_error *err);
+/* Rename (new name must be unique), set active, remove; actor is recorded in the audit log. */
+tern_status tern_store_category_rename(tern_store *store, const char *id, const char *new_name,
+                                       const char *actor, tern_error *err);
+tern_status tern_store_category_set_active(tern_store *store, const char *id, bool active,
+                                           const char *actor, tern_error *err);
+/* Refused (TERN_ERR_INVALID) while images refer to the category. */
+tern_status tern_store_category_remove(tern_store *store, const char *id, const char *actor,
+                                       tern_error *err);
+
+/* ---- clients ------------------------------------------------------------------------------ */
+
+typedef struct tern_client_record {
+    char id[TERN_STORE_ID_SIZE];
+    char name[TERN_STORE_NAME_SIZE];        /* unique */
+    char device_type[TERN_STORE_NAME_SIZE];
+    char os_info[TERN_STORE_NAME_SIZE];
+    int64_t registered_at, last_seen;
+    bool active;
+    int64_t total_samples;
+    char api_key_hash[TERN_STORE_KEY_HASH_SIZE]; /* from tern_store_hash_api_key; never the key */
+    double quality_score;
+    bool blacklisted;
+    char blacklist_reason[TERN_STORE_TEXT_SIZE];
+} tern_client_record;
+
+/* Register a client from in->name, device_type, os_info, api_key_hash (must look like the
+ * output of tern_store_hash_api_key). Starts active, not blacklisted, quality 1.0. */
+tern_status tern_store_client_register(tern_store *store, const tern_client_record *in,
+                                       tern_client_record *out, tern_error *err);
+tern_status tern_store_client_get(tern_store *store, const char *id, tern_client_record *out,
+                                  tern_error *err);
+tern_status tern_store_client_get_by_name(tern_store *store, const char *name,
+                                          tern_client_record *out, tern_error *err);
+tern_status tern_store_client_list(tern_store *store, tern_client_record **out, size_t *count,
+                                   tern_error *err);
+/* Blacklist (reason required) or clear it; audited. A blacklisted client is also inactive. */
+tern_status tern_store_client_set_blacklisted(tern_store *store, const char *id, bool blacklisted,
+                                              const char *reason, const char *actor,
+                                              tern_error *err);
+/* Mark the client seen now. */
+tern_status tern_store_client_touch(tern_store *store, const char *id, tern_error *err);
+/* Set the quality score (finite). */
+tern_status tern_store_client_set_quality(tern_store *store, const char *id, double score,
+                                          tern_error *err);
+
+/* API keys: "pbkdf2-sha256$<iterations>$<salt hex>$<hash hex>", PBKDF2-HMAC-SHA256 with a random
+ * 16-byte salt and TERN_STORE_KEY_ITERATIONS iterations. verify compares in constant time and
+ * sets *ok; a malformed hash string is TERN_ERR_FORMAT. */
+#define TERN_STORE_KEY_ITERATIONS 100000
+tern_status tern_store_hash_api_key(const char *key, char out[TERN_STORE_KEY_HASH_SIZE],
+                                    tern_error *err);
+tern_status tern_store_verify_api_key(const char *key, const char *hash, bool *ok,
+                                      tern_error *err);
+
+/* ---- training images -------------------------------------------------------------------- */
+
+typedef struct tern_image_record {
+    char id[TERN_STORE_ID_SIZE];
+    char client_id[TERN_STORE_ID_SIZE];
+    char category_id[TERN_STORE_ID_SIZE];
+    char sha256[TERN_STORE_SHA256_SIZE];    /* of the content; unique */
+    char location[TERN_STORE_TEXT_SIZE];    /* a file path, or "blob:<sha256>" when stored inside */
+    int64_t uploaded_at;
+    bool used_in_training;
+} tern_image_record;
+
+/* Record an uploaded image: in->client_id and in->category_id must exist; content (len bytes)
+ * is hashed. When in->location is empty the bytes are stored in the store's blob database and
+ * location becomes "blob:<sha256>"; otherwise location is kept as given (the caller stores the
+ * file). Adds one to the category's sample_count and the client's total_samples.
+ * Duplicate content: TERN_ERR_INVALID, the message says "duplicate", and *out (when not NULL)
+ * receives the EXISTING record, so out->id names the earlier upload. */
+tern_status tern_store_image_add(tern_store *store, const tern_image_record *in,
+                                 const void *content, size_t len, tern_image_record *out,
+                                 tern_error *err);
+tern_status tern_store_image_get(tern_store *store, const char *id, tern_image_record *out,
+                                 tern_error *err);
+tern_status tern_store_image_get_by_hash(tern_store *store, const char *sha256,
+                                         tern_image_record *out, tern_error *err);
+tern_status tern_store_image_set_used(tern_store *store, const char *id, bool used,
+                                      tern_error *err);
+
+/* ---- training rounds -------------------------------------------------------------------- */
+
+typedef enum tern_round_status {
+    TERN_ROUND_PENDING,
+    TERN_ROUND_RUNNING,
+    TERN_ROUND_AGGREGATING,
+    TERN_ROUND_COMPLETED,
+    TERN_ROUND_FAILED,
+} tern_round_status;
+
+/* "pending", "running", ...; "?" outside the enum. Static storage. */
+const char *tern_round_status_name(tern_round_status status);
+/* Legal: pending->running->aggregating->completed, and any non-terminal status -> failed. */
+bool tern_round_transition_legal(tern_round_status from, tern_round_status to);
+
+typedef struct tern_round {
+    int64_t number;                 /* 1, 2, ... */
+    tern_round_status status;
+    int32_t clients_selected, clients_participated;
+    int64_t started_at, ended_at;   /* 0 until running / until completed or failed */
+    double global_accuracy, global_loss;
+    char model_version[TERN_STORE_VERSION_SIZE]; /* empty until completed */
+} tern_round;
+
+typedef struct tern_client_metrics {
+    char client_id[TERN_STORE_ID_SIZE];
+    bool participated;              /* false: selected but dropped out */
+    int64_t num_samples;
+    double loss, accuracy;
+} tern_client_metrics;
+
+/* Create round (last number + 1) in status pending. */
+tern_status tern_store_round_create(tern_store *store, int32_t clients_selected, tern_round *out,
+                                    tern_error *err);
+/* Move a round to a new status; an illegal transition is TERN_ERR_INVALID naming both ends.
+ * Completing goes through tern_store_commit_round instead (TERN_ERR_INVALID here). */
+tern_status tern_store_round_set_status(tern_store *store, int64_t number,
+                                        tern_round_status status, tern_error *err);
+tern_status tern_store_round_get(tern_store *store, int64_t number, tern_round *out,
+                                 tern_error *err);
+/* Rounds with the given status, ascending by number (from the status index). */
+tern_status tern_store_round_list_by_status(tern_store *store, tern_round_status status,
+                                            tern_round **out, size_t *count, tern_error *err);
+/* Per-client metrics recorded for a round (by commit_round), ordered by client id. */
+tern_status tern_store_round_client_metrics(tern_store *store, int64_t number,
+                                            tern_client_metrics **out, size_t *count,
+                                            tern_error *err);
+
+/* ---- model registry --------------------------------------------------------------------- */
+
+typedef struct tern_model_version {
+    char version[TERN_STORE_VERSION_SIZE]; /* "major.minor.patch" */
+    int32_t major, minor, patch;
+    int64_t round;                  /* the round that produced it */
+    char blob_key[TERN_STORE_SHA256_SIZE]; /* key in the blob database; empty once pruned */
+    uint64_t size;                  /* bytes */
+    char sha256[TERN_STORE_SHA256_SIZE];
+    double accuracy;
+    int64_t created_at;
+    char notes[TERN_STORE_TEXT_SIZE];
+    char tag[TERN_STORE_NAME_SIZE]; /* empty = untagged; tagged versions are never pruned */
+    char settings_sha256[TERN_STORE_SHA256_SIZE]; /* of the training settings text */
+    char classes_sha256[TERN_STORE_SHA256_SIZE];  /* of the class set text */
+    bool pruned;                    /* blob removed by retention; metadata kept */
+} tern_model_version;
+
+/* What completing a round records. Borrowed for the duration of the call. */
+typedef struct tern_round_commit {
+    int64_t round;                  /* a round in status aggregating, or 0 to create the next
+                                       round directly as completed */
+    int32_t clients_selected, clients_participated; /* used when round == 0 */
+    double global_accuracy, global_loss;
+    const tern_client_metrics *client_metrics;
+    size_t client_metrics_count;
+    const void *model;              /* the model file (e.g. safetensors bytes) */
+    size_t model_size;              /* > 0 */
+    const char *settings;           /* training settings, any stable text; NULL = "" */
+    const char *classes;            /* class set, any stable text; NULL = "" */
+    const char *notes;              /* NULL = "" */
+} tern_round_commit;
+
+/* Complete a round in ONE write transaction: round record (status completed, end time,
+ * metrics, model version), per-client metrics, status index, model blob, version record and
+ * current pointer. The version number follows the highest existing version: 1.0.0 for the
+ * first; major + 1 when the class set digest differs from it; else minor + 1 when the settings
+ * digest differs; else patch + 1. *round_out and *version_out may be NULL. */
+tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *commit,
+                                    tern_round *round_out, tern_model_version *version_out,
+                                    tern_error *err);
+/* All versions in ascending semantic-version order. */
+tern_status tern_store_version_list(tern_store *store, tern_model_version **out, size_t *count,
+                                    tern_error *err);
+tern_status tern_store_version_get(tern_store *store, const char *version, tern_model_version *out,
+                                   tern_error *err);
+/* The current version; TERN_ERR_NOT_FOUND when the registry is empty. */
+tern_status tern_store_version_current(tern_store *store, tern_model_version *out,
+                                       tern_error *err);
+/* Copy a version's blob (version NULL = current) into a new buffer from the store's allocator
+ * (release with tern_store_free) after checking its SHA-256 and size: a mismatch is
+ * TERN_ERR_FORMAT ("corrupt"), a pruned version TERN_ERR_NOT_FOUND. info (may be NULL)
+ * receives the version record. */
+tern_status tern_store_version_load(tern_store *store, const char *version, void **bytes,
+                                    size_t *len, tern_model_version *info, tern_error *err);
+/* Make another existing, not pruned version current (usually an earlier one; rolling forward
+ * again is allowed); audited with the previous current version. New rounds still number from
+ * the highest version. */
+tern_status tern_store_version_rollback(tern_store *store, const char *version, const char *actor,
+                                        tern_error *err);
+/* Set (or, with "" / NULL, clear) a version's tag; audited. */
+tern_status tern_store_version_tag(tern_store *store, const char *version, const char *tag,
+                                   const char *actor, tern_error *err);
+/* Retention: remove the blobs of every version except the keep_latest highest, the current
+ * and tagged ones; their records stay, marked pruned. A blob still referenced by a kept
+ * version or an image is kept. *pruned (may be NULL) receives the number of versions pruned.
+ * Audited when anything is pruned. */
+tern_status tern_store_version_prune(tern_store *store, size_t keep_latest, const char *actor,
+                                     size_t *pruned, tern_error *err);
+
+/* ---- audit log ---------------------------------------------------------------------------- */
+
+typedef struct tern_audit_entry {
+    int64_t seq;                    /* 1, 2, ... in commit order */
+    int64_t at;
+    char actor[TERN_STORE_NAME_SIZE];
+    char action[TERN_STORE_NAME_SIZE];  /* "category.add", "version.rollback", ... */
+    char target[TERN_STORE_NAME_SIZE];  /* id or version acted on */
+    char detail[TERN_STORE_TEXT_SIZE];
+} tern_audit_entry;
+
+/* Entries with seq > after_seq, oldest first, at most max (0 = all). */
+tern_status tern_store_audit_list(tern_store *store, int64_t after_seq, size_t max,
+                                  tern_audit_entry **out, size_t *count, tern_error *err);
+
+/* ---- operations --------------------------------------------------------------------------- */
+
+/* Hot backup: a compacted copy of the whole store into dest_dir (created if missing; must not
+ * hold a data.mdb). Runs in a read transaction, so writers continue meanwhile and the copy is
+ * one consistent snapshot. */
+tern_status tern_store_backup(tern_store *store, const char *dest_dir, tern_error *err);
+/* Restore a backup: src_dir is opened read-only and checked (any problem refuses the restore
+ * with TERN_ERR_FORMAT), then its contents replace dest_dir's data.mdb atomically (rename).
+ * No process may have dest_dir open. */
+tern_status tern_store_restore(const char *src_dir, const char *dest_dir, tern_error *err);
+
+/* Called once per problem found by tern_store_check; message is valid during the call. */
+typedef void (*tern_store_report)(void *user, const char *message);
+/* Integrity check in one read snapshot: every record decodes, indexes agree with records both
+ * ways, references resolve (images to clients/categories/blobs, completed rounds to versions,
+ * versions to blobs and rounds, the current pointer), every blob's SHA-256 matches its key and
+ * every blob is referenced. *problems receives the count (0 = healthy). Returns an error only
+ * when the check itself could not run. report may be NULL. */
+tern_status tern_store_check(tern_store *store, tern_store_report report, void *user,
+                             size_t *problems, tern_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
