@@ -5,7 +5,9 @@
  *                so the conv is one tern_gemm with bias and activation fused into its stores;
  *                the fully connected layer shares this code.
  *   - DEPTHWISE: groups == cin == cout: tern_dwconv_* (nn/dwconv.c), direct NHWC loops.
- *   - IM2COL:    any other groups == 1 conv (in MobileNetV3 only the 3x3 stride-2 stem).
+ *   - STEM:      3x3 stride 2 pad 1 with Cin <= 4 (the MobileNetV3 stem): tern_stemconv_*
+ *                (nn/stemconv.c), direct NHWC kernels, measured faster than im2col + GEMM.
+ *   - IM2COL:    any other groups == 1 conv (none in MobileNetV3 since the stem went direct).
  *                Pixels are gathered in tiles of IM2COL_TILE rows into the caller's workspace
  *                with column order (ky, kx, ci), so each kernel row is one contiguous NHWC run
  *                of k*Cin floats; the weights are permuted to that order (Cout, k, k, Cin) in
@@ -38,6 +40,7 @@ void tern_conv_params_finish(tern_conv_params *p)
 typedef enum conv_path {
     CONV_PATH_GEMM,
     CONV_PATH_DEPTHWISE,
+    CONV_PATH_STEM,
     CONV_PATH_IM2COL,
     CONV_PATH_REF,
 } conv_path;
@@ -54,6 +57,8 @@ static conv_path conv_path_of(const tern_conv_params *p)
         return CONV_PATH_GEMM;
     if (p->groups == p->cin && p->groups == p->cout && (size_t)p->k * (size_t)p->k <= TERN_DW_TAPS_MAX)
         return CONV_PATH_DEPTHWISE;
+    if (tern_stemconv_supported(p))
+        return CONV_PATH_STEM;
     if (p->groups == 1)
         return CONV_PATH_IM2COL;
     return CONV_PATH_REF;
@@ -64,6 +69,8 @@ static conv_path conv_path_of(const tern_conv_params *p)
  * can succeed, so the caller's allocation check catches it. */
 size_t tern_conv2d_workspace_size(const tern_conv_params *p, int nthreads)
 {
+    if (conv_path_of(p) == CONV_PATH_STEM)
+        return tern_stemconv_workspace_size(p, nthreads);
     if (conv_path_of(p) != CONV_PATH_IM2COL)
         return 0;
     size_t weights, tiles, total;
@@ -294,7 +301,7 @@ static conv_task im2col_task(float *workspace, const float *w, const tern_conv_p
 /* ---- dispatch -------------------------------------------------------------------------------- */
 
 /* workspace: at least tern_conv2d_workspace_size(p, tern_pool_size(pool)) floats; only the
- * im2col path reads it, and may be NULL otherwise. Passing less is a caller bug (not checked).
+ * im2col path and the stem backward (dW partials) use it; may be NULL otherwise. Passing less is a caller bug (not checked).
  * With a NULL pool (no GEMM scratch) the GEMMs run tern_gemm_ref. */
 void tern_conv2d_forward(float *y, float *workspace, const float *x, const float *w,
                          const float *b, tern_act act, const tern_conv_params *p, tern_pool *pool)
@@ -305,6 +312,7 @@ void tern_conv2d_forward(float *y, float *workspace, const float *x, const float
                      (size_t)p->cin, (size_t)p->cout, pool);
         return;
     case CONV_PATH_DEPTHWISE: tern_dwconv_forward(y, x, w, b, act, p, pool); return;
+    case CONV_PATH_STEM: tern_stemconv_forward(y, x, w, b, act, p, pool); return;
     case CONV_PATH_IM2COL: {
         conv_task t = im2col_task(workspace, w, p, pool);
         t.y = y;
@@ -336,6 +344,9 @@ void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, con
                       (size_t)p->cin, (size_t)p->cout, pool);
         return;
     case CONV_PATH_DEPTHWISE: tern_dwconv_backward(dx, dw, db, dy, x, w, p, pool); return;
+    case CONV_PATH_STEM:
+        tern_stemconv_backward(dx, dw, db, workspace, dy, x, w, p, pool);
+        return;
     case CONV_PATH_IM2COL: {
         conv_task t = im2col_task(workspace, w, p, pool);
         t.dx = dx;

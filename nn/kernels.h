@@ -15,6 +15,7 @@
 #ifndef TERN_KERNELS_H
 #define TERN_KERNELS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,8 +40,9 @@ typedef struct tern_conv_params {
 /* Fills oh/ow from the other fields. */
 void tern_conv_params_finish(tern_conv_params *p);
 
-/* Floats of scratch the fast conv kernels need for p (0 when none): im2col for k > 1 with
- * groups == 1, nothing for pointwise or depthwise. Same value for forward and backward. */
+/* Floats of scratch the fast conv kernels need for p (0 when none): im2col tiles and permuted
+ * weights for k > 1 with groups == 1, per-thread dW/db partial sums for the direct stem,
+ * nothing for pointwise or depthwise. Same value for forward and backward. */
 size_t tern_conv2d_workspace_size(const tern_conv_params *p, int nthreads);
 
 /* Largest k*k the direct depthwise kernels take (k <= 7). */
@@ -68,6 +70,25 @@ void tern_dwconv_forward(float *y, const float *x, const float *w, const float *
                          const tern_conv_params *p, tern_pool *pool);
 void tern_dwconv_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, const tern_conv_params *p, tern_pool *pool);
+
+/* Direct stem convolution (nn/stemconv.c): 3x3, stride 2, pad 1, groups 1, Cin <= 4,
+ * Cout <= 64, vectorized over output channels, no im2col. tern_conv2d_* dispatch to it for
+ * those shapes; callable directly for tests and benchmarks. */
+#define TERN_STEM_CIN_MAX 4
+#define TERN_STEM_COUT_MAX 64
+/* Whether p is a shape the stem kernels take. */
+bool tern_stemconv_supported(const tern_conv_params *p);
+/* Floats of workspace the backward needs (dW/db partials, one set per thread). */
+size_t tern_stemconv_workspace_size(const tern_conv_params *p, int nthreads);
+/* y = act(conv(x, w) + b), bit-identical to the unfused conv followed by + b and
+ * tern_act_forward. */
+void tern_stemconv_forward(float *y, const float *x, const float *w, const float *b,
+                           tern_act act, const tern_conv_params *p, tern_pool *pool);
+/* dx += ..., dw += ..., db += ... (each may be NULL); workspace of
+ * tern_stemconv_workspace_size(p, tern_pool_size(pool)) floats (may be NULL if dw and db are). */
+void tern_stemconv_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
+                            const float *x, const float *w, const tern_conv_params *p,
+                            tern_pool *pool);
 
 /* ---- fully connected ---------------------------------------------------------------------- */
 

@@ -1,8 +1,9 @@
-/* Tests for nn/conv.c: hand-computed values for the reference conv, finite differences for
- * the reference conv and linear backward, the dispatching conv (GEMM, depthwise, im2col and
- * reference paths, with a fused activation) against the reference on random shapes at every
- * ISA level the CPU runs, accumulation into non-zero gradients, and bitwise reproducibility
- * with a thread pool. */
+/* Tests for nn/conv.c and nn/stemconv.c: hand-computed values for the reference conv, finite
+ * differences for the reference conv and linear backward, the dispatching conv (GEMM,
+ * depthwise, direct stem, im2col and reference paths, with a fused activation) against the
+ * reference on random shapes at every ISA level the CPU runs, accumulation into non-zero
+ * gradients, bitwise reproducibility with a thread pool, and the stem's fused bias +
+ * activation giving the same bits as the unfused operations. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -180,17 +181,29 @@ static tern_conv_params random_depthwise(test_rng *r)
                        c, c, k, stride, pad, c);
 }
 
-/* Mostly the MobileNetV3 stem (3x3, stride 2, pad 1, 1 or 3 input channels); a quarter of the
- * cases try other groups == 1 shapes that also take the im2col path. */
+/* The MobileNetV3 stem shapes the direct kernels take: 3x3, stride 2, pad 1, 1..4 input
+ * channels, up to 40 output channels (crossing the 8- and 16-channel vectors), odd and even
+ * sizes from 1 up. */
+static tern_conv_params random_stem(test_rng *r)
+{
+    return make_params(test_rng_int(r, 1, 3), test_rng_int(r, 1, 40), test_rng_int(r, 1, 40),
+                       test_rng_int(r, 1, TERN_STEM_CIN_MAX), test_rng_int(r, 1, 40), 3, 2, 1,
+                       1);
+}
+
+/* groups == 1 shapes that take the im2col path: half are stems with more input channels than
+ * the direct kernels take, half other kernel sizes, strides and paddings. */
 static tern_conv_params random_im2col(test_rng *r)
 {
     int n = test_rng_int(r, 1, 3), cout = test_rng_int(r, 2, 24);
-    if (test_rng_int(r, 0, 3) != 0)
+    if (test_rng_int(r, 0, 1))
         return make_params(n, test_rng_int(r, 1, 13), test_rng_int(r, 1, 13),
-                           test_rng_int(r, 0, 1) ? 3 : 1, cout, 3, 2, 1, 1);
+                           test_rng_int(r, TERN_STEM_CIN_MAX + 1, 8), cout, 3, 2, 1, 1);
     int k = test_rng_int(r, 1, 4), stride = test_rng_int(r, 1, 3), pad = test_rng_int(r, 0, k - 1);
     if (k == 1 && stride == 1 && pad == 0)
         stride = 2;
+    if (k == 3 && stride == 2 && pad == 1)
+        pad = 0;
     int lo = k - 2 * pad > 1 ? k - 2 * pad : 1;
     return make_params(n, test_rng_int(r, lo, 9), test_rng_int(r, lo, 9), test_rng_int(r, 1, 8),
                        cout, k, stride, pad, 1);
@@ -258,6 +271,12 @@ static void test_grouped_vs_ref(void **state)
 {
     (void)state;
     check_random_shapes(random_grouped, 4);
+}
+
+static void test_stem_vs_ref(void **state)
+{
+    (void)state;
+    check_random_shapes(random_stem, 10);
 }
 
 /* ---- hand-computed values ------------------------------------------------------------------- */
@@ -378,7 +397,8 @@ static void test_backward_accumulates(void **state)
 {
     (void)state;
     test_rng rng = {5};
-    shape_gen gens[] = {random_pointwise, random_depthwise, random_im2col, random_grouped};
+    shape_gen gens[] = {random_pointwise, random_depthwise, random_im2col, random_grouped,
+                        random_stem};
     tern_pool *pool = NULL;
     assert_int_equal(tern_pool_create(1, TERN_ISA_AUTO, NULL, &pool), TERN_OK);
     for (int with_pool = 0; with_pool < 2; with_pool++)
@@ -591,12 +611,15 @@ static void test_threads_deterministic(void **state)
             make_params(3, 9, 7, 24, 40, 1, 1, 0, 1),    /* pointwise */
             make_params(2, 9, 7, 72, 72, 3, 1, 1, 72),   /* depthwise 3x3 */
             make_params(3, 11, 9, 40, 40, 5, 2, 2, 40),  /* depthwise 5x5 stride 2 */
-            make_params(4, 17, 15, 3, 16, 3, 2, 1, 1),   /* stem, > 1 im2col tile per thread */
+            make_params(4, 17, 15, 3, 16, 3, 2, 1, 1),   /* stem (direct) */
+            make_params(4, 17, 15, 5, 16, 3, 2, 1, 1),   /* > 1 im2col tile per thread */
+            make_params(2, 40, 37, 3, 24, 3, 2, 1, 1),   /* stem, masked channel vector */
             make_params(2, 6, 6, 4, 6, 3, 1, 1, 2),      /* grouped (reference) */
         };
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
             check_threads(&fixed[i], &rng, pool);
-        shape_gen gens[] = {random_pointwise, random_depthwise, random_im2col, random_grouped};
+        shape_gen gens[] = {random_pointwise, random_depthwise, random_im2col, random_grouped,
+                            random_stem};
         for (size_t g = 0; g < sizeof gens / sizeof gens[0]; g++)
             for (int i = 0; i < 10; i++) {
                 tern_conv_params p = gens[g](&rng);
@@ -636,14 +659,102 @@ static void test_workspace_size(void **state)
     (void)state;
     tern_conv_params pw = make_params(2, 8, 8, 16, 32, 1, 1, 0, 1);
     tern_conv_params dw = make_params(2, 8, 8, 16, 16, 5, 2, 2, 16);
+    tern_conv_params im = make_params(2, 8, 8, 5, 16, 3, 2, 1, 1);
     tern_conv_params stem = make_params(2, 8, 8, 3, 16, 3, 2, 1, 1);
     assert_int_equal(tern_conv2d_workspace_size(&pw, 4), 0);
     assert_int_equal(tern_conv2d_workspace_size(&dw, 4), 0);
-    /* Shared permuted weights plus one tile per thread. */
-    size_t one = tern_conv2d_workspace_size(&stem, 1), two = tern_conv2d_workspace_size(&stem, 2);
-    assert_true(one >= 27 + 2 * 27 * 16);
+    /* im2col: shared permuted weights plus one tile per thread. */
+    size_t one = tern_conv2d_workspace_size(&im, 1), two = tern_conv2d_workspace_size(&im, 2);
+    assert_true(one >= 45 + 2 * 45 * 16);
     assert_true(two > one);
-    assert_int_equal(tern_conv2d_workspace_size(&stem, 4), one + 3 * (two - one));
+    assert_int_equal(tern_conv2d_workspace_size(&im, 4), one + 3 * (two - one));
+    /* Stem: one set of dW + db partials per thread, and the dispatch takes the direct path. */
+    assert_true(tern_stemconv_supported(&stem));
+    assert_false(tern_stemconv_supported(&im));
+    one = tern_conv2d_workspace_size(&stem, 1);
+    assert_true(one >= (27 + 1) * 16);
+    assert_int_equal(tern_conv2d_workspace_size(&stem, 3), 3 * one);
+    assert_int_equal(tern_conv2d_workspace_size(&stem, 3), tern_stemconv_workspace_size(&stem, 3));
+}
+
+/* ---- the direct stem ------------------------------------------------------------------------ */
+
+/* y = act(conv + b) fused must equal, bit for bit, the conv alone, then + b, then
+ * tern_act_forward (the operation order of the fused GEMM epilogue), at every ISA. */
+static void test_stem_fused_bitwise(void **state)
+{
+    (void)state;
+    test_rng rng = {11};
+    for (size_t i = 0; i <= NISAS; i++) {
+        if (i > 0 && tern_isa_resolve(isas[i - 1]) != isas[i - 1])
+            continue;
+        tern_pool *pool = NULL;
+        if (i > 0)
+            assert_int_equal(tern_pool_create(1 + (int)(i % 2), isas[i - 1], NULL, &pool),
+                             TERN_OK);
+        for (int c = 0; c < 20; c++) {
+            tern_conv_params p = random_stem(&rng);
+            conv_case cc = case_new(&p, &rng, 1);
+            /* Spread the pre-activations over the kinks of every activation. */
+            for (size_t j = 0; j < cc.nb; j++)
+                cc.b[j] *= 4;
+            for (int act = TERN_ACT_NONE; act <= TERN_ACT_HARDSIGMOID; act++) {
+                float *fused = alloc_floats(cc.ny), *plain = alloc_floats(cc.ny);
+                tern_conv2d_forward(fused, NULL, cc.x, cc.w, cc.b, (tern_act)act, &p, pool);
+                tern_conv2d_forward(plain, NULL, cc.x, cc.w, NULL, TERN_ACT_NONE, &p, pool);
+                for (size_t j = 0; j < cc.ny; j++)
+                    plain[j] = plain[j] + cc.b[j % cc.nb];
+                tern_act_forward(plain, plain, cc.ny, (tern_act)act, pool);
+                if (memcmp(fused, plain, cc.ny * sizeof *fused)) {
+                    print_params("fused epilogue bits", &p);
+                    fprintf(stderr, "  (isa %s, act %d)\n",
+                            i ? tern_isa_name(isas[i - 1]) : "none", act);
+                    fail();
+                }
+                free(fused);
+                free(plain);
+            }
+            case_free(&cc);
+        }
+        tern_pool_destroy(&pool);
+    }
+}
+
+/* Same thread count and ISA: identical bits. The forward and dx do not depend on the thread
+ * count at all; dW and db only through the order the per-thread partials are added. */
+static void test_stem_deterministic(void **state)
+{
+    (void)state;
+    test_rng rng = {12};
+    for (size_t i = 0; i < NISAS; i++) {
+        if (tern_isa_resolve(isas[i]) != isas[i])
+            continue;
+        tern_pool *pools[3] = {NULL, NULL, NULL};
+        for (int t = 0; t < 3; t++)
+            assert_int_equal(tern_pool_create(t + 1, isas[i], NULL, &pools[t]), TERN_OK);
+        for (int c = 0; c < 15; c++) {
+            tern_conv_params p = random_stem(&rng);
+            conv_case cc = case_new(&p, &rng, 1);
+            conv_result base = run_fast(&cc, pools[0]);
+            for (int t = 0; t < 3; t++) {
+                conv_result a = run_fast(&cc, pools[t]), b = run_fast(&cc, pools[t]);
+                if (!results_identical(&a, &b, &cc) ||
+                    memcmp(a.y, base.y, cc.ny * sizeof(float)) ||
+                    memcmp(a.dx, base.dx, cc.nx * sizeof(float)) ||
+                    !results_close(&a, &base, &cc)) {
+                    print_params("stem determinism", &p);
+                    fprintf(stderr, "  (isa %s, %d threads)\n", tern_isa_name(isas[i]), t + 1);
+                    fail();
+                }
+                result_free(&a);
+                result_free(&b);
+            }
+            result_free(&base);
+            case_free(&cc);
+        }
+        for (int t = 0; t < 3; t++)
+            tern_pool_destroy(&pools[t]);
+    }
 }
 
 int main(void)
@@ -655,6 +766,9 @@ int main(void)
         cmocka_unit_test(test_depthwise_vs_ref),
         cmocka_unit_test(test_im2col_vs_ref),
         cmocka_unit_test(test_grouped_vs_ref),
+        cmocka_unit_test(test_stem_vs_ref),
+        cmocka_unit_test(test_stem_fused_bitwise),
+        cmocka_unit_test(test_stem_deterministic),
         cmocka_unit_test(test_backward_accumulates),
         cmocka_unit_test(test_linear_accumulates),
         cmocka_unit_test(test_conv_ref_gradcheck),
