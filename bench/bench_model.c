@@ -30,6 +30,7 @@ typedef struct config {
     int threads[4], nthreads;
     int iters, train_iters;
     const char *only; /* run only workloads whose name starts with this */
+    const char *arch; /* and only this architecture ("small", "large"), when set */
     const char *layers; /* per-layer report for this workload name */
     tern_isa isa;
 } config;
@@ -190,7 +191,8 @@ static const workload WORKLOADS[] = {
 static int usage(FILE *f, int rc)
 {
     fprintf(f,
-            "usage: bench_model [--only PREFIX] [--threads 1,2] [--iters N] [--train-iters N]\n"
+            "usage: bench_model [--only PREFIX] [--arch small|large] [--threads 1,2] [--iters N]\n"
+            "                   [--train-iters N]\n"
             "                   [--layers WORKLOAD] [--isa auto|scalar|avx2|avx512]\n"
             "Workloads: infer_b1, infer_b32 (Small and Large, 224x224), train_224 (Small,\n"
             "batch 32), train_fashion (Small, 1x32x32, batch 128). Prints JSON lines; a summary\n"
@@ -211,6 +213,8 @@ int main(int argc, char **argv)
         i++;
         if (strcmp(a, "--only") == 0) {
             cfg.only = v;
+        } else if (strcmp(a, "--arch") == 0) {
+            cfg.arch = v;
         } else if (strcmp(a, "--layers") == 0) {
             cfg.layers = v;
         } else if (strcmp(a, "--iters") == 0 && atoi(v) > 0) {
@@ -245,6 +249,8 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < sizeof WORKLOADS / sizeof *WORKLOADS; i++) {
             workload w = WORKLOADS[i];
             if (cfg.only && strncmp(w.name, cfg.only, strlen(cfg.only)) != 0)
+                continue;
+            if (cfg.arch && !strstr(tern_arch_name(w.arch), cfg.arch))
                 continue;
             config c = cfg;
             /* Profile the first architecture of the requested workload, at each thread count. */
