@@ -11,10 +11,14 @@ build=${1:-$root/build}
 work=${2:-/tmp/tern-add-class}
 data=${TERN_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 threads=${THREADS:-2}
-rm -rf "$work" && mkdir -p "$work"
-
-echo "== exporting Fashion-MNIST to folders (3000 training images per class, all test images)" >&2
-"$build/fashion_to_folder" --per-class 3000 "$data" "$work/all"
+mkdir -p "$work"
+rm -rf "$work/old" "$work/add"
+if [ ! -f "$work/all/.complete" ]; then
+  echo "== exporting Fashion-MNIST to folders (3000 training images per class, all test images)" >&2
+  rm -rf "$work/all"
+  "$build/fashion_to_folder" --per-class 3000 "$data" "$work/all"
+  touch "$work/all/.complete"
+fi
 
 new="Ankle boot"
 for split in train val; do
@@ -30,7 +34,8 @@ for split in train val; do
       ln -s "$dir" "$work/add/$split/$name"
     else
       mkdir -p "$work/add/train/$name"
-      ls "$dir" | head -n 200 | while read -r f; do ln -s "$dir$f" "$work/add/train/$name/$f"; done
+      # sed, not head: head would stop reading and fail the pipeline under pipefail
+      ls "$dir" | sed -n '1,200p' | while read -r f; do ln -s "$dir$f" "$work/add/train/$name/$f"; done
     fi
   done
 done
