@@ -6,6 +6,7 @@
 #include <limits.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,27 +88,44 @@ static const opt_spec OPTIONS[] = {
     {"size", T_INT, O(size), 32, 4096, CMD_DEMO | LOOPS | CMD_EVAL | CMD_PREDICT},
     {"steps", T_INT, O(steps), 1, 1000000, CMD_DEMO},
     {"top", T_INT, O(top), 1, 1000, CMD_PREDICT | CMD_EVAL},
-    {"limit", T_LONG, O(limit), 1, 1e12, LOOPS | CMD_EVAL},
+    {"limit", T_LONG, O(limit), 1, 1e12, LOOPS | CMD_EVAL | CMD_STORE},
     {"val-limit", T_LONG, O(val_limit), 1, 1e12, LOOPS},
     {"no-augment", T_FLAG, O(no_augment), 0, 0, LOOPS},
     {"strict", T_FLAG, O(strict), 0, 0, LOOPS | CMD_EVAL | CMD_PREDICT},
     {"progress", T_FLAG, O(progress), 0, 0, CMD_TRAIN | CMD_EVAL},
     {"no-progress", T_FLAG, O(no_progress), 0, 0, CMD_TRAIN | CMD_EVAL},
+    {"store", T_STR, O(store), 0, 0, CMD_STORE | CMD_CATEGORY | CMD_MODEL},
+    {"json", T_FLAG, O(json), 0, 0, CMD_STORE | CMD_CATEGORY | CMD_MODEL},
+    {"description", T_STR, O(description), 0, 0, CMD_CATEGORY},
+    {"index", T_INT, O(index), 0, INT32_MAX, CMD_CATEGORY},
+    {"keep", T_LONG, O(keep), 0, 1e12, CMD_MODEL},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 
-static bool parse_number(const char *s, double lo, double hi, bool integer, double *out)
+static bool parse_number(const char *s, double lo, double hi, double *out)
 {
     char *end;
     errno = 0;
-    double v = integer ? (double)strtoll(s, &end, 10) : strtod(s, &end);
+    double v = strtod(s, &end);
     if (errno || end == s || *end || !(v >= lo && v <= hi))
         return false;
     *out = v;
     return true;
 }
 
-int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
+/* Integers directly, so that 64-bit seeds keep every bit. */
+static bool parse_integer(const char *s, long long lo, long long hi, long long *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return false;
+    *out = v;
+    return true;
+}
+
+static int parse(int argc, char **argv, unsigned cmd, bool allow_args, bool any_order, cli *c)
 {
     struct option longopts[NOPTIONS + 2];
     for (size_t i = 0; i < NOPTIONS; i++)
@@ -116,10 +134,10 @@ int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
                                       NULL, (int)(256 + i)};
     longopts[NOPTIONS] = (struct option){"help", no_argument, NULL, 'h'};
     longopts[NOPTIONS + 1] = (struct option){NULL, 0, NULL, 0};
-    optind = 1;
+    optind = any_order ? 0 : 1; /* 0: glibc re-reads the ordering from the option string */
     opterr = 0;
     int opt;
-    while ((opt = getopt_long(argc, argv, "+h", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, any_order ? "h" : "+h", longopts, NULL)) != -1) {
         if (opt == 'h')
             return 2;
         if (opt < 256)
@@ -129,24 +147,26 @@ int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
             return die("option --%s does not apply here (see --help)", o->name);
         char *field = (char *)c + o->offset;
         double v = 0;
+        long long iv = 0;
         bool ok = true;
         switch (o->type) {
         case T_STR: *(const char **)field = optarg; break;
         case T_FLAG: *(bool *)field = true; break;
         case T_INT:
-            if ((ok = parse_number(optarg, o->lo, o->hi, true, &v)))
-                *(int *)field = (int)v;
+            if ((ok = parse_integer(optarg, (long long)o->lo, (long long)o->hi, &iv)))
+                *(int *)field = (int)iv;
             break;
         case T_LONG:
-            if ((ok = parse_number(optarg, o->lo, o->hi, true, &v)))
-                *(long long *)field = (long long)v;
+            if ((ok = parse_integer(optarg, (long long)o->lo,
+                                    o->hi >= 9.2e18 ? LLONG_MAX : (long long)o->hi, &iv)))
+                *(long long *)field = iv;
             break;
         case T_FLOAT:
-            if ((ok = parse_number(optarg, o->lo, o->hi, false, &v)))
+            if ((ok = parse_number(optarg, o->lo, o->hi, &v)))
                 *(float *)field = (float)v;
             break;
         case T_DOUBLE:
-            if ((ok = parse_number(optarg, o->lo, o->hi, false, &v)))
+            if ((ok = parse_number(optarg, o->lo, o->hi, &v)))
                 *(double *)field = v;
             break;
         }
@@ -159,6 +179,16 @@ int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
     c->args = argv + optind;
     c->nargs = argc - optind;
     return 0;
+}
+
+int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
+{
+    return parse(argc, argv, cmd, allow_args, false, c);
+}
+
+int cli_parse_any_order(int argc, char **argv, unsigned cmd, bool allow_args, cli *c)
+{
+    return parse(argc, argv, cmd, allow_args, true, c);
 }
 
 const char CLI_MODEL_HELP[] =
@@ -236,6 +266,12 @@ int cli_load_model(const cli *c, const char *path, tern_model **model, tern_mode
     }
     if (rc == 0 && info && tern_model_info_read(st, info, &err) != TERN_OK) {
         rc = die("%s: %s", path, err.message);
+        tern_model_destroy(model);
+    } else if (rc == 0 && info && info->nclasses &&
+               info->nclasses != tern_model_options_of(*model)->num_classes) {
+        rc = die("%s: %d class names for a %d-class model", path, info->nclasses,
+                 tern_model_options_of(*model)->num_classes);
+        tern_model_info_free(info);
         tern_model_destroy(model);
     }
     tern_safetensors_close(&st);

@@ -456,11 +456,13 @@ static int cmd_add_class(int argc, char **argv)
                  c.batch);
         goto done;
     }
+    char train_cache[4096], val_cache[4096];
+    cache_dirs(c.cache, train_cache, val_cache, sizeof train_cache);
     tern_loader_options lo = {.batch = c.batch, .shuffle = true, .drop_last = true,
                               .seed = (uint64_t)c.seed, .indices = d.train_idx,
-                              .nindices = d.ntrain, .cache_dir = c.cache, .cache_size = size};
+                              .nindices = d.ntrain, .cache_dir = c.cache ? train_cache : NULL};
     tern_loader_options vo = {.batch = c.batch, .seed = (uint64_t)c.seed, .indices = d.val_idx,
-                              .nindices = d.nval, .cache_dir = c.cache, .cache_size = size};
+                              .nindices = d.nval, .cache_dir = c.cache ? val_cache : NULL};
     if (tern_loader_create(d.train, &tt, &lo, NULL, &train, &err) != TERN_OK ||
         tern_loader_create(d.val, &et, &vo, NULL, &val, &err) != TERN_OK) {
         rc = die("%s", err.message);

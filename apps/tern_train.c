@@ -87,7 +87,11 @@ static int open_data(const cli *c, bool training, data *d)
     } else if (!is_dir(c->data)) {
         return die("--data: '%s' is neither fashion-mnist nor a directory", c->data);
     } else if (!training) {
-        if (open_folder(c->data, c->strict, &d->val))
+        char val_dir[4096], train_dir[4096];
+        snprintf(train_dir, sizeof train_dir, "%s/train", c->data);
+        snprintf(val_dir, sizeof val_dir, "%s/val", c->data);
+        bool split_dirs = is_dir(train_dir) && is_dir(val_dir);
+        if (open_folder(split_dirs ? val_dir : c->data, c->strict, &d->val))
             return 1;
     } else {
         char train_dir[4096], val_dir[4096];
@@ -101,9 +105,13 @@ static int open_data(const cli *c, bool training, data *d)
             data_close(d);
             return 1;
         }
-        if (d->val && tern_dataset_num_classes(d->val) != tern_dataset_num_classes(d->train)) {
+        int k = tern_dataset_num_classes(d->train);
+        bool same = !d->val || tern_dataset_num_classes(d->val) == k;
+        for (int i = 0; same && d->val && i < k; i++)
+            same = strcmp(tern_dataset_class_name(d->val, i), tern_dataset_class_name(d->train, i)) == 0;
+        if (!same) {
             data_close(d);
-            return die("the validation folder has a different number of classes than the training folder");
+            return die("the validation folder's classes differ from the training folder's");
         }
     }
     /* Index lists: --limit, --val-limit, and a split of the training set when no separate
@@ -112,8 +120,10 @@ static int open_data(const cli *c, bool training, data *d)
     if (d->train) {
         size_t n = tern_dataset_size(d->train);
         size_t *perm = shuffled_indices(n, seed ^ 0x5eed);
-        if (!perm)
+        if (!perm) {
+            data_close(d);
             return die("out of memory");
+        }
         size_t nval = 0;
         if (!d->val) {
             float frac = c->val_split > 0 ? c->val_split : 0.1f;
@@ -127,6 +137,7 @@ static int open_data(const cli *c, bool training, data *d)
             d->val_idx = malloc(nval * sizeof *d->val_idx);
             if (!d->val_idx) {
                 free(perm);
+                data_close(d);
                 return die("out of memory");
             }
             memcpy(d->val_idx, perm + (n - nval), nval * sizeof *perm);
@@ -141,8 +152,10 @@ static int open_data(const cli *c, bool training, data *d)
         size_t n = tern_dataset_size(d->val);
         long long limit = training ? c->val_limit : c->limit;
         d->val_idx = shuffled_indices(n, seed ^ 0x7a1);
-        if (!d->val_idx)
+        if (!d->val_idx) {
+            data_close(d);
             return die("out of memory");
+        }
         d->nval = limit > 0 && (size_t)limit < n ? (size_t)limit : n;
         /* Without a limit, keep the natural order (easier to read confusions by source). */
         for (size_t i = 0; limit <= 0 && i < n; i++)
@@ -228,7 +241,8 @@ static int evaluate(tern_model *m, tern_loader *loader, tern_metrics *metrics, f
         if (tern_model_forward(m, logits, x, n, false) != TERN_OK)
             return die("%s", tern_model_last_error(m));
         float loss;
-        tern_cross_entropy_loss(&loss, NULL, logits, y, n, o->num_classes, 0.0f);
+        if (tern_cross_entropy_loss(&loss, NULL, logits, y, n, o->num_classes, 0.0f) != TERN_OK)
+            return die("a label outside [0, %d) reached the loss", o->num_classes);
         tern_metrics_add(metrics, logits, y, n, loss);
         images += (size_t)n;
         progress_update(&p, what, ++batches, tern_metrics_loss(metrics), images);
@@ -405,11 +419,15 @@ static int cmd_train(int argc, char **argv)
     tern_error err = {{0}};
     if ((rc = make_model(&c, classes, channels, &m)) || (rc = make_optimizer(&c, m, 0.1f, 1e-3f, &opt)))
         goto done;
+    /* One LMDB environment per loader (LMDB allows one per process), holding decoded images
+     * as they are, so that results do not depend on the cache. */
+    char train_cache[4096], val_cache[4096];
+    cache_dirs(c.cache, train_cache, val_cache, sizeof train_cache);
     tern_loader_options lo = {.batch = c.batch, .shuffle = true, .drop_last = true,
                               .seed = (uint64_t)c.seed, .indices = d.train_idx,
-                              .nindices = d.ntrain, .cache_dir = c.cache, .cache_size = size};
+                              .nindices = d.ntrain, .cache_dir = c.cache ? train_cache : NULL};
     tern_loader_options vo = {.batch = c.batch, .seed = (uint64_t)c.seed, .indices = d.val_idx,
-                              .nindices = d.nval, .cache_dir = c.cache, .cache_size = size};
+                              .nindices = d.nval, .cache_dir = c.cache ? val_cache : NULL};
     if (d.ntrain < (size_t)c.batch) {
         rc = die("%zu training images are fewer than one batch of %d", d.ntrain, c.batch);
         goto done;
@@ -473,7 +491,10 @@ static int cmd_train(int argc, char **argv)
                 rc = die("%s", tern_model_last_error(m));
                 goto done;
             }
-            tern_cross_entropy_loss(&loss, dlogits, logits, y, n, classes, c.smoothing);
+            if (tern_cross_entropy_loss(&loss, dlogits, logits, y, n, classes, c.smoothing) != TERN_OK) {
+                rc = die("a label outside [0, %d) reached the loss", classes);
+                goto done;
+            }
             if (!isfinite(loss)) {
                 rc = die("loss is %f at epoch %d step %zu: lower --lr", (double)loss, epoch + 1,
                          batches + 1);
@@ -593,7 +614,7 @@ static int cmd_eval(int argc, char **argv)
         }
     tern_transform t = model_eval_transform(&info, c.size, tern_model_options_of(m)->in_channels);
     tern_loader_options lo = {.batch = c.batch, .indices = d.val_idx, .nindices = d.nval,
-                              .cache_dir = c.cache, .cache_size = t.size};
+                              .cache_dir = c.cache};
     if (tern_loader_create(d.val, &t, &lo, NULL, &loader, &err) != TERN_OK) {
         rc = die("%s", err.message);
         goto done;

@@ -89,8 +89,8 @@ tern_transform model_eval_transform(const tern_model_info *info, int size_overri
 {
     int size = size_override ? size_override : info->input_size ? info->input_size : 224;
     tern_transform t = {.size = size, .channels = channels, .resize = size * 256 / 224};
-    if (info->resize > 0 && !size_override)
-        t.resize = info->resize;
+    if (info->resize > 0 && info->input_size > 0) /* the model's geometry, scaled to size */
+        t.resize = (int)((long)info->resize * size / info->input_size);
     tern_transform_normalize_imagenet(&t);
     if (info->std[0] != 0)
         for (int ch = 0; ch < 3; ch++) {
@@ -98,4 +98,12 @@ tern_transform model_eval_transform(const tern_model_info *info, int size_overri
             t.std[ch] = info->std[ch] != 0 ? info->std[ch] : 1;
         }
     return t;
+}
+
+void cache_dirs(const char *dir, char *train, char *val, size_t len)
+{
+    snprintf(train, len, "%s/train", dir ? dir : "");
+    snprintf(val, len, "%s/val", dir ? dir : "");
+    if (dir)
+        mkdir(dir, 0755); /* the loaders create one level; the caller's errors come from them */
 }

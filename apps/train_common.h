@@ -21,10 +21,14 @@ int make_optimizer(const cli *c, tern_model *m, float sgd_lr, float other_lr,
                    tern_optimizer **opt);
 /* The schedule of --schedule/--warmup-epochs over --epochs of steps_per_epoch steps. */
 int make_schedule(const cli *c, float base_lr, long steps_per_epoch, tern_schedule *s);
-/* The evaluation pipeline a model file describes (input size, resize, normalization); a file
- * without that information gets the folder pipeline at 224 (or size_override) with ImageNet
- * normalization. */
+/* The evaluation pipeline a model file describes (input size, resize, normalization), at
+ * size_override when not 0 (the model's resize scaled to it); a file without that information
+ * gets the folder pipeline at 224 (or size_override) with ImageNet normalization. */
 tern_transform model_eval_transform(const tern_model_info *info, int size_override,
                                     int channels);
+
+/* The LMDB cache directories of a training run's two loaders under --cache DIR (LMDB allows
+ * one environment per directory per process): DIR/train and DIR/val. */
+void cache_dirs(const char *dir, char *train, char *val, size_t len);
 
 #endif

@@ -119,6 +119,9 @@ static void random_resized_crop(plan *p, const tern_transform *t, tern_rng *rng)
         h = (int64_t)rint((double)w / rmin);
     else if (in_ratio > rmax)
         w = (int64_t)rint((double)h * rmax);
+    /* Extreme ratios can round a side to 0 (or past the image): keep at least one pixel. */
+    h = h < 1 ? 1 : h > height ? height : h;
+    w = w < 1 ? 1 : w > width ? width : w;
     p->src_y0 = (height - h) / 2;
     p->src_x0 = (width - w) / 2;
     p->src_h = h;

@@ -2,6 +2,7 @@
 #include "tern/model_io.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,12 +137,14 @@ tern_status tern_model_add_state(const tern_model *model, tern_safetensors_write
 }
 
 /* Metadata values holding lists are JSON arrays, produced and parsed with jansson. */
+/* NULL if out of memory or a value cannot be represented (NaN; a name that is not UTF-8). */
 static char *json_floats(const float *v, int n)
 {
     json_t *a = json_array();
-    for (int i = 0; a && i < n; i++)
-        json_array_append_new(a, json_real(v[i]));
-    char *text = a ? json_dumps(a, JSON_COMPACT | JSON_REAL_PRECISION(9)) : NULL;
+    bool ok = a != NULL;
+    for (int i = 0; ok && i < n; i++)
+        ok = isfinite(v[i]) && json_array_append_new(a, json_real(v[i])) == 0;
+    char *text = ok ? json_dumps(a, JSON_COMPACT | JSON_REAL_PRECISION(9)) : NULL;
     json_decref(a);
     return text;
 }
@@ -149,9 +152,12 @@ static char *json_floats(const float *v, int n)
 static char *json_strings(char *const *v, int n)
 {
     json_t *a = json_array();
-    for (int i = 0; a && i < n; i++)
-        json_array_append_new(a, json_string(v[i]));
-    char *text = a ? json_dumps(a, JSON_COMPACT) : NULL;
+    bool ok = a != NULL;
+    for (int i = 0; ok && i < n; i++) {
+        json_t *str = json_string(v[i]); /* NULL for invalid UTF-8 */
+        ok = str && json_array_append_new(a, str) == 0;
+    }
+    char *text = ok ? json_dumps(a, JSON_COMPACT) : NULL;
     json_decref(a);
     return text;
 }
@@ -171,14 +177,15 @@ static tern_status add_info(tern_safetensors_writer *w, const tern_model_info *i
     if (s == TERN_OK && info->std[0] != 0) {
         mean = json_floats(info->mean, 3);
         std = json_floats(info->std, 3);
-        s = !mean || !std ? TERN_ERR_NOMEM
+        s = !mean || !std ? TERN_ERR_INVALID /* NaN or infinite (or out of memory) */
                           : tern_safetensors_writer_set_metadata(w, "mean", mean);
         if (s == TERN_OK)
             s = tern_safetensors_writer_set_metadata(w, "std", std);
     }
     if (s == TERN_OK && info->nclasses > 0) {
         names = json_strings(info->class_names, info->nclasses);
-        s = !names ? TERN_ERR_NOMEM : tern_safetensors_writer_set_metadata(w, "class_names", names);
+        s = !names ? TERN_ERR_INVALID /* not UTF-8 (or out of memory) */
+                   : tern_safetensors_writer_set_metadata(w, "class_names", names);
     }
     free(mean);
     free(std);
@@ -198,6 +205,18 @@ tern_status tern_model_save_file(const tern_model *model, const tern_model_info 
     snprintf(width, sizeof width, "%.17g", o->width_mult);
     snprintf(channels, sizeof channels, "%d", o->in_channels);
     snprintf(classes, sizeof classes, "%d", o->num_classes);
+    if (info && info->nclasses > 0 && info->nclasses != o->num_classes) {
+        s = tern_set_error(err, TERN_ERR_INVALID, "%s: %d class names for a %d-class model", path,
+                           info->nclasses, o->num_classes);
+        goto done;
+    }
+    if (info && (s = add_info(w, info)) != TERN_OK) {
+        tern_set_error(err, s, "%s: %s", path,
+                       s == TERN_ERR_INVALID
+                           ? "class names must be UTF-8 and mean/std finite numbers"
+                           : tern_strerror(s));
+        goto done;
+    }
     if ((s = tern_safetensors_writer_set_metadata(w, "format", "tern")) != TERN_OK ||
         (s = tern_safetensors_writer_set_metadata(w, "arch", tern_arch_name(o->arch))) != TERN_OK ||
         (s = tern_safetensors_writer_set_metadata(w, "width_mult", width)) != TERN_OK ||
@@ -205,9 +224,6 @@ tern_status tern_model_save_file(const tern_model *model, const tern_model_info 
         (s = tern_safetensors_writer_set_metadata(w, "num_classes", classes)) != TERN_OK ||
         (s = tern_safetensors_writer_set_metadata(
              w, "norm", o->norm == TERN_NORM_GROUP ? "group" : "batch")) != TERN_OK ||
-        (info && info->nclasses > 0 && info->nclasses != o->num_classes &&
-         (s = TERN_ERR_INVALID) != TERN_OK) ||
-        (info && (s = add_info(w, info)) != TERN_OK) ||
         (s = tern_model_add_state(model, w, "")) != TERN_OK) {
         tern_set_error(err, s, "%s: %s", path, tern_strerror(s));
         goto done;

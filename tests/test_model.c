@@ -1327,8 +1327,18 @@ static void model_info_round_trip(void **state)
     assert_null(back.class_names);
     tern_safetensors_close(&st);
 
-    /* Class names must match the classifier. */
+    /* Class names must match the classifier, be UTF-8 (a folder name need not be), and the
+     * normalization finite: refused, not silently dropped. */
     info.nclasses = 2;
+    assert_int_equal(tern_model_save_file(m, &info, path, &err), TERN_ERR_INVALID);
+    assert_non_null(strstr(err.message, "2 class names for a 3-class model"));
+    info.nclasses = 3;
+    char latin1[] = "caf\xe9";
+    names[1] = latin1;
+    assert_int_equal(tern_model_save_file(m, &info, path, &err), TERN_ERR_INVALID);
+    assert_non_null(strstr(err.message, "UTF-8"));
+    names[1] = "ok";
+    info.std[2] = NAN;
     assert_int_equal(tern_model_save_file(m, &info, path, &err), TERN_ERR_INVALID);
 
     /* A file without info reads as zeros; malformed lists are errors. */
@@ -1407,6 +1417,73 @@ static void load_with_new_head(void **state)
     tern_model_destroy(&base);
 }
 
+/* ---- folded and fused inference ------------------------------------------------------------- */
+
+/* Random BatchNorm statistics and affine parameters (and biases), so that folding does work. */
+static void randomize_norms(tern_model *m, uint64_t seed)
+{
+    test_rng r = {seed};
+    for (size_t i = 0; i < tern_model_tensor_count(m); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(m, i);
+        if (t->ndim != 1)
+            continue;
+        if (ends_with(t->name, ".running_var") || ends_with(t->name, ".weight"))
+            test_fill_uniform(&r, t->data, t->count, 0.5f, 1.5f);
+        else
+            test_fill_uniform(&r, t->data, t->count, -0.3f, 0.3f);
+    }
+    tern_model_invalidate(m);
+}
+
+/* Inference folds BatchNorm into the convolutions and fuses the residual adds into the
+ * projections (bit-exact: the same additions in the same order) at any batch; at batch 1 it
+ * also folds each squeeze-and-excitation gate into the projection's weights (not bit-exact).
+ * So each image run alone must match its row of a batch-3 run, where the gates are applied
+ * unfused, at every ISA and thread count, and repeat bit for bit. */
+static void fused_inference_matches_unfused(void **state)
+{
+    (void)state;
+    enum { N = 3, S = 64, K = 7 };
+    static const tern_isa isas[] = {TERN_ISA_SCALAR, TERN_ISA_AVX2, TERN_ISA_AVX512};
+    static const tern_arch archs[] = {TERN_ARCH_MOBILENET_V3_SMALL, TERN_ARCH_MOBILENET_V3_LARGE};
+    test_rng r = {77};
+    const size_t image = (size_t)S * S * 3;
+    float *input = malloc(N * image * sizeof(float));
+    assert_non_null(input);
+    test_fill_uniform(&r, input, N * image, -1.0f, 1.0f);
+    for (size_t a = 0; a < sizeof archs / sizeof *archs; a++)
+        for (size_t i = 0; i < sizeof isas / sizeof *isas; i++) {
+            if (tern_isa_resolve(isas[i]) != isas[i])
+                continue;
+            for (int threads = 1; threads <= 2; threads++) {
+                tern_model_options o = tern_model_options_default(archs[a]);
+                o.width_mult = 0.5;
+                o.num_classes = K;
+                o.seed = 5;
+                o.threads = threads;
+                o.isa = isas[i];
+                tern_model *m = create(&o);
+                randomize_norms(m, 6);
+                assert_int_equal(tern_model_plan(m, N, S, S, false), TERN_OK);
+                float batched[N * K], single[K], again[K];
+                assert_int_equal(tern_model_forward(m, batched, input, N, false), TERN_OK);
+                for (int n = 0; n < N; n++) {
+                    assert_int_equal(tern_model_forward(m, single, input + n * image, 1, false),
+                                     TERN_OK);
+                    assert_int_equal(tern_model_forward(m, again, input + n * image, 1, false),
+                                     TERN_OK);
+                    assert_memory_equal(single, again, sizeof single);
+                    char what[96];
+                    snprintf(what, sizeof what, "%s %s %d thread(s) image %d",
+                             tern_arch_name(archs[a]), tern_isa_name(isas[i]), threads, n);
+                    assert_true(test_close(what, single, batched + n * K, K, 1e-5f, 1e-3f));
+                }
+                tern_model_destroy(&m);
+            }
+        }
+    free(input);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1421,6 +1498,7 @@ int main(void)
         cmocka_unit_test(loss_falls),
         cmocka_unit_test(dropout_behaviour),
         cmocka_unit_test(group_norm_model),
+        cmocka_unit_test(fused_inference_matches_unfused),
         cmocka_unit_test(sgd_semantics),
         cmocka_unit_test(sgd_rejects_bad_options),
         cmocka_unit_test_setup_teardown(save_and_load, tmpdir_setup, tmpdir_teardown),

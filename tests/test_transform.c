@@ -420,6 +420,24 @@ static void test_random_resized_crop(void **state)
     free(px);
 }
 
+/* Ratios no crop of the image can have: the fallback keeps at least one pixel (a zero-sized
+ * crop once read outside the image). */
+static void test_random_resized_crop_extreme_ratio(void **state)
+{
+    (void)state;
+    uint8_t px[3] = {10, 20, 30};
+    tern_image img = image_of(1, 1, 3, px);
+    tern_transform t = {.size = 4, .channels = 3, .random_resized_crop = true,
+                        .ratio_min = 3, .ratio_max = 4};
+    float out[4 * 4 * 3];
+    tern_rng r;
+    tern_rng_seed(&r, 1);
+    apply_ok(&t, &img, &r, out);
+    for (int i = 0; i < 16; i++)
+        for (int c = 0; c < 3; c++)
+            assert_float_equal(out[i * 3 + c], px[c] / 255.0f, 1e-6f);
+}
+
 static void test_invalid(void **state)
 {
     (void)state;
@@ -463,6 +481,7 @@ int main(void)
         cmocka_unit_test(test_normalization),
         cmocka_unit_test(test_color_jitter),
         cmocka_unit_test(test_random_resized_crop),
+        cmocka_unit_test(test_random_resized_crop_extreme_ratio),
         cmocka_unit_test(test_invalid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
