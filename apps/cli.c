@@ -56,6 +56,7 @@ static const opt_spec OPTIONS[] = {
     {"num-classes", T_INT, O(num_classes), 1, 1000000, MODEL},
     {"threads", T_INT, O(threads), 1, 256, MODEL},
     {"dropout", T_FLOAT, O(dropout), 0, 0.999, TRAINING},
+    {"bn-momentum", T_FLOAT, O(bn_momentum), 1e-6, 1, TRAINING},
     {"seed", T_LONG, O(seed), 0, (double)LLONG_MAX, TRAINING | CMD_EVAL},
     {"weights", T_STR, O(weights), 0, 0, CMD_FORWARD | CMD_STEP},
     {"input", T_STR, O(input), 0, 0, CMD_FORWARD | CMD_STEP},
@@ -246,6 +247,8 @@ int cli_model_options(const cli *c, const char *path, const tern_safetensors *st
     }
     o->threads = c->threads > 0 ? c->threads : 1;
     o->dropout = c->dropout;
+    if (c->bn_momentum > 0)
+        o->bn_momentum = c->bn_momentum;
     o->seed = (uint64_t)c->seed;
     return 0;
 }

@@ -17,6 +17,9 @@ enum {
     CMD_EVAL = 1 << 4,
     CMD_PREDICT = 1 << 5,
     CMD_ADD_CLASS = 1 << 6,
+    CMD_STORE = 1 << 7,
+    CMD_CATEGORY = 1 << 8,
+    CMD_MODEL = 1 << 9,
 };
 
 typedef struct cli {
@@ -24,7 +27,7 @@ typedef struct cli {
     const char *arch, *norm, *isa;
     double width_mult;
     int in_channels, num_classes, threads;
-    float dropout;
+    float dropout, bn_momentum;
     long long seed;
     /* files */
     const char *weights, *input, *labels, *output, *data, *val, *model, *init, *checkpoint,
@@ -35,6 +38,11 @@ typedef struct cli {
     bool nesterov, reset_head, strict, no_augment, progress, no_progress;
     int epochs, batch, size, steps, top;
     long long limit, val_limit;
+    /* store, category, model (tern_store.c) */
+    const char *store, *description;
+    bool json;
+    int index;
+    long long keep;
     /* positional arguments (predict) */
     char **args;
     int nargs;
@@ -50,6 +58,8 @@ int die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * defaults. Returns 0 to go on, 1 after printing an error, 2 for --help. Positional arguments
  * are collected when allow_args, refused otherwise. */
 int cli_parse(int argc, char **argv, unsigned cmd, bool allow_args, cli *c);
+/* The same, but options may also follow positional arguments (GNU getopt order). */
+int cli_parse_any_order(int argc, char **argv, unsigned cmd, bool allow_args, cli *c);
 
 /* Help text for the model options. */
 extern const char CLI_MODEL_HELP[];
@@ -71,5 +81,9 @@ int tern_cmd_eval(int argc, char **argv);
 int tern_cmd_predict(int argc, char **argv);
 /* Command in tern_add_class.c. */
 int tern_cmd_add_class(int argc, char **argv);
+/* Commands in tern_store.c. */
+int tern_cmd_store(int argc, char **argv);
+int tern_cmd_category(int argc, char **argv);
+int tern_cmd_model(int argc, char **argv);
 
 #endif

@@ -323,6 +323,7 @@ static const char TRAIN_HELP[] =
     "  --label-smoothing F    (default 0.1)\n"
     "  --clip-grad-norm F     clip the gradient norm (default off)\n"
     "  --dropout P            classifier dropout (default 0.2)\n"
+    "  --bn-momentum F        BatchNorm running-statistics momentum (default 0.01, torchvision's)\n"
     "  --seed S               initialisation, data order and augmentation (default 0)\n"
     "Model:\n"
     "  --arch A, --width-mult F, --norm batch|group, --threads N, --isa I  (see tern forward)\n"

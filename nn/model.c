@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "gemm.h"
 #include "kernels.h"
 #include "pool.h"
 #include "tern/rng.h"
@@ -62,6 +63,8 @@ typedef struct op {
     tern_act act;           /* OP_ACT, OP_BN */
     float p;                /* OP_DROPOUT */
     float *save_mean, *save_invstd, *mask; /* planned per-op state */
+    float *packed;          /* OP_CONV, pointwise, inference plan: folded weights packed for the
+                             * GEMM kernels (refold fills it) */
     const char *name;       /* state_dict prefix of the layer ("" for parameter-free ops) */
     double seconds[2];      /* profiling: time in forward, backward */
     unsigned long calls[2];
@@ -272,7 +275,7 @@ static int conv_norm_act(builder *b, const char *base, int in, int cin, int cout
         o->run_var = var;
         o->counter = (int)counter;
         o->eps = 1e-3f;
-        o->momentum = 0.01f;
+        o->momentum = opt->bn_momentum;
         o->act = act;
         o->w = gamma;
         o->b = beta;
@@ -419,7 +422,7 @@ static void build(builder *b)
 tern_model_options tern_model_options_default(tern_arch arch)
 {
     return (tern_model_options){.arch = arch, .width_mult = 1.0, .in_channels = 3,
-                                .num_classes = 1000, .dropout = 0.2f,
+                                .num_classes = 1000, .dropout = 0.2f, .bn_momentum = 0.01f,
                                 .norm = TERN_NORM_BATCH, .seed = 0, .threads = 1};
 }
 
@@ -455,6 +458,9 @@ static tern_status check_options(const tern_model_options *o, tern_error *err)
     if (!(o->dropout >= 0.0f && o->dropout < 1.0f))
         return tern_set_error(err, TERN_ERR_INVALID, "dropout %g outside [0, 1)",
                               (double)o->dropout);
+    if (o->norm == TERN_NORM_BATCH && !(o->bn_momentum > 0.0f && o->bn_momentum <= 1.0f))
+        return tern_set_error(err, TERN_ERR_INVALID, "BatchNorm momentum %g outside (0, 1]",
+                              (double)o->bn_momentum);
     if (o->norm != TERN_NORM_BATCH && o->norm != TERN_NORM_GROUP)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown normalization %d", (int)o->norm);
     if (o->isa < TERN_ISA_AUTO || o->isa > TERN_ISA_AVX512)
@@ -529,7 +535,7 @@ static void free_plan(tern_model *m)
         m->values[i].h = m->values[i].w = 0;
     }
     for (int i = 0; m->ops && i < m->nops; i++)
-        m->ops[i].save_mean = m->ops[i].save_invstd = m->ops[i].mask = NULL;
+        m->ops[i].save_mean = m->ops[i].save_invstd = m->ops[i].mask = m->ops[i].packed = NULL;
 }
 
 void tern_model_destroy(tern_model **model)
@@ -672,6 +678,11 @@ static void propagate_shapes(tern_model *m, int height, int width)
     }
 }
 
+static bool is_pointwise(const tern_conv_params *p)
+{
+    return p->k == 1 && p->stride == 1 && p->pad == 0 && p->groups == 1;
+}
+
 /* Lays out (or, with c->base == NULL, measures) all planned memory. */
 static void layout_plan(tern_model *m, carver *c, int batch, bool training)
 {
@@ -696,6 +707,9 @@ static void layout_plan(tern_model *m, carver *c, int batch, bool training)
         } else if (o->kind == OP_CONV) {
             tern_conv_params p = o->conv;
             p.n = batch;
+            if (!training && m->opt.norm == TERN_NORM_BATCH && is_pointwise(&p))
+                o->packed = carve(c, tern_gemm_packed_b_size((size_t)p.cout, (size_t)p.cin,
+                                                             tern_pool_isa(m->pool)));
             size_t ws = tern_conv2d_workspace_size(&p, tern_pool_size(m->pool));
             if (ws > workspace)
                 workspace = ws;
@@ -733,6 +747,7 @@ tern_status tern_model_plan(tern_model *model, int max_batch, int height, int wi
     m->height = height;
     m->width = width;
     m->plan_training = training;
+    m->folded_version = UINT64_MAX; /* refold fills the new plan's packed weights */
     return TERN_OK;
 }
 
@@ -785,6 +800,10 @@ static void refold(tern_model *m)
                 wf[co * per + j] = (float)(w[co * per + j] * scale);
             bf[co] = (float)(beta[co] - mean[co] * scale);
         }
+        if (conv->packed)
+            tern_gemm_pack_b(conv->packed, wf, (size_t)conv->conv.cin, true,
+                             (size_t)conv->conv.cout, (size_t)conv->conv.cin,
+                             tern_pool_isa(m->pool));
     }
     m->folded_version = m->version;
 }
@@ -902,6 +921,74 @@ static void backward_op(tern_model *m, op *o, int n)
     }
 }
 
+/* ---- folded inference and the ops fused into it --------------------------------------------- */
+
+/* Whether value v is read by exactly one op. */
+static bool used_once(const tern_model *m, int v)
+{
+    int uses = 0;
+    for (int i = 0; i < m->nops; i++)
+        uses += (m->ops[i].in == v) + ((m->ops[i].kind == OP_SCALE || m->ops[i].kind == OP_ADD) &&
+                                       m->ops[i].in2 == v);
+    return uses == 1;
+}
+
+/* The residual ADD fused into the pointwise conv + BN at ops[i] (a projection: no activation),
+ * or NULL. The sum is (conv + bias) + residual, as unfused, so the bits do not change. */
+static const op *fusable_add(const tern_model *m, int i)
+{
+    const op *conv = &m->ops[i], *bn = &m->ops[i + 1];
+    if (i + 2 >= m->nops || !is_pointwise(&conv->conv) || bn->act != TERN_ACT_NONE)
+        return NULL;
+    const op *add = &m->ops[i + 2];
+    if (add->kind != OP_ADD || (add->in == bn->out) == (add->in2 == bn->out) ||
+        !used_once(m, bn->out))
+        return NULL;
+    return add;
+}
+
+/* Whether the squeeze-and-excitation gate OP_SCALE at ops[i] can be folded into the packing of
+ * the pointwise conv's weights after it: batch 1 (one gate vector), the conv reads only the
+ * scaled value, and it is folded with its BatchNorm. Rounding differs from the unfused
+ * x * s then conv (w * s is rounded instead), within a few ulps of the sum. */
+static bool fusable_scale(const tern_model *m, int i, int batch)
+{
+    const op *scale = &m->ops[i];
+    if (batch != 1 || i + 2 >= m->nops)
+        return false;
+    const op *conv = &m->ops[i + 1], *bn = &m->ops[i + 2];
+    return conv->kind == OP_CONV && bn->kind == OP_BN && conv->in == scale->out &&
+           is_pointwise(&conv->conv) && used_once(m, scale->out);
+}
+
+/* Runs the folded conv + BN + act at ops[i], with the residual add after it and the gate op
+ * `scale` before it (or NULL) fused in. Returns the number of ops from i it covered. */
+static int forward_folded_conv(tern_model *m, int i, int batch, const op *scale)
+{
+    const op *o = &m->ops[i], *bn = &m->ops[i + 1];
+    tern_conv_params p = o->conv;
+    p.n = batch;
+    const float *w = m->folded + o->fold, *b = w + conv_weight_count(o);
+    const op *add = fusable_add(m, i);
+    if (!add && !scale && !o->packed) {
+        tern_conv2d_forward(m->values[bn->out].x, m->workspace, m->values[o->in].x, w, b,
+                            bn->act, &p, m->pool);
+        return 2;
+    }
+    /* The pointwise path of tern_conv2d_forward, with the fusions and prepacked weights. */
+    const size_t rows = (size_t)batch * (size_t)p.h * (size_t)p.w;
+    const size_t cin = (size_t)p.cin, cout = (size_t)p.cout;
+    const tern_gemm_epilogue ep = {.bias = b, .act = bn->act};
+    const tern_gemm_fusion fu = {
+        .residual = add ? m->values[add->in == bn->out ? add->in2 : add->in].x : NULL,
+        .k_scale = scale ? m->values[scale->in2].x : NULL, .packed_b = o->packed};
+    const float *x = scale ? m->values[scale->in].x : m->values[o->in].x;
+    float *y = add ? m->values[add->out].x : m->values[bn->out].x;
+    tern_gemm_fused(y, cout, x, cin, false, w, cin, true, rows, cout, cin, false, &ep, &fu,
+                    m->pool);
+    return add ? 3 : 2;
+}
+
 tern_status tern_model_forward(tern_model *model, float *logits, const float *input, int batch,
                                bool training)
 {
@@ -927,19 +1014,20 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
     bool fold = !training && m->opt.norm == TERN_NORM_BATCH;
     if (fold && m->folded_version != m->version)
         refold(m);
-    for (int i = 0; i < m->nops; i++) {
+    for (int i = 0; i < m->nops;) {
         op *o = &m->ops[i];
         double t0 = m->profiling ? now_seconds() : 0;
         if (fold && o->kind == OP_CONV) {
-            /* Convolution, BatchNorm and activation in one kernel call. */
-            const op *bn = &m->ops[++i];
-            tern_conv_params p = o->conv;
-            p.n = batch;
-            const float *w = m->folded + o->fold;
-            tern_conv2d_forward(m->values[bn->out].x, m->workspace, m->values[o->in].x, w,
-                                w + conv_weight_count(o), bn->act, &p, m->pool);
+            /* Convolution, BatchNorm and activation in one kernel call (and a residual add). */
+            i += forward_folded_conv(m, i, batch, NULL);
+        } else if (fold && o->kind == OP_SCALE && fusable_scale(m, i, batch)) {
+            /* The gate goes into the projection's weights; profiled as the projection. */
+            const int conv = i + 1;
+            i = conv + forward_folded_conv(m, conv, batch, o);
+            o = &m->ops[conv];
         } else {
             forward_op(m, o, batch, training);
+            i++;
         }
         if (m->profiling) {
             o->seconds[0] += now_seconds() - t0;

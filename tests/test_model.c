@@ -1197,7 +1197,8 @@ static void save_and_load(void **state)
     tern_safetensors_close(&st);
     tern_model *bn = create(&(tern_model_options){.arch = TERN_ARCH_MOBILENET_V3_SMALL,
                                                   .width_mult = 0.25, .in_channels = 3,
-                                                  .num_classes = 5, .threads = 1});
+                                                  .num_classes = 5, .threads = 1,
+                                                  .bn_momentum = 0.01f});
     expect_load_fails(bn, bad, TERN_ERR_NOT_FOUND, "features.0.1.running_mean", NULL, NULL);
     tern_model_destroy(&bn);
     tern_model_destroy(&gn);
@@ -1484,6 +1485,40 @@ static void fused_inference_matches_unfused(void **state)
     free(input);
 }
 
+/* ---- 15. BatchNorm momentum ----------------------------------------------------------------- */
+
+/* Running statistics start at mean 0: after one training forward they are momentum times the
+ * batch mean, so two momenta give running means in their ratio. Out-of-range momenta refused. */
+static void bn_momentum_option(void **state)
+{
+    (void)state;
+    tern_model_options o = small_options(9);
+    float means[2][8];
+    const float momenta[2] = {0.01f, 0.1f};
+    batch b = batch_make(31, 4, 3, o.num_classes);
+    for (int k = 0; k < 2; k++) {
+        o.bn_momentum = momenta[k];
+        tern_model *m = create(&o);
+        assert_int_equal(tern_model_plan(m, 4, H, W, true), TERN_OK);
+        assert_int_equal(tern_model_forward(m, b.logits, b.input, 4, true), TERN_OK);
+        const tern_model_tensor *t = tern_model_find_tensor(m, "features.0.1.running_mean");
+        assert_non_null(t);
+        memcpy(means[k], t->data, sizeof means[k]);
+        tern_model_destroy(&m);
+    }
+    for (int c = 0; c < 8; c++)
+        assert_float_equal(means[1][c], 10.0f * means[0][c], 1e-5f * fabsf(means[1][c]) + 1e-9f);
+    assert_true(fabsf(means[1][0]) > 0);
+    tern_error err = {{0}};
+    tern_model *m = NULL;
+    for (int k = 0; k < 3; k++) {
+        o.bn_momentum = (float[]){0.0f, -0.1f, 1.5f}[k];
+        assert_int_equal(tern_model_create(&o, &m, &err), TERN_ERR_INVALID);
+        assert_non_null(strstr(err.message, "momentum"));
+    }
+    batch_free(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1505,6 +1540,7 @@ int main(void)
         cmocka_unit_test(two_models_interleaved),
         cmocka_unit_test_setup_teardown(model_info_round_trip, tmpdir_setup, tmpdir_teardown),
         cmocka_unit_test_setup_teardown(load_with_new_head, tmpdir_setup, tmpdir_teardown),
+        cmocka_unit_test(bn_momentum_option),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -55,6 +55,8 @@ typedef struct tern_model_options {
     int in_channels;  /* >= 1 */
     int num_classes;  /* >= 1 */
     float dropout;    /* classifier dropout probability in training, [0, 1) */
+    float bn_momentum; /* BatchNorm running-statistics momentum, (0, 1]; torchvision's 0.01.
+                        * Short local training (federated rounds) needs more, e.g. 0.1. */
     tern_norm norm;
     uint64_t seed;    /* initialisation and dropout masks */
     int threads;      /* compute threads, >= 1 */
@@ -63,7 +65,7 @@ typedef struct tern_model_options {
 } tern_model_options;
 
 /* torchvision's defaults for arch: width 1.0, 3 channels, 1000 classes, dropout 0.2,
- * BatchNorm, seed 0, 1 thread. */
+ * BatchNorm with momentum 0.01, seed 0, 1 thread. */
 tern_model_options tern_model_options_default(tern_arch arch);
 
 /* "mobilenet_v3_small" / "mobilenet_v3_large"; static storage. */
