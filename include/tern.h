@@ -11,9 +11,11 @@
 #include "tern/model.h"
 #include "tern/model_io.h"
 #include "tern/optim.h"
+#include "tern/protocol.h"
 #include "tern/rng.h"
 #include "tern/safetensors.h"
 #include "tern/status.h"
 #include "tern/store.h"
+#include "tern/strategy.h"
 
 #endif

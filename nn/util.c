@@ -74,6 +74,7 @@ const char *tern_strerror(tern_status status)
     case TERN_ERR_UNSUPPORTED: return "unsupported";
     case TERN_ERR_STATE: return "call made in the wrong state";
     case TERN_ERR_THREAD: return "thread error";
+    case TERN_ERR_EXISTS: return "already exists";
     }
     return "unknown status";
 }

@@ -23,6 +23,7 @@ typedef enum tern_status {
     TERN_ERR_UNSUPPORTED = -7, /* valid, but not something Tern implements */
     TERN_ERR_STATE = -8,       /* a call made in the wrong order (e.g. forward before plan) */
     TERN_ERR_THREAD = -9,      /* a worker thread could not be started */
+    TERN_ERR_EXISTS = -10,     /* a record with that name, index or content already exists */
 } tern_status;
 
 /* Fixed description of a status code; never NULL, static storage. */
