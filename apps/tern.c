@@ -6,6 +6,7 @@
  *   tern info     metadata and tensors of a safetensors file
  *   tern train, eval, predict   (tern_train.c)
  *   tern add-class              (tern_add_class.c)
+ *   tern store, category, model (tern_store.c)
  *
  * Tensor files use PyTorch's NCHW layout; the conversion to Tern's NHWC happens here. All
  * printing lives in the apps, never in the library. */
@@ -413,7 +414,10 @@ static void usage(FILE *f)
             "  train     train on Fashion-MNIST or an image folder\n"
             "  eval      accuracy, per-class metrics and confusion matrix of a model\n"
             "  predict   classify images with a trained model\n"
-            "  add-class add a class to a trained model without forgetting the old ones\n\n"
+            "  add-class add a class to a trained model without forgetting the old ones\n"
+            "  store     create, inspect, check, back up and restore the server's store\n"
+            "  category  add, list, rename and remove object categories in the store\n"
+            "  model     list, show, roll back, tag, prune and export stored model versions\n\n"
             "Run 'tern <command> --help' for a command's options.\n");
 }
 
@@ -434,7 +438,9 @@ int main(int argc, char **argv)
     } COMMANDS[] = {
         {"forward", cmd_forward}, {"step", cmd_step},       {"demo", cmd_demo},
         {"info", cmd_info},       {"train", tern_cmd_train}, {"eval", tern_cmd_eval},
-        {"predict", tern_cmd_predict}, {"add-class", tern_cmd_add_class}};
+        {"predict", tern_cmd_predict}, {"add-class", tern_cmd_add_class},
+        {"store", tern_cmd_store},     {"category", tern_cmd_category},
+        {"model", tern_cmd_model}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];

@@ -644,7 +644,7 @@ static tern_status cat_add_fn(st_txn *t, void *p)
     MDB_val v;
     tern_status st = st_get(t, DB_CAT_BY_NAME, in->name, strlen(in->name), &v);
     if (st == TERN_OK)
-        return tern_set_error(t->err, TERN_ERR_INVALID,
+        return tern_set_error(t->err, TERN_ERR_EXISTS,
                               "category name '%s' already exists (id %.*s)", in->name,
                               (int)v.mv_size, (const char *)v.mv_data);
     if (st != TERN_ERR_NOT_FOUND)
@@ -657,7 +657,7 @@ static tern_status cat_add_fn(st_txn *t, void *p)
         snprintf(other, sizeof other, "%.*s", (int)v.mv_size, (const char *)v.mv_data);
         tern_category o;
         const char *oname = load_category(t, other, &o) == TERN_OK ? o.name : other;
-        return tern_set_error(t->err, TERN_ERR_INVALID,
+        return tern_set_error(t->err, TERN_ERR_EXISTS,
                               "class index %d already belongs to category '%s'",
                               (int)in->class_index, oname);
     }
@@ -837,7 +837,7 @@ static tern_status cat_edit_fn(st_txn *t, void *p)
         MDB_val v;
         st = st_get(t, DB_CAT_BY_NAME, c->name, strlen(c->name), &v);
         if (st == TERN_OK)
-            return tern_set_error(t->err, TERN_ERR_INVALID,
+            return tern_set_error(t->err, TERN_ERR_EXISTS,
                                   "cannot rename category '%s': name '%s' already exists", r.name,
                                   c->name);
         if (st != TERN_ERR_NOT_FOUND)
@@ -991,7 +991,7 @@ static tern_status client_reg_fn(st_txn *t, void *p)
     MDB_val v;
     tern_status st = st_get(t, DB_CLIENT_BY_NAME, c->in->name, strlen(c->in->name), &v);
     if (st == TERN_OK)
-        return tern_set_error(t->err, TERN_ERR_INVALID, "client name '%s' already exists (id %.*s)",
+        return tern_set_error(t->err, TERN_ERR_EXISTS, "client name '%s' already exists (id %.*s)",
                               c->in->name, (int)v.mv_size, (const char *)v.mv_data);
     if (st != TERN_ERR_NOT_FOUND)
         return st;
@@ -1323,7 +1323,7 @@ static tern_status image_add_fn(st_txn *t, void *p)
         snprintf(id, sizeof id, "%.*s", (int)v.mv_size, (const char *)v.mv_data);
         if ((st = load_image(t, id, r)))
             return st;
-        return tern_set_error(t->err, TERN_ERR_INVALID,
+        return tern_set_error(t->err, TERN_ERR_EXISTS,
                               "duplicate image: content sha256 %s is already stored as image %s",
                               c->sha, id);
     }
@@ -1376,7 +1376,7 @@ tern_status tern_store_image_add(tern_store *store, const tern_image_record *in,
     if ((st = st_sha256_hex(content, len, c.sha, err)))
         return st;
     st = st_write(store, image_add_fn, &c, err);
-    if (out && (st == TERN_OK || (st == TERN_ERR_INVALID && c.rec.id[0])))
+    if (out && (st == TERN_OK || (st == TERN_ERR_EXISTS && c.rec.id[0])))
         *out = c.rec;
     return st;
 }

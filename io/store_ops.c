@@ -82,6 +82,34 @@ tern_status tern_store_backup(tern_store *store, const char *dest_dir, tern_erro
     return fsync_path(dest_dir, O_RDONLY | O_DIRECTORY, err);
 }
 
+/* Every process with an LMDB environment open holds a shared fcntl lock on the first byte of
+ * its lock.mdb (LMDB's liveness lock), so a write lock that would conflict means another process
+ * has the store open. Probed with F_GETLK, which takes nothing. (Closing the probe descriptor
+ * drops this process's own fcntl locks on the file: callers must not have dir open, as the
+ * restore contract already says.) */
+static tern_status refuse_if_open(const char *dir, tern_error *err)
+{
+    char path[4096];
+    tern_status st = join(path, sizeof path, dir, "lock.mdb", err);
+    if (st)
+        return st;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return TERN_OK; /* no lock file: nobody has the store open */
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    int rc = fcntl(fd, F_GETLK, &fl);
+    int e = errno;
+    close(fd);
+    if (rc != 0)
+        return tern_set_error(err, TERN_ERR_IO, "cannot probe the lock of %s: %s", path,
+                              strerror(e));
+    if (fl.l_type != F_UNLCK)
+        return tern_set_error(err, TERN_ERR_STATE,
+                              "cannot restore into %s: the store is open in process %ld", dir,
+                              (long)fl.l_pid);
+    return TERN_OK;
+}
+
 typedef struct {
     char first[256];
 } first_problem;
@@ -111,6 +139,8 @@ tern_status tern_store_restore(const char *src_dir, const char *dest_dir, tern_e
     if (stat(probe, &sb) != 0)
         return tern_set_error(err, TERN_ERR_NOT_FOUND, "no backup at %s (data.mdb is missing)",
                               src_dir);
+    if ((st = refuse_if_open(dest_dir, err)))
+        return st;
     st = tern_store_open(src_dir, &(tern_store_options){.read_only = true}, &src, err);
     if (st)
         return st;

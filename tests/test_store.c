@@ -186,10 +186,10 @@ static void categories(void **state)
 
     /* Duplicates are refused with messages naming the clash. */
     in = category("cat", 7);
-    expect_fail(tern_store_category_add(s, &in, NULL, &err), TERN_ERR_INVALID, &err,
+    expect_fail(tern_store_category_add(s, &in, NULL, &err), TERN_ERR_EXISTS, &err,
                 "category name 'cat' already exists");
     in = category("bird", 1);
-    expect_fail(tern_store_category_add(s, &in, NULL, &err), TERN_ERR_INVALID, &err,
+    expect_fail(tern_store_category_add(s, &in, NULL, &err), TERN_ERR_EXISTS, &err,
                 "class index 1 already belongs to category 'dog'");
     in = category("", 3);
     expect_fail(tern_store_category_add(s, &in, NULL, &err), TERN_ERR_INVALID, &err, "empty");
@@ -213,7 +213,7 @@ static void categories(void **state)
     assert_string_equal(got.id, cat.id);
     expect_fail(tern_store_category_get_by_name(s, "cat", &got, &err), TERN_ERR_NOT_FOUND, &err,
                 NULL);
-    expect_fail(tern_store_category_rename(s, cat.id, "dog", "alice", &err), TERN_ERR_INVALID,
+    expect_fail(tern_store_category_rename(s, cat.id, "dog", "alice", &err), TERN_ERR_EXISTS,
                 &err, "already exists");
     OK(tern_store_category_set_active(s, cat.id, false, "alice", err_));
     OK(tern_store_category_get(s, cat.id, &got, err_));
@@ -265,7 +265,7 @@ static void clients(void **state)
     assert_true(c.active);
     assert_false(c.blacklisted);
     assert_int_equal(c.registered_at, f->now);
-    expect_fail(tern_store_client_register(s, &in, NULL, &err), TERN_ERR_INVALID, &err,
+    expect_fail(tern_store_client_register(s, &in, NULL, &err), TERN_ERR_EXISTS, &err,
                 "client name 'pixel-7' already exists");
     tern_client_record raw = client_in("raw");
     snprintf(raw.api_key_hash, sizeof raw.api_key_hash, "secret-key");
@@ -367,7 +367,7 @@ static void images(void **state)
     assert_false(first.used_in_training);
 
     /* Same content again: refused, naming and returning the earlier upload. */
-    expect_fail(tern_store_image_add(s, &im, a, sizeof a, &dup, &err), TERN_ERR_INVALID, &err,
+    expect_fail(tern_store_image_add(s, &im, a, sizeof a, &dup, &err), TERN_ERR_EXISTS, &err,
                 "duplicate");
     assert_non_null(strstr(err.message, first.id));
     assert_string_equal(dup.id, first.id);

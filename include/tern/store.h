@@ -15,7 +15,8 @@
  * a message naming the record involved.
  *
  * Errors, common to every function: TERN_ERR_INVALID (NULL or out-of-range argument, a string
- * too long, a duplicate name/class index/content, an illegal round transition), TERN_ERR_NOT_FOUND
+ * too long, an illegal round transition), TERN_ERR_EXISTS (a duplicate category name or class
+ * index, client name or image content: the message names the existing record), TERN_ERR_NOT_FOUND
  * (unknown id, name, number or version: the message names it), TERN_ERR_FORMAT (a record that
  * does not decode, a blob whose SHA-256 does not match), TERN_ERR_UNSUPPORTED (a record written
  * by a newer schema), TERN_ERR_IO (LMDB or file system failure), TERN_ERR_NOMEM,
@@ -89,7 +90,7 @@ typedef struct tern_category {
 
 /* Add a category from in->name, description, class_index, active and created_by (other fields
  * ignored). *out (may be NULL) receives the stored record with its new id. Audited.
- * TERN_ERR_INVALID with "already" in the message for a duplicate name or class index. */
+ * TERN_ERR_EXISTS for a duplicate name or class index. */
 tern_status tern_store_category_add(tern_store *store, const tern_category *in,
                                     tern_category *out, tern_error *err);
 tern_status tern_store_category_get(tern_store *store, const char *id, tern_category *out,
@@ -101,7 +102,8 @@ tern_status tern_store_category_get_by_index(tern_store *store, int32_t class_in
 /* All categories in class-index order; *out is released with tern_store_free. */
 tern_status tern_store_category_list(tern_store *store, tern_category **out, size_t *count,
                                      tern_error *err);
-/* Rename (new name must be unique), set active, remove; actor is recorded in the audit log. */
+/* Rename (new name must be unique, else TERN_ERR_EXISTS), set active, remove; actor is recorded
+ * in the audit log. */
 tern_status tern_store_category_rename(tern_store *store, const char *id, const char *new_name,
                                        const char *actor, tern_error *err);
 tern_status tern_store_category_set_active(tern_store *store, const char *id, bool active,
@@ -171,7 +173,7 @@ typedef struct tern_image_record {
  * is hashed. When in->location is empty the bytes are stored in the store's blob database and
  * location becomes "blob:<sha256>"; otherwise location is kept as given (the caller stores the
  * file). Adds one to the category's sample_count and the client's total_samples.
- * Duplicate content: TERN_ERR_INVALID, the message says "duplicate", and *out (when not NULL)
+ * Duplicate content: TERN_ERR_EXISTS, the message says "duplicate", and *out (when not NULL)
  * receives the EXISTING record, so out->id names the earlier upload. */
 tern_status tern_store_image_add(tern_store *store, const tern_image_record *in,
                                  const void *content, size_t len, tern_image_record *out,
@@ -324,7 +326,9 @@ tern_status tern_store_audit_list(tern_store *store, int64_t after_seq, size_t m
 tern_status tern_store_backup(tern_store *store, const char *dest_dir, tern_error *err);
 /* Restore a backup: src_dir is opened read-only and checked (any problem refuses the restore
  * with TERN_ERR_FORMAT), then its contents replace dest_dir's data.mdb atomically (rename).
- * No process may have dest_dir open. */
+ * No process may have dest_dir open: another process holding it open is refused with
+ * TERN_ERR_STATE (seen through LMDB's lock file); this process must not have it open either.
+ * A missing backup (no data.mdb in src_dir) is TERN_ERR_NOT_FOUND. */
 tern_status tern_store_restore(const char *src_dir, const char *dest_dir, tern_error *err);
 
 /* Called once per problem found by tern_store_check; message is valid during the call. */
