@@ -11,15 +11,22 @@
  * transposed A: MR contiguous floats per k). Only the last MR-partial sliver of each MC block
  * is copied, zero padded, into a small buffer, so kernels never read past A. The first K block
  * overwrites C (unless accumulating), later ones add to it, and the last applies the epilogue
- * (bias, activation) in registers before the one store of the tile.
+ * (bias, residual, activation) in registers before the one store of the tile.
+ *
+ * Fusions for inference (tern_gemm_fused): a residual added in that epilogue (bit-identical to
+ * a separate add); a per-K scale applied to B as it is packed (a squeeze-and-excitation gate);
+ * and B packed once ahead of time (constant folded weights), in the same layout the per-call
+ * packing produces, so the kernels and results are the same with or without it.
  *
  * Microkernels: AVX-512 12x32 (24 zmm accumulators), AVX2+FMA 6x16 (12 ymm), scalar C 4x16.
  * Column tails are computed on zero-padded B and stored with masks; a tail of at most half a
- * tile runs a half-width variant.
+ * tile runs a half-width variant, and with AVX-512 a row tail of a few rows (the 49th pixel
+ * of a 7x7 layer) runs a 2-, 4- or 8-row variant.
  *
  * Small M (at most SMALL_M rows, e.g. the classifier at batch 1) skips packing: with AVX-512,
- * transposed B (weights (N, K)) is read as rows by a dot-product kernel and plain B by an
- * axpy kernel; both stream B once.
+ * transposed B (weights (N, K)) is read as rows by a dot-product kernel (for one row of A, a
+ * GEMV that streams 8 rows of B with prefetching) and plain B by an axpy kernel; all stream B
+ * once.
  *
  * Threads split C, never K: over M in MR-row units or over N in NR-column units, whichever is
  * larger. Each C element is computed by one thread in the same K order whatever the thread
@@ -60,13 +67,15 @@ static inline float act_scalar(float t, tern_act act)
     return t;
 }
 
-/* Final value of one element: [C +] sum, + bias, act. */
+/* Final value of one element: [C +] sum, + bias, + residual, act. */
 static inline float finish_scalar(const float *c, float sum, bool load_c, const float *bias,
-                                  tern_act act)
+                                  const float *res, tern_act act)
 {
     float t = load_c ? *c + sum : sum;
     if (bias)
         t = t + *bias;
+    if (res)
+        t = t + *res;
     return act_scalar(t, act);
 }
 
@@ -84,6 +93,12 @@ typedef struct gemm_problem {
     size_t m, n, k;
     bool accumulate;
     const float *bias;
+    const float *res;     /* residual, layout of C (row stride ldc), or NULL */
+    const float *k_scale; /* (K) scale of op(B)'s rows, or NULL */
+    /* Prepacked B (see packed_offset), or NULL; col0 is the column of the whole problem's
+     * B where this (sub)problem starts, npad that problem's N rounded up to NR. */
+    const float *packed;
+    size_t col0, npad;
     tern_act act;
 } gemm_problem;
 
@@ -98,15 +113,18 @@ typedef struct ukr_args {
     size_t mr, nr;     /* rows and columns of the tile inside C */
     bool load_c;       /* add to C (later K blocks, or accumulate) */
     const float *bias; /* bias of the tile's first column, or NULL; only on the last K block */
+    const float *res;  /* residual of the tile's first element (row stride ldc), or NULL; only
+                        * on the last K block */
     tern_act act;      /* TERN_ACT_NONE except on the last K block */
 } ukr_args;
 
 typedef void (*ukr_fn)(const ukr_args *u);
 
 /* Packs B(pc.., jc..) (kc x nc) into NR-wide slivers: sliver s holds element (k, j) at
- * bp[s * kc * NR + k * NR + j], columns past nc zero. b points at B(pc, jc). */
+ * bp[s * kc * NR + k * NR + j], columns past nc zero. b points at B(pc, jc); ks (kc scales of
+ * the block's rows, from k_scale + pc) multiplies row k, or is NULL. */
 typedef void (*pack_b_fn)(float *bp, const float *b, size_t ldb, bool tb, size_t kc, size_t nc,
-                          size_t NR);
+                          size_t NR, const float *ks);
 
 typedef struct isa_desc {
     size_t mr, nr;
@@ -134,9 +152,10 @@ static void ukr_scalar(const ukr_args *u)
     }
     for (size_t i = 0; i < u->mr; i++) {
         float *c = u->c + i * u->ldc;
+        const float *r = u->res ? u->res + i * u->ldc : NULL;
         for (size_t j = 0; j < u->nr; j++)
             c[j] = finish_scalar(c + j, acc[i][j], u->load_c, u->bias ? u->bias + j : NULL,
-                                 u->act);
+                                 r ? r + j : NULL, u->act);
     }
 }
 
@@ -167,26 +186,33 @@ INLINE TARGET_AVX512 __mmask16 mask16(size_t n)
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
-/* Store [C +] t [+ bias], act, to the lanes of c in mask. */
+/* Store [C +] t [+ bias] [+ res], act, to the lanes of c in mask. */
 INLINE TARGET_AVX512 void store_avx512(float *c, __m512 t, __mmask16 mask, bool load_c,
-                                       const float *bias, tern_act act)
+                                       const float *bias, const float *res, tern_act act)
 {
     if (load_c)
         t = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), t);
     if (bias)
         t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mask, bias));
+    if (res)
+        t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mask, res));
     _mm512_mask_storeu_ps(c, mask, act_avx512(t, act));
 }
 
 #define X5_FMA(i, ai)                                                                            \
     do {                                                                                         \
+        if ((i) >= rows)                                                                         \
+            break;                                                                               \
         const __m512 bc_ = _mm512_set1_ps(ai);                                                   \
         acc[i][0] = _mm512_fmadd_ps(bc_, b0, acc[i][0]);                                         \
         if (nv > 1)                                                                              \
             acc[i][1] = _mm512_fmadd_ps(bc_, b1, acc[i][1]);                                     \
     } while (0)
 
-INLINE TARGET_AVX512 void ukr_avx512_body(const ukr_args *u, const int nv, const bool a_rows)
+/* rows (a constant after inlining: 12, or fewer for the zero-padded tail sliver) is how many
+ * accumulator rows are computed; each element's FMA sequence is the same in every variant. */
+INLINE TARGET_AVX512 void ukr_avx512_body(const ukr_args *u, const int nv, const bool a_rows,
+                                          const int rows)
 {
     __m512 acc[X5_MR][2];
     for (int i = 0; i < X5_MR; i++)
@@ -242,24 +268,35 @@ INLINE TARGET_AVX512 void ukr_avx512_body(const ukr_args *u, const int nv, const
         if ((size_t)i >= u->mr)
             break;
         float *c = u->c + (size_t)i * u->ldc;
-        store_avx512(c, acc[i][0], m0, u->load_c, u->bias, u->act);
+        const float *r = u->res ? u->res + (size_t)i * u->ldc : NULL;
+        store_avx512(c, acc[i][0], m0, u->load_c, u->bias, r, u->act);
         if (nv > 1)
-            store_avx512(c + 16, acc[i][1], m1, u->load_c, bias1, u->act);
+            store_avx512(c + 16, acc[i][1], m1, u->load_c, bias1, r ? r + 16 : NULL, u->act);
     }
 }
 
 static TARGET_AVX512 void ukr_avx512(const ukr_args *u)
 {
+    /* Full tiles read A in place (a_rows, or a transposed A: mr == X5_MR); a tail of a few rows
+     * (e.g. the 49th pixel of a 7x7 layer) runs a shorter kernel instead of a whole tile. */
     if (u->nr > 16) {
         if (u->a_rows)
-            ukr_avx512_body(u, 2, true);
+            ukr_avx512_body(u, 2, true, X5_MR);
+        else if (u->mr <= 2)
+            ukr_avx512_body(u, 2, false, 2);
+        else if (u->mr <= 4)
+            ukr_avx512_body(u, 2, false, 4);
+        else if (u->mr <= 8)
+            ukr_avx512_body(u, 2, false, 8);
         else
-            ukr_avx512_body(u, 2, false);
+            ukr_avx512_body(u, 2, false, X5_MR);
     } else {
         if (u->a_rows)
-            ukr_avx512_body(u, 1, true);
+            ukr_avx512_body(u, 1, true, X5_MR);
+        else if (u->mr <= 4)
+            ukr_avx512_body(u, 1, false, 4);
         else
-            ukr_avx512_body(u, 1, false);
+            ukr_avx512_body(u, 1, false, X5_MR);
     }
 }
 
@@ -296,7 +333,8 @@ static TARGET_AVX512 void small_m_dot_avx512(const gemm_problem *p)
             for (size_t j = 0; j < nb; j++) {
                 float *c = p->c + i * p->ldc + j0 + j;
                 *c = finish_scalar(c, _mm512_reduce_add_ps(acc[i][j]), p->accumulate,
-                                   p->bias ? p->bias + j0 + j : NULL, p->act);
+                                   p->bias ? p->bias + j0 + j : NULL,
+                                   p->res ? p->res + i * p->ldc + j0 + j : NULL, p->act);
             }
     }
 }
@@ -335,13 +373,59 @@ static TARGET_AVX512 void small_m_axpy_avx512(const gemm_problem *p)
         for (size_t i = 0; i < m; i++)
             for (size_t v = 0; v < 4 && mk[v]; v++)
                 store_avx512(p->c + i * p->ldc + j0 + 16 * v, acc[i][v], mk[v], p->accumulate,
-                             p->bias ? p->bias + j0 + 16 * v : NULL, p->act);
+                             p->bias ? p->bias + j0 + 16 * v : NULL,
+                             p->res ? p->res + i * p->ldc + j0 + 16 * v : NULL, p->act);
+    }
+}
+
+/* One row of A against transposed B: the classifier and the squeeze-and-excitation layers at
+ * batch 1. Each weight is used once, so this streams B: 8 rows at a time (8 independent FMA
+ * chains, one contiguous 8*K block since rows are adjacent), and the next block is prefetched
+ * while this one is summed, since the hardware prefetchers ramp up too slowly on rows of a few
+ * KB. Per element the sum order is that of small_m_dot_avx512 (16 lanes along K, then a lane
+ * reduction), whatever block the element falls in. */
+static TARGET_AVX512 void gemv_dot_avx512(const gemm_problem *p)
+{
+    const size_t n = p->n, K = p->k, ldb = p->ldb;
+    const float *a = p->a;
+    for (size_t j0 = 0; j0 < n; j0 += 8) {
+        const size_t nb = min_size(8, n - j0);
+        const float *brow[8], *pf[8];
+        for (size_t j = 0; j < 8; j++) {
+            brow[j] = p->b + (j0 + min_size(j, nb - 1)) * ldb;
+            pf[j] = p->b + min_size(j0 + 8 + j, n - 1) * ldb;
+        }
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++)
+            acc[j] = _mm512_setzero_ps();
+        size_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const __m512 av = _mm512_loadu_ps(a + k);
+            for (int j = 0; j < 8; j++) {
+                _mm_prefetch((const char *)(pf[j] + k), _MM_HINT_T0);
+                acc[j] = _mm512_fmadd_ps(av, _mm512_loadu_ps(brow[j] + k), acc[j]);
+            }
+        }
+        if (k < K) {
+            const __mmask16 mk = mask16(K - k);
+            const __m512 av = _mm512_maskz_loadu_ps(mk, a + k);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mk, brow[j] + k), acc[j]);
+        }
+        for (size_t j = 0; j < nb; j++) {
+            float *c = p->c + j0 + j;
+            *c = finish_scalar(c, _mm512_reduce_add_ps(acc[j]), p->accumulate,
+                               p->bias ? p->bias + j0 + j : NULL, p->res ? p->res + j0 + j : NULL,
+                               p->act);
+        }
     }
 }
 
 static void small_m_avx512(const gemm_problem *p)
 {
-    if (p->tb)
+    if (p->tb && p->m == 1)
+        gemv_dot_avx512(p);
+    else if (p->tb)
         small_m_dot_avx512(p);
     else
         small_m_axpy_avx512(p);
@@ -376,13 +460,15 @@ INLINE TARGET_AVX2 __m256i mask8(size_t n)
 }
 
 INLINE TARGET_AVX2 void store_avx2(float *c, __m256 t, size_t cols, bool load_c,
-                                   const float *bias, tern_act act)
+                                   const float *bias, const float *res, tern_act act)
 {
     if (cols >= 8) {
         if (load_c)
             t = _mm256_add_ps(_mm256_loadu_ps(c), t);
         if (bias)
             t = _mm256_add_ps(t, _mm256_loadu_ps(bias));
+        if (res)
+            t = _mm256_add_ps(t, _mm256_loadu_ps(res));
         _mm256_storeu_ps(c, act_avx2(t, act));
     } else {
         const __m256i mask = mask8(cols);
@@ -390,6 +476,8 @@ INLINE TARGET_AVX2 void store_avx2(float *c, __m256 t, size_t cols, bool load_c,
             t = _mm256_add_ps(_mm256_maskload_ps(c, mask), t);
         if (bias)
             t = _mm256_add_ps(t, _mm256_maskload_ps(bias, mask));
+        if (res)
+            t = _mm256_add_ps(t, _mm256_maskload_ps(res, mask));
         _mm256_maskstore_ps(c, mask, act_avx2(t, act));
     }
 }
@@ -444,9 +532,10 @@ INLINE TARGET_AVX2 void ukr_avx2_body(const ukr_args *u, const int nv, const boo
         if ((size_t)i >= u->mr)
             break;
         float *c = u->c + (size_t)i * u->ldc;
-        store_avx2(c, acc[i][0], u->nr, u->load_c, u->bias, u->act);
+        const float *r = u->res ? u->res + (size_t)i * u->ldc : NULL;
+        store_avx2(c, acc[i][0], u->nr, u->load_c, u->bias, r, u->act);
         if (nv > 1)
-            store_avx2(c + 8, acc[i][1], u->nr - 8, u->load_c, bias1, u->act);
+            store_avx2(c + 8, acc[i][1], u->nr - 8, u->load_c, bias1, r ? r + 8 : NULL, u->act);
     }
 }
 
@@ -468,14 +557,18 @@ static TARGET_AVX2 void ukr_avx2(const ukr_args *u)
 /* ---- packing ------------------------------------------------------------------------------------ */
 
 static void pack_b_c(float *bp, const float *b, size_t ldb, bool tb, size_t kc, size_t nc,
-                   size_t NR)
+                   size_t NR, const float *ks)
 {
     for (size_t js = 0; js < nc; js += NR) {
         const size_t nr = min_size(NR, nc - js);
         float *dst = bp + js * kc;
         if (!tb) {
             for (size_t k = 0; k < kc; k++) {
-                memcpy(dst + k * NR, b + k * ldb + js, nr * sizeof *dst);
+                if (ks)
+                    for (size_t j = 0; j < nr; j++)
+                        dst[k * NR + j] = b[k * ldb + js + j] * ks[k];
+                else
+                    memcpy(dst + k * NR, b + k * ldb + js, nr * sizeof *dst);
                 for (size_t j = nr; j < NR; j++)
                     dst[k * NR + j] = 0;
             }
@@ -488,7 +581,7 @@ static void pack_b_c(float *bp, const float *b, size_t ldb, bool tb, size_t kc, 
             for (size_t j = 0; j < nr; j++) {
                 const float *src = b + (js + j) * ldb;
                 for (size_t k = 0; k < kc; k++)
-                    dst[k * NR + j] = src[k];
+                    dst[k * NR + j] = ks ? src[k] * ks[k] : src[k];
             }
         }
     }
@@ -533,7 +626,7 @@ INLINE TARGET_AVX512 void transpose16_avx512(__m512 r[16])
 
 /* pack_b_c with masked vector copies (plain B) and 16x16 register transposes (transposed B). */
 static TARGET_AVX512 void pack_b_avx512(float *bp, const float *b, size_t ldb, bool tb,
-                                        size_t kc, size_t nc, size_t NR)
+                                        size_t kc, size_t nc, size_t NR, const float *ks)
 {
     (void)NR; /* X5_NR */
     for (size_t js = 0; js < nc; js += X5_NR) {
@@ -543,8 +636,15 @@ static TARGET_AVX512 void pack_b_avx512(float *bp, const float *b, size_t ldb, b
             const __mmask16 m0 = mask16(nr), m1 = nr > 16 ? mask16(nr - 16) : 0;
             const float *src = b + js;
             for (size_t k = 0; k < kc; k++, src += ldb, dst += X5_NR) {
-                _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m0, src));
-                _mm512_store_ps(dst + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+                __m512 v0 = _mm512_maskz_loadu_ps(m0, src);
+                __m512 v1 = _mm512_maskz_loadu_ps(m1, src + 16);
+                if (ks) {
+                    const __m512 sk = _mm512_set1_ps(ks[k]);
+                    v0 = _mm512_mul_ps(v0, sk);
+                    v1 = _mm512_mul_ps(v1, sk);
+                }
+                _mm512_store_ps(dst, v0);
+                _mm512_store_ps(dst + 16, v1);
             }
             continue;
         }
@@ -553,10 +653,14 @@ static TARGET_AVX512 void pack_b_avx512(float *bp, const float *b, size_t ldb, b
             for (size_t k0 = 0; k0 < kc; k0 += 16) {
                 const size_t kk = min_size(16, kc - k0);
                 const __mmask16 mk = mask16(kk);
+                const __m512 sk = ks ? _mm512_maskz_loadu_ps(mk, ks + k0) : _mm512_set1_ps(1);
                 __m512 r[16];
                 for (size_t i = 0; i < 16; i++)
                     r[i] = i < rows ? _mm512_maskz_loadu_ps(mk, b + (js + h + i) * ldb + k0)
                                     : _mm512_setzero_ps();
+                if (ks)
+                    for (size_t i = 0; i < rows; i++)
+                        r[i] = _mm512_mul_ps(r[i], sk);
                 transpose16_avx512(r);
                 for (size_t t = 0; t < kk; t++)
                     _mm512_store_ps(dst + (k0 + t) * X5_NR + h, r[t]);
@@ -579,6 +683,43 @@ static const isa_desc *isa_for(tern_isa isa)
 
 /* ---- blocked driver ----------------------------------------------------------------------------- */
 
+/* Prepacked B: K block pc (all of N, NR-wide slivers of kc rows each) starts at pc * npad;
+ * inside it, the sliver of columns [j, j + NR) starts at j * kc. The blocked driver's packing
+ * of any (pc, jc) block is a contiguous run of this. */
+static size_t packed_offset(size_t pc, size_t kc, size_t j, size_t npad)
+{
+    return pc * npad + j * kc;
+}
+
+size_t tern_gemm_packed_b_size(size_t N, size_t K, tern_isa isa)
+{
+    const size_t nr = isa_for(isa)->nr;
+    return (N + nr - 1) / nr * nr * K;
+}
+
+void tern_gemm_pack_b(float *packed, const float *B, size_t ldb, bool trans_b, size_t N,
+                      size_t K, tern_isa isa)
+{
+    const isa_desc *d = isa_for(isa);
+    const size_t npad = (N + d->nr - 1) / d->nr * d->nr;
+    for (size_t pc = 0; pc < K; pc += KC) {
+        const size_t kc = min_size(KC, K - pc);
+        d->pack_b(packed + packed_offset(pc, kc, 0, npad),
+                  trans_b ? B + pc : B + pc * ldb, ldb, trans_b, kc, N, d->nr, NULL);
+    }
+}
+
+/* A prepacked block with row k scaled by ks[k]: the values pack_b gives with ks (a product
+ * rounded once), without re-reading and transposing the stored weights. */
+static void scale_packed(float *restrict dst, const float *restrict src,
+                         const float *restrict ks, size_t kc, size_t slivers, size_t NR)
+{
+    for (size_t s = 0; s < slivers; s++)
+        for (size_t k = 0; k < kc; k++, src += NR, dst += NR)
+            for (size_t j = 0; j < NR; j++)
+                dst[j] = src[j] * ks[k];
+}
+
 static void gemm_blocked(const gemm_problem *p, const isa_desc *d, float *scratch)
 {
     const size_t MR = d->mr, NR = d->nr, M = p->m, N = p->n, K = p->k;
@@ -589,8 +730,18 @@ static void gemm_blocked(const gemm_problem *p, const isa_desc *d, float *scratc
         do { /* at least once, so K == 0 still writes C */
             const size_t kc = min_size(KC, K - pc);
             const bool first = pc == 0, last = pc + kc >= K;
-            d->pack_b(bp, p->tb ? p->b + jc * p->ldb + pc : p->b + pc * p->ldb + jc, p->ldb, p->tb,
-                   kc, nc, NR);
+            const float *bblock;
+            if (p->packed && !p->k_scale) {
+                bblock = p->packed + packed_offset(pc, kc, p->col0 + jc, p->npad);
+            } else if (p->packed) {
+                scale_packed(bp, p->packed + packed_offset(pc, kc, p->col0 + jc, p->npad),
+                             p->k_scale + pc, kc, (nc + NR - 1) / NR, NR);
+                bblock = bp;
+            } else {
+                d->pack_b(bp, p->tb ? p->b + jc * p->ldb + pc : p->b + pc * p->ldb + jc, p->ldb,
+                          p->tb, kc, nc, NR, p->k_scale ? p->k_scale + pc : NULL);
+                bblock = bp;
+            }
             ukr_args u = {.kc = kc, .ldc = p->ldc, .load_c = !first || p->accumulate,
                           .act = last ? p->act : TERN_ACT_NONE};
             for (size_t ic = 0; ic < M; ic += MC) {
@@ -598,9 +749,10 @@ static void gemm_blocked(const gemm_problem *p, const isa_desc *d, float *scratc
                 if (mfull < mc)
                     pack_a_tail(ap, p, ic + mfull, mc - mfull, pc, kc, MR);
                 for (size_t jr = 0; jr < nc; jr += NR) {
-                    u.b = bp + jr * kc;
+                    u.b = bblock + jr * kc;
                     u.nr = min_size(NR, nc - jr);
                     u.bias = last && p->bias ? p->bias + jc + jr : NULL;
+                    const float *res = last && p->res ? p->res + jc + jr : NULL;
                     for (size_t ir = 0; ir < mc; ir += MR) {
                         const size_t i = ic + ir;
                         if (ir < mfull) {
@@ -617,6 +769,7 @@ static void gemm_blocked(const gemm_problem *p, const isa_desc *d, float *scratc
                             u.mr = mc - ir;
                         }
                         u.c = p->c + i * p->ldc + jc + jr;
+                        u.res = res ? res + i * p->ldc : NULL;
                         d->kernel(&u);
                     }
                 }
@@ -628,7 +781,7 @@ static void gemm_blocked(const gemm_problem *p, const isa_desc *d, float *scratc
 
 static bool takes_small_m(const isa_desc *d, const gemm_problem *p)
 {
-    return p->m <= SMALL_M && d->small_m && !(p->ta && p->tb);
+    return p->m <= SMALL_M && d->small_m && !(p->ta && p->tb) && !p->k_scale;
 }
 
 static void gemm_serial(const gemm_problem *p, tern_isa isa, float *scratch, bool allow_small)
@@ -646,11 +799,14 @@ static void gemm_serial(const gemm_problem *p, tern_isa isa, float *scratch, boo
 
 static gemm_problem make_problem(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,
                                  const float *B, size_t ldb, bool trans_b, size_t M, size_t N,
-                                 size_t K, bool accumulate, const tern_gemm_epilogue *ep)
+                                 size_t K, bool accumulate, const tern_gemm_epilogue *ep,
+                                 const tern_gemm_fusion *fu)
 {
     return (gemm_problem){.c = C, .ldc = ldc, .a = A, .lda = lda, .ta = trans_a, .b = B,
                           .ldb = ldb, .tb = trans_b, .m = M, .n = N, .k = K,
                           .accumulate = accumulate, .bias = ep ? ep->bias : NULL,
+                          .res = fu ? fu->residual : NULL, .k_scale = fu ? fu->k_scale : NULL,
+                          .packed = fu ? fu->packed_b : NULL,
                           .act = ep ? ep->act : TERN_ACT_NONE};
 }
 
@@ -658,16 +814,29 @@ void tern_gemm_ref(float *C, size_t ldc, const float *A, size_t lda, bool trans_
                    const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
                    bool accumulate, const tern_gemm_epilogue *ep)
 {
-    const float *bias = ep ? ep->bias : NULL;
+    tern_gemm_ref_fused(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K, accumulate, ep, NULL);
+}
+
+void tern_gemm_ref_fused(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,
+                         const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
+                         bool accumulate, const tern_gemm_epilogue *ep,
+                         const tern_gemm_fusion *fusion)
+{
+    const float *bias = ep ? ep->bias : NULL, *res = fusion ? fusion->residual : NULL;
+    const float *ks = fusion ? fusion->k_scale : NULL;
     const tern_act act = ep ? ep->act : TERN_ACT_NONE;
     for (size_t i = 0; i < M; i++)
         for (size_t j = 0; j < N; j++) {
             double s = 0;
-            for (size_t k = 0; k < K; k++)
-                s += (double)(trans_a ? A[k * lda + i] : A[i * lda + k]) *
-                     (trans_b ? B[j * ldb + k] : B[k * ldb + j]);
+            for (size_t k = 0; k < K; k++) {
+                float b = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+                if (ks)
+                    b = b * ks[k];
+                s += (double)(trans_a ? A[k * lda + i] : A[i * lda + k]) * b;
+            }
             float *c = C + i * ldc + j;
-            *c = finish_scalar(c, (float)s, accumulate, bias ? bias + j : NULL, act);
+            *c = finish_scalar(c, (float)s, accumulate, bias ? bias + j : NULL,
+                               res ? res + i * ldc + j : NULL, act);
         }
 }
 
@@ -681,7 +850,7 @@ void tern_gemm_thread(float *C, size_t ldc, const float *A, size_t lda, bool tra
         return;
     }
     gemm_problem p = make_problem(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K,
-                                  accumulate, ep);
+                                  accumulate, ep, NULL);
     gemm_serial(&p, isa, scratch, true);
 }
 
@@ -708,10 +877,15 @@ static void gemm_task_fn(void *arg, int ith, int nth)
     if (t->split_m) {
         s.m = hi - lo;
         s.c += lo * p->ldc;
+        if (s.res)
+            s.res += lo * p->ldc;
         s.a += p->ta ? lo : lo * p->lda;
     } else {
         s.n = hi - lo;
         s.c += lo;
+        s.col0 += lo;
+        if (s.res)
+            s.res += lo;
         s.b += p->tb ? lo * p->ldb : lo;
         if (s.bias)
             s.bias += lo;
@@ -723,17 +897,28 @@ void tern_gemm(float *C, size_t ldc, const float *A, size_t lda, bool trans_a, c
                size_t ldb, bool trans_b, size_t M, size_t N, size_t K, bool accumulate,
                const tern_gemm_epilogue *ep, tern_pool *pool)
 {
+    tern_gemm_fused(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K, accumulate, ep, NULL,
+                    pool);
+}
+
+void tern_gemm_fused(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,
+                     const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
+                     bool accumulate, const tern_gemm_epilogue *ep,
+                     const tern_gemm_fusion *fusion, tern_pool *pool)
+{
     if (!pool) {
-        tern_gemm_ref(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K, accumulate, ep);
+        tern_gemm_ref_fused(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K, accumulate, ep,
+                            fusion);
         return;
     }
     if (M == 0 || N == 0)
         return;
     gemm_task t = {.p = make_problem(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K,
-                                     accumulate, ep),
+                                     accumulate, ep, fusion),
                    .pool = pool, .isa = tern_pool_isa(pool)};
     const isa_desc *d = isa_for(t.isa);
     const int nth = tern_pool_size(pool);
+    t.p.npad = (N + d->nr - 1) / d->nr * d->nr;
     /* The small-M path is chosen from the whole problem so that splitting never changes which
      * kernel (and so which summation order) computes an element. */
     t.allow_small = takes_small_m(d, &t.p);

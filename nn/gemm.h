@@ -27,6 +27,31 @@ typedef struct tern_gemm_epilogue {
     tern_act act;
 } tern_gemm_epilogue;
 
+/* Neighbouring elementwise ops fused into a GEMM (tern_gemm_fused). A separate struct so that
+ * positional initializers of tern_gemm_epilogue stay complete. */
+typedef struct tern_gemm_fusion {
+    /* (M x N, row stride ldc: the layout of C), added after the bias and before act, or NULL:
+     * a residual connection fused into the store. Must not overlap C. */
+    const float *residual;
+    /* (K): row k of op(B) is multiplied by k_scale[k] (rounded to float) as B is packed, or
+     * NULL. Equals scaling column k of op(A) up to rounding: a squeeze-and-excitation gate
+     * fused into the projection after it (batch 1, where the gate is one vector). */
+    const float *k_scale;
+    /* B already packed by tern_gemm_pack_b for the pool's ISA (same B, ldb, trans_b, N, K), or
+     * NULL. Saves the per-call packing of constant weights (with k_scale, a scaled copy
+     * replaces it); ignored by the reference and small-M paths, which read B itself (so B
+     * must still be given). */
+    const float *packed_b;
+} tern_gemm_fusion;
+
+/* Floats tern_gemm_pack_b writes for an N x K op(B) at isa (N rounded up to the tile width). */
+size_t tern_gemm_packed_b_size(size_t N, size_t K, tern_isa isa);
+/* Packs op(B) (K x N; stored (N x K, ldb) with trans_b) into the layout the blocked kernels
+ * read at isa: packed must be 64-byte aligned and hold tern_gemm_packed_b_size(N, K, isa)
+ * floats. */
+void tern_gemm_pack_b(float *packed, const float *B, size_t ldb, bool trans_b, size_t N,
+                      size_t K, tern_isa isa);
+
 /* Runs on the pool's threads at its ISA, packing into the pool's per-thread scratch. A NULL
  * pool (no scratch) runs tern_gemm_ref on the calling thread. ep may be NULL (no bias, no act).
  * Not to be called from inside a pool task (tern_pool_run is not reentrant): use
@@ -34,6 +59,13 @@ typedef struct tern_gemm_epilogue {
 void tern_gemm(float *C, size_t ldc, const float *A, size_t lda, bool trans_a, const float *B,
                size_t ldb, bool trans_b, size_t M, size_t N, size_t K, bool accumulate,
                const tern_gemm_epilogue *ep, tern_pool *pool);
+
+/* tern_gemm with fused residual and/or K scaling (fusion may be NULL: plain tern_gemm). A NULL
+ * pool runs tern_gemm_ref_fused. */
+void tern_gemm_fused(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,
+                     const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
+                     bool accumulate, const tern_gemm_epilogue *ep,
+                     const tern_gemm_fusion *fusion, tern_pool *pool);
 
 /* The same product on the calling thread only, at level isa, for code already running inside a
  * pool task; scratch is that thread's TERN_POOL_SCRATCH_FLOATS floats (tern_pool_scratch), or
@@ -47,5 +79,11 @@ void tern_gemm_thread(float *C, size_t ldc, const float *A, size_t lda, bool tra
 void tern_gemm_ref(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,
                    const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
                    bool accumulate, const tern_gemm_epilogue *ep);
+/* The oracle with fusion: B elements scaled (in float) before the double-precision sum, then
+ * [C +] sum, + bias, + residual, act. */
+void tern_gemm_ref_fused(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,
+                         const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
+                         bool accumulate, const tern_gemm_epilogue *ep,
+                         const tern_gemm_fusion *fusion);
 
 #endif

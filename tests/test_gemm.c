@@ -361,6 +361,77 @@ static void test_degenerate(void **state)
     tern_pool_destroy(&pool);
 }
 
+/* tern_gemm_fused: residual, K scaling and prepacked B against the reference on random shapes
+ * (both paths, small M included), and the residual with or without prepacking bit-exact against
+ * tern_gemm followed by the add. */
+static void fusions(tern_pool *pool, uint64_t seed)
+{
+    test_rng rng = {seed};
+    int failures = 0;
+    for (int i = 0; i < 150; i++) {
+        gemm_shape s = random_shape(&rng, 80);
+        if (i % 3 == 0)
+            s.m = (size_t)test_rng_int(&rng, 1, 4);
+        gemm_case c = case_new(&s, &rng);
+        float *res = alloc_floats(c.nc), *ks = alloc_floats(s.k);
+        test_fill_uniform(&rng, res, c.nc, -1, 1);
+        test_fill_uniform(&rng, ks, s.k, 0, 1);
+        const bool use_res = i % 2 == 0, use_ks = i % 4 < 2, use_packed = i % 3 != 2;
+        float *packed = NULL;
+        if (use_packed) {
+            const tern_isa isa = tern_pool_isa(pool);
+            const size_t bytes = (tern_gemm_packed_b_size(s.n, s.k, isa) * sizeof(float) + 64)
+                                 / 64 * 64;
+            packed = aligned_alloc(64, bytes);
+            assert_non_null(packed);
+            tern_gemm_pack_b(packed, c.b, c.ldb, s.tb, s.n, s.k, isa);
+        }
+        tern_gemm_fusion fu = {.residual = use_res ? res : NULL, .k_scale = use_ks ? ks : NULL,
+                               .packed_b = packed};
+        tern_gemm_epilogue ep = {.bias = c.bias, .act = s.act};
+        float *got = alloc_floats(c.nc), *want = alloc_floats(c.nc);
+        memcpy(got, c.c0, c.nc * sizeof *got);
+        memcpy(want, c.c0, c.nc * sizeof *want);
+        tern_gemm_fused(got, c.ldc, c.a, c.lda, s.ta, c.b, c.ldb, s.tb, s.m, s.n, s.k,
+                        s.accumulate, &ep, &fu, pool);
+        tern_gemm_ref_fused(want, c.ldc, c.a, c.lda, s.ta, c.b, c.ldb, s.tb, s.m, s.n, s.k,
+                            s.accumulate, &ep, &fu);
+        int ok = outputs_close(got, want, &c);
+        if (use_res && !use_ks && s.act == TERN_ACT_NONE) {
+            /* Unfused (and packing B per call): the product with bias, then + residual. */
+            float *plain = alloc_floats(c.nc);
+            memcpy(plain, c.c0, c.nc * sizeof *plain);
+            tern_gemm(plain, c.ldc, c.a, c.lda, s.ta, c.b, c.ldb, s.tb, s.m, s.n, s.k,
+                      s.accumulate, &ep, pool);
+            for (size_t r = 0; r < s.m; r++)
+                for (size_t j = 0; j < s.n; j++) {
+                    const size_t e = r * c.ldc + j;
+                    ok &= memcmp(&got[e], &(float){plain[e] + res[e]}, sizeof(float)) == 0;
+                }
+            free(plain);
+        }
+        if (!ok) {
+            fprintf(stderr, "  fusion: residual %d k_scale %d packed %d\n", use_res, use_ks,
+                    use_packed);
+            print_shape("fused vs reference", &s, tern_pool_isa(pool), tern_pool_size(pool));
+        }
+        failures += !ok;
+        free(got);
+        free(want);
+        free(res);
+        free(ks);
+        free(packed);
+        case_free(&c);
+    }
+    assert_int_equal(failures, 0);
+}
+
+static void test_fusions(void **state)
+{
+    (void)state;
+    for_each_pool(fusions, 29);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -368,6 +439,7 @@ int main(void)
         cmocka_unit_test(test_act_matches_ops),
         cmocka_unit_test(test_random_shapes),
         cmocka_unit_test(test_epilogues),
+        cmocka_unit_test(test_fusions),
         cmocka_unit_test(test_large_shapes),
         cmocka_unit_test(test_thread_count_invariance),
     };
