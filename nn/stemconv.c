@@ -39,7 +39,7 @@
 #include "util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include "simd_act.h"
 #define ST_X86 1
 #endif
 
@@ -259,40 +259,8 @@ static void dxs_pass(const dx_row *r, int par, int np, int cin)
 }
 
 #ifdef ST_X86
-#define ST_INLINE static inline __attribute__((always_inline))
 
 /* ---- AVX-512 -------------------------------------------------------------------------------- */
-#define ST_T512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-
-/* x / d correctly rounded without vdivps (as nn/ops.c, whose values this must reproduce). */
-ST_INLINE ST_T512 __m512 div_exact16(__m512 x, float d)
-{
-    __m512 vd = _mm512_set1_ps(d), rd = _mm512_set1_ps(1.0f / d);
-    __m512 q0 = _mm512_mul_ps(x, rd);
-    __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, vd, x), rd, q0);
-    __m512 ax = _mm512_abs_ps(x);
-    __mmask16 zero = _mm512_cmp_ps_mask(ax, _mm512_setzero_ps(), _CMP_EQ_OQ);
-    __mmask16 odd = (_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ) & ~zero) |
-                    _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0x1p100f), _CMP_NLE_UQ);
-    q = _mm512_mask_mov_ps(q, zero, x);
-    if (odd)
-        q = _mm512_mask_div_ps(q, odd, x, vd);
-    return q;
-}
-
-ST_INLINE ST_T512 __m512 act16(__m512 z, tern_act act)
-{
-    __m512 zero = _mm512_setzero_ps();
-    __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(z, _mm512_set1_ps(3)), zero),
-                             _mm512_set1_ps(6));
-    switch (act) {
-    case TERN_ACT_NONE: return z;
-    case TERN_ACT_RELU: return _mm512_max_ps(z, zero); /* max(NaN, 0) = 0, as z > 0 ? z : 0 */
-    case TERN_ACT_HARDSWISH: return div_exact16(_mm512_mul_ps(z, t), 6);
-    case TERN_ACT_HARDSIGMOID: return div_exact16(t, 6);
-    }
-    return z;
-}
 
 static __mmask16 mask16(int n)
 {
@@ -303,7 +271,7 @@ static __mmask16 mask16(int n)
 
 /* P output pixels from j, channel vectors c0 .. c0 + 16*NV (masks m). edge: one pixel whose
  * window leaves the image on the left or right; its outside taps are skipped. */
-ST_INLINE ST_T512 void fwd512_tile(const fwd_row *r, int j, const int P, const int CIN,
+ALWAYS_INLINE T512 void fwd512_tile(const fwd_row *r, int j, const int P, const int CIN,
                                    const int NV, const bool edge, int c0, const __mmask16 *m)
 {
     __m512 acc[12][2];
@@ -357,7 +325,7 @@ ST_INLINE ST_T512 void fwd512_tile(const fwd_row *r, int j, const int P, const i
     }
 }
 
-ST_INLINE ST_T512 void fwd512_row_t(const fwd_row *r, const int CIN, const int NV, int c0,
+ALWAYS_INLINE T512 void fwd512_row_t(const fwd_row *r, const int CIN, const int NV, int c0,
                                     const __mmask16 *m)
 {
     int lo, hi;
@@ -371,7 +339,7 @@ ST_INLINE ST_T512 void fwd512_row_t(const fwd_row *r, const int CIN, const int N
         fwd512_tile(r, j, 1, CIN, NV, true, c0, m);
 }
 
-static ST_T512 void fwd512_row(const fwd_row *r, int cin)
+static T512 void fwd512_row(const fwd_row *r, int cin)
 {
     for (int c0 = 0; c0 < r->cout; c0 += 32) {
         const int nv = min_int(2, (r->cout - c0 + 15) / 16);
@@ -390,7 +358,7 @@ static ST_T512 void fwd512_row(const fwd_row *r, int cin)
 }
 
 /* acc[kyi][t][v] += x tap (kyA + kyi, t) * dy of pixel j, for KYN rows of taps. */
-ST_INLINE ST_T512 void dw512_pixel(__m512 (*acc)[12][2], const grad_row *r, int j, int kyA,
+ALWAYS_INLINE T512 void dw512_pixel(__m512 (*acc)[12][2], const grad_row *r, int j, int kyA,
                                    const int KYN, const int CIN, const int NV,
                                    const bool edge, int c0, const __mmask16 *m)
 {
@@ -421,7 +389,7 @@ ST_INLINE ST_T512 void dw512_pixel(__m512 (*acc)[12][2], const grad_row *r, int 
 }
 
 /* One sweep of a row for tap rows [kyA, kyA + KYN) and channel vectors c0 .. c0 + 16*NV. */
-ST_INLINE ST_T512 void dw512_sweep(float *part, const grad_row *r, int kyA, const int KYN,
+ALWAYS_INLINE T512 void dw512_sweep(float *part, const grad_row *r, int kyA, const int KYN,
                                    const int CIN, const int NV, int c0, const __mmask16 *m)
 {
     __m512 acc[3][12][2];
@@ -455,7 +423,7 @@ ST_INLINE ST_T512 void dw512_sweep(float *part, const grad_row *r, int kyA, cons
 /* Accumulator budget (zmm) of one sweep: KYN * 3 * Cin * NV of them. */
 #define X5_DW_BUDGET 28
 
-static ST_T512 void dw512_row(float *part, const grad_row *r, int cin)
+static T512 void dw512_row(float *part, const grad_row *r, int cin)
 {
     const int nvt = (r->cout + 15) / 16;
     const bool all3 = r->ky0 == 0 && r->ky1 == 3 && 9 * cin <= X5_DW_BUDGET;
@@ -486,7 +454,7 @@ static ST_T512 void dw512_row(float *part, const grad_row *r, int cin)
 }
 
 /* T for P pixels of one pass (ox = j, j+2, ...), all three ky, then added to the owned rows. */
-ST_INLINE ST_T512 void dx512_tile(const dx_row *r, int j, const int P, const int CIN)
+ALWAYS_INLINE T512 void dx512_tile(const dx_row *r, int j, const int P, const int CIN)
 {
     __m512 acc[8][3];
 #pragma GCC unroll 8
@@ -526,14 +494,14 @@ ST_INLINE ST_T512 void dx512_tile(const dx_row *r, int j, const int P, const int
     }
 }
 
-ST_INLINE ST_T512 void dx512_pass_t(const dx_row *r, int par, int np, const int CIN)
+ALWAYS_INLINE T512 void dx512_pass_t(const dx_row *r, int par, int np, const int CIN)
 {
 #define X5_DX_TILE(i, P) dx512_tile(r, par + 2 * (i), P, CIN)
     ST_DX_TILES(X5_DX_TILE, 8, np);
 #undef X5_DX_TILE
 }
 
-static ST_T512 void dx512_pass(const dx_row *r, int par, int np, int cin)
+static T512 void dx512_pass(const dx_row *r, int par, int np, int cin)
 {
     switch (cin) {
     case 1: dx512_pass_t(r, par, np, 1); break;
@@ -544,39 +512,7 @@ static ST_T512 void dx512_pass(const dx_row *r, int par, int np, int cin)
 }
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------- */
-#define ST_T256 __attribute__((target("avx2,fma")))
-
-ST_INLINE ST_T256 __m256 div_exact8(__m256 x, float d)
-{
-    __m256 vd = _mm256_set1_ps(d), rd = _mm256_set1_ps(1.0f / d);
-    __m256 q0 = _mm256_mul_ps(x, rd);
-    __m256 q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, vd, x), rd, q0);
-    __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-    __m256 zero = _mm256_cmp_ps(ax, _mm256_setzero_ps(), _CMP_EQ_OQ);
-    __m256 odd = _mm256_or_ps(
-        _mm256_andnot_ps(zero, _mm256_cmp_ps(ax, _mm256_set1_ps(0x1p-100f), _CMP_LT_OQ)),
-        _mm256_cmp_ps(ax, _mm256_set1_ps(0x1p100f), _CMP_NLE_UQ));
-    q = _mm256_blendv_ps(q, x, zero);
-    if (_mm256_movemask_ps(odd))
-        q = _mm256_blendv_ps(q, _mm256_div_ps(x, vd), odd);
-    return q;
-}
-
-ST_INLINE ST_T256 __m256 act8(__m256 z, tern_act act)
-{
-    __m256 zero = _mm256_setzero_ps();
-    __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(z, _mm256_set1_ps(3)), zero),
-                             _mm256_set1_ps(6));
-    switch (act) {
-    case TERN_ACT_NONE: return z;
-    case TERN_ACT_RELU: return _mm256_max_ps(z, zero);
-    case TERN_ACT_HARDSWISH: return div_exact8(_mm256_mul_ps(z, t), 6);
-    case TERN_ACT_HARDSIGMOID: return div_exact8(t, 6);
-    }
-    return z;
-}
-
-ST_INLINE ST_T256 __m256i mask8(int n)
+ALWAYS_INLINE T256 __m256i mask8(int n)
 {
     const int cnt = n >= 8 ? 8 : n < 0 ? 0 : n;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -584,7 +520,7 @@ ST_INLINE ST_T256 __m256i mask8(int n)
 
 #define X2_FWD_PM(NV) ((NV) == 1 ? 12 : 6)
 
-ST_INLINE ST_T256 void fwd256_tile(const fwd_row *r, int j, const int P, const int CIN,
+ALWAYS_INLINE T256 void fwd256_tile(const fwd_row *r, int j, const int P, const int CIN,
                                    const int NV, const bool edge, int c0, const __m256i *m)
 {
     __m256 acc[12][2];
@@ -645,7 +581,7 @@ ST_INLINE ST_T256 void fwd256_tile(const fwd_row *r, int j, const int P, const i
     }
 }
 
-ST_INLINE ST_T256 void fwd256_row_t(const fwd_row *r, const int CIN, const int NV, int c0,
+ALWAYS_INLINE T256 void fwd256_row_t(const fwd_row *r, const int CIN, const int NV, int c0,
                                     const __m256i *m)
 {
     int lo, hi;
@@ -659,7 +595,7 @@ ST_INLINE ST_T256 void fwd256_row_t(const fwd_row *r, const int CIN, const int N
         fwd256_tile(r, j, 1, CIN, NV, true, c0, m);
 }
 
-static ST_T256 void fwd256_row(const fwd_row *r, int cin)
+static T256 void fwd256_row(const fwd_row *r, int cin)
 {
     for (int c0 = 0; c0 < r->cout; c0 += 16) {
         const int nv = min_int(2, (r->cout - c0 + 7) / 8);
@@ -677,7 +613,7 @@ static ST_T256 void fwd256_row(const fwd_row *r, int cin)
     }
 }
 
-ST_INLINE ST_T256 void dw256_pixel(__m256 (*acc)[12][2], const grad_row *r, int j, int kyA,
+ALWAYS_INLINE T256 void dw256_pixel(__m256 (*acc)[12][2], const grad_row *r, int j, int kyA,
                                    const int KYN, const int CIN, const int NV,
                                    const bool edge, int c0, const __m256i *m)
 {
@@ -707,7 +643,7 @@ ST_INLINE ST_T256 void dw256_pixel(__m256 (*acc)[12][2], const grad_row *r, int 
     }
 }
 
-ST_INLINE ST_T256 void dw256_sweep(float *part, const grad_row *r, int kyA, const int KYN,
+ALWAYS_INLINE T256 void dw256_sweep(float *part, const grad_row *r, int kyA, const int KYN,
                                    const int CIN, const int NV, int c0, const __m256i *m)
 {
     __m256 acc[3][12][2];
@@ -740,7 +676,7 @@ ST_INLINE ST_T256 void dw256_sweep(float *part, const grad_row *r, int kyA, cons
 
 #define X2_DW_BUDGET 12
 
-static ST_T256 void dw256_row(float *part, const grad_row *r, int cin)
+static T256 void dw256_row(float *part, const grad_row *r, int cin)
 {
     const int nvt = (r->cout + 7) / 8;
     const bool all3 = r->ky0 == 0 && r->ky1 == 3 && 9 * cin <= X2_DW_BUDGET;
@@ -766,7 +702,7 @@ static ST_T256 void dw256_row(float *part, const grad_row *r, int cin)
 }
 
 /* As dx512_tile; the 3*Cin lanes of a ky row take NT = 1 or 2 ymm. */
-ST_INLINE ST_T256 void dx256_tile(const dx_row *r, int j, const int P, const int CIN)
+ALWAYS_INLINE T256 void dx256_tile(const dx_row *r, int j, const int P, const int CIN)
 {
     const int NT = CIN <= 2 ? 1 : 2;
     __m256 acc[4][3][2];
@@ -815,14 +751,14 @@ ST_INLINE ST_T256 void dx256_tile(const dx_row *r, int j, const int P, const int
     }
 }
 
-ST_INLINE ST_T256 void dx256_pass_t(const dx_row *r, int par, int np, const int CIN)
+ALWAYS_INLINE T256 void dx256_pass_t(const dx_row *r, int par, int np, const int CIN)
 {
 #define X2_DX_TILE(i, P) dx256_tile(r, par + 2 * (i), P, CIN)
     ST_DX_TILES(X2_DX_TILE, CIN <= 2 ? 4 : 2, np);
 #undef X2_DX_TILE
 }
 
-static ST_T256 void dx256_pass(const dx_row *r, int par, int np, int cin)
+static T256 void dx256_pass(const dx_row *r, int par, int np, int cin)
 {
     switch (cin) {
     case 1: dx256_pass_t(r, par, np, 1); break;
