@@ -167,6 +167,19 @@ tern_status st_sha256_hex(const void *data, size_t len, char out[TERN_STORE_SHA2
     return TERN_OK;
 }
 
+tern_status st_list_end(tern_store *s, st_txn *t, MDB_cursor *cur, st_vec *v, tern_status st)
+{
+    if (cur)
+        mdb_cursor_close(cur);
+    st_read_end(t);
+    if (st) {
+        tern_free(st_alloc(s), v->data);
+        v->data = NULL;
+        v->count = 0;
+    }
+    return st;
+}
+
 void *st_vec_push(tern_store *s, st_vec *v)
 {
     if (v->count == v->cap) {
@@ -802,16 +815,11 @@ tern_status tern_store_category_list(tern_store *store, tern_category **out, siz
             goto done;
     }
 done:
-    if (cur)
-        mdb_cursor_close(cur);
-    st_read_end(&t);
-    if (st) {
-        tern_free(st_alloc(store), vec.data);
-        return st;
+    if ((st = st_list_end(store, &t, cur, &vec, st)) == TERN_OK) {
+        *out = vec.data;
+        *count = vec.count;
     }
-    *out = vec.data;
-    *count = vec.count;
-    return TERN_OK;
+    return st;
 }
 
 typedef enum { CAT_RENAME, CAT_ACTIVE, CAT_REMOVE } cat_op;
@@ -1100,16 +1108,11 @@ tern_status tern_store_client_list(tern_store *store, tern_client_record **out, 
             goto done;
     }
 done:
-    if (cur)
-        mdb_cursor_close(cur);
-    st_read_end(&t);
-    if (st) {
-        tern_free(st_alloc(store), vec.data);
-        return st;
+    if ((st = st_list_end(store, &t, cur, &vec, st)) == TERN_OK) {
+        *out = vec.data;
+        *count = vec.count;
     }
-    *out = vec.data;
-    *count = vec.count;
-    return TERN_OK;
+    return st;
 }
 
 typedef enum { CLIENT_BLACKLIST, CLIENT_TOUCH, CLIENT_QUALITY } client_op;
@@ -1502,14 +1505,9 @@ tern_status tern_store_audit_list(tern_store *store, int64_t after_seq, size_t m
             goto done;
     }
 done:
-    if (cur)
-        mdb_cursor_close(cur);
-    st_read_end(&t);
-    if (st) {
-        tern_free(st_alloc(store), vec.data);
-        return st;
+    if ((st = st_list_end(store, &t, cur, &vec, st)) == TERN_OK) {
+        *out = vec.data;
+        *count = vec.count;
     }
-    *out = vec.data;
-    *count = vec.count;
-    return TERN_OK;
+    return st;
 }

@@ -130,5 +130,8 @@ typedef struct st_vec {
     size_t count, cap, elem;
 } st_vec;
 void *st_vec_push(tern_store *s, st_vec *v); /* zeroed slot or NULL */
+/* The shared end of a list function: closes the cursor (may be NULL) and the read
+ * transaction, and frees the array when st is an error. Returns st. */
+tern_status st_list_end(tern_store *s, st_txn *t, MDB_cursor *cur, st_vec *v, tern_status st);
 
 #endif

@@ -377,16 +377,11 @@ tern_status tern_store_round_list_by_status(tern_store *store, tern_round_status
             goto done;
     }
 done:
-    if (cur)
-        mdb_cursor_close(cur);
-    st_read_end(&t);
-    if (st) {
-        tern_free(st_alloc(store), vec.data);
-        return st;
+    if ((st = st_list_end(store, &t, cur, &vec, st)) == TERN_OK) {
+        *out = vec.data;
+        *count = vec.count;
     }
-    *out = vec.data;
-    *count = vec.count;
-    return TERN_OK;
+    return st;
 }
 
 tern_status tern_store_round_client_metrics(tern_store *store, int64_t number,
@@ -419,16 +414,11 @@ tern_status tern_store_round_client_metrics(tern_store *store, int64_t number,
             goto done;
     }
 done:
-    if (cur)
-        mdb_cursor_close(cur);
-    st_read_end(&t);
-    if (st) {
-        tern_free(st_alloc(store), vec.data);
-        return st;
+    if ((st = st_list_end(store, &t, cur, &vec, st)) == TERN_OK) {
+        *out = vec.data;
+        *count = vec.count;
     }
-    *out = vec.data;
-    *count = vec.count;
-    return TERN_OK;
+    return st;
 }
 
 /* ---- versions ----------------------------------------------------------------------------- */
@@ -655,16 +645,11 @@ tern_status tern_store_version_list(tern_store *store, tern_model_version **out,
             goto done;
     }
 done:
-    if (cur)
-        mdb_cursor_close(cur);
-    st_read_end(&t);
-    if (st) {
-        tern_free(st_alloc(store), vec.data);
-        return st;
+    if ((st = st_list_end(store, &t, cur, &vec, st)) == TERN_OK) {
+        *out = vec.data;
+        *count = vec.count;
     }
-    *out = vec.data;
-    *count = vec.count;
-    return TERN_OK;
+    return st;
 }
 
 tern_status tern_store_version_get(tern_store *store, const char *version, tern_model_version *out,
