@@ -46,7 +46,8 @@ struct tern_pool {
     pthread_cond_t wake, done;
 };
 
-/* About 50 microseconds of polling before a thread goes to sleep. */
+/* Polling rounds (one pause instruction each, tens to a few hundred cycles depending on the
+ * CPU) before a thread goes to sleep: enough to bridge the gap between consecutive ops. */
 #define SPIN_ROUNDS 4000
 
 static inline void cpu_relax(void)
