@@ -1,0 +1,197 @@
+/* The federated server: one ZeroMQ ROUTER socket, client sessions, and the round coordinator.
+ *
+ * A tern_server owns its socket, its sessions and a tern_strategy; it borrows a store (for the
+ * registry, the clients and the rounds) and a model (the global model's architecture and
+ * starting weights). tern_server_run() is a single-threaded event loop that runs rounds until
+ * the round limit, convergence or a stop request. docs/federation.md describes the sessions,
+ * the flow control and the round state machine; docs/protocol.md the messages.
+ *
+ * Round state machine (one round at a time):
+ *
+ *   WAIT      until enough clients are available (strategy minimums; available = in session,
+ *             heartbeat alive, active and not blacklisted in the store)
+ *   FIT       FIT_INS to the selected clients, model chunks under flow control, FIT_RES and
+ *             update chunks folded into the strategy as each update verifies; ends when every
+ *             selected client answered or failed, the round timeout passed, or the policy says
+ *             the round can no longer succeed
+ *   AGGREGATE the strategy's rule (and the BatchNorm buffers' example-weighted mean, unless
+ *             FedBN keeps them local)
+ *   EVALUATE  optional: EVALUATE_INS to clients, and the server-side evaluate callback
+ *   COMMIT    round record, model blob, version, current pointer, per-client metrics and the
+ *             server state (strategy vectors, counters) in ONE store transaction
+ *
+ * A failed round (strict policy with a failure, tolerant policy below min_completion, nothing
+ * to aggregate) is recorded as failed; the global model is unchanged and the next round runs.
+ *
+ * Resuming: at create, a round left running or aggregating by a killed server is marked failed,
+ * and the global model, the strategy state and the counters are loaded from the store's current
+ * version and server state, so a restarted server continues from the last committed round.
+ * Client selection and client-side training seeds depend on the run seed and the index of the
+ * training round (completed rounds + 1), not on the store's round numbers, so a resumed run
+ * repeats the interrupted round exactly.
+ *
+ * Library rules: no printing (the log callback receives messages), no exit, no global state.
+ * Not thread-safe except tern_server_request_stop(), which any thread or a signal handler may
+ * call. */
+#ifndef TERN_SERVER_H
+#define TERN_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tern/model.h"
+#include "tern/protocol.h"
+#include "tern/status.h"
+#include "tern/store.h"
+#include "tern/strategy.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- CURVE keys ------------------------------------------------------------------------- */
+
+/* Length of a Z85-encoded CURVE key, and the buffer size that holds it with its NUL. */
+#define TERN_CURVE_KEY_Z85 40
+#define TERN_CURVE_KEY_SIZE 41
+
+/* Create the server's long-term CURVE key pair in dir: "server.key" (public and secret, mode
+ * 0600) and "server.pub" (public only, to hand to clients). Refuses to overwrite
+ * (TERN_ERR_EXISTS). public_z85 (may be NULL) receives the public key. */
+tern_status tern_server_keygen(const char *dir, char public_z85[TERN_CURVE_KEY_SIZE],
+                               tern_error *err);
+/* Read a key file written by tern_server_keygen: public key always, secret key when the file
+ * has one (secret_z85 may be NULL; asking for the secret of a ".pub" file is
+ * TERN_ERR_NOT_FOUND). TERN_ERR_IO, TERN_ERR_FORMAT. */
+tern_status tern_curve_key_read(const char *path, char public_z85[TERN_CURVE_KEY_SIZE],
+                                char secret_z85[TERN_CURVE_KEY_SIZE], tern_error *err);
+
+/* ---- options ---------------------------------------------------------------------------- */
+
+typedef enum tern_failure_policy {
+    TERN_POLICY_TOLERANT, /* aggregate when at least min_completion of the selected succeeded */
+    TERN_POLICY_STRICT,   /* any failure fails the round */
+} tern_failure_policy;
+
+typedef enum tern_log_level { TERN_LOG_DEBUG, TERN_LOG_INFO, TERN_LOG_WARN, TERN_LOG_ERROR } tern_log_level;
+typedef void (*tern_log_fn)(void *user, tern_log_level level, const char *message);
+
+/* What one round did; given to on_round and stored with the round (as JSON). */
+typedef struct tern_round_report {
+    uint64_t training_round;   /* 1, 2, ... : completed rounds before this one + 1 */
+    int64_t store_round;       /* the store's round number */
+    bool completed;            /* false: failed (reason says why) */
+    char reason[128];
+    size_t available, selected, succeeded, failed, rejected; /* rejected: invalid updates */
+    uint64_t num_examples;     /* training examples behind the aggregate */
+    double train_loss;         /* example-weighted client "loss" metric; NaN if none */
+    double train_accuracy;     /* example-weighted client "accuracy" metric; NaN if none */
+    double client_eval_loss, client_eval_accuracy; /* clients' evaluation; NaN if none */
+    size_t client_eval_count;
+    double eval_loss, eval_accuracy; /* the server-side evaluate callback; NaN if none */
+    double update_norm_mean;   /* mean L2 norm of accepted changes */
+    uint64_t bytes_in, bytes_out; /* frames received / sent during the round */
+    double fit_seconds, eval_seconds, commit_seconds, round_seconds;
+    char model_version[TERN_STORE_VERSION_SIZE]; /* the committed version; "" when failed */
+} tern_round_report;
+
+/* Server-side evaluation of the new global model (for example on a held-out test set). The
+ * model holds the new weights and buffers; the callback may run forward passes on it. */
+typedef tern_status (*tern_server_evaluate_fn)(void *user, tern_model *model, double *loss,
+                                               double *accuracy, uint64_t *num_examples,
+                                               tern_error *err);
+
+typedef struct tern_server_options {
+    const char *endpoint;          /* e.g. "tcp://127.0.0.1:7600" (required) */
+    bool insecure;                 /* plain TCP; otherwise CURVE with the key below */
+    const char *key_file;          /* "server.key" from tern_server_keygen (unless insecure) */
+
+    tern_strategy_options strategy; /* num_params is set by the server from the model */
+    bool fedbn;                    /* keep BatchNorm parameters and statistics local to clients */
+
+    uint32_t rounds;               /* stop after this many completed training rounds (total,
+                                      counting rounds from before a restart); 0 = 10 */
+    uint32_t patience;             /* stop after this many completed rounds without improvement
+                                      of the evaluation accuracy; 0 = never */
+    tern_failure_policy policy;    /* default TOLERANT */
+    double min_completion;         /* TOLERANT: fraction of the selected that must succeed,
+                                      (0, 1]; default 0.5 */
+    uint32_t round_timeout_ms;     /* FIT and EVALUATE phases each; default 600000 */
+    uint32_t wait_timeout_ms;      /* WAIT longer than this fails run with TERN_ERR_STATE;
+                                      0 = wait forever */
+    uint32_t heartbeat_ms;         /* interval asked of clients; default 1000 */
+    uint32_t heartbeat_patience;   /* silent intervals before a session is dead; default 5 */
+    uint32_t blacklist_after;      /* rejected updates before a client is blacklisted; 0 = never;
+                                      default 3 */
+
+    /* Sent in FIT_INS / EVALUATE_INS config (the server adds "seed", "round", "proximal_mu"
+     * for FedProx, "fedbn"). Copied at create. */
+    tern_msg_config fit_config;    /* e.g. epochs, batch_size, lr, momentum, weight_decay */
+    tern_msg_config evaluate_config;
+
+    /* Transfers and flow control (docs/federation.md). */
+    uint32_t chunk_size;           /* default TERN_PROTO_DEFAULT_CHUNK */
+    uint32_t window;               /* chunks a receiver grants at a time; default 4 */
+    uint32_t max_downloads;        /* model transfers streaming at once; default 8 */
+    uint32_t max_uploads;          /* update transfers granted credit at once; default 4 */
+    tern_proto_limits limits;      /* frame and payload maxima; zero fields = defaults */
+    uint32_t max_sessions;         /* default 1024; more HELLOs get ERROR busy */
+    uint32_t max_errors;           /* refused messages before a session is dropped; default 20 */
+
+    tern_server_evaluate_fn evaluate; /* optional */
+    void *evaluate_user;
+
+    const char *settings;          /* text recorded with each version (training settings) */
+    const char *classes;           /* text recorded with each version (class names) */
+
+    tern_log_fn log;               /* optional */
+    void *log_user;
+    void (*on_round)(void *user, const tern_round_report *report); /* optional */
+    void *on_round_user;
+} tern_server_options;
+
+/* Defaults as listed above, strategy FedAvg with Flower's defaults. */
+tern_server_options tern_server_options_default(void);
+
+typedef struct tern_server tern_server;
+
+/* Create a server: validate options, bind the socket, and load or start the run state. When
+ * the store has a current model version, the global model is that version (model is used for
+ * its architecture; its weights are overwritten) and the strategy state and counters come from
+ * the store's server state; otherwise model's weights start the run and are committed as the
+ * first version. model is borrowed for the server's life and always holds the global model.
+ * Errors: TERN_ERR_INVALID (options, detail in err), TERN_ERR_IO (bind, keys, store),
+ * TERN_ERR_FORMAT (a stored model that does not match the architecture), TERN_ERR_NOMEM. */
+tern_status tern_server_create(const tern_server_options *opt, tern_store *store,
+                               tern_model *model, tern_server **out, tern_error *err);
+void tern_server_destroy(tern_server **server);
+
+/* Run rounds until the round limit, convergence, or tern_server_request_stop(). Returns
+ * TERN_OK in those cases (a stop in mid-round leaves the round as the store had it: a
+ * restarted server marks it failed and repeats it). TERN_ERR_STATE when WAIT timed out;
+ * TERN_ERR_IO for a store or socket failure that stops the run. */
+tern_status tern_server_run(tern_server *server, tern_error *err);
+/* Ask run to return at its next loop turn (within about 100 ms). Async-signal-safe. */
+void tern_server_request_stop(tern_server *server);
+
+/* The endpoint actually bound (with a port of 0 or "*" the system chose one). Borrowed. */
+const char *tern_server_endpoint(const tern_server *server);
+/* Completed training rounds so far (restored ones included). */
+uint64_t tern_server_rounds_completed(const tern_server *server);
+
+typedef struct tern_server_stats {
+    size_t sessions;               /* sessions open now */
+    uint64_t hellos_refused;       /* authentication failures */
+    tern_proto_counters messages;  /* accepted (index 0) and refused messages by code */
+    uint64_t bytes_in, bytes_out;
+    uint64_t late_results;         /* results for a closed round, discarded */
+    size_t peak_transfer_bytes;    /* most bytes held by transfers at one time */
+} tern_server_stats;
+void tern_server_stats_get(const tern_server *server, tern_server_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
