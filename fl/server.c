@@ -317,12 +317,9 @@ static tern_status bind_socket(tern_server *s, tern_error *err)
         tern_status st = tern_curve_key_read(s->opt.key_file, pub, sec, err);
         if (st != TERN_OK)
             return st == TERN_ERR_FORMAT || st == TERN_ERR_NOT_FOUND ? TERN_ERR_IO : st;
-        zcert_t *cert = zcert_new_from_txt(pub, sec);
-        if (!cert)
-            return tern_set_error(err, TERN_ERR_IO, "%s: unusable CURVE key", s->opt.key_file);
         zsock_set_curve_server(s->sock, 1);
-        zcert_apply(cert, s->sock);
-        zcert_destroy(&cert);
+        zsock_set_curve_secretkey(s->sock, sec);
+        zsock_set_curve_publickey(s->sock, pub);
     }
     if (zsock_bind(s->sock, "%s", s->opt.endpoint) < 0)
         return tern_set_error(err, TERN_ERR_IO, "cannot bind %s: %s", s->opt.endpoint,

@@ -79,7 +79,7 @@ typedef enum srv_phase { PH_WAIT, PH_FIT, PH_EVALUATE } srv_phase;
 
 /* A verified API key, so that a reconnect costs one SHA-256 instead of PBKDF2. */
 typedef struct srv_key_cache {
-    char name[TERN_PROTO_MAX_NAME + 1];
+    char name[TERN_STORE_NAME_SIZE];
     char hash[TERN_STORE_KEY_HASH_SIZE]; /* the stored hash it was verified against */
     uint8_t sha[32];
 } srv_key_cache;

@@ -63,17 +63,16 @@ tern_status srv_state_serialize(tern_server *s, void **bytes, size_t *len, tern_
     else
         snprintf(best, sizeof best, "none");
     snprintf(since, sizeof since, "%llu", (unsigned long long)s->since_best);
-    if (st == TERN_OK &&
-        ((st = tern_safetensors_writer_set_metadata(w, "format", STATE_FORMAT)) != TERN_OK ||
-         (st = tern_safetensors_writer_set_metadata(w, "format_version", STATE_VERSION)) !=
-             TERN_OK ||
-         (st = tern_safetensors_writer_set_metadata(
-              w, "strategy", tern_strategy_kind_name(s->opt.strategy.kind))) != TERN_OK ||
-         (st = tern_safetensors_writer_set_metadata(w, "rounds_completed", completed)) !=
-             TERN_OK ||
-         (st = tern_safetensors_writer_set_metadata(w, "best_accuracy", best)) != TERN_OK ||
-         (st = tern_safetensors_writer_set_metadata(w, "rounds_since_best", since)) != TERN_OK))
-        ;
+    const char *meta[][2] = {
+        {"format", STATE_FORMAT},
+        {"format_version", STATE_VERSION},
+        {"strategy", tern_strategy_kind_name(s->opt.strategy.kind)},
+        {"rounds_completed", completed},
+        {"best_accuracy", best},
+        {"rounds_since_best", since},
+    };
+    for (size_t i = 0; st == TERN_OK && i < sizeof meta / sizeof meta[0]; i++)
+        st = tern_safetensors_writer_set_metadata(w, meta[i][0], meta[i][1]);
     if (st == TERN_OK)
         st = add_state_vectors(w, s->strategy, "strategy", s->num_params);
     if (st == TERN_OK)
@@ -971,12 +970,15 @@ int64_t srv_round_deadline(const tern_server *s)
 static tern_status step_fit(tern_server *s, tern_error *err)
 {
     bool timeout = s->now >= s->phase_deadline;
-    if (timeout)
-        for (size_t i = 0; i < s->num_parts; i++)
-            if (s->parts[i].state == PART_WAITING && s->parts[i].session)
-                srv_part_failed(s, s->parts[i].session, "round timeout");
-            else if (s->parts[i].state == PART_WAITING)
-                s->parts[i].state = PART_FAILED;
+    for (size_t i = 0; timeout && i < s->num_parts; i++) {
+        srv_part *p = &s->parts[i];
+        if (p->state == PART_WAITING && p->session) {
+            srv_part_failed(s, p->session, "round timeout");
+        } else if (p->state == PART_WAITING) {
+            p->state = PART_FAILED;
+            tern_strategy_add_fit_failure(s->strategy, p->cid);
+        }
+    }
     size_t ok, failed, rejected, waiting;
     count_parts(s, &ok, &failed, &rejected, &waiting);
     size_t k = s->num_parts;
