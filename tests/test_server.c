@@ -1095,6 +1095,62 @@ static void curve(void **state)
     fake_destroy(&p);
 }
 
+/* An update that does not fit the model is rejected; with blacklist_after 1 the client is
+ * blacklisted and dropped. Alice's update alone completes the round (tolerant). */
+static void rejected_blacklisted(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = base_options(fx);
+    o.blacklist_after = 1;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    fake *b = fake_connect(fx, "bob", "bob-key");
+    fake_expect(a, TERN_MSG_FIT_INS, 5000);
+    tern_msg ia = a->msg;
+    fake_expect(b, TERN_MSG_FIT_INS, 5000);
+    tern_msg ib = b->msg;
+    tern_msg m;
+    tern_chunk_ack_done(&m, &ib.fit_ins.payload); /* bob claims to hold the model */
+    fake_send(b, &m);
+    size_t glen, ulen, blen;
+    void *g = fake_download(a, &ia.fit_ins.payload, 4, false, &glen);
+    void *u = make_update(fx, g, glen, 0.01f, 5, 0.5f, NULL, &ulen);
+
+    tern_safetensors_writer *w = NULL;
+    OK(tern_safetensors_writer_create(NULL, &w));
+    const float junk[4] = {1, 2, 3, 4};
+    const int64_t shape[1] = {4};
+    OK(tern_safetensors_writer_add(w, "not.a.mobilenet", TERN_DTYPE_F32, 1, shape, junk));
+    void *bad = NULL;
+    OK(tern_safetensors_writer_serialize(w, &bad, &blen));
+    tern_safetensors_writer_destroy(&w);
+
+    tern_payload_info pa, pb;
+    fake_fit_res(b, 1, 0, bad, blen, 10, 1.0, 0.5, &pb);
+    fake_stream(b, 1, &pb, bad);
+    fake_fit_res(a, 1, 0, u, ulen, 10, 1.0, 0.5, &pa);
+    fake_stream(a, 1, &pa, u);
+    fake_expect(b, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(b->msg.goodbye.reason, TERN_GOODBYE_REJECTED);
+    b->heartbeat = false;
+    fake_expect(a, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(a->msg.goodbye.reason, TERN_GOODBYE_SHUTDOWN);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(fx->num_reports, 1);
+    assert_true(fx->reports[0].completed);
+    assert_int_equal(fx->reports[0].rejected, 1);
+    tern_client_record cr;
+    OK(tern_store_client_get_by_name(fx->store, "bob", &cr, NULL));
+    assert_true(cr.blacklisted);
+    assert_int_equal(cr.rounds_rejected, 1);
+    assert_non_null(strstr(cr.blacklist_reason, "rejected"));
+    free(g);
+    free(u);
+    free(bad);
+    fake_destroy(&a);
+    fake_destroy(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1104,6 +1160,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(garbage, setup, teardown),
         cmocka_unit_test_setup_teardown(strict_vanish, setup, teardown),
         cmocka_unit_test_setup_teardown(tolerant_vanish, setup, teardown),
+        cmocka_unit_test_setup_teardown(rejected_blacklisted, setup, teardown),
         cmocka_unit_test_setup_teardown(resume, setup, teardown),
         cmocka_unit_test_setup_teardown(curve, setup, teardown),
     };
