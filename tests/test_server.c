@@ -1151,6 +1151,52 @@ static void rejected_blacklisted(void **state)
     fake_destroy(&b);
 }
 
+/* Nobody comes: run gives up after wait_timeout_ms with TERN_ERR_STATE. */
+static void wait_timeout(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = base_options(fx);
+    o.wait_timeout_ms = 300;
+    start_server(fx, &o);
+    assert_int_equal(join_server(fx), TERN_ERR_STATE);
+    assert_non_null(strstr(fx->run_err.message, "waited"));
+}
+
+/* Bob takes the model but never answers: at the round timeout he counts as failed, and the
+ * tolerant policy completes the round with alice's update. */
+static void round_timeout(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = base_options(fx);
+    o.round_timeout_ms = 1500;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    fake *b = fake_connect(fx, "bob", "bob-key");
+    fake_expect(a, TERN_MSG_FIT_INS, 5000);
+    tern_msg ia = a->msg;
+    fake_expect(b, TERN_MSG_FIT_INS, 5000);
+    tern_msg ib = b->msg;
+    size_t glen, ulen;
+    void *gb = fake_download(b, &ib.fit_ins.payload, 4, false, &glen);
+    void *g = fake_download(a, &ia.fit_ins.payload, 4, false, &glen);
+    void *u = make_update(fx, g, glen, 0.01f, 9, 0.5f, NULL, &ulen);
+    tern_payload_info pa;
+    fake_fit_res(a, 1, 0, u, ulen, 10, 1.0, 0.5, &pa);
+    fake_stream(a, 1, &pa, u);
+    fake_expect(a, TERN_MSG_GOODBYE, 5000); /* after the timeout, bob still heartbeating */
+    fake_expect(b, TERN_MSG_GOODBYE, 3000);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_true(fx->reports[0].completed);
+    assert_int_equal(fx->reports[0].succeeded, 1);
+    assert_int_equal(fx->reports[0].failed, 1);
+    assert_true(fx->reports[0].fit_seconds >= 1.4);
+    free(g);
+    free(gb);
+    free(u);
+    fake_destroy(&a);
+    fake_destroy(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1161,6 +1207,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(strict_vanish, setup, teardown),
         cmocka_unit_test_setup_teardown(tolerant_vanish, setup, teardown),
         cmocka_unit_test_setup_teardown(rejected_blacklisted, setup, teardown),
+        cmocka_unit_test_setup_teardown(wait_timeout, setup, teardown),
+        cmocka_unit_test_setup_teardown(round_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(resume, setup, teardown),
         cmocka_unit_test_setup_teardown(curve, setup, teardown),
     };
