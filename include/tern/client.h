@@ -69,7 +69,9 @@ typedef struct tern_client_options {
                                       runs without keys) */
     bool insecure;                 /* plain TCP; otherwise CURVE */
     const char *server_public_key; /* Z85 (40 chars), or a path to "server.pub" */
-    const char *cache_dir;         /* optional: keep the last model here across restarts */
+    const char *cache_dir;         /* optional: keep the last model here across restarts
+                                      (created if missing; CACHE_DIR/last_model.tern, written
+                                      atomically, its SHA-256 checked when loaded at create) */
     uint64_t num_examples;         /* told to the server in HELLO; 0 = not told */
 
     tern_client_fit_fn fit;        /* required */
@@ -79,7 +81,10 @@ typedef struct tern_client_options {
     uint32_t heartbeat_patience;   /* silent server intervals before reconnecting; default 5 */
     uint32_t backoff_initial_ms;   /* first reconnect delay; default 100 */
     uint32_t backoff_max_ms;       /* default 5000 */
-    uint32_t max_reconnects;       /* 0 = forever; then run returns TERN_ERR_IO */
+    uint32_t max_reconnects;       /* consecutive reconnects without a WELCOME; 0 = forever;
+                                      then run returns TERN_ERR_IO */
+    uint32_t hello_timeout_ms;     /* wait this long for WELCOME before reconnecting (the
+                                      heartbeat interval is unknown until then); default 5000 */
     uint32_t max_rounds;           /* return TERN_OK after this many fit results sent; 0 = no
                                       limit */
     tern_proto_limits limits;
@@ -111,7 +116,10 @@ typedef struct tern_client_stats {
     uint64_t fits, evaluates;      /* results sent */
     uint64_t downloads, cache_hits;
     uint64_t bytes_in, bytes_out;
+    uint64_t refused;              /* frames from the server refused and ignored (malformed,
+                                      out of order, unexpected in the session's state) */
 } tern_client_stats;
+/* A snapshot of the counters; any thread may call it while tern_client_run runs. */
 void tern_client_stats_get(const tern_client *client, tern_client_stats *out);
 
 #ifdef __cplusplus
