@@ -184,8 +184,8 @@ static tern_server_options base_options(fixture *f)
     o.strategy.fraction_evaluate = 0.0;
     o.strategy.seed = 42;
     o.rounds = 1;
-    o.heartbeat_ms = 100;
-    o.heartbeat_patience = 5;
+    o.heartbeat_ms = 200;
+    o.heartbeat_patience = 10; /* 2 s: a loaded CI machine can stall a fake client */
     o.chunk_size = CHUNK;
     o.round_timeout_ms = 20000;
     o.settings = "test settings";
@@ -392,7 +392,7 @@ static fake *fake_connect(fixture *fx, const char *name, const char *key)
     fake_hello_msg(f, name, key);
     fake_expect(f, TERN_MSG_WELCOME, 5000);
     assert_int_equal(f->msg.welcome.capabilities, 0);
-    assert_int_equal(f->msg.welcome.heartbeat_ms, 100);
+    assert_int_equal(f->msg.welcome.heartbeat_ms, 200);
     assert_int_equal(f->msg.welcome.chunk_size, CHUNK);
     f->heartbeat = true;
     return f;
