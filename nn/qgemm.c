@@ -23,8 +23,8 @@
 #include <string.h>
 
 #include "qkernels.h"
+#include "qsimd512.h"
 
-#define T_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi")))
 #define T_AVX2 __attribute__((target("avx2")))
 #define INLINE static inline __attribute__((always_inline))
 
@@ -132,89 +132,6 @@ static void qgemm_scalar(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, s
 
 /* ---- AVX-512 VNNI -------------------------------------------------------------------------- */
 
-static inline __mmask16 tail_mask16(size_t n)
-{
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-}
-
-/* MultiplyByQuantizedMultiplier on 16 lanes, bit-identical to tern_quant_mbqm for mult >= 0:
- * left shift saturating to int32, (x * mult + 2^30) >> 31 in 64-bit lanes (the product of two
- * int32 below 2^31 in magnitude, so no lane overflows), then RoundingDivideByPOT. */
-T_VNNI INLINE __m512i mbqm16(__m512i x, __m512i mult, __m512i ls, __m512i rs)
-{
-    __m512i hi = _mm512_srav_epi32(_mm512_set1_epi32(INT32_MAX), ls);
-    __m512i lo = _mm512_srav_epi32(_mm512_set1_epi32(INT32_MIN), ls);
-    __mmask16 over = _mm512_cmpgt_epi32_mask(x, hi), under = _mm512_cmplt_epi32_mask(x, lo);
-    x = _mm512_sllv_epi32(x, ls);
-    x = _mm512_mask_mov_epi32(x, over, _mm512_set1_epi32(INT32_MAX));
-    x = _mm512_mask_mov_epi32(x, under, _mm512_set1_epi32(INT32_MIN));
-    const __m512i half = _mm512_set1_epi64((int64_t)1 << 30);
-    __m512i even = _mm512_srai_epi64(_mm512_add_epi64(_mm512_mul_epi32(x, mult), half), 31);
-    __m512i odd = _mm512_srai_epi64(
-        _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(mult, 32)),
-                         half),
-        31);
-    __m512i h = _mm512_mask_blend_epi32((__mmask16)0xaaaa, even, _mm512_slli_epi64(odd, 32));
-    __m512i mask = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), rs),
-                                    _mm512_set1_epi32(1));
-    __m512i rem = _mm512_and_si512(h, mask);
-    __m512i thr = _mm512_add_epi32(
-        _mm512_srai_epi32(mask, 1),
-        _mm512_maskz_mov_epi32(_mm512_cmplt_epi32_mask(h, _mm512_setzero_si512()),
-                               _mm512_set1_epi32(1)));
-    __m512i q = _mm512_srav_epi32(h, rs);
-    return _mm512_mask_add_epi32(q, _mm512_cmpgt_epi32_mask(rem, thr), q, _mm512_set1_epi32(1));
-}
-
-/* Requantization constants for 16 channels starting at channel c (n valid). */
-typedef struct rq16 {
-    __m512i mult, ls, rs, zp, qmin, qmax;
-} rq16;
-
-T_VNNI INLINE rq16 rq16_load(const tern_requant *rq, size_t c, __mmask16 m)
-{
-    __m512i shift = _mm512_maskz_loadu_epi32(m, rq->shift + c);
-    return (rq16){.mult = _mm512_maskz_loadu_epi32(m, rq->mult + c),
-                  .ls = _mm512_max_epi32(shift, _mm512_setzero_si512()),
-                  .rs = _mm512_max_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), shift),
-                                         _mm512_setzero_si512()),
-                  .zp = _mm512_set1_epi32(rq->out_zp), .qmin = _mm512_set1_epi32(rq->qmin),
-                  .qmax = _mm512_set1_epi32(rq->qmax)};
-}
-
-/* The 256-byte table in four zmm. */
-typedef struct lut512 {
-    __m512i t[4];
-} lut512;
-
-T_VNNI INLINE lut512 lut512_load(const int8_t *lut)
-{
-    lut512 l;
-    for (int i = 0; i < 4; i++)
-        l.t[i] = _mm512_loadu_si512(lut + 64 * i);
-    return l;
-}
-
-/* lut[(uint8_t)q] for each byte: vpermi2b picks among 128 bytes by bits 0-6, bit 7 picks the
- * half. */
-T_VNNI INLINE __m512i lut512_apply(__m512i idx, const lut512 *l)
-{
-    __m512i lo = _mm512_permutex2var_epi8(l->t[0], idx, l->t[1]);
-    __m512i hi = _mm512_permutex2var_epi8(l->t[2], idx, l->t[3]);
-    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);
-}
-
-/* 16 int32 accumulators to 16 int8, requantized (and through the table when lut). */
-T_VNNI INLINE __m128i requant16(__m512i acc, const rq16 *r, const lut512 *lut)
-{
-    __m512i q = _mm512_add_epi32(mbqm16(acc, r->mult, r->ls, r->rs), r->zp);
-    q = _mm512_min_epi32(_mm512_max_epi32(q, r->qmin), r->qmax);
-    __m128i b = _mm512_cvtepi32_epi8(q);
-    if (lut)
-        b = _mm512_castsi512_si128(lut512_apply(_mm512_castsi128_si512(b), lut));
-    return b;
-}
-
 static inline int32_t load4(const int8_t *p, size_t n)
 {
     int32_t x = 0;
@@ -227,7 +144,7 @@ static inline int32_t load4(const int8_t *p, size_t n)
 T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32, size_t ldy,
                              const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
                              const int32_t *bias, size_t K, size_t ncols, const tern_requant *rq,
-                             const lut512 *lut, size_t n0)
+                             const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
     for (int r = 0; r < mr; r++)
@@ -248,7 +165,7 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32
     }
     for (int v = 0; v < nv; v++) {
         size_t n = n0 + 16 * (size_t)v;
-        __mmask16 m = tail_mask16(ncols - 16 * (size_t)v);
+        __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
         __m512i bv = _mm512_loadu_si512(bias + 16 * v);
         if (y32) {
             for (int r = 0; r < mr; r++)
@@ -268,7 +185,7 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32
 T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t ldy,
                                  const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
                                  const int32_t *bias, size_t K, size_t ncols,
-                                 const tern_requant *rq, const lut512 *lut, size_t n0)
+                                 const tern_requant *rq, const __m512i *lut, size_t n0)
 {
 #define ROW(MR)                                                                                 \
     switch (nv) {                                                                               \
@@ -296,11 +213,12 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + np);
     const size_t bstride = kp * 16;
-    lut512 tables;
-    const lut512 *lut = NULL;
+    __m512i tables[4];
+    const __m512i *lut = NULL;
     if (!y32 && rq->lut) {
-        tables = lut512_load(rq->lut);
-        lut = &tables;
+        for (int i = 0; i < 4; i++)
+            tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
+        lut = tables;
     }
     for (size_t m0 = 0; m0 < M; m0 += VNNI_MR) {
         int mr = (int)min_size(VNNI_MR, M - m0);
@@ -428,23 +346,54 @@ void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda
 
 /* ---- im2col ------------------------------------------------------------------------------- */
 
+/* memcpy for the short runs of im2col (k * cin bytes, 9 for the stem): constant-size copies
+ * the compiler inlines, overlapping at the end. */
+static inline void copy_short(int8_t *dst, const int8_t *src, size_t n)
+{
+    if (n >= 16) {
+        memcpy(dst, src, n);
+    } else if (n >= 8) {
+        memcpy(dst, src, 8);
+        memcpy(dst + n - 8, src + n - 8, 8);
+    } else if (n >= 4) {
+        memcpy(dst, src, 4);
+        memcpy(dst + n - 4, src + n - 4, 4);
+    } else {
+        for (size_t i = 0; i < n; i++)
+            dst[i] = src[i];
+    }
+}
+
 void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
                   const tern_conv_params *p)
 {
-    const int k = p->k, cin = p->cin;
+    const int k = p->k;
+    const size_t cin = (size_t)p->cin, run = (size_t)k * cin;
     for (int n = 0; n < p->n; n++)
         for (int oy = 0; oy < p->oh; oy++)
             for (int ox = 0; ox < p->ow; ox++) {
                 int8_t *row = col + (((size_t)n * p->oh + oy) * p->ow + ox) * ldc;
-                for (int ky = 0; ky < k; ky++)
-                    for (int kx = 0; kx < k; kx++) {
-                        int iy = oy * p->stride - p->pad + ky, ix = ox * p->stride - p->pad + kx;
-                        int8_t *dst = row + ((size_t)ky * k + kx) * cin;
-                        if (iy < 0 || iy >= p->h || ix < 0 || ix >= p->w)
-                            memset(dst, (int8_t)x_zp, (size_t)cin);
-                        else
-                            memcpy(dst, x + (((size_t)n * p->h + iy) * p->w + ix) * cin,
-                                   (size_t)cin);
+                int ix0 = ox * p->stride - p->pad;
+                bool inside = ix0 >= 0 && ix0 + k <= p->w;
+                for (int ky = 0; ky < k; ky++) {
+                    int iy = oy * p->stride - p->pad + ky;
+                    int8_t *dst = row + (size_t)ky * run;
+                    if (iy < 0 || iy >= p->h) {
+                        memset(dst, (int8_t)x_zp, run);
+                        continue;
                     }
+                    const int8_t *src = x + (((size_t)n * p->h + iy) * p->w) * cin;
+                    if (inside) { /* the k taps of a row are contiguous in NHWC */
+                        copy_short(dst, src + (size_t)ix0 * cin, run);
+                        continue;
+                    }
+                    for (int kx = 0; kx < k; kx++) {
+                        int ix = ix0 + kx;
+                        if (ix < 0 || ix >= p->w)
+                            memset(dst + (size_t)kx * cin, (int8_t)x_zp, cin);
+                        else
+                            copy_short(dst + (size_t)kx * cin, src + (size_t)ix * cin, cin);
+                    }
+                }
             }
 }

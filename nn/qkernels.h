@@ -35,8 +35,10 @@ typedef struct tern_requant {
 
 static inline int8_t tern_requant_one(int32_t acc, const tern_requant *rq, size_t c)
 {
-    int32_t q = tern_quant_mbqm(acc, rq->mult[c], (int)rq->shift[c]) + rq->out_zp;
-    q = q < rq->qmin ? rq->qmin : q > rq->qmax ? rq->qmax : q;
+    /* clamp before adding the zero point: the same result as a saturating add */
+    int32_t q = tern_quant_mbqm(acc, rq->mult[c], (int)rq->shift[c]);
+    int32_t lo = rq->qmin - rq->out_zp, hi = rq->qmax - rq->out_zp;
+    q = (q < lo ? lo : q > hi ? hi : q) + rq->out_zp;
     return rq->lut ? rq->lut[(uint8_t)q] : (int8_t)q;
 }
 

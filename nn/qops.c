@@ -7,50 +7,28 @@
 #include <string.h>
 
 #include "qkernels.h"
+#include "qsimd512.h"
 
-#define T_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi")))
 #define T_AVX2 __attribute__((target("avx2")))
 #define INLINE static inline __attribute__((always_inline))
 
-/* Same vector requantization as nn/qgemm.c's (kept in one translation unit each so that both stay
- * inlined); both are tested against tern_quant_mbqm. */
-T_VNNI INLINE __m512i mbqm16(__m512i x, __m512i mult, __m512i ls, __m512i rs)
-{
-    __m512i hi = _mm512_srav_epi32(_mm512_set1_epi32(INT32_MAX), ls);
-    __m512i lo = _mm512_srav_epi32(_mm512_set1_epi32(INT32_MIN), ls);
-    __mmask16 over = _mm512_cmpgt_epi32_mask(x, hi), under = _mm512_cmplt_epi32_mask(x, lo);
-    x = _mm512_sllv_epi32(x, ls);
-    x = _mm512_mask_mov_epi32(x, over, _mm512_set1_epi32(INT32_MAX));
-    x = _mm512_mask_mov_epi32(x, under, _mm512_set1_epi32(INT32_MIN));
-    const __m512i half = _mm512_set1_epi64((int64_t)1 << 30);
-    __m512i even = _mm512_srai_epi64(_mm512_add_epi64(_mm512_mul_epi32(x, mult), half), 31);
-    __m512i odd = _mm512_srai_epi64(
-        _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(mult, 32)),
-                         half),
-        31);
-    __m512i h = _mm512_mask_blend_epi32((__mmask16)0xaaaa, even, _mm512_slli_epi64(odd, 32));
-    __m512i mask = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), rs),
-                                    _mm512_set1_epi32(1));
-    __m512i rem = _mm512_and_si512(h, mask);
-    __m512i thr = _mm512_add_epi32(
-        _mm512_srai_epi32(mask, 1),
-        _mm512_maskz_mov_epi32(_mm512_cmplt_epi32_mask(h, _mm512_setzero_si512()),
-                               _mm512_set1_epi32(1)));
-    __m512i q = _mm512_srav_epi32(h, rs);
-    return _mm512_mask_add_epi32(q, _mm512_cmpgt_epi32_mask(rem, thr), q, _mm512_set1_epi32(1));
-}
-
-static inline __mmask16 tail_mask16(size_t n)
-{
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-}
-
-T_VNNI static inline __m512i set_shift_left(int shift) { return _mm512_set1_epi32(shift > 0 ? shift : 0); }
-T_VNNI static inline __m512i set_shift_right(int shift) { return _mm512_set1_epi32(shift > 0 ? 0 : -shift); }
 
 static inline int8_t clamp8(int32_t q, int32_t lo, int32_t hi)
 {
     return (int8_t)(q < lo ? lo : q > hi ? hi : q);
+}
+
+/* clamp(q + zp, lo, hi) without overflow: clamp to the bounds minus zp first, as the vector
+ * versions do. */
+static inline int8_t clamp_add8(int32_t q, int32_t zp, int32_t lo, int32_t hi)
+{
+    return (int8_t)(q < lo - zp ? lo : q > hi - zp ? hi : q + zp);
+}
+
+/* Sums wrap modulo 2^32 like the vector adds (only a pathological bias gets there). */
+static inline int32_t wrap_add(int32_t a, int32_t b)
+{
+    return (int32_t)((uint32_t)a + (uint32_t)b);
 }
 
 /* ---- depthwise ------------------------------------------------------------------------------ */
@@ -78,7 +56,7 @@ void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
                             if (iy < 0 || iy >= p->h || ix < 0 || ix >= p->w)
                                 continue;
                             int32_t xv = x[(((size_t)n * p->h + iy) * p->w + ix) * C + c];
-                            acc += (xv - x_zp) * w[((size_t)c * k + ky) * k + kx];
+                            acc = wrap_add(acc, (xv - x_zp) * w[((size_t)c * k + ky) * k + kx]);
                         }
                     y[(((size_t)n * p->oh + oy) * p->ow + ox) * C + c] =
                         tern_requant_one(acc, rq, (size_t)c);
@@ -105,34 +83,33 @@ static int valid_taps(int *tap, size_t *off, const tern_conv_params *p, int oy, 
     return n;
 }
 
-/* Requantization constants of 16 channels (n valid) at c. */
-typedef struct rq16 {
-    __m512i mult, ls, rs, zp, qmin, qmax;
-} rq16;
-
-T_VNNI INLINE rq16 rq16_load(const tern_requant *rq, size_t c, __mmask16 m)
+/* nv vectors of 16 channels from c0 of one output pixel (nv a constant after inlining, so the
+ * accumulators stay in registers). */
+T_VNNI QINLINE void dw_chunk(const int nv, int8_t *y, const int8_t *img, int C, int c0,
+                             const int *tap, const size_t *off, int ntaps, const int32_t *w,
+                             const int32_t *bias, __m512i zp, const tern_requant *rq,
+                             const __m512i *lut)
 {
-    __m512i shift = _mm512_maskz_loadu_epi32(m, rq->shift + c);
-    return (rq16){.mult = _mm512_maskz_loadu_epi32(m, rq->mult + c),
-                  .ls = _mm512_max_epi32(shift, _mm512_setzero_si512()),
-                  .rs = _mm512_max_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), shift),
-                                         _mm512_setzero_si512()),
-                  .zp = _mm512_set1_epi32(rq->out_zp), .qmin = _mm512_set1_epi32(rq->qmin),
-                  .qmax = _mm512_set1_epi32(rq->qmax)};
-}
-
-T_VNNI INLINE __m128i requant16(__m512i acc, const rq16 *r, const __m512i *lut)
-{
-    __m512i q = _mm512_add_epi32(mbqm16(acc, r->mult, r->ls, r->rs), r->zp);
-    q = _mm512_min_epi32(_mm512_max_epi32(q, r->qmin), r->qmax);
-    __m128i b = _mm512_cvtepi32_epi8(q);
-    if (lut) {
-        __m512i idx = _mm512_castsi128_si512(b);
-        __m512i lo = _mm512_permutex2var_epi8(lut[0], idx, lut[1]);
-        __m512i hi = _mm512_permutex2var_epi8(lut[2], idx, lut[3]);
-        b = _mm512_castsi512_si128(_mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi));
+    __m512i acc[4];
+    __mmask16 m[4];
+    for (int v = 0; v < nv; v++) {
+        m[v] = q_tail_mask16((size_t)(C - c0 - 16 * v));
+        acc[v] = bias ? _mm512_maskz_loadu_epi32(m[v], bias + c0 + 16 * v) : _mm512_setzero_si512();
     }
-    return b;
+    for (int t = 0; t < ntaps; t++) {
+        const int8_t *xp = img + off[t] * (size_t)C + c0;
+        const int32_t *wp = w + (size_t)tap[t] * C + c0;
+        for (int v = 0; v < nv; v++) {
+            __m512i xv = _mm512_sub_epi32(
+                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[v], xp + 16 * v)), zp);
+            __m512i wv = _mm512_maskz_loadu_epi32(m[v], wp + 16 * v);
+            acc[v] = _mm512_add_epi32(acc[v], _mm512_mullo_epi32(xv, wv));
+        }
+    }
+    for (int v = 0; v < nv; v++) {
+        rq16 r = rq16_load(rq, (size_t)c0 + 16 * v, m[v]);
+        _mm_mask_storeu_epi8(y + c0 + 16 * v, m[v], requant16(acc[v], &r, lut));
+    }
 }
 
 /* One output pixel, all channels, 64 at a time (four independent accumulator chains). */
@@ -141,30 +118,15 @@ T_VNNI static void dw_pixel_vnni(int8_t *y, const int8_t *img, int C, const int 
                                  const int32_t *bias, __m512i zp, const tern_requant *rq,
                                  const __m512i *lut)
 {
-    for (int c0 = 0; c0 < C; c0 += 64) {
-        __m512i acc[4];
-        __mmask16 m[4];
-        int nv = (C - c0 + 15) / 16;
-        nv = nv > 4 ? 4 : nv;
-        for (int v = 0; v < nv; v++) {
-            m[v] = tail_mask16((size_t)(C - c0 - 16 * v));
-            acc[v] = bias ? _mm512_maskz_loadu_epi32(m[v], bias + c0 + 16 * v)
-                          : _mm512_setzero_si512();
-        }
-        for (int t = 0; t < ntaps; t++) {
-            const int8_t *xp = img + off[t] * (size_t)C + c0;
-            const int32_t *wp = w + (size_t)tap[t] * C + c0;
-            for (int v = 0; v < nv; v++) {
-                __m512i xv = _mm512_sub_epi32(
-                    _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[v], xp + 16 * v)), zp);
-                __m512i wv = _mm512_maskz_loadu_epi32(m[v], wp + 16 * v);
-                acc[v] = _mm512_add_epi32(acc[v], _mm512_mullo_epi32(xv, wv));
-            }
-        }
-        for (int v = 0; v < nv; v++) {
-            rq16 r = rq16_load(rq, (size_t)c0 + 16 * v, m[v]);
-            _mm_mask_storeu_epi8(y + c0 + 16 * v, m[v], requant16(acc[v], &r, lut));
-        }
+    int c0 = 0;
+    for (; c0 + 64 <= C; c0 += 64)
+        dw_chunk(4, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut);
+    switch ((C - c0 + 15) / 16) {
+    case 1: dw_chunk(1, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
+    case 2: dw_chunk(2, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
+    case 3: dw_chunk(3, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
+    case 4: dw_chunk(4, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
+    default: break; /* nothing left */
     }
 }
 
@@ -192,7 +154,7 @@ T_AVX2 static void dw_pixel_avx2(int8_t *y, const int8_t *img, int C, const int 
     for (; c0 < C; c0++) {
         int32_t acc = bias ? bias[c0] : 0;
         for (int t = 0; t < ntaps; t++)
-            acc += ((int32_t)img[off[t] * (size_t)C + c0] - x_zp) * w[(size_t)tap[t] * C + c0];
+            acc = wrap_add(acc, ((int32_t)img[off[t] * (size_t)C + c0] - x_zp) * w[(size_t)tap[t] * C + c0]);
         y[c0] = tern_requant_one(acc, rq, (size_t)c0);
     }
 }
@@ -204,7 +166,7 @@ static void dw_pixel_scalar(int8_t *y, const int8_t *img, int C, const int *tap,
     for (int c = 0; c < C; c++) {
         int32_t acc = bias ? bias[c] : 0;
         for (int t = 0; t < ntaps; t++)
-            acc += ((int32_t)img[off[t] * (size_t)C + c] - x_zp) * w[(size_t)tap[t] * C + c];
+            acc = wrap_add(acc, ((int32_t)img[off[t] * (size_t)C + c] - x_zp) * w[(size_t)tap[t] * C + c]);
         y[c] = tern_requant_one(acc, rq, (size_t)c);
     }
 }
@@ -264,7 +226,7 @@ static inline int8_t add_one(int8_t a, int8_t b, const tern_qadd_params *p)
     int32_t sa = ((int32_t)a - p->a_zp) * (1 << p->left_shift);
     int32_t sb = ((int32_t)b - p->b_zp) * (1 << p->left_shift);
     int32_t s = tern_quant_mbqm(sa, p->a_mult, p->a_shift) + tern_quant_mbqm(sb, p->b_mult, p->b_shift);
-    return clamp8(tern_quant_mbqm(s, p->out_mult, p->out_shift) + p->out_zp, p->qmin, p->qmax);
+    return clamp_add8(tern_quant_mbqm(s, p->out_mult, p->out_shift), p->out_zp, p->qmin, p->qmax);
 }
 
 void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p)
@@ -277,20 +239,17 @@ T_VNNI static void qadd_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t
                              const tern_qadd_params *p)
 {
     const __m512i azp = _mm512_set1_epi32(p->a_zp), bzp = _mm512_set1_epi32(p->b_zp);
-    const __m512i am = _mm512_set1_epi32(p->a_mult), bm = _mm512_set1_epi32(p->b_mult);
-    const __m512i om = _mm512_set1_epi32(p->out_mult), ozp = _mm512_set1_epi32(p->out_zp);
-    const __m512i als = set_shift_left(p->a_shift), ars = set_shift_right(p->a_shift);
-    const __m512i bls = set_shift_left(p->b_shift), brs = set_shift_right(p->b_shift);
-    const __m512i ols = set_shift_left(p->out_shift), ors = set_shift_right(p->out_shift);
-    const __m512i lo = _mm512_set1_epi32(p->qmin), hi = _mm512_set1_epi32(p->qmax);
+    /* the inputs' multipliers only scale: no clamp (the bounds are the int32 range) */
+    const rq16 ra = rq16_uniform(p->a_mult, p->a_shift, 0, INT32_MIN, INT32_MAX);
+    const rq16 rb = rq16_uniform(p->b_mult, p->b_shift, 0, INT32_MIN, INT32_MAX);
+    const rq16 ro = rq16_uniform(p->out_mult, p->out_shift, p->out_zp, p->qmin, p->qmax);
     for (size_t i = 0; i < count; i += 16) {
-        __mmask16 m = tail_mask16(count - i);
+        __mmask16 m = q_tail_mask16(count - i);
         __m512i va = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)), azp);
         __m512i vb = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)), bzp);
-        va = mbqm16(_mm512_slli_epi32(va, (unsigned)p->left_shift), am, als, ars);
-        vb = mbqm16(_mm512_slli_epi32(vb, (unsigned)p->left_shift), bm, bls, brs);
-        __m512i q = _mm512_add_epi32(mbqm16(_mm512_add_epi32(va, vb), om, ols, ors), ozp);
-        q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        va = mbqm16(_mm512_slli_epi32(va, (unsigned)p->left_shift), &ra);
+        vb = mbqm16(_mm512_slli_epi32(vb, (unsigned)p->left_shift), &rb);
+        __m512i q = requant16_i32(_mm512_add_epi32(va, vb), &ro);
         _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
     }
 }
@@ -314,7 +273,7 @@ void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t h
             for (int k = 0; k < c; k++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
                 int32_t prod = ((int32_t)x[at] - p->x_zp) * ((int32_t)g[(size_t)i * c + k] - p->g_zp);
-                y[at] = clamp8(tern_quant_mbqm(prod, p->mult, p->shift) + p->out_zp, -128, 127);
+                y[at] = clamp_add8(tern_quant_mbqm(prod, p->mult, p->shift), p->out_zp, -128, 127);
             }
 }
 
@@ -322,19 +281,16 @@ T_VNNI static void qgate_vnni(int8_t *y, const int8_t *x, const int8_t *g, int n
                               int c, const tern_qgate_params *p)
 {
     const __m512i xzp = _mm512_set1_epi32(p->x_zp), gzp = _mm512_set1_epi32(p->g_zp);
-    const __m512i mult = _mm512_set1_epi32(p->mult), ozp = _mm512_set1_epi32(p->out_zp);
-    const __m512i ls = set_shift_left(p->shift), rs = set_shift_right(p->shift);
-    const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+    const rq16 r = rq16_uniform(p->mult, p->shift, p->out_zp, -128, 127);
     for (int i = 0; i < n; i++)
         for (int k = 0; k < c; k += 16) {
-            __mmask16 m = tail_mask16((size_t)(c - k));
+            __mmask16 m = q_tail_mask16((size_t)(c - k));
             __m512i gv = _mm512_sub_epi32(
                 _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, g + (size_t)i * c + k)), gzp);
             for (size_t j = 0; j < hw; j++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
                 __m512i xv = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at)), xzp);
-                __m512i q = _mm512_add_epi32(mbqm16(_mm512_mullo_epi32(xv, gv), mult, ls, rs), ozp);
-                q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+                __m512i q = requant16_i32(_mm512_mullo_epi32(xv, gv), &r);
                 _mm_mask_storeu_epi8(y + at, m, _mm512_cvtepi32_epi8(q));
             }
         }
@@ -373,7 +329,7 @@ T_VNNI static void qavgpool_vnni(int8_t *y, const int8_t *x, int n, size_t hw, i
 {
     for (int i = 0; i < n; i++)
         for (int k = 0; k < c; k += 16) {
-            __mmask16 m = tail_mask16((size_t)(c - k));
+            __mmask16 m = q_tail_mask16((size_t)(c - k));
             __m512i acc = _mm512_setzero_si512();
             for (size_t j = 0; j < hw; j++)
                 acc = _mm512_add_epi32(acc, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(
@@ -409,7 +365,7 @@ T_VNNI static void quantize_vnni(int8_t *y, const float *x, size_t count, tern_q
     const __m512 hi = _mm512_set1_ps(127.0f - (float)p.zero_point);
     const __m512i zp = _mm512_set1_epi32(p.zero_point);
     for (size_t i = 0; i < count; i += 16) {
-        __mmask16 m = tail_mask16(count - i);
+        __mmask16 m = q_tail_mask16(count - i);
         __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), scale);
         __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
         __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
