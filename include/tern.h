@@ -12,6 +12,7 @@
 #include "tern/model_io.h"
 #include "tern/optim.h"
 #include "tern/protocol.h"
+#include "tern/quant.h"
 #include "tern/rng.h"
 #include "tern/safetensors.h"
 #include "tern/status.h"

@@ -23,6 +23,7 @@
 
 #include "gemm.h"
 #include "kernels.h"
+#include "model_graph.h"
 #include "pool.h"
 #include "tern/rng.h"
 #include "util.h"
@@ -1135,4 +1136,39 @@ tern_status tern_model_profile_at(const tern_model *model, size_t i, tern_op_pro
                              .forward_s = o->seconds[0], .backward_s = o->seconds[1],
                              .forward_calls = o->calls[0], .backward_calls = o->calls[1]};
     return TERN_OK;
+}
+
+/* ---- graph view (nn/model_graph.h) ---------------------------------------------------------- */
+
+int tern_model_graph_value_count(const tern_model *model)
+{
+    return model->nvalues;
+}
+
+int tern_model_graph_value_channels(const tern_model *model, int v)
+{
+    return model->values[v].c;
+}
+
+int tern_model_graph_op_count(const tern_model *model)
+{
+    return model->nops;
+}
+
+void tern_model_graph_op_at(const tern_model *model, int i, tern_graph_op *out)
+{
+    const op *o = &model->ops[i];
+    static const tern_graph_kind kinds[] = {
+        [OP_CONV] = TERN_GRAPH_CONV, [OP_BN] = TERN_GRAPH_BN, [OP_GN] = TERN_GRAPH_GN,
+        [OP_ACT] = TERN_GRAPH_ACT, [OP_POOL] = TERN_GRAPH_POOL, [OP_LINEAR] = TERN_GRAPH_LINEAR,
+        [OP_SCALE] = TERN_GRAPH_SCALE, [OP_ADD] = TERN_GRAPH_ADD,
+        [OP_DROPOUT] = TERN_GRAPH_DROPOUT};
+    *out = (tern_graph_op){.kind = kinds[o->kind], .in = o->in, .in2 = o->in2, .out = o->out,
+                           .conv = o->conv, .fin = o->fin, .fout = o->fout, .act = o->act,
+                           .eps = o->eps, .w = param_or_null(model, o->w),
+                           .b = param_or_null(model, o->b), .name = o->name};
+    if (o->kind == OP_BN) {
+        out->mean = model->buffers + o->run_mean;
+        out->var = model->buffers + o->run_var;
+    }
 }

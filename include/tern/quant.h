@@ -1,0 +1,145 @@
+/* INT8 post-training quantization of MobileNetV3, with TFLite's int8 scheme as the reference
+ * semantics.
+ *
+ * The scheme:
+ *   - weights: per output channel, symmetric int8 in [-127, 127] (zero point 0), after
+ *     BatchNorm is folded into the convolution; scale = max|w| / 127;
+ *   - activations: per tensor, asymmetric int8 in [-128, 127]: real = scale * (q - zero_point),
+ *     with the range widened to contain 0 and "nudged" so that 0 is exactly representable;
+ *   - biases: int32, round(b / (input_scale * weight_scale[c]));
+ *   - requantization: an int32 accumulator is scaled by a real multiplier M (input_scale *
+ *     weight_scale / output_scale for a convolution) represented as a Q31 fixed-point value and
+ *     a power-of-two shift (TFLite's QuantizeMultiplier), applied with
+ *     MultiplyByQuantizedMultiplier, then offset by the output zero point and clamped to
+ *     [-128, 127] (or to the smaller range a fused ReLU leaves);
+ *   - hardswish and hardsigmoid: 256-entry lookup tables built from the real-valued functions
+ *     and the input and output quantization parameters;
+ *   - residual add: TFLite's ADD (inputs shifted left by 20 bits, a multiplier per input, one for
+ *     the output); squeeze-and-excitation gate: TFLite's MUL; global average pool: TFLite's
+ *     AVERAGE_POOL_2D (output shares the input's parameters, sum divided with rounding).
+ *
+ * A tern_qmodel is built from a float tern_model and calibration images: the float network is
+ * run with BatchNorm folded, every activation tensor's range is observed (min/max), parameters
+ * are chosen, weights quantized and packed for the CPU; inference then runs in integers from
+ * the quantized input to the int32 accumulators of the classifier, which are dequantized to
+ * float logits. */
+#ifndef TERN_QUANT_H
+#define TERN_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tern/alloc.h"
+#include "tern/model.h"
+#include "tern/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- the scheme ------------------------------------------------------------------------------ */
+
+/* Affine int8 parameters: real = scale * (q - zero_point). */
+typedef struct tern_qparams {
+    float scale;        /* > 0 */
+    int32_t zero_point; /* in [-128, 127] */
+} tern_qparams;
+
+/* gemmlowp's SaturatingRoundingDoublingHighMul: the high 32 bits of 2*a*b, rounded to nearest
+ * with ties upward ((a*b + 2^30) >> 31); INT32_MIN * INT32_MIN saturates to INT32_MAX. */
+int32_t tern_quant_srdhm(int32_t a, int32_t b);
+/* gemmlowp's RoundingDivideByPOT: x / 2^exponent rounded to nearest, ties away from zero;
+ * exponent in [0, 31]. */
+int32_t tern_quant_rdivpot(int32_t x, int exponent);
+/* TFLite's MultiplyByQuantizedMultiplier: x * multiplier * 2^(shift - 31), as
+ * RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x << max(shift, 0), multiplier),
+ * max(-shift, 0)). shift in [-31, 30]. Where TFLite's x * (1 << shift) would overflow int32 (an
+ * undefined case there), the shifted value saturates. */
+int32_t tern_quant_mbqm(int32_t x, int32_t multiplier, int shift);
+/* TFLite's QuantizeMultiplier: real = multiplier * 2^(shift - 31) with multiplier in
+ * [2^30, 2^31) (or 0 for real == 0, or when shift would fall below -31). TERN_ERR_INVALID for a
+ * negative or non-finite real, or one too large for a shift <= 30. */
+tern_status tern_quant_multiplier(double real, int32_t *multiplier, int *shift);
+/* TFLite's ChooseQuantizationParams for int8: [min, max] is widened to contain 0, scale =
+ * (max - min) / 255, and the zero point is rounded so that 0 is exact. A range narrower than
+ * 1e-8 is widened to that (an all-zero tensor gets a tiny scale, not a zero one). min and max
+ * must be finite with min <= max; otherwise the result is {1, 0}. */
+tern_qparams tern_quant_choose_params(float min, float max);
+/* round(x / scale) + zero_point (ties away from zero), saturated to [-128, 127]. */
+int8_t tern_quantize(float x, tern_qparams p);
+float tern_dequantize(int8_t q, tern_qparams p);
+
+/* Instruction-set level of the integer kernels, separate from tern_isa because int8 needs
+ * different extensions: VNNI (vpdpbusd) and VBMI (byte permutes for lookup tables). AUTO picks
+ * the best the CPU has; a higher level than the CPU has falls back to AUTO. */
+typedef enum tern_qisa {
+    TERN_QISA_AUTO = 0,
+    TERN_QISA_SCALAR,
+    TERN_QISA_AVX2,        /* AVX2: int16 multiply-adds (vpmaddwd), never saturating */
+    TERN_QISA_AVX512_VNNI, /* AVX-512 F, BW, DQ, VL, VNNI, VBMI */
+} tern_qisa;
+
+/* "auto", "scalar", "avx2", "avx512vnni"; static storage. */
+const char *tern_qisa_name(tern_qisa isa);
+/* The level the integer kernels will run at for a request on this CPU (never AUTO). */
+tern_qisa tern_qisa_resolve(tern_qisa requested);
+
+/* ---- quantized model ------------------------------------------------------------------------ */
+
+typedef enum tern_quant_observer {
+    TERN_QUANT_OBSERVER_MINMAX, /* the smallest and largest value seen over all batches */
+} tern_quant_observer;
+
+typedef struct tern_qmodel_options {
+    int height, width;  /* input size of calibration and inference, >= 32 */
+    int max_batch;      /* largest batch tern_qmodel_forward takes, >= 1 */
+    int calib_batch;    /* images per calibration forward; 0: 32 */
+    tern_quant_observer observer;
+    int threads;        /* threads of the calibration (float) passes; 0: 1. The int8 forward
+                         * runs on the calling thread. */
+    tern_qisa isa;      /* TERN_QISA_AUTO (0) by default */
+    const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the qmodel */
+} tern_qmodel_options;
+
+typedef struct tern_qmodel tern_qmodel;
+
+/* Quantize a float model (read only, not modified; BatchNorm models only).
+ *   calib (ncalib, height, width, in_channels) NHWC float32: calibration images, normalized as
+ *         for inference; borrowed for the call only. ncalib >= 1.
+ * The qmodel keeps no reference to the model or to calib.
+ * Errors (detail in err): TERN_ERR_INVALID (options out of range, NULL arguments),
+ * TERN_ERR_UNSUPPORTED (GroupNorm model, or a graph the builder does not know),
+ * TERN_ERR_NOMEM, TERN_ERR_THREAD. *out is untouched on failure. */
+tern_status tern_qmodel_create(const tern_model *model, const float *calib, int ncalib,
+                               const tern_qmodel_options *opt, tern_qmodel **out,
+                               tern_error *err);
+/* Free the qmodel; *qmodel becomes NULL. Accepts NULL. */
+void tern_qmodel_destroy(tern_qmodel **qmodel);
+
+/* Integer inference on batch images (1 <= batch <= max_batch).
+ *   input  (batch, height, width, in_channels) NHWC float32, quantized with the input's
+ *          parameters; borrowed for the call only
+ *   logits (batch, num_classes) float32, written
+ * Errors: TERN_ERR_INVALID (NULL pointers, batch out of range). Not thread-safe: one caller at
+ * a time per qmodel (activations live in the qmodel). */
+tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float *input,
+                                int batch);
+/* Detail of the qmodel's last failed call ("" if none). Borrowed until the next call. */
+const char *tern_qmodel_last_error(const tern_qmodel *qmodel);
+/* The level its integer kernels run at (resolved, never AUTO). */
+tern_qisa tern_qmodel_isa(const tern_qmodel *qmodel);
+/* Parameters chosen for the input tensor. */
+tern_qparams tern_qmodel_input_params(const tern_qmodel *qmodel);
+/* Number of integer ops (convolutions, fully connected, pool, gate, add) in execution order. */
+size_t tern_qmodel_op_count(const tern_qmodel *qmodel);
+/* Op i: its kind ("conv1x1", "depthwise", "conv", "linear", "logits", "avgpool", "se_gate",
+ * "add"), layer name (the float weight's name, or "") and output parameters. Strings are
+ * static or owned by the qmodel. TERN_ERR_INVALID if i is out of range. */
+tern_status tern_qmodel_op_at(const tern_qmodel *qmodel, size_t i, const char **kind,
+                              const char **name, tern_qparams *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

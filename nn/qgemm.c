@@ -1,0 +1,399 @@
+/* Integer GEMM of the INT8 model: y = requant(bias + (a - a_zp) w^T), int8 activations (M, K)
+ * times int8 weights (N, K), int32 accumulation.
+ *
+ * Zero points. The vector instructions multiply unsigned by signed bytes (vpdpbusd), so the
+ * activations are read as a + 128 (a XOR 0x80, an unsigned byte) and the weights stay signed;
+ * then sum (a - a_zp) w = sum (a + 128) w - (a_zp + 128) sum_k w, and the last term, constant
+ * per output column, is folded into the bias when the weights are packed. All of it is exact
+ * int32 arithmetic, so the result is bit-identical to the reference's direct sum.
+ *
+ * Levels:
+ *   AVX-512 VNNI: weights packed in 16-column by 4-deep blocks (one zmm per block, the layout
+ *     vpdpbusd reads); the microkernel holds a 6-row by 64-column tile in 24 accumulators, reads
+ *     4 bytes of a row of A at a time (one broadcast, one XOR) and issues 4 vpdpbusd on it. The
+ *     epilogue requantizes 16 columns per vector: the saturating left shift, the rounding
+ *     doubling high multiply in 64-bit lanes ((x*m + 2^30) >> 31, exactly gemmlowp's), the
+ *     rounding right shift, zero point, clamp, then the lookup table with two vpermi2b.
+ *   AVX2: no byte dot product that cannot saturate (vpmaddubsw saturates its int16 pairs at
+ *     255 * 127 * 2), so it widens: A rows are converted once per row block into int16 pairs of
+ *     a + 128 (scratch), weights packed as int16 pairs, and vpmaddwd sums pairs into int32 without
+ *     saturation. 4-row by 24-column tiles; scalar requantization.
+ *   scalar: the packed-bias formulation in plain C (the reference uses the direct one). */
+#include <immintrin.h>
+#include <string.h>
+
+#include "qkernels.h"
+#include "qsimd512.h"
+
+#define T_AVX2 __attribute__((target("avx2")))
+#define INLINE static inline __attribute__((always_inline))
+
+#define VNNI_MR 6
+#define VNNI_NV 4 /* zmm column vectors per tile: 64 columns */
+#define AVX2_MR 4
+#define AVX2_NV 3 /* ymm column vectors per tile: 24 columns */
+
+static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+
+static tern_qisa resolve(tern_qisa isa) { return tern_qisa_resolve(isa); }
+
+/* Columns of the bias block (and of the packed weights) at each level. */
+static size_t padded_n(size_t N, tern_qisa isa)
+{
+    return round_up(N, isa == TERN_QISA_AVX2 ? 8 : 16);
+}
+
+size_t tern_qgemm_packed_size(size_t N, size_t K, tern_qisa isa)
+{
+    isa = resolve(isa);
+    size_t np = padded_n(N, isa), bias = np * sizeof(int32_t);
+    switch (isa) {
+    case TERN_QISA_AVX512_VNNI: return bias + np * round_up(K, 4);
+    case TERN_QISA_AVX2: return bias + np * round_up(K, 2) * sizeof(int16_t);
+    default: return bias + N * K;
+    }
+}
+
+size_t tern_qgemm_workspace_size(size_t K, tern_qisa isa)
+{
+    /* AVX2: int16 copies of a row block of A, rounded to whole vectors of 16. */
+    return resolve(isa) == TERN_QISA_AVX2 ? AVX2_MR * round_up(K, 16) * sizeof(int16_t) : 0;
+}
+
+/* Wrapping int32 arithmetic (two's complement, as the vector adds): no undefined overflow. */
+static inline int32_t wrap32(int64_t v) { return (int32_t)(uint32_t)(uint64_t)v; }
+
+void tern_qgemm_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t a_zp, size_t N,
+                     size_t K, tern_qisa isa)
+{
+    isa = resolve(isa);
+    size_t np = padded_n(N, isa);
+    int32_t *b = packed;
+    for (size_t n = 0; n < np; n++) {
+        int64_t colsum = 0;
+        for (size_t k = 0; n < N && k < K; k++)
+            colsum += w[n * K + k];
+        b[n] = n < N ? wrap32((bias ? (int64_t)bias[n] : 0) - ((int64_t)a_zp + 128) * colsum) : 0;
+    }
+    char *wp = (char *)packed + np * sizeof(int32_t);
+    if (isa == TERN_QISA_AVX512_VNNI) {
+        size_t kp = round_up(K, 4);
+        int8_t *out = (int8_t *)wp; /* [n / 16][k / 4][n % 16][k % 4] */
+        for (size_t n = 0; n < np; n++)
+            for (size_t k = 0; k < kp; k++)
+                out[(n / 16) * kp * 16 + (k / 4) * 64 + (n % 16) * 4 + k % 4] =
+                    n < N && k < K ? w[n * K + k] : 0;
+    } else if (isa == TERN_QISA_AVX2) {
+        size_t kp = round_up(K, 2);
+        int16_t *out = (int16_t *)wp; /* [n / 8][k / 2][n % 8][k % 2] */
+        for (size_t n = 0; n < np; n++)
+            for (size_t k = 0; k < kp; k++)
+                out[(n / 8) * kp * 8 + (k / 2) * 16 + (n % 8) * 2 + k % 2] =
+                    n < N && k < K ? w[n * K + k] : 0;
+    } else {
+        memcpy(wp, w, N * K);
+    }
+}
+
+void tern_qgemm_ref(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                    int32_t a_zp, const int8_t *w, const int32_t *bias, size_t M, size_t N,
+                    size_t K, const tern_requant *rq)
+{
+    for (size_t m = 0; m < M; m++)
+        for (size_t n = 0; n < N; n++) {
+            int64_t acc = bias ? bias[n] : 0;
+            for (size_t k = 0; k < K; k++)
+                acc += ((int32_t)a[m * lda + k] - a_zp) * (int32_t)w[n * K + k];
+            if (y32)
+                y32[m * ldy + n] = wrap32(acc);
+            else
+                y[m * ldy + n] = tern_requant_one(wrap32(acc), rq, n);
+        }
+}
+
+static void qgemm_scalar(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                         const void *packed, size_t M, size_t N, size_t K,
+                         const tern_requant *rq)
+{
+    const int32_t *bias = packed;
+    const int8_t *w = (const int8_t *)(bias + padded_n(N, TERN_QISA_SCALAR));
+    for (size_t m = 0; m < M; m++)
+        for (size_t n = 0; n < N; n++) {
+            uint32_t acc = (uint32_t)bias[n];
+            for (size_t k = 0; k < K; k++)
+                acc += (uint32_t)((int32_t)(uint8_t)(a[m * lda + k] ^ 0x80) * w[n * K + k]);
+            if (y32)
+                y32[m * ldy + n] = (int32_t)acc;
+            else
+                y[m * ldy + n] = tern_requant_one((int32_t)acc, rq, n);
+        }
+}
+
+/* ---- AVX-512 VNNI -------------------------------------------------------------------------- */
+
+static inline int32_t load4(const int8_t *p, size_t n)
+{
+    int32_t x = 0;
+    memcpy(&x, p, n);
+    return x;
+}
+
+/* One mr x (16 nv) tile of C. wb: the packed weights of its first column block; bstride: bytes
+ * between column blocks. */
+T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32, size_t ldy,
+                             const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
+                             const int32_t *bias, size_t K, size_t ncols, const tern_requant *rq,
+                             const __m512i *lut, size_t n0)
+{
+    __m512i acc[VNNI_MR][VNNI_NV];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++)
+            acc[r][v] = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
+    const size_t groups = (K + 3) / 4, full = K / 4;
+    for (size_t g = 0; g < groups; g++) {
+        __m512i b[VNNI_NV];
+        for (int v = 0; v < nv; v++)
+            b[v] = _mm512_load_si512(wb + v * bstride + g * 64);
+        size_t nk = g < full ? 4 : K - 4 * full;
+        for (int r = 0; r < mr; r++) {
+            __m512i av = _mm512_xor_si512(_mm512_set1_epi32(load4(a + r * lda + 4 * g, nk)), flip);
+            for (int v = 0; v < nv; v++)
+                acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, b[v]);
+        }
+    }
+    for (int v = 0; v < nv; v++) {
+        size_t n = n0 + 16 * (size_t)v;
+        __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
+        __m512i bv = _mm512_loadu_si512(bias + 16 * v);
+        if (y32) {
+            for (int r = 0; r < mr; r++)
+                _mm512_mask_storeu_epi32(y32 + r * ldy + n, m, _mm512_add_epi32(acc[r][v], bv));
+            continue;
+        }
+        rq16 q = rq16_load(rq, n, m);
+        for (int r = 0; r < mr; r++)
+            _mm_mask_storeu_epi8(y + r * ldy + n, m,
+                                 requant16(_mm512_add_epi32(acc[r][v], bv), &q, lut));
+    }
+}
+
+#define VNNI_TILE(MR, NV)                                                                       \
+    vnni_tile(MR, NV, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, rq, lut, n0)
+
+T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t ldy,
+                                 const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
+                                 const int32_t *bias, size_t K, size_t ncols,
+                                 const tern_requant *rq, const __m512i *lut, size_t n0)
+{
+#define ROW(MR)                                                                                 \
+    switch (nv) {                                                                               \
+    case 1: VNNI_TILE(MR, 1); break;                                                            \
+    case 2: VNNI_TILE(MR, 2); break;                                                            \
+    case 3: VNNI_TILE(MR, 3); break;                                                            \
+    default: VNNI_TILE(MR, 4); break;                                                           \
+    }
+    switch (mr) {
+    case 1: ROW(1) break;
+    case 2: ROW(2) break;
+    case 3: ROW(3) break;
+    case 4: ROW(4) break;
+    case 5: ROW(5) break;
+    default: ROW(6) break;
+    }
+#undef ROW
+}
+
+T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                              const void *packed, size_t M, size_t N, size_t K,
+                              const tern_requant *rq)
+{
+    const size_t np = padded_n(N, TERN_QISA_AVX512_VNNI), kp = round_up(K, 4);
+    const int32_t *bias = packed;
+    const int8_t *w = (const int8_t *)(bias + np);
+    const size_t bstride = kp * 16;
+    __m512i tables[4];
+    const __m512i *lut = NULL;
+    if (!y32 && rq->lut) {
+        for (int i = 0; i < 4; i++)
+            tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
+        lut = tables;
+    }
+    for (size_t m0 = 0; m0 < M; m0 += VNNI_MR) {
+        int mr = (int)min_size(VNNI_MR, M - m0);
+        for (size_t n0 = 0; n0 < N; n0 += 16 * VNNI_NV) {
+            size_t ncols = min_size(16 * VNNI_NV, N - n0);
+            int nv = (int)((ncols + 15) / 16);
+            vnni_tile_any(mr, nv, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
+                          a + m0 * lda, lda, w + (n0 / 16) * bstride, bstride, bias + n0, K,
+                          ncols, rq, lut, n0);
+        }
+    }
+}
+
+/* ---- AVX2 ------------------------------------------------------------------------------------ */
+
+/* Rows [0, mr) of A as int16 a + 128, K rounded up to 16 with zeros (the weights' padding is
+ * zero, so the padded products vanish). */
+T_AVX2 static void avx2_panel(int16_t *panel, size_t kp16, const int8_t *a, size_t lda, int mr,
+                              size_t K)
+{
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    for (int r = 0; r < mr; r++) {
+        const int8_t *row = a + (size_t)r * lda;
+        int16_t *out = panel + (size_t)r * kp16;
+        size_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(row + k)), flip);
+            _mm256_storeu_si256((__m256i *)(out + k), _mm256_cvtepu8_epi16(v));
+        }
+        for (; k < kp16; k++)
+            out[k] = k < K ? (int16_t)(uint8_t)(row[k] ^ 0x80) : 0;
+    }
+}
+
+T_AVX2 INLINE void avx2_tile(const int mr, const int nv, int8_t *y, int32_t *y32, size_t ldy,
+                             const int16_t *panel, size_t kp16, const int16_t *wb,
+                             size_t bstride, const int32_t *bias, size_t K, size_t ncols,
+                             const tern_requant *rq, size_t n0)
+{
+    __m256i acc[AVX2_MR][AVX2_NV];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++)
+            acc[r][v] = _mm256_setzero_si256();
+    const size_t pairs = (K + 1) / 2;
+    for (size_t g = 0; g < pairs; g++) {
+        __m256i b[AVX2_NV];
+        for (int v = 0; v < nv; v++)
+            b[v] = _mm256_load_si256((const __m256i *)(wb + v * bstride + g * 16));
+        for (int r = 0; r < mr; r++) {
+            int32_t pair;
+            memcpy(&pair, panel + (size_t)r * kp16 + 2 * g, sizeof pair);
+            __m256i av = _mm256_set1_epi32(pair);
+            for (int v = 0; v < nv; v++)
+                acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(av, b[v]));
+        }
+    }
+    int32_t tile[AVX2_MR][AVX2_NV * 8] = {{0}};
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++)
+            _mm256_storeu_si256((__m256i *)&tile[r][8 * v], acc[r][v]);
+    for (int r = 0; r < mr; r++)
+        for (size_t j = 0; j < ncols; j++) {
+            int32_t s = (int32_t)((uint32_t)tile[r][j] + (uint32_t)bias[j]);
+            if (y32)
+                y32[(size_t)r * ldy + n0 + j] = s;
+            else
+                y[(size_t)r * ldy + n0 + j] = tern_requant_one(s, rq, n0 + j);
+        }
+}
+
+T_AVX2 static void avx2_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t ldy,
+                                 const int16_t *panel, size_t kp16, const int16_t *wb,
+                                 size_t bstride, const int32_t *bias, size_t K, size_t ncols,
+                                 const tern_requant *rq, size_t n0)
+{
+#define T(MR, NV) avx2_tile(MR, NV, y, y32, ldy, panel, kp16, wb, bstride, bias, K, ncols, rq, n0)
+#define ROW(MR)                                                                                 \
+    switch (nv) {                                                                               \
+    case 1: T(MR, 1); break;                                                                    \
+    case 2: T(MR, 2); break;                                                                    \
+    default: T(MR, 3); break;                                                                   \
+    }
+    switch (mr) {
+    case 1: ROW(1) break;
+    case 2: ROW(2) break;
+    case 3: ROW(3) break;
+    default: ROW(4) break;
+    }
+#undef ROW
+#undef T
+}
+
+T_AVX2 static void qgemm_avx2(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                              const void *packed, void *workspace, size_t M, size_t N, size_t K,
+                              const tern_requant *rq)
+{
+    const size_t np = padded_n(N, TERN_QISA_AVX2), kp = round_up(K, 2), kp16 = round_up(K, 16);
+    const int32_t *bias = packed;
+    const int16_t *w = (const int16_t *)(bias + np);
+    const size_t bstride = kp * 8; /* int16 per 8-column block */
+    int16_t *panel = workspace;
+    for (size_t m0 = 0; m0 < M; m0 += AVX2_MR) {
+        int mr = (int)min_size(AVX2_MR, M - m0);
+        avx2_panel(panel, kp16, a + m0 * lda, lda, mr, K);
+        for (size_t n0 = 0; n0 < N; n0 += 8 * AVX2_NV) {
+            size_t ncols = min_size(8 * AVX2_NV, N - n0);
+            int nv = (int)((ncols + 7) / 8);
+            avx2_tile_any(mr, nv, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
+                          panel, kp16, w + (n0 / 8) * bstride, bstride, bias + n0, K, ncols, rq,
+                          n0);
+        }
+    }
+}
+
+void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                const void *packed, void *workspace, size_t M, size_t N, size_t K,
+                const tern_requant *rq, tern_qisa isa)
+{
+    switch (resolve(isa)) {
+    case TERN_QISA_AVX512_VNNI: qgemm_vnni(y, y32, ldy, a, lda, packed, M, N, K, rq); return;
+    case TERN_QISA_AVX2: qgemm_avx2(y, y32, ldy, a, lda, packed, workspace, M, N, K, rq); return;
+    default: qgemm_scalar(y, y32, ldy, a, lda, packed, M, N, K, rq); return;
+    }
+}
+
+/* ---- im2col ------------------------------------------------------------------------------- */
+
+/* memcpy for the short runs of im2col (k * cin bytes, 9 for the stem): constant-size copies
+ * the compiler inlines, overlapping at the end. */
+static inline void copy_short(int8_t *dst, const int8_t *src, size_t n)
+{
+    if (n >= 16) {
+        memcpy(dst, src, n);
+    } else if (n >= 8) {
+        memcpy(dst, src, 8);
+        memcpy(dst + n - 8, src + n - 8, 8);
+    } else if (n >= 4) {
+        memcpy(dst, src, 4);
+        memcpy(dst + n - 4, src + n - 4, 4);
+    } else {
+        for (size_t i = 0; i < n; i++)
+            dst[i] = src[i];
+    }
+}
+
+void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
+                  const tern_conv_params *p)
+{
+    const int k = p->k;
+    const size_t cin = (size_t)p->cin, run = (size_t)k * cin;
+    for (int n = 0; n < p->n; n++)
+        for (int oy = 0; oy < p->oh; oy++)
+            for (int ox = 0; ox < p->ow; ox++) {
+                int8_t *row = col + (((size_t)n * p->oh + oy) * p->ow + ox) * ldc;
+                int ix0 = ox * p->stride - p->pad;
+                bool inside = ix0 >= 0 && ix0 + k <= p->w;
+                for (int ky = 0; ky < k; ky++) {
+                    int iy = oy * p->stride - p->pad + ky;
+                    int8_t *dst = row + (size_t)ky * run;
+                    if (iy < 0 || iy >= p->h) {
+                        memset(dst, (int8_t)x_zp, run);
+                        continue;
+                    }
+                    const int8_t *src = x + (((size_t)n * p->h + iy) * p->w) * cin;
+                    if (inside) { /* the k taps of a row are contiguous in NHWC */
+                        copy_short(dst, src + (size_t)ix0 * cin, run);
+                        continue;
+                    }
+                    for (int kx = 0; kx < k; kx++) {
+                        int ix = ix0 + kx;
+                        if (ix < 0 || ix >= p->w)
+                            memset(dst + (size_t)kx * cin, (int8_t)x_zp, cin);
+                        else
+                            copy_short(dst + (size_t)kx * cin, src + (size_t)ix * cin, cin);
+                    }
+                }
+            }
+}

@@ -1,0 +1,135 @@
+/* Integer kernels of the INT8 model (TFLite's int8 semantics; see tern/quant.h), NHWC.
+ *
+ * Each kernel is a stateless function over small parameter structs, in the style of CMSIS-NN:
+ * outputs first, then inputs, then dimensions and quantization parameters, then the ISA level.
+ * Each has a plain scalar reference (suffix _ref) written as directly from the definition as
+ * possible; the dispatching versions must give the same bits at every tern_qisa level (the tests
+ * check that on random shapes).
+ *
+ * Activations are int8 with an asymmetric per-tensor zero point; weights int8 symmetric (zero
+ * point 0) per output channel; accumulators int32 (sums must fit int32: K * 255 * 127 < 2^31,
+ * i.e. K below 66,000, far above any MobileNetV3 layer).
+ *
+ * Internal header: not installed. */
+#ifndef TERN_QKERNELS_H
+#define TERN_QKERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels.h"
+#include "tern/quant.h"
+
+/* Requantization of an int32 accumulator of output channel c:
+ *   q = clamp(MultiplyByQuantizedMultiplier(acc, mult[c], shift[c]) + out_zp, qmin, qmax)
+ * then, with a lookup table, q = lut[(uint8_t)q] (an activation between two parameter sets).
+ * A fused ReLU is qmin = out_zp. mult[c] must be >= 0 (as tern_quant_multiplier gives). */
+typedef struct tern_requant {
+    const int32_t *mult;  /* (C) */
+    const int32_t *shift; /* (C), in [-31, 30] */
+    int32_t out_zp;
+    int32_t qmin, qmax;   /* -128 <= qmin <= qmax <= 127 */
+    const int8_t *lut;    /* 256 entries indexed by (uint8_t)q, or NULL */
+} tern_requant;
+
+static inline int8_t tern_requant_one(int32_t acc, const tern_requant *rq, size_t c)
+{
+    /* clamp before adding the zero point: the same result as a saturating add */
+    int32_t q = tern_quant_mbqm(acc, rq->mult[c], (int)rq->shift[c]);
+    int32_t lo = rq->qmin - rq->out_zp, hi = rq->qmax - rq->out_zp;
+    q = (q < lo ? lo : q > hi ? hi : q) + rq->out_zp;
+    return rq->lut ? rq->lut[(uint8_t)q] : (int8_t)q;
+}
+
+/* lut[(uint8_t)q] = quantize(act(dequantize(q, in)), out), computed in double precision with
+ * rounding half away from zero. */
+void tern_quant_lut(int8_t lut[256], tern_act act, tern_qparams in, tern_qparams out);
+
+/* ---- GEMM: pointwise convolutions, fully connected layers, the im2col'd stem ----------------- */
+
+/* y (M, N, row stride ldy) = requant(bias[n] + sum_k (a[m, k] - a_zp) * w[n, k]);
+ * or, when y32 is not NULL, y32 (M, N, ldy) = the int32 sums themselves (y and rq unused).
+ *   a (M, K, row stride lda) int8, w (N, K) int8, bias (N) int32 or NULL */
+void tern_qgemm_ref(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                    int32_t a_zp, const int8_t *w, const int32_t *bias, size_t M, size_t N,
+                    size_t K, const tern_requant *rq);
+
+/* Bytes of the packed form of (w, bias, a_zp) for isa. The packing folds the zero-point
+ * correction into the bias: the kernels sum (a + 128) * w as unsigned x signed bytes (VNNI's
+ * vpdpbusd), and bias' = bias - (a_zp + 128) * sum_k w[n, k] restores sum (a - a_zp) * w. */
+size_t tern_qgemm_packed_size(size_t N, size_t K, tern_qisa isa);
+/* packed: 64-byte aligned, tern_qgemm_packed_size(N, K, isa) bytes. bias may be NULL. */
+void tern_qgemm_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t a_zp, size_t N,
+                     size_t K, tern_qisa isa);
+/* Bytes of scratch tern_qgemm needs for K at isa (0 for some levels); 64-byte aligned. */
+size_t tern_qgemm_workspace_size(size_t K, tern_qisa isa);
+/* tern_qgemm_ref's result from weights packed for isa (same N, K). */
+void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                const void *packed, void *workspace, size_t M, size_t N, size_t K,
+                const tern_requant *rq, tern_qisa isa);
+
+/* im2col for a dense convolution (groups 1): col (N*OH*OW, k*k*cin, row stride ldc >= k*k*cin)
+ * with taps in (ky, kx, ci) order; padding taps hold the input zero point (real 0). Weights
+ * (Cout, Cin, k, k) must be permuted to (Cout, k, k, Cin) to match. */
+void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
+                  const tern_conv_params *p);
+
+/* ---- depthwise convolution ------------------------------------------------------------------ */
+
+/* Weights packed for the direct kernel: (k*k, C) taps-major, widened to int32 (so a vector of
+ * channels of one tap is one load). packed holds k*k*C int32. */
+void tern_qdwconv_pack(int32_t *packed, const int8_t *w, int channels, int k);
+/* y (N, OH, OW, C) = requant(bias[c] + sum_taps (x - x_zp) * w), padding taps contributing 0.
+ *   x (N, H, W, C), w (C, 1, k, k) int8, bias (C) or NULL. p: groups == cin == cout. */
+void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
+                      const int32_t *bias, const tern_conv_params *p, const tern_requant *rq);
+/* The same from tern_qdwconv_pack's weights, vectorized over channels. */
+void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpacked,
+                  const int32_t *bias, const tern_conv_params *p, const tern_requant *rq,
+                  tern_qisa isa);
+
+/* ---- elementwise and reductions --------------------------------------------------------------- */
+
+/* TFLite's int8 ADD, parameters from tern_quant_add_params:
+ *   a' = MBQM((a - a_zp) << left_shift, a_mult, a_shift), b' likewise,
+ *   y = clamp(MBQM(a' + b', out_mult, out_shift) + out_zp, qmin, qmax) */
+typedef struct tern_qadd_params {
+    int32_t a_zp, b_zp, out_zp;
+    int left_shift;
+    int32_t a_mult, b_mult, out_mult;
+    int a_shift, b_shift, out_shift;
+    int32_t qmin, qmax;
+} tern_qadd_params;
+tern_status tern_quant_add_params(tern_qadd_params *add, tern_qparams a, tern_qparams b,
+                                  tern_qparams out);
+void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
+                   const tern_qadd_params *p);
+void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p,
+               tern_qisa isa);
+
+/* TFLite's int8 MUL for the squeeze-and-excitation gate, broadcast over H, W:
+ *   y[n, i, c] = clamp(MBQM((x - x_zp) * (g[n, c] - g_zp), mult, shift) + out_zp, -128, 127)
+ *   x (N, HW, C), g (N, C) */
+typedef struct tern_qgate_params {
+    int32_t x_zp, g_zp, out_zp;
+    int32_t mult;
+    int shift;
+} tern_qgate_params;
+void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
+                    const tern_qgate_params *p);
+void tern_qgate(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
+                const tern_qgate_params *p, tern_qisa isa);
+
+/* Global average pool as TFLite's int8 AVERAGE_POOL_2D over the whole image (output keeps the
+ * input's parameters): y[n, c] = sum / hw rounded half away from zero, of the raw int8 values.
+ *   x (N, HW, C), y (N, C) */
+void tern_qavgpool_ref(int8_t *y, const int8_t *x, int n, size_t hw, int c);
+void tern_qavgpool(int8_t *y, const int8_t *x, int n, size_t hw, int c, tern_qisa isa);
+
+/* y = tern_quantize(x, p) over count values (TFLite's QUANTIZE). */
+void tern_quantize_ref(int8_t *y, const float *x, size_t count, tern_qparams p);
+void tern_quantize_array(int8_t *y, const float *x, size_t count, tern_qparams p,
+                         tern_qisa isa);
+
+#endif

@@ -1,0 +1,139 @@
+/* The INT8 scheme's arithmetic, scalar and exact: TFLite's fixed-point requantization
+ * (gemmlowp's SaturatingRoundingDoublingHighMul and RoundingDivideByPOT, TFLite's
+ * QuantizeMultiplier and MultiplyByQuantizedMultiplier), its choice of activation parameters,
+ * and the lookup tables of the activations. The vector kernels (nn/qgemm.c, nn/qops.c) are
+ * tested bit for bit against these. */
+#include "tern/quant.h"
+
+#include <math.h>
+
+#include "qkernels.h"
+
+int32_t tern_quant_srdhm(int32_t a, int32_t b)
+{
+    if (a == INT32_MIN && b == INT32_MIN)
+        return INT32_MAX;
+    int64_t ab = (int64_t)a * (int64_t)b;
+    int64_t nudge = ab >= 0 ? ((int64_t)1 << 30) : 1 - ((int64_t)1 << 30);
+    /* Division truncates toward zero, as C++'s does in gemmlowp: with the nudge above this is
+     * (ab + 2^30) >> 31, round to nearest with ties upward (what NEON's vqrdmulh computes). */
+    return (int32_t)((ab + nudge) / ((int64_t)1 << 31));
+}
+
+int32_t tern_quant_rdivpot(int32_t x, int exponent)
+{
+    int32_t mask = (int32_t)(((int64_t)1 << exponent) - 1);
+    int32_t remainder = x & mask;
+    int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+    return (x >> exponent) + (remainder > threshold ? 1 : 0);
+}
+
+int32_t tern_quant_mbqm(int32_t x, int32_t multiplier, int shift)
+{
+    int left = shift > 0 ? shift : 0, right = shift > 0 ? 0 : -shift;
+    int64_t shifted = (int64_t)x * ((int64_t)1 << left);
+    if (shifted > INT32_MAX)
+        shifted = INT32_MAX;
+    if (shifted < INT32_MIN)
+        shifted = INT32_MIN;
+    return tern_quant_rdivpot(tern_quant_srdhm((int32_t)shifted, multiplier), right);
+}
+
+tern_status tern_quant_multiplier(double real, int32_t *multiplier, int *shift)
+{
+    if (!(real >= 0) || !isfinite(real))
+        return TERN_ERR_INVALID;
+    if (real == 0) {
+        *multiplier = 0;
+        *shift = 0;
+        return TERN_OK;
+    }
+    int e;
+    double q = frexp(real, &e); /* real = q * 2^e, q in [0.5, 1) */
+    int64_t fixed = (int64_t)round(q * (double)((int64_t)1 << 31));
+    if (fixed == ((int64_t)1 << 31)) {
+        fixed /= 2;
+        e++;
+    }
+    if (e < -31) { /* every bit would be shifted out: TFLite flushes to zero */
+        e = 0;
+        fixed = 0;
+    }
+    if (e > 30)
+        return TERN_ERR_INVALID;
+    *multiplier = (int32_t)fixed;
+    *shift = e;
+    return TERN_OK;
+}
+
+tern_qparams tern_quant_choose_params(float min, float max)
+{
+    if (!isfinite(min) || !isfinite(max) || min > max)
+        return (tern_qparams){1.0f, 0};
+    const double qmin = -128, qmax = 127;
+    double rmin = min < 0 ? min : 0, rmax = max > 0 ? max : 0;
+    if (rmax - rmin < 1e-8)
+        rmax = rmin + 1e-8;
+    double scale = (rmax - rmin) / (qmax - qmin);
+    double zp_from_min = qmin - rmin / scale, zp_from_max = qmax - rmax / scale;
+    double err_min = fabs(qmin) + fabs(rmin / scale), err_max = fabs(qmax) + fabs(rmax / scale);
+    double zp = err_min < err_max ? zp_from_min : zp_from_max;
+    int32_t nudged = zp < qmin ? (int32_t)qmin : zp > qmax ? (int32_t)qmax : (int32_t)round(zp);
+    return (tern_qparams){(float)scale, nudged};
+}
+
+int8_t tern_quantize(float x, tern_qparams p)
+{
+    float r = roundf(x / p.scale);
+    /* Clamp in float first: a huge or infinite x must not overflow the conversion. */
+    float lo = -128.0f - (float)p.zero_point, hi = 127.0f - (float)p.zero_point;
+    r = r < lo ? lo : r > hi ? hi : r;
+    if (r != r) /* NaN */
+        r = 0;
+    return (int8_t)((int32_t)r + p.zero_point);
+}
+
+float tern_dequantize(int8_t q, tern_qparams p)
+{
+    return p.scale * (float)((int32_t)q - p.zero_point);
+}
+
+/* ---- internal helpers (nn/qkernels.h) ------------------------------------------------------- */
+
+static double act_real(double x, tern_act act)
+{
+    switch (act) {
+    case TERN_ACT_NONE: return x;
+    case TERN_ACT_RELU: return x > 0 ? x : 0;
+    case TERN_ACT_HARDSWISH: return x * fmin(fmax(x + 3, 0), 6) / 6;
+    case TERN_ACT_HARDSIGMOID: return fmin(fmax(x + 3, 0), 6) / 6;
+    }
+    return x;
+}
+
+void tern_quant_lut(int8_t lut[256], tern_act act, tern_qparams in, tern_qparams out)
+{
+    for (int q = -128; q <= 127; q++) {
+        double y = act_real((double)in.scale * (q - in.zero_point), act);
+        double r = round(y / (double)out.scale) + out.zero_point;
+        lut[(uint8_t)q] = (int8_t)(r < -128 ? -128 : r > 127 ? 127 : r);
+    }
+}
+
+tern_status tern_quant_add_params(tern_qadd_params *add, tern_qparams a, tern_qparams b,
+                                  tern_qparams out)
+{
+    /* TFLite's int8 ADD (PrepareGeneralSubOp / Add): both inputs are brought to a common scale
+     * of twice the larger input scale, with 20 bits of headroom. */
+    const int left_shift = 20;
+    double twice_max = 2.0 * fmax(a.scale, b.scale);
+    double ma = a.scale / twice_max, mb = b.scale / twice_max;
+    double mo = twice_max / ((double)(1 << left_shift) * out.scale);
+    *add = (tern_qadd_params){.a_zp = a.zero_point, .b_zp = b.zero_point, .out_zp = out.zero_point,
+                       .left_shift = left_shift, .qmin = -128, .qmax = 127};
+    if (tern_quant_multiplier(ma, &add->a_mult, &add->a_shift) != TERN_OK ||
+        tern_quant_multiplier(mb, &add->b_mult, &add->b_shift) != TERN_OK ||
+        tern_quant_multiplier(mo, &add->out_mult, &add->out_shift) != TERN_OK)
+        return TERN_ERR_INVALID;
+    return TERN_OK;
+}
