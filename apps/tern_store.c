@@ -211,26 +211,32 @@ static json_t *category_json(const tern_category *c)
 /* Everything but the API key hash, which has no business on a terminal. */
 static json_t *client_json(const tern_client_record *c)
 {
-    return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:b, s:I, s:o, s:b, s:o}", "id", c->id,
-                     "name", c->name, "device_type", jtext(c->device_type), "os_info",
-                     jtext(c->os_info), "registered_at", jtime(c->registered_at), "last_seen",
-                     jtime(c->last_seen), "active", c->active, "total_samples",
+    return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:b, s:I, s:o, s:b, s:o, s:I, s:I, s:I, s:I, "
+                     "s:o}",
+                     "id", c->id, "name", c->name, "device_type", jtext(c->device_type),
+                     "os_info", jtext(c->os_info), "registered_at", jtime(c->registered_at),
+                     "last_seen", jtime(c->last_seen), "active", c->active, "total_samples",
                      (json_int_t)c->total_samples, "quality_score", jreal(c->quality_score),
                      "blacklisted", c->blacklisted, "blacklist_reason",
-                     jtext(c->blacklist_reason));
+                     jtext(c->blacklist_reason), "rounds_selected",
+                     (json_int_t)c->rounds_selected, "rounds_succeeded",
+                     (json_int_t)c->rounds_succeeded, "rounds_failed",
+                     (json_int_t)c->rounds_failed, "rounds_rejected",
+                     (json_int_t)c->rounds_rejected, "last_update_norm",
+                     jreal(c->last_update_norm));
 }
 
 static json_t *round_json(const tern_round *r)
 {
     bool done = r->status == TERN_ROUND_COMPLETED;
-    return json_pack("{s:I, s:s, s:i, s:i, s:o, s:o, s:o, s:o, s:o}", "number",
+    return json_pack("{s:I, s:s, s:i, s:i, s:o, s:o, s:o, s:o, s:o, s:o}", "number",
                      (json_int_t)r->number, "status", tern_round_status_name(r->status),
                      "clients_selected", (int)r->clients_selected, "clients_participated",
                      (int)r->clients_participated, "started_at", jtime(r->started_at),
                      "ended_at", jtime(r->ended_at), "global_accuracy",
                      done ? jreal(r->global_accuracy) : json_null(), "global_loss",
                      done ? jreal(r->global_loss) : json_null(), "model_version",
-                     jtext(r->model_version));
+                     jtext(r->model_version), "reason", jtext(r->reason));
 }
 
 static json_t *version_json(const tern_model_version *v, bool current)
@@ -632,21 +638,32 @@ static int show_clients(tern_store *s, json_t *out, bool heading)
     }
     if (heading)
         printf("Clients (%zu)\n", n);
-    static const char *const head[] = {"NAME",    "DEVICE",  "OS",      "REGISTERED", "LAST SEEN",
-                                       "SAMPLES", "QUALITY", "STATUS",  "ID"};
-    table t = {.ncols = 9, .head = head, .align = "lllllrrll"};
+    /* ROUNDS: selected; OK, FAILED, REJECTED: how those rounds ended; NORM: the last accepted
+     * update's L2 norm. */
+    static const char *const head[] = {"NAME",   "DEVICE", "OS",       "REGISTERED", "LAST SEEN",
+                                       "SAMPLES", "QUALITY", "ROUNDS", "OK",       "FAILED",
+                                       "REJECTED", "NORM",  "STATUS", "ID"};
+    table t = {.ncols = 14, .head = head, .align = "lllllrrrrrrrll"};
     for (size_t i = 0; i < n && rc == 0; i++) {
         const tern_client_record *r = &cl[i];
         char reg[32], seen[32], samples[24], quality[24], status[TERN_STORE_TEXT_SIZE + 16];
+        char sel[24], ok[24], failed[24], rejected[24], norm[32] = "-";
         snprintf(samples, sizeof samples, "%lld", (long long)r->total_samples);
         snprintf(quality, sizeof quality, "%.3f", r->quality_score);
+        snprintf(sel, sizeof sel, "%lld", (long long)r->rounds_selected);
+        snprintf(ok, sizeof ok, "%lld", (long long)r->rounds_succeeded);
+        snprintf(failed, sizeof failed, "%lld", (long long)r->rounds_failed);
+        snprintf(rejected, sizeof rejected, "%lld", (long long)r->rounds_rejected);
+        if (r->rounds_succeeded)
+            snprintf(norm, sizeof norm, "%.4g", r->last_update_norm);
         if (r->blacklisted)
             snprintf(status, sizeof status, "blacklisted: %s", r->blacklist_reason);
         else
             snprintf(status, sizeof status, "%s", r->active ? "active" : "inactive");
         const char *row[] = {r->name, r->device_type[0] ? r->device_type : "-",
                              r->os_info[0] ? r->os_info : "-", iso_time(reg, r->registered_at),
-                             iso_time(seen, r->last_seen), samples, quality, status, r->id};
+                             iso_time(seen, r->last_seen), samples, quality, sel, ok, failed,
+                             rejected, norm, status, r->id};
         rc = table_add(&t, row);
     }
     if (rc == 0 && n)
@@ -677,8 +694,8 @@ static int show_rounds(tern_store *s, json_t *out, bool heading)
     if (heading)
         printf("Rounds (%zu)\n", n);
     static const char *const head[] = {"ROUND",    "STATUS", "SELECTED", "PARTICIPATED", "STARTED",
-                                       "ENDED",    "ACCURACY", "LOSS",   "VERSION"};
-    table t = {.ncols = 9, .head = head, .align = "rlrrllrrl"};
+                                       "ENDED",    "ACCURACY", "LOSS",   "VERSION",      "REASON"};
+    table t = {.ncols = 10, .head = head, .align = "rlrrllrrll"};
     for (size_t i = 0; i < n && rc == 0; i++) {
         bool done = r[i].status == TERN_ROUND_COMPLETED;
         char num[24], sel[16], part[16], start[32], end[32], acc[32] = "-", loss[32] = "-";
@@ -693,7 +710,8 @@ static int show_rounds(tern_store *s, json_t *out, bool heading)
                              sel,  part,
                              iso_time(start, r[i].started_at), iso_time(end, r[i].ended_at),
                              acc,  loss,
-                             r[i].model_version[0] ? r[i].model_version : "-"};
+                             r[i].model_version[0] ? r[i].model_version : "-",
+                             r[i].reason};
         rc = table_add(&t, row);
     }
     if (rc == 0 && n)
@@ -863,9 +881,11 @@ static const sub STORE_SUBS[] = {
      "current version; prints the LMDB map size and the disk space the store uses."},
     {"show", store_show, OPEN_READ, X_LIMIT, 0, 3, "[clients|rounds|audit] [--limit N]",
      "registered clients, training rounds, audit log",
-     "Lists the registered clients (never their key hashes), the training rounds with status,\n"
-     "accuracy and model version, and the audit log, oldest first. Name sections to show only\n"
-     "those (all three by default).\n\n"
+     "Lists the registered clients (never their key hashes) with their federated statistics\n"
+     "(rounds selected, and how many of those succeeded, failed or had the update rejected;\n"
+     "the norm of the last accepted update), the training rounds with status, accuracy, model\n"
+     "version and, for failed rounds, the reason, and the audit log, oldest first. Name\n"
+     "sections to show only those (all three by default).\n\n"
      "  --limit N       only the latest N audit entries"},
     {"check", store_check, OPEN_READ, 0, 0, 0, "", "check every record and blob; exit 1 on problems",
      "Walks every record, index and blob in one snapshot: records decode, indexes agree with\n"

@@ -1,5 +1,6 @@
 /* Wire protocol: encoding and validating decoding of messages, payload chunking and reassembly,
- * sequence checks. docs/protocol.md is the byte-level specification this file implements.
+ * sequence checks, and the two halves of CHUNK_ACK flow control (the sender's credit window, the
+ * receiver's acks). docs/protocol.md is the byte-level specification this file implements.
  *
  * One validator (check_msg) serves both directions: encode refuses what it says is wrong with
  * TERN_ERR_INVALID, decode parses the bytes into a scratch tern_msg and then refuses the same
@@ -32,7 +33,8 @@ unsigned tern_msg_type_senders(tern_msg_type type)
     case TERN_MSG_HEARTBEAT:
     case TERN_MSG_MODEL_CHUNK:
     case TERN_MSG_ERROR:
-    case TERN_MSG_GOODBYE: return TERN_MSG_FROM_CLIENT | TERN_MSG_FROM_SERVER;
+    case TERN_MSG_GOODBYE:
+    case TERN_MSG_CHUNK_ACK: return TERN_MSG_FROM_CLIENT | TERN_MSG_FROM_SERVER;
     }
     return 0;
 }
@@ -52,16 +54,20 @@ const char *tern_msg_type_name(tern_msg_type type)
     case TERN_MSG_MODEL_CHUNK: return "model_chunk";
     case TERN_MSG_ERROR: return "error";
     case TERN_MSG_GOODBYE: return "goodbye";
+    case TERN_MSG_CHUNK_ACK: return "chunk_ack";
     }
     return "?";
 }
 
 const char *tern_proto_code_name(tern_proto_code code)
 {
-    static const char *const names[TERN_PROTO_CODE_COUNT] = {
+    static const char *const names[] = {
         "ok",       "malformed",   "version",     "too_large", "out_of_order", "unexpected",
         "auth",     "transfer",    "unsupported", "busy",      "stale",        "internal",
+        "no_session",
     };
+    _Static_assert(sizeof names / sizeof names[0] == TERN_PROTO_CODE_COUNT,
+                   "one name per wire code");
     return (unsigned)code < TERN_PROTO_CODE_COUNT ? names[code] : "?";
 }
 
@@ -388,6 +394,12 @@ static tern_status check_msg(check_ctx *c, const tern_msg *m)
         if (!FIELD_OK(m->goodbye.message, TERN_PROTO_MAX_TEXT, false))
             return CHECK_FAIL(c, TERN_PROTO_E_MALFORMED, "goodbye: bad message text");
         return TERN_OK;
+    case TERN_MSG_CHUNK_ACK:
+        /* credit against chunk_count is the sender's check: only it knows the payload */
+        if (m->chunk_ack.received > m->chunk_ack.credit)
+            return CHECK_FAIL(c, TERN_PROTO_E_MALFORMED, "chunk_ack: %u received, credit %u",
+                              m->chunk_ack.received, m->chunk_ack.credit);
+        return TERN_OK;
     }
     return CHECK_FAIL(c, TERN_PROTO_E_MALFORMED, "unknown message type %d", (int)m->type);
 }
@@ -545,6 +557,11 @@ static void put_msg(wbuf *w, const tern_msg *m, uint32_t body_len)
     case TERN_MSG_GOODBYE:
         put_u8(w, (uint64_t)m->goodbye.reason);
         put_str(w, m->goodbye.message);
+        break;
+    case TERN_MSG_CHUNK_ACK:
+        put_u64(w, m->chunk_ack.transfer_id);
+        put_u32(w, m->chunk_ack.received);
+        put_u32(w, m->chunk_ack.credit);
         break;
     }
 }
@@ -847,6 +864,12 @@ static void get_body(rbuf *r, tern_msg *m)
         r->what = "goodbye";
         m->goodbye.reason = (tern_goodbye_reason)get_u8(r);
         GET_STR(r, m->goodbye.message, TERN_PROTO_MAX_TEXT);
+        break;
+    case TERN_MSG_CHUNK_ACK:
+        r->what = "chunk_ack";
+        m->chunk_ack.transfer_id = get_u64(r);
+        m->chunk_ack.received = get_u32(r);
+        m->chunk_ack.credit = get_u32(r);
         break;
     }
 }
@@ -1309,4 +1332,70 @@ tern_status tern_transfer_take(tern_transfer *t, void **data, size_t *len)
     t->data = NULL;
     t->state = XFER_TAKEN;
     return TERN_OK;
+}
+
+/* ---- flow control ---------------------------------------------------------------------- */
+
+void tern_send_window_start(tern_send_window *w, const tern_payload_info *info)
+{
+    if (!w || !info)
+        return;
+    memset(w, 0, sizeof *w);
+    w->info = *info;
+}
+
+tern_status tern_send_window_ack(tern_send_window *w, const tern_msg_chunk_ack *ack)
+{
+    if (!w || !ack)
+        return TERN_ERR_INVALID;
+    if (ack->transfer_id != w->info.transfer_id || ack->credit < w->credit ||
+        ack->credit > w->info.chunk_count || ack->received > ack->credit ||
+        ack->received < w->acked)
+        return TERN_ERR_FORMAT;
+    w->credit = ack->credit;
+    w->acked = ack->received;
+    w->done = ack->received == w->info.chunk_count;
+    return TERN_OK;
+}
+
+bool tern_send_window_ready(const tern_send_window *w, uint32_t *index)
+{
+    if (!w || !index || w->done || w->next >= w->credit)
+        return false;
+    *index = w->next;
+    return true;
+}
+
+void tern_send_window_sent(tern_send_window *w)
+{
+    if (w && w->next < w->credit)
+        w->next++;
+}
+
+void tern_chunk_ack_make(tern_msg *out, const tern_transfer *t, uint32_t window)
+{
+    if (!out)
+        return;
+    memset(out, 0, sizeof *out);
+    out->type = TERN_MSG_CHUNK_ACK;
+    if (!t)
+        return;
+    uint32_t count = t->info.chunk_count, received = t->received;
+    uint64_t credit = (uint64_t)received + (window ? window : 1);
+    out->chunk_ack.transfer_id = t->info.transfer_id;
+    out->chunk_ack.received = received;
+    out->chunk_ack.credit = credit < count ? (uint32_t)credit : count;
+}
+
+void tern_chunk_ack_done(tern_msg *out, const tern_payload_info *info)
+{
+    if (!out)
+        return;
+    memset(out, 0, sizeof *out);
+    out->type = TERN_MSG_CHUNK_ACK;
+    if (!info)
+        return;
+    out->chunk_ack.transfer_id = info->transfer_id;
+    out->chunk_ack.received = info->chunk_count;
+    out->chunk_ack.credit = info->chunk_count;
 }

@@ -922,13 +922,18 @@ tern_status tern_store_category_remove(tern_store *store, const char *id, const 
 
 static json_t *encode_client(const tern_client_record *c)
 {
-    return json_pack("{s:i, s:s, s:s, s:s, s:s, s:I, s:I, s:b, s:I, s:s, s:f, s:b, s:s}",
+    return json_pack("{s:i, s:s, s:s, s:s, s:s, s:I, s:I, s:b, s:I, s:s, s:f, s:b, s:s, s:I, s:I, "
+                     "s:I, s:I, s:f}",
                      "schema", STORE_SCHEMA, "id", c->id, "name", c->name, "device_type",
                      c->device_type, "os_info", c->os_info, "registered_at",
                      (json_int_t)c->registered_at, "last_seen", (json_int_t)c->last_seen,
                      "active", (int)c->active, "total_samples", (json_int_t)c->total_samples,
                      "api_key_hash", c->api_key_hash, "quality_score", c->quality_score,
-                     "blacklisted", (int)c->blacklisted, "blacklist_reason", c->blacklist_reason);
+                     "blacklisted", (int)c->blacklisted, "blacklist_reason", c->blacklist_reason,
+                     "rounds_selected", (json_int_t)c->rounds_selected, "rounds_succeeded",
+                     (json_int_t)c->rounds_succeeded, "rounds_failed",
+                     (json_int_t)c->rounds_failed, "rounds_rejected",
+                     (json_int_t)c->rounds_rejected, "last_update_norm", c->last_update_norm);
 }
 
 tern_status st_decode_client(const MDB_val *v, tern_client_record *out, tern_error *err)
@@ -941,13 +946,20 @@ tern_status st_decode_client(const MDB_val *v, tern_client_record *out, tern_err
     json_int_t reg, seen, total;
     int active, black;
     double q;
+    /* The round statistics came later: records without them read as 0. */
+    json_int_t selected = 0, succeeded = 0, failed = 0, rejected = 0;
+    double norm = 0;
     json_error_t jerr;
     tern_client_record c = {0};
-    if (json_unpack_ex(root, &jerr, 0, "{s:s, s:s, s:s, s:s, s:I, s:I, s:b, s:I, s:s, s:F, s:b, s:s}",
+    if (json_unpack_ex(root, &jerr, 0,
+                       "{s:s, s:s, s:s, s:s, s:I, s:I, s:b, s:I, s:s, s:F, s:b, s:s, s?I, s?I, "
+                       "s?I, s?I, s?F}",
                        "id", &id, "name", &name, "device_type", &dev, "os_info", &os,
                        "registered_at", &reg, "last_seen", &seen, "active", &active,
                        "total_samples", &total, "api_key_hash", &key, "quality_score", &q,
-                       "blacklisted", &black, "blacklist_reason", &reason) != 0) {
+                       "blacklisted", &black, "blacklist_reason", &reason, "rounds_selected",
+                       &selected, "rounds_succeeded", &succeeded, "rounds_failed", &failed,
+                       "rounds_rejected", &rejected, "last_update_norm", &norm) != 0) {
         json_decref(root);
         return tern_set_error(err, TERN_ERR_FORMAT, "client record: %s", jerr.text);
     }
@@ -963,6 +975,11 @@ tern_status st_decode_client(const MDB_val *v, tern_client_record *out, tern_err
     c.total_samples = total;
     c.quality_score = q;
     c.blacklisted = black;
+    c.rounds_selected = selected;
+    c.rounds_succeeded = succeeded;
+    c.rounds_failed = failed;
+    c.rounds_rejected = rejected;
+    c.last_update_norm = norm;
     json_decref(root);
     *out = c;
     return TERN_OK;
@@ -984,6 +1001,32 @@ static tern_status load_client(st_txn *t, const char *id, tern_client_record *ou
 static tern_status save_client(st_txn *t, const tern_client_record *c)
 {
     return st_put_json(t, DB_CLIENTS, c->id, strlen(c->id), encode_client(c));
+}
+
+tern_status st_client_record_round(st_txn *t, int64_t round, const tern_client_metrics *m)
+{
+    tern_client_record r;
+    MDB_val v;
+    const char *id = m->client_id;
+    tern_status st = st_key_ok(id) ? st_get(t, DB_CLIENTS, id, strlen(id), &v) : TERN_ERR_NOT_FOUND;
+    if (st == TERN_ERR_NOT_FOUND)
+        return tern_set_error(t->err, st, "round %lld: client metrics name client '%s', which is "
+                              "not registered", (long long)round, id);
+    if (st || (st = st_decode_client(&v, &r, t->err)))
+        return st;
+    r.rounds_selected++;
+    if (m->participated) {
+        r.rounds_succeeded++;
+        r.last_update_norm = m->update_norm;
+    } else if (m->rejected) {
+        r.rounds_rejected++;
+    } else {
+        r.rounds_failed++;
+    }
+    /* Laplace-smoothed success rate, halved for every rejected update. */
+    r.quality_score = (double)(r.rounds_succeeded + 1) / (double)(r.rounds_selected + 2) *
+                      pow(0.5, (double)r.rounds_rejected);
+    return save_client(t, &r);
 }
 
 #define KEY_HASH_PREFIX "pbkdf2-sha256$"
@@ -1115,12 +1158,12 @@ done:
     return st;
 }
 
-typedef enum { CLIENT_BLACKLIST, CLIENT_TOUCH, CLIENT_QUALITY } client_op;
+typedef enum { CLIENT_BLACKLIST, CLIENT_ACTIVE, CLIENT_TOUCH, CLIENT_QUALITY } client_op;
 
 typedef struct {
     client_op op;
     const char *id, *reason, *actor;
-    bool blacklisted;
+    bool blacklisted, active;
     double quality;
 } client_edit_ctx;
 
@@ -1139,12 +1182,26 @@ static tern_status client_edit_fn(st_txn *t, void *p)
         r.quality_score = c->quality;
         return save_client(t, &r);
     }
+    char detail[TERN_STORE_TEXT_SIZE + TERN_STORE_NAME_SIZE + 16];
+    if (c->op == CLIENT_ACTIVE) {
+        if (r.active == c->active)
+            return TERN_OK;
+        if (c->active && r.blacklisted)
+            return tern_set_error(t->err, TERN_ERR_INVALID,
+                                  "cannot activate client '%s': it is blacklisted (%s); clear the "
+                                  "blacklist instead",
+                                  r.name, r.blacklist_reason);
+        r.active = c->active;
+        if ((st = save_client(t, &r)))
+            return st;
+        snprintf(detail, sizeof detail, "'%s' %s", r.name, c->active ? "activated" : "deactivated");
+        return st_audit(t, c->actor, "client.set_active", r.id, detail);
+    }
     r.blacklisted = c->blacklisted;
     r.active = !c->blacklisted;
     strcpy(r.blacklist_reason, c->blacklisted ? c->reason : "");
     if ((st = save_client(t, &r)))
         return st;
-    char detail[TERN_STORE_TEXT_SIZE + TERN_STORE_NAME_SIZE + 16];
     snprintf(detail, sizeof detail, "'%s': %s", r.name, c->blacklisted ? c->reason : "cleared");
     return st_audit(t, c->actor, c->blacklisted ? "client.blacklist" : "client.unblacklist", r.id,
                     detail);
@@ -1164,6 +1221,17 @@ tern_status tern_store_client_set_blacklisted(tern_store *store, const char *id,
     return st_write(store, client_edit_fn,
                     &(client_edit_ctx){.op = CLIENT_BLACKLIST, .id = id, .reason = reason,
                                        .actor = actor, .blacklisted = blacklisted},
+                    err);
+}
+
+tern_status tern_store_client_set_active(tern_store *store, const char *id, bool active,
+                                         const char *actor, tern_error *err)
+{
+    if (!store || !id)
+        return tern_set_error(err, TERN_ERR_INVALID, "tern_store_client_set_active: NULL argument");
+    return st_write(store, client_edit_fn,
+                    &(client_edit_ctx){.op = CLIENT_ACTIVE, .id = id, .active = active,
+                                       .actor = actor},
                     err);
 }
 

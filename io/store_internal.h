@@ -3,7 +3,10 @@
  * restore, check). Not installed.
  *
  * Sub-databases and their keys:
- *   meta             "schema" -> "1", "current" -> version key (12 bytes)
+ *   meta             "schema" -> "1", "current" -> version key (12 bytes),
+ *                    "server_state" -> the federated server's state (raw bytes),
+ *                    "server_state_info" -> JSON {size, sha256, round, saved_at} of it,
+ *                    "report" + be64 number -> a round's report (JSON text as given)
  *   categories       id -> JSON            cat_by_name  name -> id     cat_by_index  be32 -> id
  *   clients          id -> JSON            client_by_name  name -> id
  *   images           id -> JSON            image_by_hash   sha256 hex -> id
@@ -11,7 +14,11 @@
  *   round_clients    be64 number + client id -> JSON
  *   versions         be32 major + be32 minor + be32 patch -> JSON (so keys sort by semver)
  *   blobs            sha256 hex -> raw bytes (model files, stored images)
- *   audit            be64 seq -> JSON */
+ *   audit            be64 seq -> JSON
+ *
+ * The server state and the reports live in meta rather than in sub-databases of their own so
+ * that stores and backups written before they existed still open read-only (a read-only
+ * environment cannot create a missing sub-database). */
 #ifndef TERN_STORE_INTERNAL_H
 #define TERN_STORE_INTERNAL_H
 
@@ -119,6 +126,24 @@ tern_status st_decode_version(const MDB_val *v, tern_model_version *out, tern_er
 tern_status st_decode_audit(const MDB_val *v, tern_audit_entry *out, tern_error *err);
 tern_status st_decode_client_metrics(const MDB_val *v, tern_client_metrics *out,
                                      tern_error *err);
+
+/* The federated records in meta (see the top of this file). */
+#define META_SERVER_STATE "server_state"
+#define META_SERVER_STATE_INFO "server_state_info"
+#define META_REPORT "report"
+#define META_REPORT_KEY_SIZE 14 /* "report" + be64 round number */
+void st_report_key(unsigned char key[META_REPORT_KEY_SIZE], int64_t number);
+
+typedef struct st_state_info {
+    uint64_t size;
+    char sha256[TERN_STORE_SHA256_SIZE];
+    int64_t round, saved_at;
+} st_state_info;
+tern_status st_decode_state_info(const MDB_val *v, st_state_info *out, tern_error *err);
+
+/* Record one selected client's outcome of round `round` in its statistics (see
+ * tern_store_commit_round); NOT_FOUND naming the round and the client when it does not exist. */
+tern_status st_client_record_round(st_txn *t, int64_t round, const tern_client_metrics *m);
 
 /* "1.2.3" -> numbers; false when malformed. */
 bool st_parse_version(const char *s, int32_t *major, int32_t *minor, int32_t *patch);

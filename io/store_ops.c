@@ -479,6 +479,64 @@ static tern_status check_blobs(checker *ck)
     return TERN_OK;
 }
 
+/* Round reports and the server state, kept in meta. */
+static tern_status check_federated(checker *ck)
+{
+    MDB_val k, v;
+    tern_status st = TERN_OK;
+    size_t plen = strlen(META_REPORT);
+    FOR_EACH(ck, DB_META, k, v, {
+        if (k.mv_size != META_REPORT_KEY_SIZE || memcmp(k.mv_data, META_REPORT, plen) != 0)
+            continue;
+        const unsigned char *nk = (const unsigned char *)k.mv_data + plen;
+        long long number = (long long)st_rd_be64(nk);
+        if (!has_key(ck, DB_ROUNDS, nk, 8, NULL))
+            problem(ck, "a report for round %lld, which does not exist", number);
+        json_error_t jerr;
+        json_t *root = json_loadb(v.mv_data, v.mv_size, 0, &jerr);
+        if (!root && json_error_code(&jerr) == json_error_out_of_memory) {
+            st = tern_set_error(ck->t->err, TERN_ERR_NOMEM, "out of memory checking the store");
+            break;
+        }
+        if (!root)
+            problem(ck, "round %lld: the report is not JSON: %s", number, jerr.text);
+        else if (!json_is_object(root))
+            problem(ck, "round %lld: the report is not a JSON object", number);
+        json_decref(root);
+    });
+    if (st)
+        return st;
+
+    MDB_val iv, sv;
+    bool has_info =
+        has_key(ck, DB_META, META_SERVER_STATE_INFO, strlen(META_SERVER_STATE_INFO), &iv);
+    bool has_state = has_key(ck, DB_META, META_SERVER_STATE, strlen(META_SERVER_STATE), &sv);
+    if (has_info != has_state) {
+        problem(ck, "the server state %s", has_info ? "is missing (only its record is there)"
+                                                    : "has no record of its size and sha256");
+        return TERN_OK;
+    }
+    if (!has_info)
+        return TERN_OK;
+    st_state_info info;
+    char sha[TERN_STORE_SHA256_SIZE];
+    unsigned char rk[8];
+    if (st_decode_state_info(&iv, &info, &ck->scratch)) {
+        problem(ck, "server state: %s", ck->scratch.message);
+        return TERN_OK;
+    }
+    if (st_sha256_hex(sv.mv_data, sv.mv_size, sha, &ck->scratch) != TERN_OK)
+        problem(ck, "server state: %s", ck->scratch.message);
+    else if (sv.mv_size != info.size || strcmp(sha, info.sha256) != 0)
+        problem(ck, "the server state is corrupt: %zu bytes with sha256 %s, recorded %llu bytes "
+                "with sha256 %s", sv.mv_size, sha, (unsigned long long)info.size, info.sha256);
+    st_be64(rk, (uint64_t)info.round);
+    if (!has_key(ck, DB_ROUNDS, rk, 8, NULL))
+        problem(ck, "the server state was saved by round %lld, which does not exist",
+                (long long)info.round);
+    return TERN_OK;
+}
+
 static tern_status check_audit(checker *ck)
 {
     MDB_val k, v;
@@ -505,7 +563,7 @@ tern_status tern_store_check(tern_store *store, tern_store_report report, void *
                   .refs = {.elem = TERN_STORE_SHA256_SIZE}};
     if ((st = check_categories(&ck)) || (st = check_clients(&ck)) || (st = check_images(&ck)) ||
         (st = check_rounds(&ck)) || (st = check_versions(&ck)) || (st = check_blobs(&ck)) ||
-        (st = check_audit(&ck)))
+        (st = check_federated(&ck)) || (st = check_audit(&ck)))
         goto done;
     *problems = ck.problems;
 done:

@@ -1,12 +1,15 @@
-/* Training rounds and the model registry.
+/* Training rounds, the model registry and the federated server's records (round reports, client
+ * statistics, server state).
  *
  * A round moves pending -> running -> aggregating -> completed (or to failed from any
  * non-terminal status); the rounds-by-status index is rewritten in the same transaction as the
- * record. Completing a round is tern_store_commit_round: round record, per-client metrics,
- * model blob (keyed by its SHA-256, so identical models share one blob), version record and the
- * current pointer go into one LMDB write transaction, which is what makes a killed server leave
- * either the whole round or none of it. Version keys are big-endian (major, minor, patch), so
- * the versions database iterates in semantic-version order and the highest is its last key. */
+ * record. Completing a round is tern_store_commit_round: round record, per-client metrics and
+ * client statistics, model blob (keyed by its SHA-256, so identical models share one blob),
+ * version record, current pointer, report and server state go into one LMDB write transaction,
+ * which is what makes a killed server leave either the whole round or none of it;
+ * tern_store_round_fail does the same for a failed round (without the registry). Version keys
+ * are big-endian (major, minor, patch), so the versions database iterates in semantic-version
+ * order and the highest is its last key. */
 #include "store_internal.h"
 
 #include <math.h>
@@ -39,12 +42,14 @@ bool tern_round_transition_legal(tern_round_status from, tern_round_status to)
 
 static json_t *encode_round(const tern_round *r)
 {
-    return json_pack("{s:i, s:I, s:s, s:i, s:i, s:I, s:I, s:f, s:f, s:s}", "schema", STORE_SCHEMA,
-                     "number", (json_int_t)r->number, "status", tern_round_status_name(r->status),
-                     "clients_selected", (int)r->clients_selected, "clients_participated",
+    return json_pack("{s:i, s:I, s:s, s:i, s:i, s:I, s:I, s:f, s:f, s:s, s:s}", "schema",
+                     STORE_SCHEMA, "number", (json_int_t)r->number, "status",
+                     tern_round_status_name(r->status), "clients_selected",
+                     (int)r->clients_selected, "clients_participated",
                      (int)r->clients_participated, "started_at", (json_int_t)r->started_at,
                      "ended_at", (json_int_t)r->ended_at, "global_accuracy", r->global_accuracy,
-                     "global_loss", r->global_loss, "model_version", r->model_version);
+                     "global_loss", r->global_loss, "model_version", r->model_version, "reason",
+                     r->reason);
 }
 
 tern_status st_decode_round(const MDB_val *v, tern_round *out, tern_error *err)
@@ -53,26 +58,28 @@ tern_status st_decode_round(const MDB_val *v, tern_round *out, tern_error *err)
     tern_status st = st_parse(v, "round", &root, err);
     if (st)
         return st;
-    const char *status, *version;
+    const char *status, *version, *reason = ""; /* rounds written before reasons: none */
     json_int_t number, started, ended;
     int selected, participated;
     double acc, loss;
     json_error_t jerr;
     tern_round r = {0};
-    if (json_unpack_ex(root, &jerr, 0, "{s:I, s:s, s:i, s:i, s:I, s:I, s:F, s:F, s:s}", "number",
-                       &number, "status", &status, "clients_selected", &selected,
+    if (json_unpack_ex(root, &jerr, 0, "{s:I, s:s, s:i, s:i, s:I, s:I, s:F, s:F, s:s, s?s}",
+                       "number", &number, "status", &status, "clients_selected", &selected,
                        "clients_participated", &participated, "started_at", &started,
                        "ended_at", &ended, "global_accuracy", &acc, "global_loss", &loss,
-                       "model_version", &version) != 0) {
+                       "model_version", &version, "reason", &reason) != 0) {
         json_decref(root);
         return tern_set_error(err, TERN_ERR_FORMAT, "round record: %s", jerr.text);
     }
     int s = 0;
     while (s < STATUS_COUNT && strcmp(status_names[s], status) != 0)
         s++;
-    if (s == STATUS_COUNT || !st_copy(r.model_version, sizeof r.model_version, version)) {
+    if (s == STATUS_COUNT || !st_copy(r.model_version, sizeof r.model_version, version) ||
+        !st_copy(r.reason, sizeof r.reason, reason)) {
         json_decref(root);
-        return tern_set_error(err, TERN_ERR_FORMAT, "round record %lld: bad status or version",
+        return tern_set_error(err, TERN_ERR_FORMAT,
+                              "round record %lld: bad status, version or reason",
                               (long long)number);
     }
     r.number = number;
@@ -90,9 +97,10 @@ tern_status st_decode_round(const MDB_val *v, tern_round *out, tern_error *err)
 
 static json_t *encode_metrics(const tern_client_metrics *m)
 {
-    return json_pack("{s:i, s:s, s:b, s:I, s:f, s:f}", "schema", STORE_SCHEMA, "client_id",
-                     m->client_id, "participated", (int)m->participated, "num_samples",
-                     (json_int_t)m->num_samples, "loss", m->loss, "accuracy", m->accuracy);
+    return json_pack("{s:i, s:s, s:b, s:I, s:f, s:f, s:b, s:f}", "schema", STORE_SCHEMA,
+                     "client_id", m->client_id, "participated", (int)m->participated,
+                     "num_samples", (json_int_t)m->num_samples, "loss", m->loss, "accuracy",
+                     m->accuracy, "rejected", (int)m->rejected, "update_norm", m->update_norm);
 }
 
 tern_status st_decode_client_metrics(const MDB_val *v, tern_client_metrics *out,
@@ -103,14 +111,14 @@ tern_status st_decode_client_metrics(const MDB_val *v, tern_client_metrics *out,
     if (st)
         return st;
     const char *id;
-    int participated;
+    int participated, rejected = 0; /* the last two fields came later: absent reads as 0 */
     json_int_t n;
-    double loss, acc;
+    double loss, acc, norm = 0;
     json_error_t jerr;
     tern_client_metrics m = {0};
-    if (json_unpack_ex(root, &jerr, 0, "{s:s, s:b, s:I, s:F, s:F}", "client_id", &id,
+    if (json_unpack_ex(root, &jerr, 0, "{s:s, s:b, s:I, s:F, s:F, s?b, s?F}", "client_id", &id,
                        "participated", &participated, "num_samples", &n, "loss", &loss,
-                       "accuracy", &acc) != 0 ||
+                       "accuracy", &acc, "rejected", &rejected, "update_norm", &norm) != 0 ||
         !st_copy(m.client_id, sizeof m.client_id, id)) {
         json_decref(root);
         return tern_set_error(err, TERN_ERR_FORMAT, "client metrics record is malformed");
@@ -119,6 +127,8 @@ tern_status st_decode_client_metrics(const MDB_val *v, tern_client_metrics *out,
     m.num_samples = n;
     m.loss = loss;
     m.accuracy = acc;
+    m.rejected = rejected;
+    m.update_norm = norm;
     json_decref(root);
     *out = m;
     return TERN_OK;
@@ -258,6 +268,132 @@ static tern_status next_round_number(st_txn *t, int64_t *number)
     return TERN_OK;
 }
 
+/* ---- what a finished round records for the federated server ------------------------------- */
+
+void st_report_key(unsigned char key[META_REPORT_KEY_SIZE], int64_t number)
+{
+    memcpy(key, META_REPORT, META_REPORT_KEY_SIZE - 8);
+    st_be64(key + META_REPORT_KEY_SIZE - 8, (uint64_t)number);
+}
+
+tern_status st_decode_state_info(const MDB_val *v, st_state_info *out, tern_error *err)
+{
+    json_t *root;
+    tern_status st = st_parse(v, "server state info", &root, err);
+    if (st)
+        return st;
+    const char *sha;
+    json_int_t size, round, saved;
+    json_error_t jerr;
+    st_state_info info = {0};
+    if (json_unpack_ex(root, &jerr, 0, "{s:I, s:s, s:I, s:I}", "size", &size, "sha256", &sha,
+                       "round", &round, "saved_at", &saved) != 0 ||
+        size < 0 || !st_copy(info.sha256, sizeof info.sha256, sha)) {
+        json_decref(root);
+        return tern_set_error(err, TERN_ERR_FORMAT, "server state info record is malformed");
+    }
+    info.size = (uint64_t)size;
+    info.round = round;
+    info.saved_at = saved;
+    json_decref(root);
+    *out = info;
+    return TERN_OK;
+}
+
+/* Client metrics are checked before any transaction starts. */
+static tern_status check_metrics(const tern_client_metrics *m, size_t count, tern_error *err)
+{
+    for (size_t i = 0; i < count; i++) {
+        tern_status st = st_check_text(err, "client metrics client_id", m[i].client_id,
+                                       TERN_STORE_ID_SIZE, true);
+        if (st)
+            return st;
+        if (!isfinite(m[i].loss) || !isfinite(m[i].accuracy) || m[i].num_samples < 0)
+            return tern_set_error(err, TERN_ERR_INVALID,
+                                  "client metrics for %s: loss and accuracy must be finite, "
+                                  "samples non-negative",
+                                  m[i].client_id);
+        if (!isfinite(m[i].update_norm) || m[i].update_norm < 0)
+            return tern_set_error(err, TERN_ERR_INVALID,
+                                  "client metrics for %s: update_norm must be finite and "
+                                  "non-negative",
+                                  m[i].client_id);
+        if (m[i].participated && m[i].rejected)
+            return tern_set_error(err, TERN_ERR_INVALID,
+                                  "client metrics for %s: a client cannot both participate and "
+                                  "be rejected",
+                                  m[i].client_id);
+    }
+    return TERN_OK;
+}
+
+/* A report must be a JSON object (NULL: no report). */
+static tern_status check_report(const char *json, tern_error *err)
+{
+    if (!json)
+        return TERN_OK;
+    json_error_t jerr;
+    json_t *root = json_loads(json, 0, &jerr);
+    if (!root && json_error_code(&jerr) == json_error_out_of_memory)
+        return tern_set_error(err, TERN_ERR_NOMEM, "out of memory checking the round report");
+    if (!root)
+        return tern_set_error(err, TERN_ERR_INVALID,
+                              "round report is not valid JSON: %s (line %d, column %d)",
+                              jerr.text, jerr.line, jerr.column);
+    bool object = json_is_object(root);
+    json_decref(root);
+    if (!object)
+        return tern_set_error(err, TERN_ERR_INVALID, "round report must be a JSON object");
+    return TERN_OK;
+}
+
+/* Per-client metrics rows of round `number` and the statistics of each client. */
+static tern_status record_clients(st_txn *t, int64_t number, const tern_client_metrics *m,
+                                  size_t count)
+{
+    for (size_t i = 0; i < count; i++) {
+        unsigned char key[8 + TERN_STORE_ID_SIZE];
+        size_t idlen = strlen(m[i].client_id);
+        st_be64(key, (uint64_t)number);
+        memcpy(key + 8, m[i].client_id, idlen);
+        MDB_val v;
+        tern_status st = st_get(t, DB_ROUND_CLIENTS, key, 8 + idlen, &v);
+        if (st == TERN_OK)
+            return tern_set_error(t->err, TERN_ERR_INVALID,
+                                  "round %lld: client %s appears twice in the client metrics",
+                                  (long long)number, m[i].client_id);
+        if (st != TERN_ERR_NOT_FOUND)
+            return st;
+        if ((st = st_client_record_round(t, number, &m[i])) ||
+            (st = st_put_json(t, DB_ROUND_CLIENTS, key, 8 + idlen, encode_metrics(&m[i]))))
+            return st;
+    }
+    return TERN_OK;
+}
+
+static tern_status put_report(st_txn *t, int64_t number, const char *json)
+{
+    if (!json)
+        return TERN_OK;
+    unsigned char key[META_REPORT_KEY_SIZE];
+    st_report_key(key, number);
+    return st_put(t, DB_META, key, sizeof key, json, strlen(json), 0);
+}
+
+/* Replace the server state: the bytes, and beside them what they must hash to. */
+static tern_status put_server_state(st_txn *t, int64_t round, const void *bytes, size_t len,
+                                    const char *sha)
+{
+    tern_status st =
+        st_put(t, DB_META, META_SERVER_STATE, strlen(META_SERVER_STATE), bytes, len, 0);
+    if (st)
+        return st;
+    return st_put_json(t, DB_META, META_SERVER_STATE_INFO, strlen(META_SERVER_STATE_INFO),
+                       json_pack("{s:i, s:I, s:s, s:I, s:I}", "schema", STORE_SCHEMA, "size",
+                                 (json_int_t)len, "sha256", sha, "round", (json_int_t)round,
+                                 "saved_at", (json_int_t)st_now(t->s)));
+}
+
 typedef struct {
     int32_t selected;
     tern_round rec;
@@ -331,6 +467,113 @@ tern_status tern_store_round_set_status(tern_store *store, int64_t number,
         return tern_set_error(err, TERN_ERR_INVALID, "round status %d is not a status", (int)status);
     return st_write(store, round_status_fn, &(round_status_ctx){.number = number, .to = status},
                     err);
+}
+
+typedef struct {
+    int64_t number;
+    const char *reason, *report;
+    const tern_client_metrics *metrics;
+    size_t count;
+} round_fail_ctx;
+
+static tern_status round_fail_fn(st_txn *t, void *p)
+{
+    round_fail_ctx *c = p;
+    tern_round r;
+    tern_status st = load_round(t, c->number, &r);
+    if (st)
+        return st;
+    if (!tern_round_transition_legal(r.status, TERN_ROUND_FAILED))
+        return tern_set_error(t->err, TERN_ERR_INVALID,
+                              "round %lld: illegal status transition %s -> failed (only a "
+                              "pending, running or aggregating round can fail)",
+                              (long long)r.number, tern_round_status_name(r.status));
+    int old = (int)r.status;
+    r.status = TERN_ROUND_FAILED;
+    r.ended_at = st_now(t->s);
+    strcpy(r.reason, c->reason);
+    if (c->count) {
+        int32_t participated = 0;
+        for (size_t i = 0; i < c->count; i++)
+            participated += c->metrics[i].participated;
+        r.clients_participated = participated;
+    }
+    if ((st = save_round(t, &r, old)) || (st = record_clients(t, r.number, c->metrics, c->count)))
+        return st;
+    return put_report(t, r.number, c->report);
+}
+
+tern_status tern_store_round_fail(tern_store *store, int64_t number, const char *reason,
+                                  const tern_client_metrics *metrics, size_t count,
+                                  const char *report_json, tern_error *err)
+{
+    if (!store || (!metrics && count))
+        return tern_set_error(err, TERN_ERR_INVALID, "tern_store_round_fail: NULL argument");
+    if (count > INT32_MAX)
+        return tern_set_error(err, TERN_ERR_INVALID, "round %lld: %zu client metrics is too many",
+                              (long long)number, count);
+    tern_status st;
+    if ((st = st_check_text(err, "round failure reason", reason, TERN_STORE_TEXT_SIZE, true)) ||
+        (st = check_metrics(metrics, count, err)) || (st = check_report(report_json, err)))
+        return st;
+    return st_write(store, round_fail_fn,
+                    &(round_fail_ctx){.number = number, .reason = reason, .report = report_json,
+                                      .metrics = metrics, .count = count},
+                    err);
+}
+
+tern_status tern_store_round_latest(tern_store *store, tern_round *out, tern_error *err)
+{
+    if (!store || !out)
+        return tern_set_error(err, TERN_ERR_INVALID, "tern_store_round_latest: NULL argument");
+    st_txn t;
+    tern_status st = st_read_begin(store, &t, err);
+    if (st)
+        return st;
+    MDB_val k;
+    st = st_last_key(&t, DB_ROUNDS, &k);
+    if (st == TERN_ERR_NOT_FOUND)
+        tern_set_error(err, st, "the store has no rounds yet");
+    else if (st == TERN_OK && k.mv_size != 8)
+        st = tern_set_error(err, TERN_ERR_FORMAT, "the last round has a malformed key");
+    else if (st == TERN_OK)
+        st = load_round(&t, (int64_t)st_rd_be64(k.mv_data), out);
+    st_read_end(&t);
+    return st;
+}
+
+tern_status tern_store_round_report(tern_store *store, int64_t number, char **json,
+                                    tern_error *err)
+{
+    if (!store || !json)
+        return tern_set_error(err, TERN_ERR_INVALID, "tern_store_round_report: NULL argument");
+    st_txn t;
+    tern_status st = st_read_begin(store, &t, err);
+    if (st)
+        return st;
+    tern_round r;
+    unsigned char key[META_REPORT_KEY_SIZE];
+    MDB_val v;
+    st_report_key(key, number);
+    if ((st = load_round(&t, number, &r)))
+        goto done;
+    st = st_get(&t, DB_META, key, sizeof key, &v);
+    if (st == TERN_ERR_NOT_FOUND)
+        tern_set_error(err, st, "round %lld has no report", (long long)number);
+    if (st)
+        goto done;
+    char *copy = tern_alloc(st_alloc(store), v.mv_size + 1);
+    if (!copy) {
+        st = tern_set_error(err, TERN_ERR_NOMEM, "out of memory loading the report of round %lld "
+                            "(%zu bytes)", (long long)number, v.mv_size);
+        goto done;
+    }
+    memcpy(copy, v.mv_data, v.mv_size);
+    copy[v.mv_size] = '\0';
+    *json = copy;
+done:
+    st_read_end(&t);
+    return st;
 }
 
 tern_status tern_store_round_get(tern_store *store, int64_t number, tern_round *out,
@@ -481,7 +724,7 @@ static tern_status set_current(st_txn *t, const tern_model_version *m)
 typedef struct {
     const tern_round_commit *c;
     char sha[TERN_STORE_SHA256_SIZE], settings_sha[TERN_STORE_SHA256_SIZE],
-        classes_sha[TERN_STORE_SHA256_SIZE];
+        classes_sha[TERN_STORE_SHA256_SIZE], state_sha[TERN_STORE_SHA256_SIZE];
     tern_round round;
     tern_model_version version;
 } commit_ctx;
@@ -562,17 +805,12 @@ static tern_status commit_fn(st_txn *t, void *p)
     r->global_accuracy = c->global_accuracy;
     r->global_loss = c->global_loss;
     strcpy(r->model_version, m->version);
-    if ((st = save_round(t, r, old_status)))
+    if ((st = save_round(t, r, old_status)) ||
+        (st = record_clients(t, r->number, c->client_metrics, c->client_metrics_count)) ||
+        (st = put_report(t, r->number, c->report_json)))
         return st;
-    for (size_t i = 0; i < c->client_metrics_count; i++) {
-        const tern_client_metrics *cm = &c->client_metrics[i];
-        unsigned char key[8 + TERN_STORE_ID_SIZE];
-        size_t idlen = strlen(cm->client_id);
-        st_be64(key, (uint64_t)r->number);
-        memcpy(key + 8, cm->client_id, idlen);
-        if ((st = st_put_json(t, DB_ROUND_CLIENTS, key, 8 + idlen, encode_metrics(cm))))
-            return st;
-    }
+    if (c->server_state_size)
+        return put_server_state(t, r->number, c->server_state, c->server_state_size, x->state_sha);
     return TERN_OK;
 }
 
@@ -581,7 +819,8 @@ tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *
                                     tern_error *err)
 {
     if (!store || !commit || (!commit->model && commit->model_size) ||
-        (!commit->client_metrics && commit->client_metrics_count))
+        (!commit->client_metrics && commit->client_metrics_count) ||
+        (!commit->server_state && commit->server_state_size))
         return tern_set_error(err, TERN_ERR_INVALID, "tern_store_commit_round: NULL argument");
     if (commit->model_size == 0)
         return tern_set_error(err, TERN_ERR_INVALID, "commit_round: the model is empty");
@@ -590,26 +829,19 @@ tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *
     if (!isfinite(commit->global_accuracy) || !isfinite(commit->global_loss))
         return tern_set_error(err, TERN_ERR_INVALID,
                               "commit_round: global accuracy and loss must be finite");
-    tern_status st = st_check_text(err, "version notes", commit->notes, TERN_STORE_TEXT_SIZE, false);
-    if (st)
+    tern_status st;
+    if ((st = st_check_text(err, "version notes", commit->notes, TERN_STORE_TEXT_SIZE, false)) ||
+        (st = check_metrics(commit->client_metrics, commit->client_metrics_count, err)) ||
+        (st = check_report(commit->report_json, err)))
         return st;
-    for (size_t i = 0; i < commit->client_metrics_count; i++) {
-        const tern_client_metrics *cm = &commit->client_metrics[i];
-        if ((st = st_check_text(err, "client metrics client_id", cm->client_id,
-                                TERN_STORE_ID_SIZE, true)))
-            return st;
-        if (!isfinite(cm->loss) || !isfinite(cm->accuracy) || cm->num_samples < 0)
-            return tern_set_error(err, TERN_ERR_INVALID,
-                                  "client metrics for %s: loss and accuracy must be finite, "
-                                  "samples non-negative",
-                                  cm->client_id);
-    }
     commit_ctx x = {.c = commit};
     const char *settings = commit->settings ? commit->settings : "";
     const char *classes = commit->classes ? commit->classes : "";
     if ((st = st_sha256_hex(commit->model, commit->model_size, x.sha, err)) ||
         (st = st_sha256_hex(settings, strlen(settings), x.settings_sha, err)) ||
-        (st = st_sha256_hex(classes, strlen(classes), x.classes_sha, err)))
+        (st = st_sha256_hex(classes, strlen(classes), x.classes_sha, err)) ||
+        (commit->server_state_size &&
+         (st = st_sha256_hex(commit->server_state, commit->server_state_size, x.state_sha, err))))
         return st;
     if ((st = st_write(store, commit_fn, &x, err)))
         return st;
@@ -618,6 +850,52 @@ tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *
     if (version_out)
         *version_out = x.version;
     return TERN_OK;
+}
+
+tern_status tern_store_server_state_load(tern_store *store, void **bytes, size_t *len,
+                                         tern_error *err)
+{
+    if (!store || !bytes || !len)
+        return tern_set_error(err, TERN_ERR_INVALID, "tern_store_server_state_load: NULL argument");
+    st_txn t;
+    tern_status st = st_read_begin(store, &t, err);
+    if (st)
+        return st;
+    MDB_val iv, v;
+    st_state_info info;
+    char sha[TERN_STORE_SHA256_SIZE];
+    st = st_get(&t, DB_META, META_SERVER_STATE_INFO, strlen(META_SERVER_STATE_INFO), &iv);
+    if (st == TERN_ERR_NOT_FOUND)
+        tern_set_error(err, st, "no server state has been committed yet");
+    if (st || (st = st_decode_state_info(&iv, &info, err)))
+        goto done;
+    st = st_get(&t, DB_META, META_SERVER_STATE, strlen(META_SERVER_STATE), &v);
+    if (st == TERN_ERR_NOT_FOUND)
+        st = tern_set_error(err, TERN_ERR_FORMAT,
+                            "the server state of round %lld is missing (only its record is there)",
+                            (long long)info.round);
+    if (st || (st = st_sha256_hex(v.mv_data, v.mv_size, sha, err)))
+        goto done;
+    if (v.mv_size != info.size || strcmp(sha, info.sha256) != 0) {
+        st = tern_set_error(err, TERN_ERR_FORMAT,
+                            "the server state of round %lld is corrupt: %zu bytes with sha256 %s, "
+                            "expected %llu bytes with sha256 %s",
+                            (long long)info.round, v.mv_size, sha, (unsigned long long)info.size,
+                            info.sha256);
+        goto done;
+    }
+    void *copy = tern_alloc(st_alloc(store), v.mv_size ? v.mv_size : 1);
+    if (!copy) {
+        st = tern_set_error(err, TERN_ERR_NOMEM,
+                            "out of memory loading the server state (%zu bytes)", v.mv_size);
+        goto done;
+    }
+    memcpy(copy, v.mv_data, v.mv_size);
+    *bytes = copy;
+    *len = v.mv_size;
+done:
+    st_read_end(&t);
+    return st;
 }
 
 tern_status tern_store_version_list(tern_store *store, tern_model_version **out, size_t *count,

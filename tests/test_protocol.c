@@ -1,6 +1,7 @@
 /* Wire protocol: round trip of every message type, every truncation, thousands of random
  * corruptions, hand-built malformed headers and fields, chunked transfer of a 3 MB payload out
- * of order with duplicates and a corrupted chunk, memory bounds, and allocation failures. */
+ * of order with duplicates and a corrupted chunk, memory bounds, allocation failures, and
+ * CHUNK_ACK flow control (the sender's window, the receiver's acks, both together). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -110,6 +111,11 @@ static void make_sample(tern_msg_type type, tern_msg *m)
     case TERN_MSG_GOODBYE:
         m->goodbye.reason = TERN_GOODBYE_SHUTDOWN;
         snprintf(m->goodbye.message, sizeof m->goodbye.message, "server stopping");
+        break;
+    case TERN_MSG_CHUNK_ACK:
+        m->chunk_ack.transfer_id = 0x0102030405060708ull;
+        m->chunk_ack.received = 3;
+        m->chunk_ack.credit = 7;
         break;
     }
 }
@@ -287,6 +293,12 @@ static void test_round_trip(void **state)
             assert_string_equal(d.error.message, "unknown API key for 'camera-07'");
             break;
         case TERN_MSG_WELCOME: assert_int_equal(d.welcome.session_id, 0x1122334455667788ull); break;
+        case TERN_MSG_CHUNK_ACK:
+            assert_int_equal(len, TERN_PROTO_HEADER_SIZE + 16);
+            assert_int_equal(d.chunk_ack.transfer_id, 0x0102030405060708ull);
+            assert_int_equal(d.chunk_ack.received, 3);
+            assert_int_equal(d.chunk_ack.credit, 7);
+            break;
         default: break;
         }
         assert_reencodes(&d);
@@ -396,7 +408,7 @@ static void test_random_corruption(void **state)
         free(p);
     }
     print_message("corruption: %ld accepted (re-encoded), %ld rejected\n", accepted, rejected);
-    assert_int_equal(accepted + rejected, 12 * 1000 + 2000);
+    assert_int_equal(accepted + rejected, (TERN_MSG_TYPE_COUNT - 1) * 1000 + 2000);
     assert_true(accepted > 0 && rejected > 0);
 }
 
@@ -441,7 +453,7 @@ static void test_header_rejections(void **state)
     assert_int_equal(d.heartbeat.timestamp_ms, 99);
 
     /* types */
-    const int bad_types[] = {0, 13, 200, 255};
+    const int bad_types[] = {0, TERN_MSG_TYPE_COUNT, 200, 255};
     for (size_t i = 0; i < sizeof bad_types / sizeof bad_types[0]; i++) {
         t = ok;
         t.b[6] = (uint8_t)bad_types[i];
@@ -683,10 +695,50 @@ static void test_field_rejections(void **state)
     tb_le(&t, 0, 2);
     tb_finish(&t);
     expect_reject(&t, TERN_ERR_FORMAT, TERN_PROTO_E_MALFORMED, "infinite loss");
+
+    /* chunk_ack: received <= credit; exactly 16 bytes of body */
+#define CHUNK_ACK(id, received, credit)                  \
+    do {                                                 \
+        tb_header(&t, 1, 0, TERN_MSG_CHUNK_ACK, 0);      \
+        tb_le(&t, (id), 8);                              \
+        tb_le(&t, (received), 4);                        \
+        tb_le(&t, (credit), 4);                          \
+        tb_finish(&t);                                   \
+    } while (0)
+    CHUNK_ACK(9, 4, 4);
+    assert_int_equal(tern_msg_decode(t.b, t.n, NULL, &d, NULL, NULL), TERN_OK);
+    assert_int_equal(d.type, TERN_MSG_CHUNK_ACK);
+    assert_int_equal(d.chunk_ack.transfer_id, 9);
+    assert_int_equal(d.chunk_ack.received, 4);
+    assert_int_equal(d.chunk_ack.credit, 4);
+    CHUNK_ACK(9, 0, 0); /* no credit yet */
+    assert_int_equal(tern_msg_decode(t.b, t.n, NULL, &d, NULL, NULL), TERN_OK);
+    CHUNK_ACK(9, 0xFFFFFFFFu, 0xFFFFFFFFu);
+    assert_int_equal(tern_msg_decode(t.b, t.n, NULL, &d, NULL, NULL), TERN_OK);
+    CHUNK_ACK(9, 5, 4);
+    expect_reject(&t, TERN_ERR_FORMAT, TERN_PROTO_E_MALFORMED, "received above credit");
+    CHUNK_ACK(9, 0xFFFFFFFFu, 0);
+    expect_reject(&t, TERN_ERR_FORMAT, TERN_PROTO_E_MALFORMED, "received far above credit");
+    CHUNK_ACK(9, 1, 4);
+    t.n -= 1; /* credit cut short */
+    tb_finish(&t);
+    expect_reject(&t, TERN_ERR_FORMAT, TERN_PROTO_E_MALFORMED, "truncated chunk_ack");
+    CHUNK_ACK(9, 1, 4);
+    t.n -= 4; /* no credit at all */
+    tb_finish(&t);
+    expect_reject(&t, TERN_ERR_FORMAT, TERN_PROTO_E_MALFORMED, "chunk_ack without credit");
+    CHUNK_ACK(9, 1, 4);
+    tb_le(&t, 0, 1);
+    tb_finish(&t);
+    expect_reject(&t, TERN_ERR_FORMAT, TERN_PROTO_E_MALFORMED, "chunk_ack trailing byte");
+    t.b[5] = 1; /* from a newer minor version the extra byte is a field we do not know */
+    assert_int_equal(tern_msg_decode(t.b, t.n, NULL, &d, NULL, NULL), TERN_OK);
+    assert_int_equal(d.chunk_ack.credit, 4);
 #undef HELLO
 #undef FIT_INS_BEGIN
 #undef NO_PAYLOAD
 #undef CHUNK
+#undef CHUNK_ACK
 }
 
 static void test_encode_rejections(void **state)
@@ -712,6 +764,16 @@ static void test_encode_rejections(void **state)
     make_sample(TERN_MSG_FIT_RES, &m);
     m.fit_res.metrics.entries[0].value = NAN;
     assert_int_equal(tern_msg_encoded_size(&m, NULL, &len, NULL), TERN_ERR_INVALID);
+    make_sample(TERN_MSG_CHUNK_ACK, &m);
+    m.chunk_ack.received = m.chunk_ack.credit + 1;
+    assert_int_equal(tern_msg_encoded_size(&m, NULL, &len, &err), TERN_ERR_INVALID);
+    assert_non_null(strstr(err.message, "chunk_ack"));
+    bytes = (void *)0x1;
+    assert_int_equal(tern_msg_encode(&m, NULL, NULL, &bytes, &len, NULL), TERN_ERR_INVALID);
+    assert_ptr_equal(bytes, (void *)0x1);
+    m.chunk_ack.received = m.chunk_ack.credit;
+    assert_int_equal(tern_msg_encoded_size(&m, NULL, &len, NULL), TERN_OK);
+    assert_int_equal(len, TERN_PROTO_HEADER_SIZE + 16);
     make_sample(TERN_MSG_MODEL_CHUNK, &m);
     uint8_t small[64];
     assert_int_equal(tern_msg_encode_into(&m, NULL, small, sizeof small, &len, &err),
@@ -727,7 +789,7 @@ static void test_encode_rejections(void **state)
     assert_int_equal(tern_config_set_int(&cfg, "a_key_that_is_far_too_long_to_fit", 1),
                      TERN_ERR_INVALID);
     assert_int_equal(tern_config_set_string(&cfg, "s", "\xff"), TERN_ERR_INVALID);
-    char key[8];
+    char key[16];
     for (int i = 0; i < TERN_PROTO_MAX_ENTRIES; i++) {
         snprintf(key, sizeof key, "k%d", i);
         assert_int_equal(tern_config_set_int(&cfg, key, i), TERN_OK);
@@ -760,13 +822,74 @@ static void test_make_error(void **state)
     assert_string_equal(tern_proto_code_name(TERN_PROTO_E_TOO_LARGE), "too_large");
     assert_string_equal(tern_proto_code_name((tern_proto_code)99), "?");
 
+    /* the no_session reply a restarted server sends */
+    tern_msg_make_error(&m, TERN_PROTO_E_NO_SESSION, 41, "no session: say HELLO");
+    assert_int_equal(m.error.code, TERN_PROTO_E_NO_SESSION);
+    assert_reencodes(&m);
+    {
+        size_t len;
+        void *bytes = encode(&m, &len);
+        tern_msg d;
+        assert_int_equal(tern_msg_decode(bytes, len, NULL, &d, NULL, NULL), TERN_OK);
+        assert_int_equal(d.error.code, TERN_PROTO_E_NO_SESSION);
+        assert_int_equal(d.error.in_reply_to, 41);
+        free(bytes);
+    }
+    m.error.code = (tern_proto_code)TERN_PROTO_CODE_COUNT; /* one past the last code */
+    {
+        size_t len;
+        assert_int_equal(tern_msg_encoded_size(&m, NULL, &len, NULL), TERN_ERR_INVALID);
+    }
+
     tern_proto_counters c = {{0}};
     tern_proto_count(&c, TERN_PROTO_E_TOO_LARGE);
     tern_proto_count(&c, (tern_proto_code)99);
     tern_proto_count(&c, TERN_PROTO_OK);
+    tern_proto_count(&c, TERN_PROTO_E_NO_SESSION); /* the last code has its own counter */
     assert_int_equal(c.by_code[TERN_PROTO_E_TOO_LARGE], 1);
     assert_int_equal(c.by_code[TERN_PROTO_E_MALFORMED], 1);
     assert_int_equal(c.by_code[TERN_PROTO_OK], 1);
+    assert_int_equal(c.by_code[TERN_PROTO_E_NO_SESSION], 1);
+    tern_proto_count(&c, (tern_proto_code)TERN_PROTO_CODE_COUNT); /* one past: MALFORMED */
+    assert_int_equal(c.by_code[TERN_PROTO_E_MALFORMED], 2);
+}
+
+/* Every type and code has a distinct name and every type a sender; one past the end has
+ * neither. Catches a table that was not grown with its enum. */
+static void test_names(void **state)
+{
+    (void)state;
+    for (int i = 1; i < TERN_MSG_TYPE_COUNT; i++) {
+        const char *name = tern_msg_type_name((tern_msg_type)i);
+        assert_non_null(name);
+        assert_string_not_equal(name, "?");
+        assert_true(tern_msg_type_senders((tern_msg_type)i) != 0);
+        for (int j = 1; j < i; j++)
+            assert_string_not_equal(name, tern_msg_type_name((tern_msg_type)j));
+    }
+    assert_string_equal(tern_msg_type_name((tern_msg_type)0), "?");
+    assert_string_equal(tern_msg_type_name((tern_msg_type)TERN_MSG_TYPE_COUNT), "?");
+    assert_int_equal(tern_msg_type_senders((tern_msg_type)0), 0);
+    assert_int_equal(tern_msg_type_senders((tern_msg_type)TERN_MSG_TYPE_COUNT), 0);
+    assert_int_equal(TERN_MSG_CHUNK_ACK, 13);
+    assert_int_equal(TERN_MSG_TYPE_COUNT, 14);
+    assert_string_equal(tern_msg_type_name(TERN_MSG_CHUNK_ACK), "chunk_ack");
+    assert_int_equal(tern_msg_type_senders(TERN_MSG_CHUNK_ACK),
+                     TERN_MSG_FROM_CLIENT | TERN_MSG_FROM_SERVER);
+    assert_int_equal(tern_msg_type_senders(TERN_MSG_HELLO), TERN_MSG_FROM_CLIENT);
+    assert_int_equal(tern_msg_type_senders(TERN_MSG_WELCOME), TERN_MSG_FROM_SERVER);
+
+    for (int i = 0; i < TERN_PROTO_CODE_COUNT; i++) {
+        const char *name = tern_proto_code_name((tern_proto_code)i);
+        assert_non_null(name);
+        assert_string_not_equal(name, "?");
+        for (int j = 0; j < i; j++)
+            assert_string_not_equal(name, tern_proto_code_name((tern_proto_code)j));
+    }
+    assert_string_equal(tern_proto_code_name((tern_proto_code)TERN_PROTO_CODE_COUNT), "?");
+    assert_int_equal(TERN_PROTO_E_NO_SESSION, 12);
+    assert_int_equal(TERN_PROTO_CODE_COUNT, 13);
+    assert_string_equal(tern_proto_code_name(TERN_PROTO_E_NO_SESSION), "no_session");
 }
 
 static void test_sequence(void **state)
@@ -1093,6 +1216,252 @@ static void test_alloc_failures(void **state)
     assert_int_equal(failures, 3); /* struct, bitmap, buffer */
 }
 
+/* ---- flow control ---------------------------------------------------------------------- */
+
+static tern_msg_chunk_ack ack_of(uint64_t id, uint32_t received, uint32_t credit)
+{
+    return (tern_msg_chunk_ack){.transfer_id = id, .received = received, .credit = credit};
+}
+
+/* Every chunk index the window lets out until it runs out of credit. */
+static uint32_t drain(tern_send_window *w, uint32_t *sent)
+{
+    uint32_t n = 0, i;
+    while (tern_send_window_ready(w, &i)) {
+        assert_int_equal(i, w->next);
+        if (sent)
+            sent[n] = i;
+        n++;
+        tern_send_window_sent(w);
+    }
+    return n;
+}
+
+static void test_send_window(void **state)
+{
+    (void)state;
+    tern_payload_info info = sample_payload(40); /* 300 bytes in chunks of 128: 3 chunks */
+    assert_int_equal(info.chunk_count, 3);
+    tern_send_window w = {0};
+    tern_send_window_start(&w, &info);
+    assert_memory_equal(&w.info, &info, sizeof info);
+    assert_false(w.done);
+    uint32_t idx = 99;
+    assert_false(tern_send_window_ready(&w, &idx)); /* nothing before the first credit */
+    assert_int_equal(idx, 99);
+    tern_send_window_sent(&w); /* without credit: nothing happens */
+    assert_int_equal(w.next, 0);
+
+    /* normal flow with a window of 2 */
+    tern_msg_chunk_ack a = ack_of(40, 0, 2);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    uint32_t sent[8];
+    assert_int_equal(drain(&w, sent), 2);
+    assert_int_equal(sent[0], 0);
+    assert_int_equal(sent[1], 1);
+    assert_false(tern_send_window_ready(&w, &idx));
+    tern_send_window_sent(&w); /* beyond credit: ignored */
+    assert_int_equal(w.next, 2);
+    a = ack_of(40, 1, 3);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    assert_int_equal(w.credit, 3);
+    assert_int_equal(w.acked, 1);
+    assert_int_equal(drain(&w, sent), 1);
+    assert_int_equal(sent[0], 2);
+    a = ack_of(40, 2, 3);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    assert_false(w.done);
+    assert_int_equal(drain(&w, NULL), 0);
+
+    /* refused: the window stays as it was */
+    tern_send_window before = w;
+    a = ack_of(41, 3, 3);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_ERR_FORMAT); /* another transfer */
+    a = ack_of(40, 2, 2);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_ERR_FORMAT); /* credit decreases */
+    a = ack_of(40, 2, 4);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_ERR_FORMAT); /* credit > chunk_count */
+    a = ack_of(40, 1, 3);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_ERR_FORMAT); /* received decreases */
+    a = ack_of(40, 3, 3);
+    a.received = 4;
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_ERR_FORMAT); /* received > credit */
+    assert_memory_equal(&w, &before, sizeof w);
+    assert_int_equal(tern_send_window_ack(NULL, &a), TERN_ERR_INVALID);
+    assert_int_equal(tern_send_window_ack(&w, NULL), TERN_ERR_INVALID);
+    assert_false(tern_send_window_ready(NULL, &idx));
+    assert_false(tern_send_window_ready(&w, NULL));
+
+    /* done; the same ack again is harmless */
+    a = ack_of(40, 3, 3);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    assert_true(w.done);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    assert_true(w.done);
+    assert_false(tern_send_window_ready(&w, &idx));
+
+    /* a cache hit: done at once, nothing is ever sent */
+    tern_send_window_start(&w, &info);
+    tern_msg m;
+    tern_chunk_ack_done(&m, &info);
+    assert_int_equal(tern_send_window_ack(&w, &m.chunk_ack), TERN_OK);
+    assert_true(w.done);
+    assert_int_equal(w.credit, 3);
+    assert_false(tern_send_window_ready(&w, &idx));
+    assert_int_equal(w.next, 0);
+
+    /* start resets everything from an earlier payload */
+    tern_payload_info other = sample_payload(50);
+    tern_send_window_start(&w, &other);
+    assert_false(w.done);
+    assert_int_equal(w.credit, 0);
+    assert_int_equal(w.acked, 0);
+    a = ack_of(40, 3, 3);
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_ERR_FORMAT); /* the old transfer */
+    a = ack_of(50, 0, 0); /* a zero credit is no credit, and not a decrease */
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    assert_false(tern_send_window_ready(&w, &idx));
+    a = ack_of(50, 0, 3); /* all at once */
+    assert_int_equal(tern_send_window_ack(&w, &a), TERN_OK);
+    assert_int_equal(drain(&w, NULL), 3);
+    assert_int_equal(w.next, 3);
+}
+
+static void test_chunk_ack_helpers(void **state)
+{
+    (void)state;
+    uint8_t payload[1000];
+    for (int i = 0; i < 1000; i++)
+        payload[i] = (uint8_t)(i * 31 + 1);
+    tern_payload_info info; /* 10 chunks of 100 */
+    assert_int_equal(tern_payload_describe(payload, sizeof payload, 0xFEEDull, 100,
+                                           TERN_PAYLOAD_DELTA, NULL, &info, NULL),
+                     TERN_OK);
+    tern_transfer *t = NULL;
+    assert_int_equal(tern_transfer_create(&info, NULL, NULL, &t, NULL), TERN_OK);
+
+    tern_msg m;
+    memset(&m, 0xCD, sizeof m);
+    tern_chunk_ack_make(&m, t, 4); /* the first grant, before any chunk */
+    assert_int_equal(m.type, TERN_MSG_CHUNK_ACK);
+    assert_int_equal(m.seq, 0);
+    assert_int_equal(m.round, 0);
+    assert_int_equal(m.flags, 0);
+    assert_int_equal(m.chunk_ack.transfer_id, 0xFEEDull);
+    assert_int_equal(m.chunk_ack.received, 0);
+    assert_int_equal(m.chunk_ack.credit, 4);
+    assert_reencodes(&m);
+    tern_chunk_ack_make(&m, t, 0); /* a window of 0 counts as 1 */
+    assert_int_equal(m.chunk_ack.credit, 1);
+    tern_chunk_ack_make(&m, t, 0xFFFFFFFFu); /* no overflow; capped at the count */
+    assert_int_equal(m.chunk_ack.credit, 10);
+    tern_chunk_ack_make(&m, t, 50);
+    assert_int_equal(m.chunk_ack.credit, 10);
+
+    for (uint32_t i = 0; i < 10; i++) {
+        tern_msg c;
+        assert_int_equal(tern_payload_chunk(&info, payload, i, &c), TERN_OK);
+        assert_int_equal(tern_transfer_add(t, &c.chunk, NULL), TERN_OK);
+        tern_chunk_ack_make(&m, t, 4);
+        assert_int_equal(m.chunk_ack.received, i + 1);
+        assert_int_equal(m.chunk_ack.credit, i + 5 < 10 ? i + 5 : 10);
+        assert_reencodes(&m);
+    }
+    assert_true(tern_transfer_complete(t));
+    assert_int_equal(m.chunk_ack.received, info.chunk_count); /* done */
+    assert_int_equal(m.chunk_ack.credit, info.chunk_count);
+    tern_transfer_destroy(&t);
+
+    memset(&m, 0xCD, sizeof m);
+    tern_chunk_ack_done(&m, &info);
+    assert_int_equal(m.type, TERN_MSG_CHUNK_ACK);
+    assert_int_equal(m.seq, 0);
+    assert_int_equal(m.flags, 0);
+    assert_int_equal(m.chunk_ack.transfer_id, 0xFEEDull);
+    assert_int_equal(m.chunk_ack.received, 10);
+    assert_int_equal(m.chunk_ack.credit, 10);
+    assert_reencodes(&m);
+}
+
+/* A sender and a receiver under credit, through encoded frames. Each step the sender sends
+ * everything its credit allows, the receiver takes those chunks (newest first: order does not
+ * matter) and acks each, and the sender applies the acks. Chunks in flight never exceed the
+ * window, and the payload arrives intact. */
+static void test_flow_control(void **state)
+{
+    (void)state;
+    enum { WINDOW = 3 };
+    uint8_t payload[2000];
+    for (int i = 0; i < 2000; i++)
+        payload[i] = (uint8_t)(i * 17 + 5);
+    tern_payload_info info; /* 27 chunks of 75, the last one partial */
+    assert_int_equal(tern_payload_describe(payload, sizeof payload, 77, 75,
+                                           TERN_PAYLOAD_SAFETENSORS, NULL, &info, NULL),
+                     TERN_OK);
+    assert_int_equal(info.chunk_count, 27);
+    tern_send_window w = {0};
+    tern_send_window_start(&w, &info);
+    tern_transfer *t = NULL;
+    assert_int_equal(tern_transfer_create(&info, NULL, NULL, &t, NULL), TERN_OK);
+
+    uint64_t seq_sender = 0, seq_receiver = 0;
+    void *acks[WINDOW + 1], *chunks[WINDOW];
+    size_t ack_lens[WINDOW + 1], chunk_lens[WINDOW];
+    tern_msg m;
+    tern_chunk_ack_make(&m, t, WINDOW); /* the first grant, before any chunk */
+    m.seq = tern_seq_next(&seq_receiver);
+    acks[0] = encode(&m, &ack_lens[0]);
+    size_t nacks = 1;
+    int steps = 0;
+    while (!w.done) {
+        assert_true(++steps <= 100);
+        for (size_t k = 0; k < nacks; k++) { /* sender: apply the acks */
+            tern_msg d;
+            assert_int_equal(tern_msg_decode(acks[k], ack_lens[k], NULL, &d, NULL, NULL),
+                             TERN_OK);
+            assert_int_equal(tern_send_window_ack(&w, &d.chunk_ack), TERN_OK);
+            free(acks[k]);
+        }
+        size_t nchunks = 0;
+        uint32_t i;
+        while (tern_send_window_ready(&w, &i)) { /* sender: send within credit */
+            assert_true(nchunks < WINDOW);
+            tern_msg c;
+            assert_int_equal(tern_payload_chunk(&info, payload, i, &c), TERN_OK);
+            c.seq = tern_seq_next(&seq_sender);
+            chunks[nchunks] = encode(&c, &chunk_lens[nchunks]);
+            nchunks++;
+            tern_send_window_sent(&w);
+        }
+        assert_true(nchunks > 0 || w.done);
+        nacks = 0;
+        while (nchunks > 0) { /* receiver: add each chunk and ack it */
+            nchunks--;
+            tern_msg d;
+            assert_int_equal(tern_msg_decode(chunks[nchunks], chunk_lens[nchunks], NULL, &d,
+                                             NULL, NULL),
+                             TERN_OK);
+            assert_int_equal(tern_transfer_add(t, &d.chunk, NULL), TERN_OK);
+            free(chunks[nchunks]);
+            tern_chunk_ack_make(&m, t, WINDOW);
+            m.seq = tern_seq_next(&seq_receiver);
+            acks[nacks] = encode(&m, &ack_lens[nacks]);
+            nacks++;
+        }
+    }
+    assert_int_equal(nacks, 0);
+    assert_true(tern_transfer_complete(t));
+    assert_int_equal(w.next, info.chunk_count);
+    assert_int_equal(w.acked, info.chunk_count);
+    assert_int_equal(steps, 10); /* 9 full windows of 3, then the final ack */
+    const void *data;
+    size_t len;
+    assert_int_equal(tern_transfer_data(t, &data, &len), TERN_OK);
+    assert_int_equal(len, sizeof payload);
+    assert_memory_equal(data, payload, sizeof payload);
+    tern_transfer_destroy(&t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1107,6 +1476,10 @@ int main(void)
         cmocka_unit_test(test_transfer_3mb),
         cmocka_unit_test(test_transfer_limits),
         cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_names),
+        cmocka_unit_test(test_send_window),
+        cmocka_unit_test(test_chunk_ack_helpers),
+        cmocka_unit_test(test_flow_control),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

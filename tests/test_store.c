@@ -441,11 +441,16 @@ static void rounds(void **state)
     OK(tern_store_round_set_status(s, 1, TERN_ROUND_AGGREGATING, err_));
     expect_fail(tern_store_round_set_status(s, 1, TERN_ROUND_COMPLETED, &err), TERN_ERR_INVALID,
                 &err, "tern_store_commit_round");
+    /* Metrics must name registered clients. */
+    tern_client_record c1, c2, in1 = client_in("c1"), in2 = client_in("c2");
+    OK(tern_store_client_register(s, &in1, &c1, err_));
+    OK(tern_store_client_register(s, &in2, &c2, err_));
     tern_client_metrics metrics[2] = {
-        {.client_id = "11111111-1111-4111-8111-111111111111", .participated = true,
-         .num_samples = 60, .loss = 0.9, .accuracy = 0.7},
-        {.client_id = "22222222-2222-4222-8222-222222222222", .participated = false},
+        {.participated = true, .num_samples = 60, .loss = 0.9, .accuracy = 0.7},
+        {.participated = false},
     };
+    strcpy(metrics[0].client_id, c1.id);
+    strcpy(metrics[1].client_id, c2.id);
     cm.client_metrics = metrics;
     cm.client_metrics_count = 2;
     f->now += 10;
@@ -497,9 +502,15 @@ static void rounds(void **state)
     tern_client_metrics *cms;
     OK(tern_store_round_client_metrics(s, 1, &cms, &n, err_));
     assert_int_equal(n, 2);
-    assert_true(cms[0].participated);
-    assert_int_equal(cms[0].num_samples, 60);
-    assert_false(cms[1].participated);
+    /* Ordered by client id, and the ids are random. */
+    tern_client_metrics *m1 = strcmp(cms[0].client_id, c1.id) == 0 ? &cms[0] : &cms[1];
+    tern_client_metrics *m2 = m1 == &cms[0] ? &cms[1] : &cms[0];
+    assert_true(strcmp(cms[0].client_id, cms[1].client_id) < 0);
+    assert_string_equal(m1->client_id, c1.id);
+    assert_true(m1->participated);
+    assert_int_equal(m1->num_samples, 60);
+    assert_string_equal(m2->client_id, c2.id);
+    assert_false(m2->participated);
     tern_store_free(s, cms);
 
     assert_true(tern_round_transition_legal(TERN_ROUND_RUNNING, TERN_ROUND_FAILED));

@@ -538,6 +538,64 @@ static void backup_restore(void **state)
     RUN_FAILS(f, "no backup at", "store restore '%s' --store '%s'", missing, other);
 }
 
+/* What the federated server records: a failed round's reason, each client's statistics. */
+static void federated_records(void **state)
+{
+    fixture *f = *state;
+    populate(f);
+    tern_store *s = NULL;
+    tern_error err = {{0}};
+    if (tern_store_open(f->store, &(tern_store_options){.no_sync = true}, &s, &err) != TERN_OK)
+        fail_msg("open: %s", err.message);
+    tern_client_record cl;
+    OK(tern_store_client_get_by_name(s, "pixel-7", &cl, &e_));
+    tern_client_metrics m = {.participated = true, .num_samples = 40, .update_norm = 1.25};
+    strcpy(m.client_id, cl.id);
+    tern_round_commit c = {.clients_selected = 1, .clients_participated = 1,
+                           .global_accuracy = 0.9, .global_loss = 0.3, .model = f->models[2],
+                           .model_size = MODEL_SIZE, .settings = "lr=0.05", .classes = "shoe",
+                           .client_metrics = &m, .client_metrics_count = 1};
+    OK(tern_store_commit_round(s, &c, NULL, NULL, &e_));
+    tern_round r;
+    OK(tern_store_round_create(s, 1, &r, &e_));
+    OK(tern_store_round_set_status(s, r.number, TERN_ROUND_RUNNING, &e_));
+    m = (tern_client_metrics){.rejected = true};
+    strcpy(m.client_id, cl.id);
+    OK(tern_store_round_fail(s, r.number, "every update was rejected", &m, 1,
+                             "{\"completed\": false}", &e_));
+    tern_store_close(&s);
+
+    RUN_OK(f, "store show rounds --store '%s'", f->store);
+    expect_in(f->out, "REASON");
+    expect_in(f->out, "every update was rejected");
+    RUN_OK(f, "store show rounds --json --store '%s'", f->store);
+    json_t *j = out_json(f);
+    json_t *rounds = json_object_get(j, "rounds");
+    assert_int_equal(json_array_size(rounds), 5);
+    assert_true(json_is_null(json_object_get(json_array_get(rounds, 0), "reason")));
+    json_t *failed = json_array_get(rounds, 4);
+    assert_string_equal(jstr(failed, "status"), "failed");
+    assert_string_equal(jstr(failed, "reason"), "every update was rejected");
+    json_decref(j);
+
+    RUN_OK(f, "store show clients --store '%s'", f->store);
+    expect_in(f->out, "REJECTED");
+    expect_in(f->out, "1.25");
+    RUN_OK(f, "store show clients --json --store '%s'", f->store);
+    j = out_json(f);
+    json_t *c0 = json_array_get(json_object_get(j, "clients"), 0);
+    assert_int_equal(jint(c0, "rounds_selected"), 2);
+    assert_int_equal(jint(c0, "rounds_succeeded"), 1);
+    assert_int_equal(jint(c0, "rounds_failed"), 0);
+    assert_int_equal(jint(c0, "rounds_rejected"), 1);
+    assert_true(json_real_value(json_object_get(c0, "last_update_norm")) == 1.25);
+    /* (1 + 1) / (2 + 2) * 0.5 */
+    assert_true(json_real_value(json_object_get(c0, "quality_score")) == 0.25);
+    json_decref(j);
+    RUN_OK(f, "store check --store '%s'", f->store);
+    expect_in(f->out, "no problems");
+}
+
 static void help_and_usage(void **state)
 {
     fixture *f = *state;
@@ -576,6 +634,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(models, setup, teardown),
         cmocka_unit_test_setup_teardown(corrupt_blob, setup, teardown),
         cmocka_unit_test_setup_teardown(backup_restore, setup, teardown),
+        cmocka_unit_test_setup_teardown(federated_records, setup, teardown),
         cmocka_unit_test_setup_teardown(help_and_usage, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

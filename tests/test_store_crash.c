@@ -1,11 +1,13 @@
 /* Store crash consistency and multi-process use.
  *
  * killed_writer: a child process runs a federated server's store traffic (recover unfinished
- * rounds as failed, then create -> running -> aggregating -> commit with a model blob, in a
- * loop) and is killed with SIGKILL after a random delay, 40 times. After each kill the parent
- * opens the store, the integrity check must pass, and every round is either completed with
- * everything (record, version, blob with the exact bytes that round wrote, current pointer on
- * the newest) or not completed with nothing of it in the registry.
+ * rounds as failed with a reason, then create -> running -> aggregating -> commit with a model
+ * blob, client metrics, a report and the server state, in a loop) and is killed with SIGKILL
+ * after a random delay, 40 times. After each kill the parent opens the store, the integrity
+ * check must pass, and every round is either completed with everything (record, version, blob
+ * with the exact bytes that round wrote, current pointer on the newest, report, the client's
+ * statistics counting it, the server state it wrote if it is the newest) or not completed with
+ * nothing of it in the registry.
  *
  * concurrent_processes: a writer child commits rounds while a reader child lists versions in a
  * loop (every listing ordered, never shrinking, each version backed by its completed round and
@@ -96,6 +98,19 @@ static void model_bytes(unsigned char *p, size_t n, int64_t round)
         p[i] = (unsigned char)(test_rng_next(&r) >> 56);
 }
 
+/* The server state and the report a round commits. */
+static void state_text(char out[64], int64_t round)
+{
+    snprintf(out, 64, "server state after round %lld", (long long)round);
+}
+
+static void report_text(char out[64], int64_t round)
+{
+    snprintf(out, 64, "{\"round\": %lld}", (long long)round);
+}
+
+#define RESTART_REASON "server restarted"
+
 /* ---- the writer (child process) -------------------------------------------------------- */
 
 /* Never returns. Exit codes: 0 done, 2 open failed, 3 a store call failed. */
@@ -107,6 +122,16 @@ static void writer(const char *dir, size_t base, int64_t max_rounds, bool sync)
         fprintf(stderr, "writer: open: %s\n", err.message);
         _exit(2);
     }
+    /* The one client every round selects. */
+    tern_client_record client;
+    tern_status st = tern_store_client_get_by_name(s, "c1", &client, &err);
+    if (st == TERN_ERR_NOT_FOUND) {
+        tern_client_record in = {.name = "c1"};
+        snprintf(in.api_key_hash, sizeof in.api_key_hash, "pbkdf2-sha256$100000$%032d$%064d", 0, 0);
+        st = tern_store_client_register(s, &in, &client, &err);
+    }
+    if (st)
+        goto fail;
     /* What a restarted server does first: rounds left unfinished by the crash are failed. */
     for (int status = TERN_ROUND_PENDING; status <= TERN_ROUND_AGGREGATING; status++) {
         tern_round *list;
@@ -114,7 +139,7 @@ static void writer(const char *dir, size_t base, int64_t max_rounds, bool sync)
         if (tern_store_round_list_by_status(s, (tern_round_status)status, &list, &n, &err))
             goto fail;
         for (size_t i = 0; i < n; i++)
-            if (tern_store_round_set_status(s, list[i].number, TERN_ROUND_FAILED, &err)) {
+            if (tern_store_round_fail(s, list[i].number, RESTART_REASON, NULL, 0, NULL, &err)) {
                 tern_store_free(s, list);
                 goto fail;
             }
@@ -131,11 +156,17 @@ static void writer(const char *dir, size_t base, int64_t max_rounds, bool sync)
             goto fail;
         size_t size = model_size(r.number, base);
         model_bytes(model, size, r.number);
-        tern_client_metrics m = {.client_id = "c1", .participated = true, .num_samples = 10};
+        tern_client_metrics m = {.participated = true, .num_samples = 10, .update_norm = 1.5};
+        strcpy(m.client_id, client.id);
+        char state[64], report[64];
+        state_text(state, r.number);
+        report_text(report, r.number);
         tern_round_commit c = {.round = r.number, .clients_participated = 1,
                                .global_accuracy = 0.5, .global_loss = 1.0,
                                .client_metrics = &m, .client_metrics_count = 1, .model = model,
-                               .model_size = size, .settings = "lr=0.1", .classes = "a,b"};
+                               .model_size = size, .settings = "lr=0.1", .classes = "a,b",
+                               .server_state = state, .server_state_size = strlen(state),
+                               .report_json = report};
         if (tern_store_commit_round(s, &c, NULL, NULL, &err))
             goto fail;
     }
@@ -190,17 +221,53 @@ static size_t verify_after_kill(const char *dir, size_t base, size_t from)
         model_bytes(expect, len, done[i].number);
         assert_memory_equal(bytes, expect, len);
         tern_store_free(s, bytes);
+        char *report, want[64];
+        if (tern_store_round_report(s, done[i].number, &report, &err))
+            fail_msg("round %lld: %s", (long long)done[i].number, err.message);
+        report_text(want, done[i].number);
+        assert_string_equal(report, want);
+        tern_store_free(s, report);
     }
     free(expect);
+    /* The client's statistics count exactly the completed rounds. */
+    tern_client_record client;
+    tern_status st = tern_store_client_get_by_name(s, "c1", &client, &err);
+    if (st == TERN_OK) {
+        assert_int_equal(client.rounds_selected, (int64_t)ndone);
+        assert_int_equal(client.rounds_succeeded, (int64_t)ndone);
+        assert_int_equal(client.rounds_failed + client.rounds_rejected, 0);
+    } else {
+        assert_int_equal(st, TERN_ERR_NOT_FOUND);
+        assert_int_equal(ndone, 0);
+    }
+    void *state;
+    size_t state_len;
+    st = tern_store_server_state_load(s, &state, &state_len, &err);
     if (ndone) {
         tern_model_version cur;
         if (tern_store_version_current(s, &cur, &err))
             fail_msg("current: %s", err.message);
         assert_string_equal(cur.version, done[ndone - 1].model_version);
+        char want[64];
+        if (st)
+            fail_msg("server state: %s", err.message);
+        state_text(want, done[ndone - 1].number);
+        assert_int_equal(state_len, strlen(want));
+        assert_memory_equal(state, want, state_len);
+        tern_store_free(s, state);
     } else {
         tern_model_version cur;
         assert_int_equal(tern_store_version_current(s, &cur, &err), TERN_ERR_NOT_FOUND);
+        assert_int_equal(st, TERN_ERR_NOT_FOUND);
     }
+    /* Rounds that a crash interrupted were failed with the restart's reason. */
+    tern_round *failed;
+    size_t nfailed;
+    if (tern_store_round_list_by_status(s, TERN_ROUND_FAILED, &failed, &nfailed, &err))
+        fail_msg("listing: %s", err.message);
+    for (size_t i = 0; i < nfailed; i++)
+        assert_string_equal(failed[i].reason, RESTART_REASON);
+    tern_store_free(s, failed);
     tern_store_free(s, done);
     tern_store_free(s, versions);
     tern_store_close(&s);

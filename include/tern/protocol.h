@@ -13,7 +13,9 @@
  *
  * Payloads (safetensors bytes of a model or an update) travel as MODEL_CHUNK messages, each
  * self-describing (transfer id, total size, chunk size and count, SHA-256 of the whole); a
- * tern_transfer on the receiving side reassembles them in any order and checks the hash. */
+ * tern_transfer on the receiving side reassembles them in any order and checks the hash. The
+ * receiver paces the sender with CHUNK_ACK credit: tern_chunk_ack_make on the receiving side,
+ * a tern_send_window on the sending side. */
 #ifndef TERN_PROTOCOL_H
 #define TERN_PROTOCOL_H
 
@@ -76,8 +78,9 @@ typedef enum tern_msg_type {
     TERN_MSG_MODEL_CHUNK = 10,  /* both ways: one piece of a payload */
     TERN_MSG_ERROR = 11,        /* both ways: a request was refused */
     TERN_MSG_GOODBYE = 12,      /* both ways: the session ends */
+    TERN_MSG_CHUNK_ACK = 13,    /* both ways: the receiver of a payload grants credit */
 } tern_msg_type;
-#define TERN_MSG_TYPE_COUNT 13 /* one past the largest type */
+#define TERN_MSG_TYPE_COUNT 14 /* one past the largest type */
 
 /* Who may send a type: bit 0 the client, bit 1 the server. */
 #define TERN_MSG_FROM_CLIENT 1u
@@ -126,8 +129,9 @@ typedef enum tern_proto_code {
     TERN_PROTO_E_BUSY = 9,         /* try again later (server full, round closed) */
     TERN_PROTO_E_STALE = 10,       /* result for a round or model that is no longer open */
     TERN_PROTO_E_INTERNAL = 11,    /* the peer failed (out of memory, disk) */
+    TERN_PROTO_E_NO_SESSION = 12,  /* no session for this connection (server restarted): HELLO */
 } tern_proto_code;
-#define TERN_PROTO_CODE_COUNT 12
+#define TERN_PROTO_CODE_COUNT 13
 /* "malformed", "version", ...; "?" outside the enum. Static storage. */
 const char *tern_proto_code_name(tern_proto_code code);
 
@@ -263,6 +267,15 @@ typedef struct tern_msg_chunk {
     const uint8_t *data;
 } tern_msg_chunk;
 
+/* Flow control of one payload, sent by its receiver. The sender may send the chunks whose index
+ * is below credit; credit never decreases within a transfer. received == chunk_count means the
+ * transfer is done (all chunks in and verified, or a cache hit). */
+typedef struct tern_msg_chunk_ack {
+    uint64_t transfer_id; /* the payload's */
+    uint32_t received;    /* distinct chunks the receiver holds; <= credit */
+    uint32_t credit;      /* chunks [0, credit) may be sent */
+} tern_msg_chunk_ack;
+
 typedef struct tern_msg_error {
     tern_proto_code code; /* not TERN_PROTO_OK */
     uint64_t in_reply_to; /* sequence number of the refused message; 0 = unknown */
@@ -296,6 +309,7 @@ typedef struct tern_msg {
         tern_msg_chunk chunk;
         tern_msg_error error;
         tern_msg_goodbye goodbye;
+        tern_msg_chunk_ack chunk_ack;
     };
 } tern_msg;
 
@@ -432,6 +446,41 @@ tern_status tern_transfer_data(const tern_transfer *t, const void **data, size_t
 /* Move the verified payload out: *data is from the transfer's allocator (release with
  * tern_proto_free). The transfer then holds nothing. TERN_ERR_STATE if not complete. */
 tern_status tern_transfer_take(tern_transfer *t, void **data, size_t *len);
+
+/* ---- flow control ---------------------------------------------------------------------- */
+
+/* Sender-side state of one outgoing payload under receiver credit. Zero-initialize, then
+ * tern_send_window_start. A plain value: nothing to free. */
+typedef struct tern_send_window {
+    tern_payload_info info; /* the payload being sent (not NONE) */
+    uint32_t next;          /* index of the next chunk to send */
+    uint32_t credit;        /* chunks [0, credit) may be sent; 0 until the first CHUNK_ACK */
+    uint32_t acked;         /* `received` of the last CHUNK_ACK */
+    bool done;              /* the receiver holds the whole payload */
+} tern_send_window;
+
+/* Begin sending the payload info describes: nothing sent, no credit yet. */
+void tern_send_window_start(tern_send_window *w, const tern_payload_info *info);
+/* Apply a CHUNK_ACK from the receiver. TERN_ERR_FORMAT (the window unchanged) if its
+ * transfer_id differs from the payload's, credit decreases or exceeds chunk_count, received
+ * exceeds credit, or received decreases; TERN_ERR_INVALID for NULL arguments. Otherwise updates
+ * credit and acked, and done becomes true when received == chunk_count (also on a cache hit,
+ * before any chunk was sent). */
+tern_status tern_send_window_ack(tern_send_window *w, const tern_msg_chunk_ack *ack);
+/* True and *index set when a chunk may be sent now (not done and next < credit); the caller
+ * sends chunk *index (tern_payload_chunk) and calls tern_send_window_sent. */
+bool tern_send_window_ready(const tern_send_window *w, uint32_t *index);
+/* The chunk tern_send_window_ready gave has been sent. Does nothing without credit for it. */
+void tern_send_window_sent(tern_send_window *w);
+
+/* Fill *out as the CHUNK_ACK a receiver sends for t after each chunk (and right after creating
+ * it): received = tern_transfer_received(t), credit = min(chunk_count, received + window);
+ * a window of 0 counts as 1. The whole message is reset: seq and round are left 0 for the
+ * caller. Not for a failed transfer, which is answered with ERROR `transfer` instead. */
+void tern_chunk_ack_make(tern_msg *out, const tern_transfer *t, uint32_t window);
+/* Fill *out as the CHUNK_ACK of a payload the receiver already holds (a cache hit):
+ * received = credit = chunk_count. seq and round are left 0 for the caller. */
+void tern_chunk_ack_done(tern_msg *out, const tern_payload_info *info);
 
 #ifdef __cplusplus
 }

@@ -6,7 +6,8 @@
  * (jansson) carrying a "schema" number. Every change is one LMDB write transaction, so a process
  * killed at any instant leaves the store as it was before or after the change, never between;
  * in particular tern_store_commit_round writes the round record, the model blob, the version
- * record and the current-version pointer together.
+ * record, the current-version pointer, the per-client metrics and statistics, the round report
+ * and the federated server's state together.
  *
  * Records are plain structs with fixed-size, NUL-terminated string fields (sizes below); input
  * strings longer than a field are refused with TERN_ERR_INVALID, never truncated. Functions
@@ -126,10 +127,16 @@ typedef struct tern_client_record {
     double quality_score;
     bool blacklisted;
     char blacklist_reason[TERN_STORE_TEXT_SIZE];
+    /* Federated statistics, kept by tern_store_commit_round and tern_store_round_fail from
+     * their client metrics (records written before these fields existed read as 0). Every
+     * round the client was selected for ends as exactly one of succeeded, failed, rejected. */
+    int64_t rounds_selected, rounds_succeeded, rounds_failed, rounds_rejected;
+    double last_update_norm;        /* L2 norm of the last accepted update; 0 before any */
 } tern_client_record;
 
 /* Register a client from in->name, device_type, os_info, api_key_hash (must look like the
- * output of tern_store_hash_api_key). Starts active, not blacklisted, quality 1.0. */
+ * output of tern_store_hash_api_key). Starts active, not blacklisted, quality 1.0, with zero
+ * round statistics. */
 tern_status tern_store_client_register(tern_store *store, const tern_client_record *in,
                                        tern_client_record *out, tern_error *err);
 tern_status tern_store_client_get(tern_store *store, const char *id, tern_client_record *out,
@@ -142,9 +149,14 @@ tern_status tern_store_client_list(tern_store *store, tern_client_record **out, 
 tern_status tern_store_client_set_blacklisted(tern_store *store, const char *id, bool blacklisted,
                                               const char *reason, const char *actor,
                                               tern_error *err);
+/* Activate or deactivate a client; audited with actor when it changes anything. Activating a
+ * blacklisted client is TERN_ERR_INVALID (clear the blacklist instead, which reactivates). */
+tern_status tern_store_client_set_active(tern_store *store, const char *id, bool active,
+                                         const char *actor, tern_error *err);
 /* Mark the client seen now. */
 tern_status tern_store_client_touch(tern_store *store, const char *id, tern_error *err);
-/* Set the quality score (finite). */
+/* Set the quality score (finite). The next committed or failed round that selected the client
+ * replaces it with the formula of tern_store_commit_round. */
 tern_status tern_store_client_set_quality(tern_store *store, const char *id, double score,
                                           tern_error *err);
 
@@ -207,28 +219,55 @@ typedef struct tern_round {
     int64_t started_at, ended_at;   /* 0 until running / until completed or failed */
     double global_accuracy, global_loss;
     char model_version[TERN_STORE_VERSION_SIZE]; /* empty until completed */
+    char reason[TERN_STORE_TEXT_SIZE]; /* why it failed (tern_store_round_fail); "" otherwise */
 } tern_round;
 
+/* One selected client's outcome in a round. Exactly one of: participated (its update was
+ * accepted), rejected (it sent an update that validation refused), neither (it failed or
+ * dropped out). participated and rejected together are TERN_ERR_INVALID. */
 typedef struct tern_client_metrics {
     char client_id[TERN_STORE_ID_SIZE];
-    bool participated;              /* false: selected but dropped out */
+    bool participated;              /* its update was accepted */
     int64_t num_samples;
     double loss, accuracy;
+    bool rejected;                  /* its update was refused by validation */
+    double update_norm;             /* L2 norm of the accepted change (finite, >= 0); 0 if none */
 } tern_client_metrics;
 
 /* Create round (last number + 1) in status pending. */
 tern_status tern_store_round_create(tern_store *store, int32_t clients_selected, tern_round *out,
                                     tern_error *err);
 /* Move a round to a new status; an illegal transition is TERN_ERR_INVALID naming both ends.
- * Completing goes through tern_store_commit_round instead (TERN_ERR_INVALID here). */
+ * Completing goes through tern_store_commit_round instead (TERN_ERR_INVALID here). Failing
+ * this way records no reason; tern_store_round_fail does. */
 tern_status tern_store_round_set_status(tern_store *store, int64_t number,
                                         tern_round_status status, tern_error *err);
+/* Fail a round (any non-terminal status -> failed, end time now) in ONE write transaction with:
+ * reason (required, stored in the round record), the per-client metrics (count entries, may be
+ * 0 with metrics NULL; client statistics updated as in tern_store_commit_round, and
+ * clients_participated set to the number that participated when count > 0) and report_json
+ * (NULL = none; else a JSON object text, stored as given). The model registry and the server
+ * state are untouched. TERN_ERR_INVALID for a terminal round, a reason that is empty or too
+ * long, malformed metrics or report; TERN_ERR_NOT_FOUND for an unknown round or client (then
+ * nothing is written). */
+tern_status tern_store_round_fail(tern_store *store, int64_t number, const char *reason,
+                                  const tern_client_metrics *metrics, size_t count,
+                                  const char *report_json, tern_error *err);
 tern_status tern_store_round_get(tern_store *store, int64_t number, tern_round *out,
                                  tern_error *err);
+/* The round with the highest number; TERN_ERR_NOT_FOUND when there is none. */
+tern_status tern_store_round_latest(tern_store *store, tern_round *out, tern_error *err);
+/* The report stored with round number (by commit_round or round_fail): a NUL-terminated copy of
+ * the JSON text as it was given, in a buffer from the store's allocator (release with
+ * tern_store_free); *json is untouched on failure. TERN_ERR_NOT_FOUND when the round or its
+ * report is missing (the message says which). */
+tern_status tern_store_round_report(tern_store *store, int64_t number, char **json,
+                                    tern_error *err);
 /* Rounds with the given status, ascending by number (from the status index). */
 tern_status tern_store_round_list_by_status(tern_store *store, tern_round_status status,
                                             tern_round **out, size_t *count, tern_error *err);
-/* Per-client metrics recorded for a round (by commit_round), ordered by client id. */
+/* Per-client metrics recorded for a round (by commit_round or round_fail), ordered by client
+ * id. */
 tern_status tern_store_round_client_metrics(tern_store *store, int64_t number,
                                             tern_client_metrics **out, size_t *count,
                                             tern_error *err);
@@ -264,16 +303,36 @@ typedef struct tern_round_commit {
     const char *settings;           /* training settings, any stable text; NULL = "" */
     const char *classes;            /* class set, any stable text; NULL = "" */
     const char *notes;              /* NULL = "" */
+    const void *server_state;       /* the federated server's state, opaque bytes; NULL or */
+    size_t server_state_size;       /* size 0 = leave the stored state as it is */
+    const char *report_json;        /* the round report, a JSON object text; NULL = none */
 } tern_round_commit;
 
 /* Complete a round in ONE write transaction: round record (status completed, end time,
- * metrics, model version), per-client metrics, status index, model blob, version record and
- * current pointer. The version number follows the highest existing version: 1.0.0 for the
- * first; major + 1 when the class set digest differs from it; else minor + 1 when the settings
- * digest differs; else patch + 1. *round_out and *version_out may be NULL. */
+ * metrics, model version), per-client metrics, status index, model blob, version record,
+ * current pointer, the statistics of every client in client_metrics, the report and the server
+ * state (replacing the previous one). The version number follows the highest existing version:
+ * 1.0.0 for the first; major + 1 when the class set digest differs from it; else minor + 1 when
+ * the settings digest differs; else patch + 1. *round_out and *version_out may be NULL.
+ *
+ * Client statistics, for each entry of client_metrics: rounds_selected + 1, and + 1 to
+ * rounds_succeeded if participated, rounds_rejected if rejected, else rounds_failed;
+ * last_update_norm = update_norm if participated; quality_score = (succeeded + 1) /
+ * (selected + 2) * 0.5^rejected; last_seen unchanged.
+ *
+ * Errors besides the common ones: TERN_ERR_NOT_FOUND for a client id in client_metrics that is
+ * not registered; TERN_ERR_INVALID for a client listed twice, participated together with
+ * rejected, a loss, accuracy or update norm that is not finite (or a negative norm or sample
+ * count), or report_json that is not a JSON object. Nothing is written on any error. */
 tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *commit,
                                     tern_round *round_out, tern_model_version *version_out,
                                     tern_error *err);
+/* The server state last committed with tern_store_commit_round, copied into a buffer from the
+ * store's allocator (release with tern_store_free) after checking its size and SHA-256 against
+ * what was recorded (a mismatch is TERN_ERR_FORMAT, "corrupt"). TERN_ERR_NOT_FOUND when no
+ * state was ever committed. */
+tern_status tern_store_server_state_load(tern_store *store, void **bytes, size_t *len,
+                                         tern_error *err);
 /* All versions in ascending semantic-version order. */
 tern_status tern_store_version_list(tern_store *store, tern_model_version **out, size_t *count,
                                     tern_error *err);
@@ -335,9 +394,11 @@ tern_status tern_store_restore(const char *src_dir, const char *dest_dir, tern_e
 typedef void (*tern_store_report)(void *user, const char *message);
 /* Integrity check in one read snapshot: every record decodes, indexes agree with records both
  * ways, references resolve (images to clients/categories/blobs, completed rounds to versions,
- * versions to blobs and rounds, the current pointer), every blob's SHA-256 matches its key and
- * every blob is referenced. *problems receives the count (0 = healthy). Returns an error only
- * when the check itself could not run. report may be NULL. */
+ * versions to blobs and rounds, the current pointer, round reports and the server state to
+ * their rounds), every blob's SHA-256 matches its key and every blob is referenced, the server
+ * state matches its recorded size and SHA-256 and every round report is a JSON object.
+ * *problems receives the count (0 = healthy). Returns an error only when the check itself could
+ * not run. report may be NULL. */
 tern_status tern_store_check(tern_store *store, tern_store_report report, void *user,
                              size_t *problems, tern_error *err);
 
