@@ -345,6 +345,14 @@ static int cmd_clients(const cli *c, tern_store *s)
                 r->blacklist_reason[0] ? r->blacklist_reason : NULL, "quality_score",
                 r->quality_score, "total_samples", (json_int_t)r->total_samples, "registered_at",
                 iso_time(reg, r->registered_at), "last_seen", iso_time(seen, r->last_seen));
+            if (o)
+                json_object_update_new(
+                    o, json_pack("{s:I, s:I, s:I, s:I, s:f}", "rounds_selected",
+                                 (json_int_t)r->rounds_selected, "rounds_succeeded",
+                                 (json_int_t)r->rounds_succeeded, "rounds_failed",
+                                 (json_int_t)r->rounds_failed, "rounds_rejected",
+                                 (json_int_t)r->rounds_rejected, "last_update_norm",
+                                 r->last_update_norm));
             if (!o || json_array_append_new(arr, o) != 0) {
                 json_decref(arr);
                 arr = NULL;
@@ -358,14 +366,17 @@ static int cmd_clients(const cli *c, tern_store *s)
     } else if (n == 0) {
         printf("no clients registered (tern server register NAME)\n");
     } else {
-        printf("%-20s %-8s %7s %8s %-20s %s\n", "name", "status", "quality", "samples",
-               "last seen", "device");
+        printf("%-20s %-8s %7s %6s %6s %6s %6s %9s %8s %-20s %s\n", "name", "status", "quality",
+               "chosen", "ok", "failed", "reject", "last norm", "samples", "last seen", "device");
         for (size_t i = 0; i < n; i++) {
             const tern_client_record *r = &all[i];
             char seen[32];
-            printf("%-20s %-8s %7.3f %8lld %-20s %s%s%s\n", r->name,
+            printf("%-20s %-8s %7.3f %6lld %6lld %6lld %6lld %9.3g %8lld %-20s %s%s%s\n", r->name,
                    r->blacklisted ? "blocked" : r->active ? "active" : "inactive",
-                   r->quality_score, (long long)r->total_samples,
+                   r->quality_score, (long long)r->rounds_selected,
+                   (long long)r->rounds_succeeded, (long long)r->rounds_failed,
+                   (long long)r->rounds_rejected, r->last_update_norm,
+                   (long long)r->total_samples,
                    iso_time(seen, r->last_seen), r->device_type[0] ? r->device_type : "-",
                    r->blacklisted ? "  reason: " : "", r->blacklisted ? r->blacklist_reason : "");
         }
