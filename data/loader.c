@@ -62,14 +62,13 @@ struct tern_loader {
     tern_transform t;
     int batch;
     bool shuffle, drop_last, strict;
-    uint64_t seed;
     size_t count;         /* samples per epoch */
     size_t *indices;      /* (count) dataset indices */
     size_t sample_floats; /* size * size * channels */
 
     /* Worker-owned after create. */
-    size_t *order; /* (count) positions into indices for order_epoch */
-    uint64_t order_epoch;
+    size_t *order; /* (count) positions into indices for order_seed, order_epoch */
+    uint64_t order_seed, order_epoch;
     bool order_valid;
     unsigned char *scratch; /* resize output and temporaries, grown on demand */
     size_t scratch_cap;
@@ -88,6 +87,7 @@ struct tern_loader {
     atomic_bool stop;
     atomic_uint_fast64_t gen;
     slot slots[2];
+    uint64_t w_seed;  /* the seed the worker fills with (tern_loader_set_seed changes it) */
     uint64_t w_epoch; /* where the worker continues */
     size_t w_pos;
     uint64_t next_seq, take_seq;
@@ -435,15 +435,15 @@ fail:
 
 /* ---- the worker ------------------------------------------------------------------------------ */
 
-static void make_order(tern_loader *L, uint64_t epoch)
+static void make_order(tern_loader *L, uint64_t seed, uint64_t epoch)
 {
-    if (L->order_valid && L->order_epoch == epoch)
+    if (L->order_valid && L->order_seed == seed && L->order_epoch == epoch)
         return;
     for (size_t i = 0; i < L->count; i++)
         L->order[i] = i;
     if (L->shuffle) {
         tern_rng rng;
-        tern_rng_seed(&rng, shuffle_seed(L->seed, epoch));
+        tern_rng_seed(&rng, shuffle_seed(seed, epoch));
         for (size_t i = L->count; i > 1; i--) {
             /* Rejection sampling for an unbiased index in [0, i). */
             uint64_t limit = UINT64_MAX - UINT64_MAX % i, x;
@@ -455,25 +455,27 @@ static void make_order(tern_loader *L, uint64_t epoch)
             L->order[j] = t;
         }
     }
+    L->order_seed = seed;
     L->order_epoch = epoch;
     L->order_valid = true;
 }
 
 /* Fill s with the batch starting at position pos of epoch; *next is where the next one starts.
  * Runs without the lock. Returns early (contents irrelevant) if stopped or superseded. */
-static void fill(tern_loader *L, slot *s, uint64_t epoch, size_t pos, uint64_t gen, size_t *next)
+static void fill(tern_loader *L, slot *s, uint64_t seed, uint64_t epoch, size_t pos, uint64_t gen,
+                 size_t *next)
 {
     s->n = 0;
     s->end = false;
     s->status = TERN_OK;
     s->skipped = 0;
-    make_order(L, epoch);
+    make_order(L, seed, epoch);
     while (s->n < L->batch && pos < L->count) {
         if (atomic_load(&L->stop) || atomic_load(&L->gen) != gen)
             break;
         size_t index = L->indices[L->order[pos]];
         tern_rng rng;
-        tern_rng_seed(&rng, sample_seed(L->seed, epoch, pos));
+        tern_rng_seed(&rng, sample_seed(seed, epoch, pos));
         pos++;
         sample_image si;
         bool bad_image;
@@ -519,11 +521,11 @@ static void *worker_main(void *arg)
             pthread_cond_wait(&L->cv, &L->mu);
             continue;
         }
-        uint64_t gen = atomic_load(&L->gen), epoch = L->w_epoch;
+        uint64_t gen = atomic_load(&L->gen), seed = L->w_seed, epoch = L->w_epoch;
         size_t pos = L->w_pos, next;
         s->state = SLOT_FILLING;
         pthread_mutex_unlock(&L->mu);
-        fill(L, s, epoch, pos, gen, &next);
+        fill(L, s, seed, epoch, pos, gen, &next);
         pthread_mutex_lock(&L->mu);
         if (atomic_load(&L->gen) != gen || atomic_load(&L->stop)) {
             s->state = SLOT_FREE; /* superseded by set_epoch (which moved w_epoch/w_pos) */
@@ -654,7 +656,7 @@ tern_status tern_loader_create(const tern_dataset *ds, const tern_transform *t,
     L->shuffle = opt->shuffle;
     L->drop_last = opt->drop_last;
     L->strict = tern_dataset_strict(ds);
-    L->seed = opt->seed;
+    L->w_seed = opt->seed;
     L->count = count;
     L->sample_floats = sample_floats;
     L->cache_size = opt->cache_size;
@@ -790,10 +792,11 @@ uint64_t tern_loader_epoch(const tern_loader *L)
     return L->epoch;
 }
 
-void tern_loader_set_epoch(tern_loader *L, uint64_t epoch)
+static void restart(tern_loader *L, uint64_t seed, uint64_t epoch)
 {
     pthread_mutex_lock(&L->mu);
     atomic_fetch_add(&L->gen, 1);
+    L->w_seed = seed;
     L->epoch = epoch;
     L->w_epoch = epoch;
     L->w_pos = 0;
@@ -803,4 +806,17 @@ void tern_loader_set_epoch(tern_loader *L, uint64_t epoch)
     L->next_seq = L->take_seq;
     pthread_cond_broadcast(&L->cv);
     pthread_mutex_unlock(&L->mu);
+}
+
+void tern_loader_set_epoch(tern_loader *L, uint64_t epoch)
+{
+    pthread_mutex_lock(&L->mu);
+    uint64_t seed = L->w_seed;
+    pthread_mutex_unlock(&L->mu);
+    restart(L, seed, epoch);
+}
+
+void tern_loader_set_seed(tern_loader *L, uint64_t seed)
+{
+    restart(L, seed, 0);
 }

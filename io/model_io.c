@@ -193,6 +193,27 @@ static tern_status add_info(tern_safetensors_writer *w, const tern_model_info *i
     return s;
 }
 
+tern_status tern_model_add_metadata(const tern_model *model, tern_safetensors_writer *w)
+{
+    if (!model || !w)
+        return TERN_ERR_INVALID;
+    const tern_model_options *o = tern_model_options_of(model);
+    char width[32], channels[16], classes[16];
+    snprintf(width, sizeof width, "%.17g", o->width_mult);
+    snprintf(channels, sizeof channels, "%d", o->in_channels);
+    snprintf(classes, sizeof classes, "%d", o->num_classes);
+    tern_status s;
+    if ((s = tern_safetensors_writer_set_metadata(w, "format", "tern")) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "arch", tern_arch_name(o->arch))) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "width_mult", width)) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "in_channels", channels)) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(w, "num_classes", classes)) != TERN_OK ||
+        (s = tern_safetensors_writer_set_metadata(
+             w, "norm", o->norm == TERN_NORM_GROUP ? "group" : "batch")) != TERN_OK)
+        return s;
+    return TERN_OK;
+}
+
 tern_status tern_model_save_file(const tern_model *model, const tern_model_info *info,
                                  const char *path, tern_error *err)
 {
@@ -201,10 +222,6 @@ tern_status tern_model_save_file(const tern_model *model, const tern_model_info 
     tern_status s = tern_safetensors_writer_create(o->alloc, &w);
     if (s != TERN_OK)
         return tern_set_error(err, s, "%s", tern_strerror(s));
-    char width[32], channels[16], classes[16];
-    snprintf(width, sizeof width, "%.17g", o->width_mult);
-    snprintf(channels, sizeof channels, "%d", o->in_channels);
-    snprintf(classes, sizeof classes, "%d", o->num_classes);
     if (info && info->nclasses > 0 && info->nclasses != o->num_classes) {
         s = tern_set_error(err, TERN_ERR_INVALID, "%s: %d class names for a %d-class model", path,
                            info->nclasses, o->num_classes);
@@ -217,13 +234,7 @@ tern_status tern_model_save_file(const tern_model *model, const tern_model_info 
                            : tern_strerror(s));
         goto done;
     }
-    if ((s = tern_safetensors_writer_set_metadata(w, "format", "tern")) != TERN_OK ||
-        (s = tern_safetensors_writer_set_metadata(w, "arch", tern_arch_name(o->arch))) != TERN_OK ||
-        (s = tern_safetensors_writer_set_metadata(w, "width_mult", width)) != TERN_OK ||
-        (s = tern_safetensors_writer_set_metadata(w, "in_channels", channels)) != TERN_OK ||
-        (s = tern_safetensors_writer_set_metadata(w, "num_classes", classes)) != TERN_OK ||
-        (s = tern_safetensors_writer_set_metadata(
-             w, "norm", o->norm == TERN_NORM_GROUP ? "group" : "batch")) != TERN_OK ||
+    if ((s = tern_model_add_metadata(model, w)) != TERN_OK ||
         (s = tern_model_add_state(model, w, "")) != TERN_OK) {
         tern_set_error(err, s, "%s: %s", path, tern_strerror(s));
         goto done;

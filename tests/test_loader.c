@@ -250,6 +250,24 @@ static void test_epochs(void **state)
     assert_memory_equal(again, ids[1], sizeof again);
     tern_loader_destroy(&l2);
 
+    /* Reseed: a loader reseeded to 2 (mid-epoch) then back to 1 gives the orders of loaders
+     * created with those seeds, from epoch 0. */
+    size_t seed2[NSAMPLES];
+    l2 = make_loader(f.ds, &t, &(tern_loader_options){.batch = 32, .shuffle = true, .seed = 2});
+    read_epoch(l2, seed2, NSAMPLES, 32);
+    tern_loader_destroy(&l2);
+    l2 = make_loader(f.ds, &t, &(tern_loader_options){.batch = 32, .shuffle = true, .seed = 1});
+    assert_int_equal(tern_loader_next(l2, &images, &labels, &n, NULL), TERN_OK);
+    tern_loader_set_seed(l2, 2);
+    assert_int_equal(tern_loader_epoch(l2), 0);
+    read_epoch(l2, again, NSAMPLES, 32);
+    assert_memory_equal(again, seed2, sizeof again);
+    tern_loader_set_seed(l2, 1);
+    for (int e = 0; e < 2; e++) {
+        read_epoch(l2, again, NSAMPLES, 32);
+        assert_memory_equal(again, ids[e], sizeof again);
+    }
+
     /* Without shuffling: dataset order every epoch. */
     l2 = make_loader(f.ds, &t, &(tern_loader_options){.batch = 50});
     for (int e = 0; e < 2; e++) {

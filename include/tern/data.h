@@ -133,6 +133,9 @@ size_t tern_loader_skipped(const tern_loader *loader);
 /* Epoch counter and the state needed to resume exactly (see checkpoints). */
 uint64_t tern_loader_epoch(const tern_loader *loader);
 void tern_loader_set_epoch(tern_loader *loader, uint64_t epoch);
+/* Start again at epoch 0 with a new seed: the batches that follow are those of a loader created
+ * with this seed (a federated client reseeds its loader every round). */
+void tern_loader_set_seed(tern_loader *loader, uint64_t seed);
 
 /* ---- partitioning across clients ---------------------------------------------------------- */
 

@@ -42,6 +42,11 @@ typedef struct tern_local_data_options {
     tern_transform train_transform;
     tern_transform eval_transform;
     int threads;                   /* model threads; 0 = 1 */
+    /* BatchNorm momentum of the model built from the first payload (the momentum is not part
+     * of a model file's architecture). 0 = the payload's "bn_momentum" metadata when it has
+     * one, else 0.1: torchvision's 0.01 leaves an averaged model's running statistics near
+     * their initial values after short local rounds (docs/federation.md). */
+    float bn_momentum;
 } tern_local_data_options;
 
 typedef struct tern_local tern_local;

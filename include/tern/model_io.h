@@ -34,6 +34,11 @@ tern_status tern_model_load_file(tern_model *model, const char *path, tern_error
  * write before changing it). */
 tern_status tern_model_add_state(const tern_model *model, tern_safetensors_writer *w,
                                  const char *prefix);
+/* Set the architecture metadata a Tern model file carries (format, arch, width_mult,
+ * in_channels, num_classes, norm) on a writer, as tern_model_save_file does: with
+ * tern_model_add_state, the writer then serializes to a model file that tern_model_load_file
+ * and tern_model_options_from_metadata accept. TERN_ERR_INVALID, TERN_ERR_NOMEM. */
+tern_status tern_model_add_metadata(const tern_model *model, tern_safetensors_writer *w);
 /* What inference needs beyond the architecture, kept in a model file's metadata. */
 typedef struct tern_model_info {
     int input_size;      /* height = width the model was trained at; 0 if unknown */

@@ -1,0 +1,202 @@
+/* Internals of the federated server, shared by its three files:
+ *   server.c          options, CURVE keys, create (restore from the store), the event loop
+ *   server_session.c  sessions: frames in and out, HELLO and authentication, transfers under
+ *                     flow control (downloads borrow one serialized model; uploads hold at
+ *                     most max_uploads transfers)
+ *   server_round.c    the round state machine: selection, FIT_INS, updates folded into the
+ *                     strategies, aggregation, evaluation, commit, failure, the server state
+ * Not installed. */
+#ifndef TERN_SERVER_INTERNAL_H
+#define TERN_SERVER_INTERNAL_H
+
+#include <signal.h>
+#include <stdarg.h>
+
+#include <czmq.h>
+
+#include "tern/model_io.h"
+#include "tern/safetensors.h"
+#include "tern/server.h"
+
+/* One serialized model version: safetensors bytes every download borrows. */
+typedef struct srv_blob {
+    void *bytes;               /* from the safetensors writer (C library allocator) */
+    size_t len;
+    uint64_t version;          /* wire model_version: completed rounds when it was produced */
+    tern_payload_info info;    /* description (transfer_id 0; each session sets its own) */
+} srv_blob;
+
+typedef enum srv_dl_state { DL_IDLE, DL_QUEUED, DL_ACTIVE } srv_dl_state;
+typedef enum srv_up_state { UP_IDLE, UP_QUEUED, UP_ACTIVE } srv_up_state;
+
+typedef struct srv_session {
+    zframe_t *rid;             /* ROUTER routing id (owned) */
+    uint64_t session_id;
+    char name[TERN_PROTO_MAX_NAME + 1];
+    char client_id[TERN_STORE_ID_SIZE];
+    uint64_t cid;              /* the strategy's id: a hash of the name, stable across restarts */
+    tern_seq_tracker seq_in;
+    uint64_t seq_out;
+    uint32_t errors;           /* refusals counted towards max_errors */
+    int64_t last_heard, next_heartbeat;
+    uint64_t next_transfer_id;
+
+    /* Download (server -> client): one at a time. */
+    srv_dl_state dl;
+    srv_blob *dl_blob;
+    tern_send_window dl_win;
+    uint32_t dl_round;         /* header round of the chunks */
+    uint64_t dl_ticket;        /* FIFO order among queued downloads */
+
+    /* Upload (client -> server): the update announced by FIT_RES. */
+    srv_up_state up;
+    tern_payload_info up_info;
+    tern_transfer *up_xfer;
+    uint32_t up_credit;        /* chunks granted */
+    uint64_t up_ticket;
+    uint64_t up_examples;
+    tern_msg_metrics up_metrics;
+    uint64_t up_dropped_id;    /* transfer of a closed round: its chunks get `stale` */
+
+    int part;                  /* index in the fit round's participants, -1 if none */
+    int eval_part;             /* index in the evaluation's participants, -1 if none */
+} srv_session;
+
+typedef enum srv_part_state { PART_WAITING, PART_OK, PART_FAILED, PART_REJECTED } srv_part_state;
+
+/* A client selected for the open fit round (or evaluation). */
+typedef struct srv_part {
+    uint64_t cid;
+    char client_id[TERN_STORE_ID_SIZE];
+    char name[TERN_PROTO_MAX_NAME + 1];
+    srv_session *session;      /* NULL once it is gone */
+    srv_part_state state;
+    uint64_t examples;
+    double loss, accuracy, norm;
+} srv_part;
+
+typedef enum srv_phase { PH_WAIT, PH_FIT, PH_EVALUATE } srv_phase;
+
+/* A verified API key, so that a reconnect costs one SHA-256 instead of PBKDF2. */
+typedef struct srv_key_cache {
+    char name[TERN_STORE_NAME_SIZE];
+    char hash[TERN_STORE_KEY_HASH_SIZE]; /* the stored hash it was verified against */
+    uint8_t sha[32];
+} srv_key_cache;
+
+struct tern_server {
+    tern_server_options opt;   /* resolved; strings below are owned copies */
+    char *endpoint;            /* as bound (zsock_last_endpoint) */
+    tern_proto_limits limits;  /* resolved */
+    tern_store *store;
+    tern_model *model;         /* the global model (borrowed) */
+    tern_model *scratch;       /* updates are loaded here */
+    tern_strategy *strategy;   /* parameters */
+    tern_strategy *bn;         /* BatchNorm running statistics; NULL if the model has none */
+    size_t num_params, num_bn;
+    float *bn_values;          /* num_bn: gathered buffers (global, then each update) */
+    uint8_t *txbuf;            /* one encoded outgoing frame */
+    size_t txcap;
+
+    zsock_t *sock;
+    volatile sig_atomic_t stop;
+    int64_t now;               /* zclock_mono at the loop turn */
+
+    srv_session **sessions;    /* max_sessions slots, NULL = free */
+    size_t num_sessions;
+    uint64_t next_session_id, next_ticket;
+    uint64_t orphan_seq;       /* sequence numbers of replies to connections without a session;
+                                  new sessions continue from it, so that every connection sees
+                                  increasing numbers */
+    size_t active_downloads, active_uploads;
+    size_t transfer_bytes;     /* held by upload transfers now */
+
+    srv_session **avail;       /* max_sessions: scratch for selection */
+    uint64_t *avail_ids, *selected;
+
+    srv_key_cache *keys;
+    size_t num_keys, cap_keys;
+
+    srv_blob *blob;            /* the global model as sent (version = completed) */
+    srv_blob *next_blob;       /* the new global during EVALUATE */
+
+    /* Run state. */
+    uint64_t completed;        /* training rounds completed (restored ones included) */
+    double best_accuracy;      /* -inf until an accuracy is known */
+    uint64_t since_best;
+    bool finished;             /* round limit or convergence reached */
+
+    /* The open round. */
+    srv_phase phase;
+    int64_t wait_started, phase_deadline, round_started, phase_started;
+    int64_t store_round;
+    srv_part *parts;
+    size_t num_parts;
+    srv_part *eval_parts;
+    size_t num_eval_parts;
+    tern_round_report report;
+    uint64_t round_bytes_in0, round_bytes_out0;
+
+    tern_server_stats stats;
+};
+
+/* ---- server.c ------------------------------------------------------------------------------ */
+void srv_log(tern_server *s, tern_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Serialize the model's current state into a new blob for wire version `version`. */
+tern_status srv_blob_make(tern_server *s, uint64_t version, srv_blob **out, tern_error *err);
+/* Free a blob after ending every download that borrows it. Accepts NULL. */
+void srv_blob_free(tern_server *s, srv_blob **blob);
+uint64_t srv_name_hash(const char *name);
+uint64_t srv_mix64(uint64_t x);
+
+/* ---- server_session.c ---------------------------------------------------------------------- */
+/* Receive and handle every frame waiting on the socket. */
+tern_status srv_drain(tern_server *s, tern_error *err);
+/* Heartbeats due, silent sessions closed, downloads and uploads started and streamed. */
+void srv_housekeeping(tern_server *s);
+void srv_pump(tern_server *s);
+/* Encode and send msg to the session (its next sequence number). False if it could not be
+ * sent (logged). */
+bool srv_send(tern_server *s, srv_session *ss, tern_msg *msg);
+/* Count a refused message and answer ERROR code (in reply to seq); refusals that show a broken
+ * peer count towards max_errors, which closes the session. */
+/* Returns false when the session was closed (ss is freed then: do not touch it). */
+bool srv_refuse(tern_server *s, srv_session *ss, tern_proto_code code, uint64_t in_reply_to,
+                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* Queue the upload FIT_RES announced; credit comes when an upload slot is free. */
+void srv_upload_request(tern_server *s, srv_session *ss, const tern_msg_fit_res *res);
+/* Queue a download of blob to the session (ends any earlier download). The caller has sent the
+ * instruction carrying *info (filled here with the session's transfer id). */
+void srv_download_prepare(tern_server *s, srv_session *ss, srv_blob *blob, uint32_t round,
+                          tern_payload_info *info);
+void srv_download_cancel(tern_server *s, srv_session *ss);
+void srv_upload_cancel(tern_server *s, srv_session *ss);
+/* Close a session: GOODBYE with reason (unless send is false), failure in the round. */
+void srv_session_close(tern_server *s, srv_session *ss, bool send, tern_goodbye_reason reason,
+                       const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+srv_session *srv_session_by_name(tern_server *s, const char *name);
+/* Sessions that count as available (welcomed and alive). */
+size_t srv_available(tern_server *s, srv_session **out, size_t cap);
+void srv_send_goodbye_all(tern_server *s, tern_goodbye_reason reason, const char *message);
+
+/* ---- server_round.c ------------------------------------------------------------------------ */
+/* Advance the round state machine; TERN_ERR_STATE for a WAIT timeout, TERN_ERR_IO for a store
+ * failure that stops the run. */
+tern_status srv_round_step(tern_server *s, tern_error *err);
+/* Next time the round machine needs a turn (a deadline), or INT64_MAX. */
+int64_t srv_round_deadline(const tern_server *s);
+/* Events from sessions. */
+void srv_part_failed(tern_server *s, srv_session *ss, const char *why);
+/* FIT_RES / EVALUATE_RES: false when refused (the reply is sent). */
+bool srv_fit_result(tern_server *s, srv_session *ss, const tern_msg *msg);
+/* The upload of ss completed: fold the update into the round. */
+void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t len);
+bool srv_evaluate_result(tern_server *s, srv_session *ss, const tern_msg *msg);
+/* Server state <-> store. */
+tern_status srv_state_serialize(tern_server *s, void **bytes, size_t *len, tern_error *err);
+tern_status srv_state_restore(tern_server *s, const void *bytes, size_t len, tern_error *err);
+/* Commit the current model as the first version (an empty store). */
+tern_status srv_commit_initial(tern_server *s, tern_error *err);
+
+#endif

@@ -1,0 +1,1038 @@
+/* The server's round state machine (docs/federation.md, "Rounds"): WAIT for clients, FIT
+ * (FIT_INS, updates verified and folded into the strategies as they arrive), AGGREGATE,
+ * EVALUATE (clients and the server-side callback), COMMIT, or a failed round; and the server
+ * state committed with every round so that a restarted server resumes exactly.
+ *
+ * Session events (a result, a failure) only mark the participant; srv_round_step, called at
+ * every loop turn, decides when a phase ends, so nothing here re-enters the session code
+ * while it walks its tables. */
+#include "fl/server_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "nn/util.h"
+
+#define STATE_FORMAT "tern-server-state"
+#define STATE_VERSION "1"
+
+static double seconds_since(const tern_server *s, int64_t t0)
+{
+    return (double)(s->now - t0) / 1000.0;
+}
+
+static uint32_t wire_round(const tern_server *s)
+{
+    return (uint32_t)s->report.training_round;
+}
+
+/* ---- server state ---------------------------------------------------------------------------- */
+
+static tern_status add_state_vectors(tern_safetensors_writer *w, tern_strategy *st,
+                                     const char *prefix, size_t n)
+{
+    int64_t shape[1] = {(int64_t)n};
+    char name[96];
+    for (size_t i = 0; st && i < tern_strategy_state_count(st); i++) {
+        const char *vname;
+        float *data;
+        tern_status s = tern_strategy_state_at(st, i, &vname, &data);
+        if (s == TERN_OK) {
+            snprintf(name, sizeof name, "%s/%s", prefix, vname);
+            s = tern_safetensors_writer_add(w, name, TERN_DTYPE_F32, 1, shape, data);
+        }
+        if (s != TERN_OK)
+            return s;
+    }
+    return TERN_OK;
+}
+
+tern_status srv_state_serialize(tern_server *s, void **bytes, size_t *len, tern_error *err)
+{
+    tern_safetensors_writer *w = NULL;
+    tern_status st = tern_safetensors_writer_create(NULL, &w);
+    char completed[32], best[40], since[32];
+    snprintf(completed, sizeof completed, "%llu", (unsigned long long)s->completed);
+    if (isfinite(s->best_accuracy))
+        snprintf(best, sizeof best, "%.17g", s->best_accuracy);
+    else
+        snprintf(best, sizeof best, "none");
+    snprintf(since, sizeof since, "%llu", (unsigned long long)s->since_best);
+    const char *meta[][2] = {
+        {"format", STATE_FORMAT},
+        {"format_version", STATE_VERSION},
+        {"strategy", tern_strategy_kind_name(s->opt.strategy.kind)},
+        {"rounds_completed", completed},
+        {"best_accuracy", best},
+        {"rounds_since_best", since},
+    };
+    for (size_t i = 0; st == TERN_OK && i < sizeof meta / sizeof meta[0]; i++)
+        st = tern_safetensors_writer_set_metadata(w, meta[i][0], meta[i][1]);
+    if (st == TERN_OK)
+        st = add_state_vectors(w, s->strategy, "strategy", s->num_params);
+    if (st == TERN_OK)
+        st = add_state_vectors(w, s->bn, "bn", s->num_bn);
+    if (st == TERN_OK)
+        st = tern_safetensors_writer_serialize(w, bytes, len);
+    tern_safetensors_writer_destroy(&w);
+    if (st != TERN_OK)
+        return tern_set_error(err, st, "serializing the server state: %s", tern_strerror(st));
+    return TERN_OK;
+}
+
+static bool parse_u64(const char *text, uint64_t *out)
+{
+    if (!text || !*text)
+        return false;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno || *end || text[0] == '-')
+        return false;
+    *out = v;
+    return true;
+}
+
+static tern_status restore_vectors(tern_server *s, const tern_safetensors *sf, tern_strategy *st,
+                                   const char *prefix, size_t n, tern_error *err)
+{
+    char name[96];
+    for (size_t i = 0; st && i < tern_strategy_state_count(st); i++) {
+        const char *vname;
+        float *data;
+        tern_strategy_state_at(st, i, &vname, &data);
+        snprintf(name, sizeof name, "%s/%s", prefix, vname);
+        tern_tensor_view v;
+        if (tern_safetensors_find(sf, name, &v) != TERN_OK) {
+            srv_log(s, TERN_LOG_WARN, "server state has no '%s': it starts at zero", name);
+            continue;
+        }
+        if (v.dtype != TERN_DTYPE_F32 || v.ndim != 1 || v.shape[0] != (int64_t)n)
+            return tern_set_error(err, TERN_ERR_FORMAT,
+                                  "server state '%s' does not match the model (%zu values)", name,
+                                  n);
+        memcpy(data, v.data, n * sizeof(float));
+    }
+    return TERN_OK;
+}
+
+tern_status srv_state_restore(tern_server *s, const void *bytes, size_t len, tern_error *err)
+{
+    tern_safetensors *sf = NULL;
+    tern_error e = {{0}};
+    tern_status st = tern_safetensors_parse(bytes, len, NULL, &sf, &e);
+    if (st != TERN_OK)
+        return tern_set_error(err, st == TERN_ERR_NOMEM ? st : TERN_ERR_FORMAT,
+                              "stored server state: %s", e.message);
+    const char *format = tern_safetensors_metadata(sf, "format");
+    const char *kind = tern_safetensors_metadata(sf, "strategy");
+    uint64_t completed = 0, since = 0;
+    const char *best = tern_safetensors_metadata(sf, "best_accuracy");
+    if (!format || strcmp(format, STATE_FORMAT) != 0 ||
+        !parse_u64(tern_safetensors_metadata(sf, "rounds_completed"), &completed) ||
+        !parse_u64(tern_safetensors_metadata(sf, "rounds_since_best"), &since) || !best) {
+        st = tern_set_error(err, TERN_ERR_FORMAT, "stored server state: missing or bad metadata");
+        goto done;
+    }
+    if (kind && strcmp(kind, tern_strategy_kind_name(s->opt.strategy.kind)) != 0)
+        srv_log(s, TERN_LOG_WARN,
+                "the stored server state is from strategy %s, this run uses %s: its vectors "
+                "are restored only where the names agree",
+                kind, tern_strategy_kind_name(s->opt.strategy.kind));
+    if ((st = restore_vectors(s, sf, s->strategy, "strategy", s->num_params, err)) != TERN_OK ||
+        (st = restore_vectors(s, sf, s->bn, "bn", s->num_bn, err)) != TERN_OK)
+        goto done;
+    s->completed = completed;
+    s->since_best = since;
+    s->best_accuracy = strcmp(best, "none") == 0 ? -INFINITY : strtod(best, NULL);
+    tern_strategy_set_rounds(s->strategy, completed);
+    if (s->bn)
+        tern_strategy_set_rounds(s->bn, completed);
+done:
+    tern_safetensors_close(&sf);
+    return st;
+}
+
+/* ---- report and client metrics --------------------------------------------------------------- */
+
+static json_t *num_or_null(double v)
+{
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
+static char *report_json(const tern_round_report *r)
+{
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    int bad = 0;
+    bad |= json_object_set_new(o, "training_round", json_integer((json_int_t)r->training_round));
+    bad |= json_object_set_new(o, "store_round", json_integer((json_int_t)r->store_round));
+    bad |= json_object_set_new(o, "completed", json_boolean(r->completed));
+    bad |= json_object_set_new(o, "reason", json_string(r->reason));
+    bad |= json_object_set_new(o, "available", json_integer((json_int_t)r->available));
+    bad |= json_object_set_new(o, "selected", json_integer((json_int_t)r->selected));
+    bad |= json_object_set_new(o, "succeeded", json_integer((json_int_t)r->succeeded));
+    bad |= json_object_set_new(o, "failed", json_integer((json_int_t)r->failed));
+    bad |= json_object_set_new(o, "rejected", json_integer((json_int_t)r->rejected));
+    bad |= json_object_set_new(o, "num_examples", json_integer((json_int_t)r->num_examples));
+    bad |= json_object_set_new(o, "train_loss", num_or_null(r->train_loss));
+    bad |= json_object_set_new(o, "train_accuracy", num_or_null(r->train_accuracy));
+    bad |= json_object_set_new(o, "client_eval_loss", num_or_null(r->client_eval_loss));
+    bad |= json_object_set_new(o, "client_eval_accuracy", num_or_null(r->client_eval_accuracy));
+    bad |= json_object_set_new(o, "client_eval_count",
+                               json_integer((json_int_t)r->client_eval_count));
+    bad |= json_object_set_new(o, "eval_loss", num_or_null(r->eval_loss));
+    bad |= json_object_set_new(o, "eval_accuracy", num_or_null(r->eval_accuracy));
+    bad |= json_object_set_new(o, "update_norm_mean", num_or_null(r->update_norm_mean));
+    bad |= json_object_set_new(o, "bytes_in", json_integer((json_int_t)r->bytes_in));
+    bad |= json_object_set_new(o, "bytes_out", json_integer((json_int_t)r->bytes_out));
+    bad |= json_object_set_new(o, "fit_seconds", num_or_null(r->fit_seconds));
+    bad |= json_object_set_new(o, "eval_seconds", num_or_null(r->eval_seconds));
+    bad |= json_object_set_new(o, "commit_seconds", num_or_null(r->commit_seconds));
+    bad |= json_object_set_new(o, "round_seconds", num_or_null(r->round_seconds));
+    bad |= json_object_set_new(o, "model_version", json_string(r->model_version));
+    char *text = bad ? NULL : json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(o);
+    return text;
+}
+
+static tern_client_metrics *client_metrics(const tern_server *s)
+{
+    tern_client_metrics *m = calloc(s->num_parts ? s->num_parts : 1, sizeof *m);
+    for (size_t i = 0; m && i < s->num_parts; i++) {
+        const srv_part *p = &s->parts[i];
+        snprintf(m[i].client_id, sizeof m[i].client_id, "%s", p->client_id);
+        m[i].participated = p->state == PART_OK;
+        m[i].num_samples = (int64_t)p->examples;
+        m[i].loss = isfinite(p->loss) ? p->loss : 0.0;
+        m[i].accuracy = isfinite(p->accuracy) ? p->accuracy : 0.0;
+        m[i].rejected = p->state == PART_REJECTED;
+        m[i].update_norm = isfinite(p->norm) ? p->norm : 0.0;
+    }
+    return m;
+}
+
+static void count_parts(tern_server *s, size_t *ok, size_t *failed, size_t *rejected,
+                        size_t *waiting)
+{
+    *ok = *failed = *rejected = *waiting = 0;
+    for (size_t i = 0; i < s->num_parts; i++)
+        switch (s->parts[i].state) {
+        case PART_OK: (*ok)++; break;
+        case PART_FAILED: (*failed)++; break;
+        case PART_REJECTED: (*rejected)++; break;
+        default: (*waiting)++; break;
+        }
+}
+
+/* Blacklist the clients whose rejected count reached blacklist_after (after the store counted
+ * this round). */
+static void enforce_blacklist(tern_server *s)
+{
+    if (s->opt.blacklist_after == 0)
+        return;
+    for (size_t i = 0; i < s->num_parts; i++) {
+        const srv_part *p = &s->parts[i];
+        if (p->state != PART_REJECTED)
+            continue;
+        tern_client_record rec;
+        tern_error e = {{0}};
+        if (tern_store_client_get(s->store, p->client_id, &rec, &e) != TERN_OK) {
+            srv_log(s, TERN_LOG_WARN, "client %s: %s", p->name, e.message);
+            continue;
+        }
+        if (rec.blacklisted || rec.rounds_rejected < (int64_t)s->opt.blacklist_after)
+            continue;
+        char reason[128];
+        snprintf(reason, sizeof reason, "%lld rejected updates (blacklist_after %u)",
+                 (long long)rec.rounds_rejected, s->opt.blacklist_after);
+        if (tern_store_client_set_blacklisted(s->store, p->client_id, true, reason, "tern-server",
+                                              &e) != TERN_OK) {
+            srv_log(s, TERN_LOG_ERROR, "client %s: cannot blacklist: %s", p->name, e.message);
+            continue;
+        }
+        srv_log(s, TERN_LOG_WARN, "client %s blacklisted: %s", p->name, reason);
+        srv_session *ss = srv_session_by_name(s, p->name);
+        if (ss)
+            srv_session_close(s, ss, true, TERN_GOODBYE_REJECTED, "blacklisted: %s", reason);
+    }
+}
+
+/* Stop every transfer of the round and forget the participants' sessions. */
+static void close_fit(tern_server *s)
+{
+    for (size_t i = 0; i < s->opt.max_sessions; i++) {
+        srv_session *ss = s->sessions[i];
+        if (!ss || ss->part < 0)
+            continue;
+        if (ss->dl != DL_IDLE && ss->dl_round == wire_round(s))
+            srv_download_cancel(s, ss);
+        srv_upload_cancel(s, ss);
+        ss->part = -1;
+    }
+    for (size_t i = 0; i < s->num_parts; i++)
+        s->parts[i].session = NULL;
+}
+
+static void close_eval(tern_server *s)
+{
+    for (size_t i = 0; i < s->opt.max_sessions; i++) {
+        srv_session *ss = s->sessions[i];
+        if (!ss || ss->eval_part < 0)
+            continue;
+        if (ss->dl != DL_IDLE && ss->dl_blob == s->next_blob)
+            srv_download_cancel(s, ss);
+        ss->eval_part = -1;
+    }
+    free(s->eval_parts);
+    s->eval_parts = NULL;
+    s->num_eval_parts = 0;
+}
+
+static void end_round(tern_server *s)
+{
+    if (s->opt.on_round)
+        s->opt.on_round(s->opt.on_round_user, &s->report);
+    enforce_blacklist(s);
+    free(s->parts);
+    s->parts = NULL;
+    s->num_parts = 0;
+    s->phase = PH_WAIT;
+    s->wait_started = s->now;
+}
+
+static void finish_report(tern_server *s)
+{
+    size_t ok, failed, rejected, waiting;
+    count_parts(s, &ok, &failed, &rejected, &waiting);
+    s->report.succeeded = ok;
+    s->report.failed = failed + rejected + waiting;
+    s->report.rejected = rejected;
+    s->report.bytes_in = s->stats.bytes_in - s->round_bytes_in0;
+    s->report.bytes_out = s->stats.bytes_out - s->round_bytes_out0;
+    s->report.round_seconds = seconds_since(s, s->round_started);
+}
+
+static tern_status fail_round(tern_server *s, const char *reason, tern_error *err)
+{
+    for (size_t i = 0; i < s->num_parts; i++)
+        if (s->parts[i].state == PART_WAITING)
+            s->parts[i].state = PART_FAILED;
+    close_fit(s);
+    close_eval(s);
+    srv_blob_free(s, &s->next_blob);
+    s->report.completed = false;
+    snprintf(s->report.reason, sizeof s->report.reason, "%s", reason);
+    if (s->report.fit_seconds == 0)
+        s->report.fit_seconds = seconds_since(s, s->round_started);
+    finish_report(s);
+    srv_log(s, TERN_LOG_WARN, "round %llu (store round %lld) failed: %s",
+            (unsigned long long)s->report.training_round, (long long)s->store_round, reason);
+    tern_client_metrics *m = client_metrics(s);
+    char *json = report_json(&s->report);
+    tern_status st = TERN_OK;
+    if (!m || !json)
+        st = tern_set_error(err, TERN_ERR_NOMEM, "recording failed round %lld",
+                            (long long)s->store_round);
+    else
+        st = tern_store_round_fail(s->store, s->store_round, reason, m, s->num_parts, json, err);
+    free(m);
+    free(json);
+    end_round(s);
+    return st == TERN_OK ? TERN_OK : TERN_ERR_IO;
+}
+
+/* ---- FIT ------------------------------------------------------------------------------------- */
+
+static uint64_t client_seed(const tern_server *s, uint64_t round, const char *name)
+{
+    uint64_t x = srv_mix64(s->opt.strategy.seed ^ srv_mix64(round));
+    return srv_mix64(x ^ srv_name_hash(name)) & (uint64_t)INT64_MAX;
+}
+
+static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
+{
+    tern_msg *m = calloc(1, sizeof *m);
+    if (!m)
+        return false;
+    m->type = TERN_MSG_FIT_INS;
+    m->round = (uint32_t)t;
+    m->fit_ins.model_version = s->blob->version;
+    m->fit_ins.update_encoding = TERN_PAYLOAD_SAFETENSORS;
+    m->fit_ins.deadline_ms = s->opt.round_timeout_ms;
+    m->fit_ins.config = s->opt.fit_config;
+    tern_msg_config *c = &m->fit_ins.config;
+    bool ok = tern_config_set_int(c, "seed", (int64_t)client_seed(s, t, ss->name)) == TERN_OK &&
+              tern_config_set_int(c, "round", (int64_t)t) == TERN_OK &&
+              tern_config_set_bool(c, "fedbn", s->opt.fedbn) == TERN_OK;
+    if (ok && s->opt.strategy.kind == TERN_STRATEGY_FEDPROX)
+        ok = tern_config_set_float(c, "proximal_mu", s->opt.strategy.proximal_mu) == TERN_OK;
+    if (ok) {
+        srv_download_prepare(s, ss, s->blob, (uint32_t)t, &m->fit_ins.payload);
+        ok = srv_send(s, ss, m);
+    }
+    free(m);
+    return ok;
+}
+
+/* Sessions available for a round, after checking the store still allows each client. */
+static size_t gather_available(tern_server *s)
+{
+    size_t n = srv_available(s, s->avail, s->opt.max_sessions), k = 0;
+    for (size_t i = 0; i < n; i++) {
+        srv_session *ss = s->avail[i];
+        bool dup = false;
+        for (size_t j = 0; j < k; j++)
+            dup |= s->avail_ids[j] == ss->cid;
+        if (dup)
+            continue; /* a 64-bit hash collision: the second client waits */
+        s->avail[k] = ss;
+        s->avail_ids[k++] = ss->cid;
+    }
+    return k;
+}
+
+static bool client_allowed(tern_server *s, srv_session *ss)
+{
+    tern_client_record rec;
+    tern_error e = {{0}};
+    if (tern_store_client_get(s->store, ss->client_id, &rec, &e) != TERN_OK) {
+        srv_log(s, TERN_LOG_WARN, "client %s: %s", ss->name, e.message);
+        srv_session_close(s, ss, true, TERN_GOODBYE_REJECTED, "client record unavailable");
+        return false;
+    }
+    if (rec.blacklisted || !rec.active) {
+        srv_session_close(s, ss, true, TERN_GOODBYE_REJECTED, "client is %s",
+                          rec.blacklisted ? "blacklisted" : "deactivated");
+        return false;
+    }
+    return true;
+}
+
+static tern_status start_fit(tern_server *s, tern_error *err)
+{
+    size_t n = gather_available(s);
+    size_t kk, min_available;
+    tern_strategy_num_fit_clients(s->strategy, n, &kk, &min_available);
+    if (n == 0 || n < min_available || n < kk)
+        return TERN_OK;
+    /* The store may have deactivated someone since HELLO. */
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        if (client_allowed(s, s->avail[i])) {
+            s->avail[m] = s->avail[i];
+            s->avail_ids[m++] = s->avail_ids[i];
+        }
+    n = m;
+    uint64_t t = s->completed + 1;
+    size_t k = 0;
+    tern_status st = tern_strategy_configure_fit(s->strategy, t, s->avail_ids, n, s->selected, &k);
+    if (st == TERN_ERR_STATE)
+        return TERN_OK; /* not enough clients after all: keep waiting */
+    if (st != TERN_OK)
+        return tern_set_error(err, st, "round %llu: selecting clients: %s",
+                              (unsigned long long)t, tern_strategy_last_error(s->strategy));
+    if (s->bn) {
+        size_t kb = 0;
+        st = tern_strategy_configure_fit(s->bn, t, s->selected, k,
+                                         s->selected + s->opt.max_sessions, &kb);
+        if (st != TERN_OK || kb != k)
+            return tern_set_error(err, st ? st : TERN_ERR_STATE,
+                                  "round %llu: BatchNorm statistics round: %s",
+                                  (unsigned long long)t, tern_strategy_last_error(s->bn));
+    }
+    s->parts = calloc(k, sizeof *s->parts);
+    if (!s->parts)
+        return tern_set_error(err, TERN_ERR_NOMEM, "round %llu: %zu participants",
+                              (unsigned long long)t, k);
+    s->num_parts = k;
+    tern_round round;
+    if ((st = tern_store_round_create(s->store, (int32_t)k, &round, err)) != TERN_OK ||
+        (st = tern_store_round_set_status(s->store, round.number, TERN_ROUND_RUNNING, err)) !=
+            TERN_OK) {
+        free(s->parts);
+        s->parts = NULL;
+        s->num_parts = 0;
+        return TERN_ERR_IO;
+    }
+    s->store_round = round.number;
+    memset(&s->report, 0, sizeof s->report);
+    tern_round_report *r = &s->report;
+    r->training_round = t;
+    r->store_round = round.number;
+    r->available = n;
+    r->selected = k;
+    r->train_loss = r->train_accuracy = NAN;
+    r->client_eval_loss = r->client_eval_accuracy = NAN;
+    r->eval_loss = r->eval_accuracy = NAN;
+    r->update_norm_mean = NAN;
+    s->round_bytes_in0 = s->stats.bytes_in;
+    s->round_bytes_out0 = s->stats.bytes_out;
+    s->round_started = s->phase_started = s->now;
+    s->phase_deadline = s->now + s->opt.round_timeout_ms;
+    s->phase = PH_FIT;
+    for (size_t i = 0; i < k; i++) {
+        srv_part *p = &s->parts[i];
+        p->cid = s->selected[i];
+        p->loss = p->accuracy = p->norm = NAN;
+        for (size_t j = 0; j < n; j++)
+            if (s->avail_ids[j] == p->cid)
+                p->session = s->avail[j];
+        snprintf(p->name, sizeof p->name, "%s", p->session->name);
+        snprintf(p->client_id, sizeof p->client_id, "%s", p->session->client_id);
+        p->session->part = (int)i;
+    }
+    srv_log(s, TERN_LOG_INFO, "round %llu (store round %lld): %zu of %zu clients selected",
+            (unsigned long long)t, (long long)round.number, k, n);
+    for (size_t i = 0; i < k; i++) {
+        srv_part *p = &s->parts[i];
+        if (p->session && !send_fit_ins(s, p->session, t))
+            srv_part_failed(s, p->session, "FIT_INS could not be sent");
+    }
+    return TERN_OK;
+}
+
+void srv_part_failed(tern_server *s, srv_session *ss, const char *why)
+{
+    if (s->phase == PH_FIT && ss->part >= 0 && (size_t)ss->part < s->num_parts) {
+        srv_part *p = &s->parts[ss->part];
+        if (p->state == PART_WAITING) {
+            p->state = PART_FAILED;
+            tern_strategy_add_fit_failure(s->strategy, p->cid);
+            if (s->bn)
+                tern_strategy_add_fit_failure(s->bn, p->cid);
+            srv_log(s, TERN_LOG_WARN, "round %llu: client %s failed: %s",
+                    (unsigned long long)s->report.training_round, p->name, why);
+        }
+        srv_upload_cancel(s, ss);
+    }
+    if (s->phase == PH_EVALUATE && ss->eval_part >= 0 &&
+        (size_t)ss->eval_part < s->num_eval_parts) {
+        srv_part *p = &s->eval_parts[ss->eval_part];
+        if (p->state == PART_WAITING)
+            p->state = PART_FAILED;
+    }
+}
+
+/* Is msg (a result for round msg->round) late, i.e. for a round that has closed? */
+static bool is_late(const tern_server *s, uint32_t round, bool evaluate)
+{
+    uint64_t t = s->report.training_round;
+    if (round == 0)
+        return false;
+    if (s->phase == PH_WAIT)
+        return round <= s->completed + 1;
+    if (evaluate)
+        return round < t || (round == t && s->phase != PH_EVALUATE);
+    return round < t || (round == t && s->phase != PH_FIT);
+}
+
+bool srv_fit_result(tern_server *s, srv_session *ss, const tern_msg *msg)
+{
+    const tern_msg_fit_res *r = &msg->fit_res;
+    if (is_late(s, msg->round, false)) {
+        s->stats.late_results++;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq, "round %u is closed", msg->round);
+        return false;
+    }
+    if (s->phase != PH_FIT || msg->round != wire_round(s) || ss->part < 0) {
+        srv_refuse(s, ss, TERN_PROTO_E_UNEXPECTED, msg->seq,
+                   "FIT_RES for round %u: this client was not asked", msg->round);
+        return false;
+    }
+    srv_part *p = &s->parts[ss->part];
+    if (p->state != PART_WAITING) {
+        if (p->state == PART_FAILED)
+            s->stats.late_results++;
+        srv_refuse(s, ss, p->state == PART_FAILED ? TERN_PROTO_E_STALE : TERN_PROTO_E_UNEXPECTED,
+                   msg->seq, "round %u: this client's result is already %s", msg->round,
+                   p->state == PART_FAILED ? "counted as failed" : "in");
+        return false;
+    }
+    if (ss->up != UP_IDLE) {
+        srv_refuse(s, ss, TERN_PROTO_E_UNEXPECTED, msg->seq, "an update is already under way");
+        return false;
+    }
+    if (r->model_version != s->blob->version) {
+        srv_part_failed(s, ss, "update based on another model version");
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq,
+                   "the update is based on version %llu, round %u sent version %llu",
+                   (unsigned long long)r->model_version, msg->round,
+                   (unsigned long long)s->blob->version);
+        return false;
+    }
+    if (r->payload.encoding == TERN_PAYLOAD_NONE) {
+        srv_part_failed(s, ss, "FIT_RES without an update");
+        return true;
+    }
+    if (r->payload.encoding != TERN_PAYLOAD_SAFETENSORS) {
+        srv_part_failed(s, ss, "update in an encoding that was not asked for");
+        srv_refuse(s, ss, TERN_PROTO_E_UNSUPPORTED, msg->seq,
+                   "update encoding %d was not asked for (safetensors, 1)",
+                   (int)r->payload.encoding);
+        return false;
+    }
+    srv_upload_request(s, ss, r);
+    return true;
+}
+
+static void reject_update(tern_server *s, srv_part *p, bool strategy_knows, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void reject_update(tern_server *s, srv_part *p, bool strategy_knows, const char *fmt, ...)
+{
+    char why[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    p->state = PART_REJECTED;
+    if (!strategy_knows)
+        tern_strategy_add_fit_failure(s->strategy, p->cid);
+    if (s->bn)
+        tern_strategy_add_fit_failure(s->bn, p->cid);
+    srv_log(s, TERN_LOG_WARN, "round %llu: update of client %s rejected: %s",
+            (unsigned long long)s->report.training_round, p->name, why);
+}
+
+void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t len)
+{
+    if (s->phase != PH_FIT || ss->part < 0 || s->parts[ss->part].state != PART_WAITING)
+        return;
+    srv_part *p = &s->parts[ss->part];
+    tern_safetensors *sf = NULL;
+    tern_error e = {{0}};
+    tern_status st = tern_safetensors_parse(data, len, NULL, &sf, &e);
+    if (st == TERN_OK)
+        st = tern_model_load_state(s->scratch, sf, "", &e);
+    tern_safetensors_close(&sf);
+    if (st != TERN_OK)
+        return reject_update(s, p, false, "%s", e.message);
+
+    const float *upd = tern_model_params(s->scratch);
+    const float *glob = tern_strategy_global(s->strategy);
+    double sq = 0.0;
+    for (size_t i = 0; i < s->num_params; i++) {
+        double d = (double)upd[i] - (double)glob[i];
+        sq += d * d;
+    }
+    size_t k = 0;
+    for (size_t i = 0; s->bn && i < tern_model_tensor_count(s->scratch); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
+        if (t->kind != TERN_TENSOR_BUFFER)
+            continue;
+        for (size_t j = 0; j < t->count; j++)
+            if (!isfinite(t->data[j]))
+                return reject_update(s, p, false, "BatchNorm statistic %s[%zu] is not finite",
+                                     t->name, j);
+        memcpy(s->bn_values + k, t->data, t->count * sizeof(float));
+        k += t->count;
+    }
+    tern_metric metrics[TERN_STRATEGY_MAX_METRICS];
+    size_t nm = 0;
+    for (uint32_t i = 0; i < ss->up_metrics.count && nm < TERN_STRATEGY_MAX_METRICS; i++)
+        metrics[nm++] = (tern_metric){ss->up_metrics.entries[i].key,
+                                      ss->up_metrics.entries[i].value};
+    tern_fit_result fr = {.client_id = p->cid, .update = upd, .num_params = s->num_params,
+                          .num_examples = ss->up_examples, .metrics = metrics,
+                          .num_metrics = nm};
+    st = tern_strategy_add_fit_result(s->strategy, &fr);
+    if (st != TERN_OK)
+        return reject_update(s, p, true, "%s", tern_strategy_last_error(s->strategy));
+    if (s->bn) {
+        tern_fit_result br = {.client_id = p->cid, .update = s->bn_values,
+                              .num_params = s->num_bn, .num_examples = ss->up_examples};
+        if (tern_strategy_add_fit_result(s->bn, &br) != TERN_OK)
+            srv_log(s, TERN_LOG_ERROR,
+                    "round %llu: client %s: BatchNorm statistics refused (%s); its parameters "
+                    "are counted, its statistics are not",
+                    (unsigned long long)s->report.training_round, p->name,
+                    tern_strategy_last_error(s->bn));
+    }
+    p->state = PART_OK;
+    p->examples = ss->up_examples;
+    p->norm = sqrt(sq);
+    double v;
+    if (tern_metrics_get(&ss->up_metrics, "loss", &v) == TERN_OK)
+        p->loss = v;
+    if (tern_metrics_get(&ss->up_metrics, "accuracy", &v) == TERN_OK)
+        p->accuracy = v;
+    srv_log(s, TERN_LOG_DEBUG, "round %llu: update of client %s accepted (%llu examples, "
+            "norm %.4g)", (unsigned long long)s->report.training_round, p->name,
+            (unsigned long long)p->examples, p->norm);
+}
+
+/* ---- AGGREGATE, EVALUATE, COMMIT ------------------------------------------------------------ */
+
+static void write_global(tern_server *s)
+{
+    memcpy(tern_model_params(s->model), tern_strategy_global(s->strategy),
+           s->num_params * sizeof(float));
+    if (s->bn) {
+        const float *g = tern_strategy_global(s->bn);
+        size_t k = 0;
+        for (size_t i = 0; i < tern_model_tensor_count(s->model); i++) {
+            const tern_model_tensor *t = tern_model_tensor_at(s->model, i);
+            if (t->kind != TERN_TENSOR_BUFFER)
+                continue;
+            memcpy(t->data, g + k, t->count * sizeof(float));
+            k += t->count;
+        }
+    }
+    tern_model_invalidate(s->model);
+}
+
+static bool send_evaluate_ins(tern_server *s, srv_session *ss)
+{
+    tern_msg *m = calloc(1, sizeof *m);
+    if (!m)
+        return false;
+    m->type = TERN_MSG_EVALUATE_INS;
+    m->round = wire_round(s);
+    m->evaluate_ins.model_version = s->next_blob->version;
+    m->evaluate_ins.config = s->opt.evaluate_config;
+    bool ok = tern_config_set_int(&m->evaluate_ins.config, "round", (int64_t)wire_round(s)) ==
+                  TERN_OK &&
+              tern_config_set_bool(&m->evaluate_ins.config, "fedbn", s->opt.fedbn) == TERN_OK;
+    if (ok) {
+        srv_download_prepare(s, ss, s->next_blob, wire_round(s), &m->evaluate_ins.payload);
+        ok = srv_send(s, ss, m);
+    }
+    free(m);
+    return ok;
+}
+
+static tern_status start_evaluate(tern_server *s, tern_error *err)
+{
+    s->phase_started = s->now;
+    if (s->opt.strategy.fraction_evaluate > 0) {
+        size_t n = gather_available(s), k = 0;
+        tern_status st = tern_strategy_configure_evaluate(s->strategy, s->report.training_round,
+                                                          s->avail_ids, n, s->selected, &k);
+        if (st == TERN_OK && k > 0) {
+            s->eval_parts = calloc(k, sizeof *s->eval_parts);
+            if (!s->eval_parts)
+                return tern_set_error(err, TERN_ERR_NOMEM, "evaluation of %zu clients", k);
+            s->num_eval_parts = k;
+            for (size_t i = 0; i < k; i++) {
+                srv_part *p = &s->eval_parts[i];
+                p->cid = s->selected[i];
+                for (size_t j = 0; j < n; j++)
+                    if (s->avail_ids[j] == p->cid)
+                        p->session = s->avail[j];
+                snprintf(p->name, sizeof p->name, "%s", p->session->name);
+                p->session->eval_part = (int)i;
+            }
+            for (size_t i = 0; i < k; i++)
+                if (s->eval_parts[i].session &&
+                    !send_evaluate_ins(s, s->eval_parts[i].session))
+                    s->eval_parts[i].state = PART_FAILED;
+        } else if (st != TERN_OK) {
+            srv_log(s, TERN_LOG_INFO, "round %llu: no client evaluation (%s)",
+                    (unsigned long long)s->report.training_round,
+                    tern_strategy_last_error(s->strategy));
+        }
+    }
+    if (s->opt.evaluate) {
+        double loss = NAN, acc = NAN;
+        uint64_t n = 0;
+        tern_error e = {{0}};
+        tern_status st = s->opt.evaluate(s->opt.evaluate_user, s->model, &loss, &acc, &n, &e);
+        if (st == TERN_OK) {
+            s->report.eval_loss = loss;
+            s->report.eval_accuracy = acc;
+        } else {
+            srv_log(s, TERN_LOG_WARN, "round %llu: server-side evaluation failed: %s",
+                    (unsigned long long)s->report.training_round, e.message);
+        }
+        s->now = zclock_mono();
+    }
+    s->phase = PH_EVALUATE;
+    s->phase_deadline = s->now + s->opt.round_timeout_ms;
+    return TERN_OK;
+}
+
+bool srv_evaluate_result(tern_server *s, srv_session *ss, const tern_msg *msg)
+{
+    const tern_msg_evaluate_res *r = &msg->evaluate_res;
+    if (is_late(s, msg->round, true)) {
+        s->stats.late_results++;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq, "evaluation of round %u is closed",
+                   msg->round);
+        return false;
+    }
+    if (s->phase != PH_EVALUATE || msg->round != wire_round(s) || ss->eval_part < 0 ||
+        s->eval_parts[ss->eval_part].state != PART_WAITING) {
+        srv_refuse(s, ss, TERN_PROTO_E_UNEXPECTED, msg->seq,
+                   "EVALUATE_RES for round %u: not asked (or already answered)", msg->round);
+        return false;
+    }
+    srv_part *p = &s->eval_parts[ss->eval_part];
+    if (r->model_version != s->next_blob->version) {
+        p->state = PART_FAILED;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq, "evaluated version %llu, not %llu",
+                   (unsigned long long)r->model_version,
+                   (unsigned long long)s->next_blob->version);
+        return false;
+    }
+    double acc = NAN;
+    bool has_acc = tern_metrics_get(&r->metrics, "accuracy", &acc) == TERN_OK;
+    tern_evaluate_result er = {.client_id = p->cid, .num_examples = r->num_examples,
+                               .loss = r->loss, .accuracy = has_acc ? acc : 0.0,
+                               .has_accuracy = has_acc};
+    if (tern_strategy_add_evaluate_result(s->strategy, &er) != TERN_OK) {
+        p->state = PART_REJECTED;
+        srv_log(s, TERN_LOG_WARN, "round %llu: evaluation of client %s refused: %s",
+                (unsigned long long)s->report.training_round, p->name,
+                tern_strategy_last_error(s->strategy));
+        return true;
+    }
+    p->state = PART_OK;
+    return true;
+}
+
+static tern_status aggregate(tern_server *s, tern_error *err)
+{
+    close_fit(s);
+    s->report.fit_seconds = seconds_since(s, s->round_started);
+    if (tern_store_round_set_status(s->store, s->store_round, TERN_ROUND_AGGREGATING, err) !=
+        TERN_OK)
+        return TERN_ERR_IO;
+    tern_fit_summary sum;
+    if (tern_strategy_aggregate_fit(s->strategy, &sum) != TERN_OK) {
+        char reason[256];
+        snprintf(reason, sizeof reason, "aggregation: %s", tern_strategy_last_error(s->strategy));
+        return fail_round(s, reason, err);
+    }
+    if (s->bn && tern_strategy_aggregate_fit(s->bn, NULL) != TERN_OK)
+        srv_log(s, TERN_LOG_ERROR, "round %llu: BatchNorm statistics not aggregated: %s",
+                (unsigned long long)s->report.training_round, tern_strategy_last_error(s->bn));
+    write_global(s);
+    s->report.num_examples = sum.num_examples;
+    for (size_t i = 0; i < sum.num_metrics; i++) {
+        if (strcmp(sum.metric_names[i], "loss") == 0)
+            s->report.train_loss = sum.metric_values[i];
+        else if (strcmp(sum.metric_names[i], "accuracy") == 0)
+            s->report.train_accuracy = sum.metric_values[i];
+    }
+    double norms = 0.0;
+    size_t ok = 0;
+    for (size_t i = 0; i < s->num_parts; i++)
+        if (s->parts[i].state == PART_OK) {
+            norms += s->parts[i].norm;
+            ok++;
+        }
+    s->report.update_norm_mean = ok ? norms / (double)ok : NAN;
+    tern_status st = srv_blob_make(s, s->completed + 1, &s->next_blob, err);
+    if (st != TERN_OK)
+        return st;
+    return start_evaluate(s, err);
+}
+
+static double first_finite(double a, double b, double c)
+{
+    return isfinite(a) ? a : isfinite(b) ? b : isfinite(c) ? c : 0.0;
+}
+
+static tern_status commit(tern_server *s, tern_error *err)
+{
+    tern_round_report *r = &s->report;
+    r->eval_seconds = seconds_since(s, s->phase_started);
+    int64_t t0 = zclock_mono();
+    double acc = isfinite(r->eval_accuracy) ? r->eval_accuracy : r->client_eval_accuracy;
+    s->completed++;
+    if (isfinite(acc)) {
+        if (acc > s->best_accuracy) {
+            s->best_accuracy = acc;
+            s->since_best = 0;
+        } else {
+            s->since_best++;
+        }
+    }
+    r->completed = true;
+    finish_report(s);
+    void *state = NULL;
+    size_t state_len = 0;
+    tern_client_metrics *m = client_metrics(s);
+    char *json = report_json(r);
+    tern_status st = srv_state_serialize(s, &state, &state_len, err);
+    if (st == TERN_OK && (!m || !json))
+        st = tern_set_error(err, TERN_ERR_NOMEM, "committing round %lld",
+                            (long long)s->store_round);
+    char notes[64];
+    snprintf(notes, sizeof notes, "training round %llu", (unsigned long long)r->training_round);
+    tern_model_version version;
+    if (st == TERN_OK) {
+        tern_round_commit c = {
+            .round = s->store_round,
+            .global_accuracy = first_finite(r->eval_accuracy, r->client_eval_accuracy,
+                                            r->train_accuracy),
+            .global_loss = first_finite(r->eval_loss, r->client_eval_loss, r->train_loss),
+            .client_metrics = m,
+            .client_metrics_count = s->num_parts,
+            .model = s->next_blob->bytes,
+            .model_size = s->next_blob->len,
+            .settings = s->opt.settings,
+            .classes = s->opt.classes,
+            .notes = notes,
+            .server_state = state,
+            .server_state_size = state_len,
+            .report_json = json,
+        };
+        st = tern_store_commit_round(s->store, &c, NULL, &version, err);
+    }
+    free(state);
+    free(m);
+    free(json);
+    if (st != TERN_OK)
+        return TERN_ERR_IO;
+    s->now = zclock_mono();
+    r->commit_seconds = (double)(s->now - t0) / 1000.0;
+    r->round_seconds = seconds_since(s, s->round_started);
+    snprintf(r->model_version, sizeof r->model_version, "%s", version.version);
+    srv_blob_free(s, &s->blob);
+    s->blob = s->next_blob;
+    s->next_blob = NULL;
+    srv_log(s, TERN_LOG_INFO,
+            "round %llu committed as version %s: %zu of %zu succeeded, %llu examples",
+            (unsigned long long)r->training_round, r->model_version, r->succeeded, r->selected,
+            (unsigned long long)r->num_examples);
+    end_round(s);
+    if (s->completed >= s->opt.rounds) {
+        s->finished = true;
+        srv_log(s, TERN_LOG_INFO, "round limit reached (%u)", s->opt.rounds);
+    } else if (s->opt.patience && s->since_best >= s->opt.patience) {
+        s->finished = true;
+        srv_log(s, TERN_LOG_INFO, "converged: %llu rounds without improvement",
+                (unsigned long long)s->since_best);
+    }
+    return TERN_OK;
+}
+
+static tern_status finish_evaluate(tern_server *s, tern_error *err)
+{
+    if (s->num_eval_parts > 0) {
+        for (size_t i = 0; i < s->num_eval_parts; i++)
+            if (s->eval_parts[i].state == PART_WAITING)
+                s->eval_parts[i].state = PART_FAILED;
+        tern_evaluate_summary sum;
+        if (tern_strategy_aggregate_evaluate(s->strategy, &sum) == TERN_OK) {
+            s->report.client_eval_loss = sum.loss;
+            s->report.client_eval_accuracy = sum.accuracy;
+            s->report.client_eval_count = sum.num_results;
+        }
+    }
+    close_eval(s);
+    return commit(s, err);
+}
+
+tern_status srv_commit_initial(tern_server *s, tern_error *err)
+{
+    void *state = NULL;
+    size_t len = 0;
+    tern_status st = srv_state_serialize(s, &state, &len, err);
+    if (st != TERN_OK)
+        return st;
+    tern_round_commit c = {
+        .round = 0,
+        .model = s->blob->bytes,
+        .model_size = s->blob->len,
+        .settings = s->opt.settings,
+        .classes = s->opt.classes,
+        .notes = "initial model",
+        .server_state = state,
+        .server_state_size = len,
+    };
+    tern_model_version v;
+    st = tern_store_commit_round(s->store, &c, NULL, &v, err);
+    free(state);
+    if (st == TERN_OK)
+        srv_log(s, TERN_LOG_INFO, "initial model committed as version %s", v.version);
+    return st;
+}
+
+/* ---- the machine ------------------------------------------------------------------------------ */
+
+int64_t srv_round_deadline(const tern_server *s)
+{
+    if (s->phase != PH_WAIT)
+        return s->phase_deadline;
+    if (s->opt.wait_timeout_ms)
+        return s->wait_started + s->opt.wait_timeout_ms;
+    return INT64_MAX;
+}
+
+static tern_status step_fit(tern_server *s, tern_error *err)
+{
+    bool timeout = s->now >= s->phase_deadline;
+    for (size_t i = 0; timeout && i < s->num_parts; i++) {
+        srv_part *p = &s->parts[i];
+        if (p->state == PART_WAITING && p->session) {
+            srv_part_failed(s, p->session, "round timeout");
+        } else if (p->state == PART_WAITING) {
+            p->state = PART_FAILED;
+            tern_strategy_add_fit_failure(s->strategy, p->cid);
+        }
+    }
+    size_t ok, failed, rejected, waiting;
+    count_parts(s, &ok, &failed, &rejected, &waiting);
+    size_t k = s->num_parts;
+    size_t need = k;
+    if (s->opt.policy == TERN_POLICY_TOLERANT) {
+        need = (size_t)ceil(s->opt.min_completion * (double)k - 1e-9);
+        if (need < 1)
+            need = 1;
+    }
+    char reason[160];
+    if (s->opt.policy == TERN_POLICY_STRICT && failed + rejected > 0) {
+        snprintf(reason, sizeof reason, "strict policy: %zu client%s failed%s", failed + rejected,
+                 failed + rejected == 1 ? "" : "s", timeout ? " (round timeout)" : "");
+        return fail_round(s, reason, err);
+    }
+    if (ok + waiting < need) {
+        snprintf(reason, sizeof reason,
+                 "only %zu of %zu selected clients can still succeed, %zu needed%s", ok + waiting,
+                 k, need, timeout ? " (round timeout)" : "");
+        return fail_round(s, reason, err);
+    }
+    if (waiting == 0)
+        return aggregate(s, err);
+    return TERN_OK;
+}
+
+static tern_status step_evaluate(tern_server *s, tern_error *err)
+{
+    if (s->now >= s->phase_deadline)
+        return finish_evaluate(s, err);
+    for (size_t i = 0; i < s->num_eval_parts; i++)
+        if (s->eval_parts[i].state == PART_WAITING && s->eval_parts[i].session)
+            return TERN_OK;
+    return finish_evaluate(s, err);
+}
+
+tern_status srv_round_step(tern_server *s, tern_error *err)
+{
+    switch (s->phase) {
+    case PH_WAIT:
+        if (s->finished)
+            return TERN_OK;
+        if (s->opt.wait_timeout_ms && s->now - s->wait_started > (int64_t)s->opt.wait_timeout_ms) {
+            size_t n = gather_available(s);
+            return tern_set_error(err, TERN_ERR_STATE,
+                                  "waited %u ms for clients: %zu available, the strategy needs "
+                                  "at least %zu",
+                                  s->opt.wait_timeout_ms, n, s->opt.strategy.min_available_clients);
+        }
+        return start_fit(s, err);
+    case PH_FIT:
+        return step_fit(s, err);
+    case PH_EVALUATE:
+        return step_evaluate(s, err);
+    }
+    return TERN_OK;
+}
