@@ -425,7 +425,6 @@ static void usage(FILE *f)
             "Run 'tern <command> --help' for a command's options.\n");
 }
 
-#ifndef TERN_NO_MAIN /* tern-server and tern-client have their own main (apps/main_*.c) */
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -459,4 +458,3 @@ int main(int argc, char **argv)
     usage(stderr);
     return 1;
 }
-#endif

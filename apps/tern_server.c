@@ -404,7 +404,11 @@ static int cmd_set_state(const cli *c, tern_store *s, const char *what)
     }
     if (st != TERN_OK)
         return die("%s", err.message);
-    printf("client %s: %sed\n", r.name, what);
+    printf("client %s: %s\n", r.name,
+           !strcmp(what, "blacklist")     ? "blacklisted"
+           : !strcmp(what, "unblacklist") ? "blacklisting lifted (active again)"
+           : !strcmp(what, "activate")    ? "activated"
+                                          : "deactivated");
     return 0;
 }
 
@@ -884,19 +888,21 @@ static const struct {
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: tern server <subcommand> [options]\n\n"
-               "The federated server: its store, its clients, and its rounds.\n\nSubcommands:\n");
+    fprintf(f, "usage: %s <subcommand> [options]\n\n"
+               "The federated server: its store, its clients, and its rounds.\n\nSubcommands:\n",
+            cli_prog);
     for (size_t i = 0; i < NSUBS; i++) {
         char head[64];
         snprintf(head, sizeof head, "%s %s", SUBS[i].name, SUBS[i].args);
         fprintf(f, "  %-36s %s\n", head, SUBS[i].summary);
     }
     fprintf(f, "\nEvery subcommand takes --store DIR (default $TERN_STORE, else " FL_DEFAULT_STORE
-               ").\nRun 'tern server <subcommand> --help' for details.\n\n"
+               ").\nRun '%s <subcommand> --help' for details.\n\n"
                "example:\n"
                "  tern server init --store ./fl\n"
                "  tern server register phone-1 --store ./fl\n"
-               "  tern server run --store ./fl --test-data fashion-mnist --test-limit 2000\n");
+               "  tern server run --store ./fl --test-data fashion-mnist --test-limit 2000\n",
+            cli_prog);
 }
 
 int tern_cmd_server(int argc, char **argv)
