@@ -79,7 +79,10 @@ typedef struct tern_client_options {
     uint32_t heartbeat_patience;   /* silent server intervals before reconnecting; default 5 */
     uint32_t backoff_initial_ms;   /* first reconnect delay; default 100 */
     uint32_t backoff_max_ms;       /* default 5000 */
-    uint32_t max_reconnects;       /* 0 = forever; then run returns TERN_ERR_IO */
+    uint32_t max_reconnects;       /* consecutive reconnects without a WELCOME; 0 = forever;
+                                      then run returns TERN_ERR_IO */
+    uint32_t hello_timeout_ms;     /* wait this long for WELCOME before reconnecting (the
+                                      heartbeat interval is unknown until then); default 5000 */
     uint32_t max_rounds;           /* return TERN_OK after this many fit results sent; 0 = no
                                       limit */
     tern_proto_limits limits;
@@ -111,7 +114,10 @@ typedef struct tern_client_stats {
     uint64_t fits, evaluates;      /* results sent */
     uint64_t downloads, cache_hits;
     uint64_t bytes_in, bytes_out;
+    uint64_t refused;              /* frames from the server refused and ignored (malformed,
+                                      out of order, unexpected in the session's state) */
 } tern_client_stats;
+/* A snapshot of the counters; any thread may call it while tern_client_run runs. */
 void tern_client_stats_get(const tern_client *client, tern_client_stats *out);
 
 #ifdef __cplusplus
