@@ -647,13 +647,6 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     if (join_path(key_path, sizeof key_path, dir, FL_KEY_DIR "/server.key") ||
         join_path(model_path, sizeof model_path, dir, FL_INITIAL_MODEL))
         return 1;
-    if (!o.insecure) {
-        struct stat sb;
-        if (stat(key_path, &sb) != 0)
-            return die("no server key at %s (made by tern server init; or run with --insecure)",
-                       key_path);
-        o.key_file = key_path;
-    }
     tern_strategy_kind kind = TERN_STRATEGY_FEDAVG;
     if (c->strategy && tern_strategy_kind_parse(c->strategy, &kind) != TERN_OK)
         return die("unknown --strategy '%s' (fedavg, fedprox, fedavgm, fedadam, fedyogi, "
@@ -698,6 +691,13 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     if (c->max_steps > 0)
         tern_config_set_int(&o.fit_config, "max_steps", c->max_steps);
     tern_config_set_int(&o.evaluate_config, "batch_size", 256);
+    if (!o.insecure) {
+        struct stat sb;
+        if (stat(key_path, &sb) != 0)
+            return die("no server key at %s (made by tern server init; or run with --insecure)",
+                       key_path);
+        o.key_file = key_path;
+    }
 
     tern_store *store = NULL;
     tern_model *model = NULL;

@@ -56,7 +56,7 @@ static void sleep_ms(int ms)
     nanosleep(&(struct timespec){ms / 1000, (long)(ms % 1000) * 1000000L}, NULL);
 }
 
-/* Reaps children that exited; true when one did. Caller holds s->lock. */
+/* Reaps children that exited; true when one failed. Caller holds s->lock. */
 static bool reap(sim *s, bool report)
 {
     bool any = false;
@@ -69,8 +69,10 @@ static bool reap(sim *s, bool report)
         if (r == k->pid || (r < 0 && errno == ECHILD)) {
             k->alive = false;
             k->status = st;
-            any = true;
-            if (report && !s->stopping) {
+            /* Exit status 0: the server ended the run (GOODBYE) and the client left. */
+            bool ok = r == k->pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+            any |= !ok;
+            if (report && !s->stopping && !ok) {
                 if (WIFEXITED(st))
                     fprintf(stderr, "%s: %s exited with status %d; its log: %s\n", cli_prog,
                             k->name, WEXITSTATUS(st), k->log);
@@ -295,7 +297,7 @@ static const char SIM_HELP[] =
     "  --clients N            client processes (default 4)\n"
     "  --rounds R             rounds (default 5)\n"
     "  --partition P          iid, dirichlet:ALPHA or classes:K (default dirichlet:0.5)\n"
-    "  --limit-per-client N   training images per client (default 3000)\n"
+    "  --limit-per-client N   training images per client (default 5000)\n"
     "  --strategy S           fedavg (default), fedprox, fedavgm, fedadam, fedyogi, ...\n"
     "  --local-epochs E       (default 1)\n"
     "  --batch B              (default 32)\n"
@@ -317,7 +319,7 @@ static const char SIM_HELP[] =
 
 int tern_cmd_sim(int argc, char **argv)
 {
-    cli c = {.clients = 4, .rounds = 5, .partition = "dirichlet:0.5", .limit_per_client = 3000,
+    cli c = {.clients = 4, .rounds = 5, .partition = "dirichlet:0.5", .limit_per_client = 5000,
              .test_limit = 2000, .momentum = -1, .fraction_evaluate = -1, .proximal_mu = -1};
     int rc = cli_parse(argc, argv, CMD_SIM, false, &c);
     if (rc == 2) {
