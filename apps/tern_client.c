@@ -6,6 +6,7 @@
  * client); this client takes partition --partition-index, shuffles it (seeded), keeps --limit
  * images and holds --eval-fraction of them out for evaluation. --echo skips all of that: the
  * client sends back the model it receives (for measuring the server's round overhead). */
+#include <czmq.h>
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -325,6 +326,9 @@ static int client_run(const cli *c)
         rc = die("%s", err.message);
         goto done;
     }
+    /* This program owns SIGINT and SIGTERM: CZMQ would otherwise install its own handlers when
+     * the client makes its first socket, and a stop request would never reach the client. */
+    zsys_handler_set(NULL);
     g_client = client;
     struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
     sigemptyset(&sa.sa_mask);

@@ -67,6 +67,7 @@ typedef struct fl_run_result {
     uint64_t best_round;
     char best_version[TERN_STORE_VERSION_SIZE], final_version[TERN_STORE_VERSION_SIZE];
     double seconds;
+    bool interrupted;                     /* SIGINT or SIGTERM stopped the run */
 } fl_run_result;
 
 /* tern server run: opens the store in dir, builds the server from the command line, prints a

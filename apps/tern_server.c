@@ -602,6 +602,7 @@ static void on_round(void *user, const tern_round_report *r)
 }
 
 static tern_server *volatile g_server;
+static volatile sig_atomic_t g_interrupted;
 
 void fl_server_stop(void)
 {
@@ -612,6 +613,7 @@ void fl_server_stop(void)
 
 static void on_signal(int sig)
 {
+    g_interrupted = 1;
     fl_server_stop();
     /* A second Ctrl-C ends the process the usual way. */
     signal(sig, SIG_DFL);
@@ -766,6 +768,7 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     if (pub[0])
         fl_logf(&lg, TERN_LOG_INFO, "server public key %s", pub);
 
+    g_interrupted = 0;
     g_server = server;
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
@@ -777,6 +780,10 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     double start = cli_now();
     tern_status st = tern_server_run(server, &err);
     res->seconds = cli_now() - start;
+    res->interrupted = g_interrupted;
+    if (res->interrupted)
+        fprintf(stderr, "%s: interrupted; a round in progress is repeated by the next run\n",
+                cli_prog);
     if (st != TERN_OK) {
         rc = die("%s", err.message);
         goto done;

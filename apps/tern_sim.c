@@ -235,16 +235,16 @@ static void signal_all(sim *s, int sig)
     pthread_mutex_unlock(&s->lock);
 }
 
-/* Every child ends: they leave by themselves after the server's GOODBYE; stragglers get
- * SIGTERM, then SIGKILL. */
-static void end_children(sim *s)
+/* Every child ends. After a complete run they leave by themselves on the server's GOODBYE
+ * (graceful); otherwise, and for stragglers, SIGTERM (a client's clean stop), then SIGKILL. */
+static void end_children(sim *s, bool graceful)
 {
     s->stopping = true;
     if (s->monitor_running) {
         pthread_join(s->monitor, NULL);
         s->monitor_running = false;
     }
-    if (!wait_all(s, 5000)) {
+    if (!graceful || !wait_all(s, 5000)) {
         signal_all(s, SIGTERM);
         if (!wait_all(s, 3000)) {
             signal_all(s, SIGKILL);
@@ -404,13 +404,15 @@ int tern_cmd_sim(int argc, char **argv)
     fl_run_hooks hooks = {.started = started, .user = &s};
     fl_run_result res;
     rc = fl_server_run(&rc_c, s.dir, &hooks, &res);
-    end_children(&s);
+    end_children(&s, rc == 0 && !res.interrupted);
+    if (rc == 0 && res.interrupted)
+        rc = 130;
     if (rc == 0)
         rc = print_versions(s.dir);
     if (rc == 0)
         printf("total %.1f s\n", cli_now() - t0);
 done:
-    end_children(&s);
+    end_children(&s, false);
     if (temp && !c.keep_store && rc == 0)
         nftw(s.dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     else
