@@ -5,9 +5,11 @@
  * --num-partitions clients with data/partition.c (IID, Dirichlet label skew or k classes per
  * client); this client takes partition --partition-index, shuffles it (seeded), keeps --limit
  * images and holds --eval-fraction of them out for evaluation. --echo skips all of that: the
- * client sends back the model it receives (for measuring the server's round overhead). */
+ * client sends back the model it receives, one weight nudged so that each round's global
+ * model is new and downloaded again (for measuring the server's round overhead). */
 #include <czmq.h>
 #include <errno.h>
+#include <jansson.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -39,6 +41,37 @@ static bool delay(double seconds, const volatile bool *cancel)
     return !(cancel && *cancel);
 }
 
+/* Adds 1e-3 to the first element of the first F32 tensor of a safetensors file, in place
+ * (layout: u64 header length N, N bytes of JSON, then the data). Leaves anything else alone. */
+static void nudge_first_f32(void *bytes, size_t len)
+{
+    unsigned char *b = bytes;
+    if (len < 8)
+        return;
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--)
+        n = (n << 8) | b[i];
+    if (n > len - 8)
+        return;
+    json_t *h = json_loadb((const char *)b + 8, (size_t)n, 0, NULL);
+    const char *key;
+    json_t *t;
+    json_object_foreach(h, key, t) {
+        json_t *off = json_object_get(t, "data_offsets");
+        const char *dtype = json_string_value(json_object_get(t, "dtype"));
+        json_int_t begin = json_integer_value(json_array_get(off, 0));
+        if (strcmp(key, "__metadata__") == 0 || !dtype || strcmp(dtype, "F32") != 0 ||
+            begin < 0 || 8 + n + (uint64_t)begin + sizeof(float) > len)
+            continue;
+        float x;
+        memcpy(&x, b + 8 + n + begin, sizeof x);
+        x += 1e-3f;
+        memcpy(b + 8 + n + begin, &x, sizeof x);
+        break;
+    }
+    json_decref(h);
+}
+
 static tern_status fit(void *user, const tern_fit_task *task, const volatile bool *cancel,
                        tern_fit_output *out, tern_error *err)
 {
@@ -59,6 +92,9 @@ static tern_status fit(void *user, const tern_fit_task *task, const volatile boo
         memcpy(out->update, task->model, task->model_size);
         out->update_size = task->model_size;
         out->num_examples = 1;
+        /* One weight nudged: the next global model is new, as after training, so the next
+         * round downloads it again instead of hitting the client's model cache. */
+        nudge_first_f32(out->update, out->update_size);
         return TERN_OK;
     }
     tern_local_result r = {0};
@@ -247,7 +283,8 @@ static const char CLIENT_HELP[] =
     "  --size S               input size (default 32 for Fashion-MNIST, 224 for folders)\n"
     "  --threads T            compute threads (default 1)\n"
     "Other:\n"
-    "  --echo                 no data: send back the received model unchanged (benchmarks)\n"
+    "  --echo                 no data: send back the received model, one weight nudged so that\n"
+    "                         every round has a new model (round-overhead benchmarks)\n"
     "  --max-rounds N         stop after N fit results\n"
     "  --fit-delay S          wait S seconds before each fit (for failure tests)\n"
     "  --verbose, --quiet     more or fewer log lines on stderr\n\n"
