@@ -398,6 +398,11 @@ tern_status tern_client_create(const tern_client_options *opt, tern_client **out
                                strerror(errno));
             goto fail;
         }
+    if (c->cache_dir && mkdir(c->cache_dir, 0700) != 0 && errno != EEXIST) {
+        s = tern_set_error(err, TERN_ERR_IO, "client: cannot create cache_dir %s: %s",
+                           c->cache_dir, strerror(errno));
+        goto fail;
+    }
     if (pthread_mutex_init(&c->stats_mu, NULL) != 0) {
         s = tern_set_error(err, TERN_ERR_THREAD, "client: cannot create a mutex");
         goto fail;
@@ -896,7 +901,9 @@ static bool handle(tern_client *c, session *ss, const tern_msg *m, outcome *out,
             return false;
         }
         /* A refused result or upload ends that upload: the round is over for this client. */
-        if (ss->w.phase == PHASE_UPLOAD && m->error.in_reply_to >= ss->w.res_seq)
+        if (ss->w.phase == PHASE_UPLOAD && m->error.in_reply_to >= ss->w.res_seq &&
+            (m->error.code == TERN_PROTO_E_STALE || m->error.code == TERN_PROTO_E_TRANSFER ||
+             m->error.code == TERN_PROTO_E_UNEXPECTED || m->error.code == TERN_PROTO_E_TOO_LARGE))
             work_reset(&ss->w);
         return true;
     case TERN_MSG_GOODBYE:

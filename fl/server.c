@@ -218,9 +218,11 @@ static tern_status resolve_options(tern_server *s, const tern_server_options *in
 {
     tern_server_options *o = &s->opt;
     *o = *in;
-    if (!o->endpoint || !*o->endpoint)
+    /* The strings are copied at the end; until then the server owns none. */
+    o->endpoint = o->key_file = o->settings = o->classes = NULL;
+    if (!in->endpoint || !*in->endpoint)
         return tern_set_error(err, TERN_ERR_INVALID, "server options: endpoint is required");
-    if (!o->insecure && (!o->key_file || !*o->key_file))
+    if (!in->insecure && (!in->key_file || !*in->key_file))
         return tern_set_error(err, TERN_ERR_INVALID,
                               "server options: key_file is required unless insecure");
     if (o->rounds == 0)

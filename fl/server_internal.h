@@ -53,6 +53,7 @@ typedef struct srv_session {
     tern_payload_info up_info;
     tern_transfer *up_xfer;
     uint32_t up_credit;        /* chunks granted */
+    size_t up_memory;          /* bytes the transfer holds, counted in transfer_bytes */
     uint64_t up_ticket;
     uint64_t up_examples;
     tern_msg_metrics up_metrics;

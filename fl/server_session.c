@@ -447,8 +447,8 @@ void srv_upload_cancel(tern_server *s, srv_session *ss)
         return;
     if (ss->up == UP_ACTIVE) {
         s->active_uploads--;
-        if (ss->up_xfer)
-            s->transfer_bytes -= tern_transfer_memory(ss->up_xfer);
+        s->transfer_bytes -= ss->up_memory;
+        ss->up_memory = 0;
     }
     tern_transfer_destroy(&ss->up_xfer);
     ss->up_dropped_id = ss->up_info.transfer_id;
@@ -475,7 +475,8 @@ static void pump_uploads(tern_server *s)
         }
         ss->up = UP_ACTIVE;
         s->active_uploads++;
-        s->transfer_bytes += tern_transfer_memory(ss->up_xfer);
+        ss->up_memory = tern_transfer_memory(ss->up_xfer);
+        s->transfer_bytes += ss->up_memory;
         if (s->transfer_bytes > s->stats.peak_transfer_bytes)
             s->stats.peak_transfer_bytes = s->transfer_bytes;
         tern_msg m;

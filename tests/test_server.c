@@ -94,7 +94,8 @@ static tern_model_options model_options(void)
 
 static void register_client(tern_store *st, const char *name, const char *key)
 {
-    tern_client_record in = {{0}};
+    tern_client_record in;
+    memset(&in, 0, sizeof in);
     snprintf(in.name, sizeof in.name, "%s", name);
     snprintf(in.device_type, sizeof in.device_type, "test");
     tern_error err = {{0}};
@@ -137,10 +138,12 @@ static int setup(void **state)
 }
 
 static void stop_server(fixture *f);
+static void fakes_destroy_all(void);
 
 static int teardown(void **state)
 {
     fixture *f = *state;
+    fakes_destroy_all(); /* those a failed test left behind */
     stop_server(f);
     tern_model_destroy(&f->model);
     tern_model_destroy(&f->cm);
@@ -251,6 +254,7 @@ static fake *fake_new(const char *endpoint, const char *server_public)
     f->sock = zsock_new(ZMQ_DEALER);
     assert_non_null(f->sock);
     zsock_set_linger(f->sock, 0);
+    zsock_set_sndtimeo(f->sock, 1000); /* a DEALER without a peer would block for ever */
     if (server_public) {
         zcert_t *cert = zcert_new();
         zcert_apply(cert, f->sock);
@@ -278,6 +282,15 @@ static void fake_destroy(fake **fp)
     zsock_destroy(&f->sock);
     free(f);
     *fp = NULL;
+}
+
+static void fakes_destroy_all(void)
+{
+    for (int i = 0; i < MAX_FAKES; i++)
+        if (g_fakes[i]) {
+            fake *f = g_fakes[i];
+            fake_destroy(&f);
+        }
 }
 
 static void fake_send_raw(fake *f, const void *bytes, size_t len)
@@ -673,7 +686,9 @@ static void fedavg_round(void **state)
     tern_server_stats stats;
     tern_server_stats_get(fx->server, &stats);
     assert_true(stats.peak_transfer_bytes >= la);
-    assert_true(stats.peak_transfer_bytes < la + lb); /* one upload held at a time */
+    if (stats.peak_transfer_bytes >= la + lb) /* one upload held at a time */
+        fail_msg("peak transfer bytes %zu for updates of %zu and %zu bytes",
+                 stats.peak_transfer_bytes, la, lb);
     assert_int_equal(stats.sessions, 0);
 
     free(want);
@@ -1080,6 +1095,108 @@ static void curve(void **state)
     fake_destroy(&p);
 }
 
+/* An update that does not fit the model is rejected; with blacklist_after 1 the client is
+ * blacklisted and dropped. Alice's update alone completes the round (tolerant). */
+static void rejected_blacklisted(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = base_options(fx);
+    o.blacklist_after = 1;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    fake *b = fake_connect(fx, "bob", "bob-key");
+    fake_expect(a, TERN_MSG_FIT_INS, 5000);
+    tern_msg ia = a->msg;
+    fake_expect(b, TERN_MSG_FIT_INS, 5000);
+    tern_msg ib = b->msg;
+    tern_msg m;
+    tern_chunk_ack_done(&m, &ib.fit_ins.payload); /* bob claims to hold the model */
+    fake_send(b, &m);
+    size_t glen, ulen, blen;
+    void *g = fake_download(a, &ia.fit_ins.payload, 4, false, &glen);
+    void *u = make_update(fx, g, glen, 0.01f, 5, 0.5f, NULL, &ulen);
+
+    tern_safetensors_writer *w = NULL;
+    OK(tern_safetensors_writer_create(NULL, &w));
+    const float junk[4] = {1, 2, 3, 4};
+    const int64_t shape[1] = {4};
+    OK(tern_safetensors_writer_add(w, "not.a.mobilenet", TERN_DTYPE_F32, 1, shape, junk));
+    void *bad = NULL;
+    OK(tern_safetensors_writer_serialize(w, &bad, &blen));
+    tern_safetensors_writer_destroy(&w);
+
+    tern_payload_info pa, pb;
+    fake_fit_res(b, 1, 0, bad, blen, 10, 1.0, 0.5, &pb);
+    fake_stream(b, 1, &pb, bad);
+    fake_fit_res(a, 1, 0, u, ulen, 10, 1.0, 0.5, &pa);
+    fake_stream(a, 1, &pa, u);
+    fake_expect(b, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(b->msg.goodbye.reason, TERN_GOODBYE_REJECTED);
+    b->heartbeat = false;
+    fake_expect(a, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(a->msg.goodbye.reason, TERN_GOODBYE_SHUTDOWN);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(fx->num_reports, 1);
+    assert_true(fx->reports[0].completed);
+    assert_int_equal(fx->reports[0].rejected, 1);
+    tern_client_record cr;
+    OK(tern_store_client_get_by_name(fx->store, "bob", &cr, NULL));
+    assert_true(cr.blacklisted);
+    assert_int_equal(cr.rounds_rejected, 1);
+    assert_non_null(strstr(cr.blacklist_reason, "rejected"));
+    free(g);
+    free(u);
+    free(bad);
+    fake_destroy(&a);
+    fake_destroy(&b);
+}
+
+/* Nobody comes: run gives up after wait_timeout_ms with TERN_ERR_STATE. */
+static void wait_timeout(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = base_options(fx);
+    o.wait_timeout_ms = 300;
+    start_server(fx, &o);
+    assert_int_equal(join_server(fx), TERN_ERR_STATE);
+    assert_non_null(strstr(fx->run_err.message, "waited"));
+}
+
+/* Bob takes the model but never answers: at the round timeout he counts as failed, and the
+ * tolerant policy completes the round with alice's update. */
+static void round_timeout(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = base_options(fx);
+    o.round_timeout_ms = 1500;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    fake *b = fake_connect(fx, "bob", "bob-key");
+    fake_expect(a, TERN_MSG_FIT_INS, 5000);
+    tern_msg ia = a->msg;
+    fake_expect(b, TERN_MSG_FIT_INS, 5000);
+    tern_msg ib = b->msg;
+    size_t glen, ulen;
+    void *gb = fake_download(b, &ib.fit_ins.payload, 4, false, &glen);
+    void *g = fake_download(a, &ia.fit_ins.payload, 4, false, &glen);
+    void *u = make_update(fx, g, glen, 0.01f, 9, 0.5f, NULL, &ulen);
+    tern_payload_info pa;
+    fake_fit_res(a, 1, 0, u, ulen, 10, 1.0, 0.5, &pa);
+    fake_stream(a, 1, &pa, u);
+    fake_expect(a, TERN_MSG_GOODBYE, 5000); /* after the timeout, bob still heartbeating */
+    fake_expect(b, TERN_MSG_GOODBYE, 3000);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_true(fx->reports[0].completed);
+    assert_int_equal(fx->reports[0].succeeded, 1);
+    assert_int_equal(fx->reports[0].failed, 1);
+    assert_true(fx->reports[0].fit_seconds >= 1.4);
+    free(g);
+    free(gb);
+    free(u);
+    fake_destroy(&a);
+    fake_destroy(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1089,8 +1206,13 @@ int main(void)
         cmocka_unit_test_setup_teardown(garbage, setup, teardown),
         cmocka_unit_test_setup_teardown(strict_vanish, setup, teardown),
         cmocka_unit_test_setup_teardown(tolerant_vanish, setup, teardown),
+        cmocka_unit_test_setup_teardown(rejected_blacklisted, setup, teardown),
+        cmocka_unit_test_setup_teardown(wait_timeout, setup, teardown),
+        cmocka_unit_test_setup_teardown(round_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(resume, setup, teardown),
         cmocka_unit_test_setup_teardown(curve, setup, teardown),
     };
+    if (getenv("TERN_TEST_FILTER"))
+        cmocka_set_test_filter(getenv("TERN_TEST_FILTER"));
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

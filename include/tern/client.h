@@ -69,7 +69,9 @@ typedef struct tern_client_options {
                                       runs without keys) */
     bool insecure;                 /* plain TCP; otherwise CURVE */
     const char *server_public_key; /* Z85 (40 chars), or a path to "server.pub" */
-    const char *cache_dir;         /* optional: keep the last model here across restarts */
+    const char *cache_dir;         /* optional: keep the last model here across restarts
+                                      (created if missing; CACHE_DIR/last_model.tern, written
+                                      atomically, its SHA-256 checked when loaded at create) */
     uint64_t num_examples;         /* told to the server in HELLO; 0 = not told */
 
     tern_client_fit_fn fit;        /* required */

@@ -58,7 +58,12 @@ extern "C" {
 
 /* Create the server's long-term CURVE key pair in dir: "server.key" (public and secret, mode
  * 0600) and "server.pub" (public only, to hand to clients). Refuses to overwrite
- * (TERN_ERR_EXISTS). public_z85 (may be NULL) receives the public key. */
+ * (TERN_ERR_EXISTS). public_z85 (may be NULL) receives the public key.
+ * Both files are text in CZMQ's certificate layout (zconfig; zcert_load reads them):
+ *     curve
+ *         public-key = "<40 Z85 characters>"
+ *         secret-key = "<40 Z85 characters>"     (server.key only)
+ * with '#' comment lines before. TERN_ERR_IO when a file cannot be written. */
 tern_status tern_server_keygen(const char *dir, char public_z85[TERN_CURVE_KEY_SIZE],
                                tern_error *err);
 /* Read a key file written by tern_server_keygen: public key always, secret key when the file
@@ -165,6 +170,8 @@ typedef struct tern_server tern_server;
  * TERN_ERR_FORMAT (a stored model that does not match the architecture), TERN_ERR_NOMEM. */
 tern_status tern_server_create(const tern_server_options *opt, tern_store *store,
                                tern_model *model, tern_server **out, tern_error *err);
+/* (CZMQ's own SIGINT/SIGTERM handling is switched off at create, zsys_handler_set(NULL): the
+ * application owns its signals and calls tern_server_request_stop from its handler.) */
 void tern_server_destroy(tern_server **server);
 
 /* Run rounds until the round limit, convergence, or tern_server_request_stop(). Returns
