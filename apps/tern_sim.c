@@ -273,13 +273,14 @@ static int print_versions(const char *dir)
     if (tern_store_version_list(st, &v, &n, &err) != TERN_OK) {
         rc = die("%s", err.message);
     } else {
-        printf("\nmodel versions in the store:\n%-10s %6s %9s %10s  %s\n", "version", "round",
+        printf("\nmodel versions in the store (store rounds count every attempt, and the initial\n"
+               "model's commit):\n%-10s %11s %9s %10s  %s\n", "version", "store round",
                "accuracy", "size", "sha256");
         for (size_t i = 0; i < n; i++) {
             char acc[16] = "-";
             if (isfinite(v[i].accuracy) && v[i].round > 0)
                 snprintf(acc, sizeof acc, "%.2f%%", 100 * v[i].accuracy);
-            printf("%-10s %6lld %9s %10llu  %.16s...\n", v[i].version, (long long)v[i].round,
+            printf("%-10s %11lld %9s %10llu  %.16s...\n", v[i].version, (long long)v[i].round,
                    acc, (unsigned long long)v[i].size, v[i].sha256);
         }
     }
