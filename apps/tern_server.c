@@ -693,6 +693,12 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     if (c->max_steps > 0)
         tern_config_set_int(&o.fit_config, "max_steps", c->max_steps);
     tern_config_set_int(&o.evaluate_config, "batch_size", 256);
+    char db[PATH_MAX];
+    struct stat dbs;
+    if (join_path(db, sizeof db, dir, "data.mdb"))
+        return 1;
+    if (stat(db, &dbs) != 0)
+        return die("no store at %s (run tern server init --store %s)", dir, dir);
     if (!o.insecure) {
         struct stat sb;
         if (stat(key_path, &sb) != 0)
