@@ -45,29 +45,31 @@ typedef struct opt_spec {
 #define MODEL (CMD_FORWARD | CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS)
 #define TRAINING (CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_ADD_CLASS)
 #define LOOPS (CMD_TRAIN | CMD_ADD_CLASS)
+#define FL_MODEL (CMD_SERVER_INIT | CMD_SIM)
+#define FL_RUN (CMD_SERVER_RUN | CMD_SIM)
 #define O(field) offsetof(cli, field)
 
 static const opt_spec OPTIONS[] = {
-    {"arch", T_STR, O(arch), 0, 0, MODEL},
+    {"arch", T_STR, O(arch), 0, 0, MODEL | FL_MODEL},
     {"norm", T_STR, O(norm), 0, 0, MODEL},
     {"isa", T_STR, O(isa), 0, 0, MODEL},
-    {"width-mult", T_DOUBLE, O(width_mult), 1e-3, 16, MODEL},
-    {"in-channels", T_INT, O(in_channels), 1, 4096, MODEL},
-    {"num-classes", T_INT, O(num_classes), 1, 1000000, MODEL},
-    {"threads", T_INT, O(threads), 1, 256, MODEL},
+    {"width-mult", T_DOUBLE, O(width_mult), 1e-3, 16, MODEL | FL_MODEL},
+    {"in-channels", T_INT, O(in_channels), 1, 4096, MODEL | CMD_SERVER_INIT},
+    {"num-classes", T_INT, O(num_classes), 1, 1000000, MODEL | CMD_SERVER_INIT},
+    {"threads", T_INT, O(threads), 1, 256, MODEL | FL_RUN | CMD_CLIENT},
     {"dropout", T_FLOAT, O(dropout), 0, 0.999, TRAINING},
-    {"bn-momentum", T_FLOAT, O(bn_momentum), 1e-6, 1, TRAINING},
-    {"seed", T_LONG, O(seed), 0, (double)LLONG_MAX, TRAINING | CMD_EVAL},
+    {"bn-momentum", T_FLOAT, O(bn_momentum), 1e-6, 1, TRAINING | FL_MODEL},
+    {"seed", T_LONG, O(seed), 0, (double)LLONG_MAX, TRAINING | CMD_EVAL | FL_MODEL | FL_RUN},
     {"weights", T_STR, O(weights), 0, 0, CMD_FORWARD | CMD_STEP},
     {"input", T_STR, O(input), 0, 0, CMD_FORWARD | CMD_STEP},
     {"labels", T_STR, O(labels), 0, 0, CMD_STEP},
     {"output", T_STR, O(output), 0, 0, CMD_FORWARD | CMD_STEP},
     {"out", T_STR, O(output), 0, 0, LOOPS},
-    {"data", T_STR, O(data), 0, 0, LOOPS | CMD_EVAL},
+    {"data", T_STR, O(data), 0, 0, LOOPS | CMD_EVAL | CMD_CLIENT},
     {"val", T_STR, O(val), 0, 0, LOOPS},
     {"val-split", T_FLOAT, O(val_split), 0, 0.9, LOOPS},
     {"model", T_STR, O(model), 0, 0, CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS},
-    {"init", T_STR, O(init), 0, 0, CMD_TRAIN},
+    {"init", T_STR, O(init), 0, 0, CMD_TRAIN | CMD_SERVER_INIT},
     {"reset-head", T_FLAG, O(reset_head), 0, 0, CMD_TRAIN},
     {"checkpoint", T_STR, O(checkpoint), 0, 0, CMD_TRAIN},
     {"resume", T_STR, O(resume), 0, 0, CMD_TRAIN},
@@ -76,8 +78,8 @@ static const opt_spec OPTIONS[] = {
     {"class", T_STR, O(new_class), 0, 0, CMD_ADD_CLASS},
     {"optimizer", T_STR, O(optimizer), 0, 0, LOOPS},
     {"schedule", T_STR, O(schedule), 0, 0, LOOPS},
-    {"lr", T_FLOAT, O(lr), 1e-12, 1e6, TRAINING},
-    {"momentum", T_FLOAT, O(momentum), 0, 1, TRAINING},
+    {"lr", T_FLOAT, O(lr), 1e-12, 1e6, TRAINING | FL_RUN},
+    {"momentum", T_FLOAT, O(momentum), 0, 1, TRAINING | FL_RUN},
     {"nesterov", T_FLAG, O(nesterov), 0, 0, TRAINING},
     {"weight-decay", T_FLOAT, O(weight_decay), 0, 1e3, TRAINING},
     {"label-smoothing", T_FLOAT, O(smoothing), 0, 1, TRAINING},
@@ -85,21 +87,63 @@ static const opt_spec OPTIONS[] = {
     {"warmup-epochs", T_FLOAT, O(warmup_epochs), 0, 1e6, LOOPS},
     {"distill", T_FLOAT, O(distill), 0, 1000, CMD_ADD_CLASS},
     {"epochs", T_INT, O(epochs), 1, 100000, LOOPS},
-    {"batch", T_INT, O(batch), 1, 65536, TRAINING | CMD_EVAL},
-    {"size", T_INT, O(size), 32, 4096, CMD_DEMO | LOOPS | CMD_EVAL | CMD_PREDICT},
+    {"batch", T_INT, O(batch), 1, 65536, TRAINING | CMD_EVAL | FL_RUN},
+    {"size", T_INT, O(size), 32, 4096, CMD_DEMO | LOOPS | CMD_EVAL | CMD_PREDICT | CMD_CLIENT},
     {"steps", T_INT, O(steps), 1, 1000000, CMD_DEMO},
     {"top", T_INT, O(top), 1, 1000, CMD_PREDICT | CMD_EVAL},
-    {"limit", T_LONG, O(limit), 1, 1e12, LOOPS | CMD_EVAL | CMD_STORE},
+    {"limit", T_LONG, O(limit), 1, 1e12, LOOPS | CMD_EVAL | CMD_STORE | CMD_CLIENT},
     {"val-limit", T_LONG, O(val_limit), 1, 1e12, LOOPS},
     {"no-augment", T_FLAG, O(no_augment), 0, 0, LOOPS},
     {"strict", T_FLAG, O(strict), 0, 0, LOOPS | CMD_EVAL | CMD_PREDICT},
     {"progress", T_FLAG, O(progress), 0, 0, CMD_TRAIN | CMD_EVAL},
     {"no-progress", T_FLAG, O(no_progress), 0, 0, CMD_TRAIN | CMD_EVAL},
-    {"store", T_STR, O(store), 0, 0, CMD_STORE | CMD_CATEGORY | CMD_MODEL},
-    {"json", T_FLAG, O(json), 0, 0, CMD_STORE | CMD_CATEGORY | CMD_MODEL},
+    {"store", T_STR, O(store), 0, 0, CMD_STORE | CMD_CATEGORY | CMD_MODEL | CMD_SERVER_INIT | CMD_SERVER_ADMIN | FL_RUN},
+    {"json", T_FLAG, O(json), 0, 0, CMD_STORE | CMD_CATEGORY | CMD_MODEL | CMD_SERVER_ADMIN | CMD_SERVER_INIT},
     {"description", T_STR, O(description), 0, 0, CMD_CATEGORY},
     {"index", T_INT, O(index), 0, INT32_MAX, CMD_CATEGORY},
     {"keep", T_LONG, O(keep), 0, 1e12, CMD_MODEL},
+    /* federated */
+    {"classes", T_INT, O(num_classes), 1, 1000000, CMD_SERVER_INIT},
+    {"insecure", T_FLAG, O(insecure), 0, 0, CMD_SERVER_INIT | FL_RUN | CMD_CLIENT},
+    {"device-type", T_STR, O(device_type), 0, 0, CMD_SERVER_ADMIN},
+    {"reason", T_STR, O(reason), 0, 0, CMD_SERVER_ADMIN},
+    {"endpoint", T_STR, O(endpoint), 0, 0, CMD_SERVER_RUN | CMD_CLIENT},
+    {"rounds", T_INT, O(rounds), 1, 1000000, FL_RUN},
+    {"strategy", T_STR, O(strategy), 0, 0, FL_RUN},
+    {"fraction-fit", T_DOUBLE, O(fraction_fit), 1e-9, 1, FL_RUN},
+    {"fraction-evaluate", T_DOUBLE, O(fraction_evaluate), 0, 1, FL_RUN},
+    {"min-fit-clients", T_INT, O(min_fit_clients), 1, 65536, FL_RUN},
+    {"min-available-clients", T_INT, O(min_available_clients), 1, 65536, FL_RUN},
+    {"policy", T_STR, O(policy), 0, 0, FL_RUN},
+    {"min-completion", T_DOUBLE, O(min_completion), 1e-9, 1, FL_RUN},
+    {"round-timeout", T_DOUBLE, O(round_timeout), 0.001, 4e6, FL_RUN},
+    {"wait-timeout", T_DOUBLE, O(wait_timeout), 0.001, 4e6, FL_RUN},
+    {"heartbeat-ms", T_INT, O(heartbeat_ms), 10, 600000, FL_RUN},
+    {"local-epochs", T_INT, O(local_epochs), 1, 100000, FL_RUN},
+    {"max-steps", T_INT, O(max_steps), 1, 100000000, FL_RUN},
+    {"proximal-mu", T_FLOAT, O(proximal_mu), 0, 1e6, FL_RUN},
+    {"fedbn", T_FLAG, O(fedbn), 0, 0, FL_RUN},
+    {"patience", T_INT, O(patience), 1, 1000000, FL_RUN},
+    {"test-data", T_STR, O(test_data), 0, 0, CMD_SERVER_RUN},
+    {"test-limit", T_LONG, O(test_limit), 1, 1e12, FL_RUN},
+    {"json-log", T_STR, O(json_log), 0, 0, FL_RUN},
+    {"verbose", T_FLAG, O(verbose), 0, 0, FL_RUN | CMD_CLIENT},
+    {"quiet", T_FLAG, O(quiet), 0, 0, FL_RUN | CMD_CLIENT},
+    {"name", T_STR, O(name), 0, 0, CMD_CLIENT},
+    {"key", T_STR, O(key), 0, 0, CMD_CLIENT},
+    {"server-key", T_STR, O(server_key), 0, 0, CMD_CLIENT},
+    {"partition", T_STR, O(partition), 0, 0, CMD_CLIENT | CMD_SIM},
+    {"num-partitions", T_INT, O(num_partitions), 1, 1000000, CMD_CLIENT},
+    {"partition-index", T_INT, O(partition_index), 0, 1000000, CMD_CLIENT},
+    {"partition-seed", T_LONG, O(partition_seed), 0, (double)LLONG_MAX, CMD_CLIENT},
+    {"eval-fraction", T_DOUBLE, O(eval_fraction), 0, 0.9, CMD_CLIENT},
+    {"cache-dir", T_STR, O(cache_dir), 0, 0, CMD_CLIENT},
+    {"echo", T_FLAG, O(echo), 0, 0, CMD_CLIENT},
+    {"fit-delay", T_DOUBLE, O(fit_delay), 0, 3600, CMD_CLIENT},
+    {"max-rounds", T_INT, O(max_rounds), 1, 1000000, CMD_CLIENT},
+    {"clients", T_INT, O(clients), 1, 1000, CMD_SIM},
+    {"limit-per-client", T_LONG, O(limit_per_client), 1, 1e12, CMD_SIM},
+    {"keep", T_FLAG, O(keep_store), 0, 0, CMD_SIM},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 
@@ -128,13 +172,23 @@ static bool parse_integer(const char *s, long long lo, long long hi, long long *
 
 static int parse(int argc, char **argv, unsigned cmd, bool allow_args, bool any_order, cli *c)
 {
+    /* A name may appear twice (tern model's --keep N, tern sim's --keep): the entry that
+     * applies to cmd wins, else the first. */
     struct option longopts[NOPTIONS + 2];
-    for (size_t i = 0; i < NOPTIONS; i++)
-        longopts[i] = (struct option){OPTIONS[i].name,
-                                      OPTIONS[i].type == T_FLAG ? no_argument : required_argument,
-                                      NULL, (int)(256 + i)};
-    longopts[NOPTIONS] = (struct option){"help", no_argument, NULL, 'h'};
-    longopts[NOPTIONS + 1] = (struct option){NULL, 0, NULL, 0};
+    size_t nlong = 0;
+    for (size_t i = 0; i < NOPTIONS; i++) {
+        bool shadowed = false;
+        for (size_t j = 0; j < NOPTIONS && !shadowed; j++)
+            if (j != i && strcmp(OPTIONS[j].name, OPTIONS[i].name) == 0)
+                shadowed = (OPTIONS[j].cmds & cmd) ? !(OPTIONS[i].cmds & cmd) || j < i
+                                                   : !(OPTIONS[i].cmds & cmd) && j < i;
+        if (!shadowed)
+            longopts[nlong++] = (struct option){
+                OPTIONS[i].name, OPTIONS[i].type == T_FLAG ? no_argument : required_argument,
+                NULL, (int)(256 + i)};
+    }
+    longopts[nlong] = (struct option){"help", no_argument, NULL, 'h'};
+    longopts[nlong + 1] = (struct option){NULL, 0, NULL, 0};
     optind = any_order ? 0 : 1; /* 0: glibc re-reads the ordering from the option string */
     opterr = 0;
     int opt;

@@ -20,6 +20,11 @@ enum {
     CMD_STORE = 1 << 7,
     CMD_CATEGORY = 1 << 8,
     CMD_MODEL = 1 << 9,
+    CMD_SERVER_INIT = 1 << 10,  /* tern server init */
+    CMD_SERVER_ADMIN = 1 << 11, /* tern server register, clients, activate, ... */
+    CMD_SERVER_RUN = 1 << 12,   /* tern server run */
+    CMD_CLIENT = 1 << 13,       /* tern client run */
+    CMD_SIM = 1 << 14,          /* tern sim */
 };
 
 typedef struct cli {
@@ -43,6 +48,16 @@ typedef struct cli {
     bool json;
     int index;
     long long keep;
+    /* federated (tern_server.c, tern_client.c, tern_sim.c) */
+    const char *endpoint, *strategy, *policy, *test_data, *json_log, *name, *key, *server_key,
+        *partition, *cache_dir, *device_type, *reason;
+    bool insecure, fedbn, verbose, quiet, echo, keep_store;
+    int rounds, min_fit_clients, min_available_clients, local_epochs, patience, heartbeat_ms,
+        max_steps, num_partitions, partition_index, clients, max_rounds;
+    double fraction_fit, fraction_evaluate, min_completion, round_timeout, wait_timeout,
+        eval_fraction, fit_delay;
+    float proximal_mu;
+    long long test_limit, partition_seed, limit_per_client;
     /* positional arguments (predict) */
     char **args;
     int nargs;
@@ -85,5 +100,9 @@ int tern_cmd_add_class(int argc, char **argv);
 int tern_cmd_store(int argc, char **argv);
 int tern_cmd_category(int argc, char **argv);
 int tern_cmd_model(int argc, char **argv);
+/* Federated commands: tern_server.c, tern_client.c, tern_sim.c. */
+int tern_cmd_server(int argc, char **argv);
+int tern_cmd_client(int argc, char **argv);
+int tern_cmd_sim(int argc, char **argv);
 
 #endif

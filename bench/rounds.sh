@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Server round overhead: `tern server run` with N `tern client run --echo` clients (each sends
+# back the model it receives, so no training time is in the figure) and a model the size of
+# MobileNetV3-Small at 1000 classes (2.54M parameters, about 10.2 MB of safetensors), for
+# N = 2, 10, 30, 100, with and without CURVE. Per configuration: seconds per round (median of
+# the rounds after a warm-up round, from the server's --json-log round_seconds, plus the mean
+# wall time per measured round) and the server's peak RSS (VmHWM of /proc/PID/status).
+# Prints one JSON line per configuration.
+#
+# Flower's figures are the issue's, quoted as labelled constants for the ratio; they were NOT
+# measured in this run: Flower 1.6, echo clients, 10.25 MB model, 2 shared cores: 0.29 s/round
+# at 2 clients, 1.78 s at 10, 5.45 s at 30; server memory about 100 MiB per client.
+#
+# usage: bench/rounds.sh [BUILD_DIR] [WORK_DIR]      (defaults: build, /tmp/tern-bench-rounds)
+#        CLIENTS="2 10" ROUNDS=4 MODES="curve plain" bench/rounds.sh ...
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${1:-$root/build}
+work=${2:-/tmp/tern-bench-rounds}
+tern=$build/tern
+clients_list=${CLIENTS:-2 10 30 100}
+rounds=${ROUNDS:-4}        # 1 warm-up + ROUNDS-1 measured
+modes=${MODES:-curve plain}
+[ -x "$tern" ] || { echo "no $tern: build first (scripts/build.sh $build)" >&2; exit 1; }
+mkdir -p "$work"
+
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+for n in $clients_list; do
+  base=$work/base-$n
+  if [ ! -f "$base/.complete" ]; then
+    echo "== $n clients: server directory and registrations" >&2
+    rm -rf "$base"
+    "$tern" server init --store "$base" --in-channels 3 --classes 1000 >/dev/null
+    for i in $(seq 1 "$n"); do
+      "$tern" server register "echo-$i" --store "$base" --json \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])' >"$base/key-$i"
+    done
+    touch "$base/.complete"
+  fi
+  for mode in $modes; do
+    dir=$work/run-$n-$mode
+    rm -rf "$dir"
+    cp -r "$base" "$dir"
+    port=$(free_port)
+    endpoint=tcp://127.0.0.1:$port
+    sec=()
+    [ "$mode" = plain ] && sec=(--insecure)
+    echo "== $n clients, $mode: $rounds rounds" >&2
+    "$tern" server run --store "$dir" --endpoint "$endpoint" "${sec[@]}" --rounds "$rounds" \
+      --min-available-clients "$n" --min-fit-clients "$n" --fraction-evaluate 0 \
+      --round-timeout 600 --wait-timeout 600 --json-log "$dir/rounds.jsonl" --quiet \
+      >"$dir/server.log" 2>&1 &
+    server=$!
+    pids=("$server")
+    ckey=()
+    [ "$mode" = curve ] && ckey=(--server-key "$dir/keys/server.pub")
+    for i in $(seq 1 "$n"); do
+      TERN_API_KEY=$(cat "$dir/key-$i") "$tern" client run --endpoint "$endpoint" \
+        --name "echo-$i" --echo --quiet "${sec[@]}" "${ckey[@]}" >"$dir/client-$i.log" 2>&1 &
+      pids+=("$!")
+    done
+    hwm=0
+    while kill -0 "$server" 2>/dev/null; do
+      v=$(awk '/VmHWM/ {print $2}' "/proc/$server/status" 2>/dev/null || true)
+      [ -n "$v" ] && hwm=$v
+      sleep 0.2
+    done
+    status=0
+    wait "$server" || status=$?
+    for p in "${pids[@]:1}"; do wait "$p" 2>/dev/null || true; done
+    pids=()
+    if [ "$status" != 0 ]; then
+      echo "server failed ($status); see $dir/server.log" >&2
+      tail -5 "$dir/server.log" >&2
+      continue
+    fi
+    python3 - "$dir/rounds.jsonl" "$n" "$mode" "$hwm" "$dir/initial.safetensors" <<'EOF'
+import json, os, statistics, sys
+path, n, mode, hwm_kib, model = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+done = [r for r in rows if r["completed"]]
+measured = done[1:]  # the first round is the warm-up
+secs = [r["round_seconds"] for r in measured]
+flower = {2: 0.29, 10: 1.78, 30: 5.45}
+out = {
+    "bench": "fl_round_overhead",
+    "clients": n,
+    "curve": mode == "curve",
+    "model_bytes": os.path.getsize(model),
+    "rounds_measured": len(secs),
+    "seconds_per_round_median": round(statistics.median(secs), 4) if secs else None,
+    "seconds_per_round_min": round(min(secs), 4) if secs else None,
+    "seconds_per_round_max": round(max(secs), 4) if secs else None,
+    "mb_out_per_round": round(statistics.median([r["bytes_out"] for r in measured]) / 1e6, 1) if measured else None,
+    "server_peak_rss_mib": round(hwm_kib / 1024, 1),
+    "server_rss_mib_per_client": round(hwm_kib / 1024 / n, 2),
+    "reference_flower_issue_figures_not_measured_here": {
+        "source": "figures quoted in the issue: Flower 1.6, echo clients, 10.25 MB model, 2 shared cores",
+        "seconds_per_round": flower.get(n),
+        "server_mib_per_client": 100,
+    },
+}
+if secs and n in flower:
+    out["speedup_vs_flower_issue_figure"] = round(flower[n] / statistics.median(secs), 2)
+print(json.dumps(out))
+EOF
+  done
+done
