@@ -757,6 +757,13 @@ static tern_status commit_fn(st_txn *t, void *p)
         old_status = (int)r->status;
         r->clients_participated = c->clients_participated;
     }
+    if (c->client_metrics_count) {
+        /* The per-client records are the authority, as in tern_store_round_fail. */
+        int32_t participated = 0;
+        for (size_t i = 0; i < c->client_metrics_count; i++)
+            participated += c->client_metrics[i].participated;
+        r->clients_participated = participated;
+    }
 
     /* The next version number follows the highest existing version. */
     memset(m, 0, sizeof *m);

@@ -294,7 +294,9 @@ typedef struct tern_model_version {
 typedef struct tern_round_commit {
     int64_t round;                  /* a round in status aggregating, or 0 to create the next
                                        round directly as completed */
-    int32_t clients_selected, clients_participated; /* used when round == 0 */
+    int32_t clients_selected;       /* used when round == 0 */
+    int32_t clients_participated;   /* overridden by the count of participating entries when
+                                       client_metrics are given */
     double global_accuracy, global_loss;
     const tern_client_metrics *client_metrics;
     size_t client_metrics_count;
