@@ -20,6 +20,7 @@ enum {
     CMD_STORE = 1 << 7,
     CMD_CATEGORY = 1 << 8,
     CMD_MODEL = 1 << 9,
+    CMD_DP = 1 << 10,
 };
 
 typedef struct cli {
@@ -43,6 +44,9 @@ typedef struct cli {
     bool json;
     int index;
     long long keep;
+    /* differential privacy accounting (tern_dp.c) */
+    const char *accountant;
+    double sample_rate, noise_multiplier, delta, target_epsilon;
     /* positional arguments (predict) */
     char **args;
     int nargs;
@@ -85,5 +89,7 @@ int tern_cmd_add_class(int argc, char **argv);
 int tern_cmd_store(int argc, char **argv);
 int tern_cmd_category(int argc, char **argv);
 int tern_cmd_model(int argc, char **argv);
+/* Command in tern_dp.c. */
+int tern_cmd_dp(int argc, char **argv);
 
 #endif

@@ -7,6 +7,7 @@
  *   tern train, eval, predict   (tern_train.c)
  *   tern add-class              (tern_add_class.c)
  *   tern store, category, model (tern_store.c)
+ *   tern dp                     (tern_dp.c)
  *
  * Tensor files use PyTorch's NCHW layout; the conversion to Tern's NHWC happens here. All
  * printing lives in the apps, never in the library. */
@@ -417,7 +418,8 @@ static void usage(FILE *f)
             "  add-class add a class to a trained model without forgetting the old ones\n"
             "  store     create, inspect, check, back up and restore the server's store\n"
             "  category  add, list, rename and remove object categories in the store\n"
-            "  model     list, show, roll back, tag, prune and export stored model versions\n\n"
+            "  model     list, show, roll back, tag, prune and export stored model versions\n"
+            "  dp        differential privacy: epsilon of a DP-SGD run, noise for a budget\n\n"
             "Run 'tern <command> --help' for a command's options.\n");
 }
 
@@ -440,7 +442,7 @@ int main(int argc, char **argv)
         {"info", cmd_info},       {"train", tern_cmd_train}, {"eval", tern_cmd_eval},
         {"predict", tern_cmd_predict}, {"add-class", tern_cmd_add_class},
         {"store", tern_cmd_store},     {"category", tern_cmd_category},
-        {"model", tern_cmd_model}};
+        {"model", tern_cmd_model},     {"dp", tern_cmd_dp}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];
