@@ -89,7 +89,7 @@ static const opt_spec OPTIONS[] = {
     {"epochs", T_INT, O(epochs), 1, 100000, LOOPS},
     {"batch", T_INT, O(batch), 1, 65536, TRAINING | CMD_EVAL | FL_RUN},
     {"size", T_INT, O(size), 32, 4096, CMD_DEMO | LOOPS | CMD_EVAL | CMD_PREDICT | CMD_CLIENT},
-    {"steps", T_INT, O(steps), 1, 1000000, CMD_DEMO},
+    {"steps", T_INT, O(steps), 1, 1000000, CMD_DEMO | CMD_DP},
     {"top", T_INT, O(top), 1, 1000, CMD_PREDICT | CMD_EVAL},
     {"limit", T_LONG, O(limit), 1, 1e12, LOOPS | CMD_EVAL | CMD_STORE | CMD_CLIENT},
     {"val-limit", T_LONG, O(val_limit), 1, 1e12, LOOPS},
@@ -144,6 +144,12 @@ static const opt_spec OPTIONS[] = {
     {"clients", T_INT, O(clients), 1, 1000, CMD_SIM},
     {"limit-per-client", T_LONG, O(limit_per_client), 1, 1e12, CMD_SIM},
     {"keep", T_FLAG, O(keep_store), 0, 0, CMD_SIM},
+    /* differential privacy accounting */
+    {"accountant", T_STR, O(accountant), 0, 0, CMD_DP},
+    {"sample-rate", T_DOUBLE, O(sample_rate), 1e-300, 1, CMD_DP},
+    {"noise-multiplier", T_DOUBLE, O(noise_multiplier), 1e-300, 1e300, CMD_DP},
+    {"delta", T_DOUBLE, O(delta), 1e-300, 0.999999999999, CMD_DP},
+    {"target-epsilon", T_DOUBLE, O(target_epsilon), 1e-300, 1e300, CMD_DP},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 

@@ -25,6 +25,7 @@ enum {
     CMD_SERVER_RUN = 1 << 12,   /* tern server run */
     CMD_CLIENT = 1 << 13,       /* tern client run */
     CMD_SIM = 1 << 14,          /* tern sim */
+    CMD_DP = 1 << 15,           /* tern dp */
 };
 
 typedef struct cli {
@@ -58,6 +59,9 @@ typedef struct cli {
         eval_fraction, fit_delay;
     float proximal_mu;
     long long test_limit, partition_seed, limit_per_client;
+    /* differential privacy accounting (tern_dp.c) */
+    const char *accountant;
+    double sample_rate, noise_multiplier, delta, target_epsilon;
     /* positional arguments (predict) */
     char **args;
     int nargs;
@@ -104,5 +108,7 @@ int tern_cmd_model(int argc, char **argv);
 int tern_cmd_server(int argc, char **argv);
 int tern_cmd_client(int argc, char **argv);
 int tern_cmd_sim(int argc, char **argv);
+/* Command in tern_dp.c. */
+int tern_cmd_dp(int argc, char **argv);
 
 #endif

@@ -8,6 +8,7 @@
  *   tern add-class              (tern_add_class.c)
  *   tern store, category, model (tern_store.c)
  *   tern server, client, sim    (tern_server.c, tern_client.c, tern_sim.c)
+ *   tern dp                     (tern_dp.c)
  *
  * Tensor files use PyTorch's NCHW layout; the conversion to Tern's NHWC happens here. All
  * printing lives in the apps, never in the library. */
@@ -421,7 +422,8 @@ static void usage(FILE *f)
             "  model     list, show, roll back, tag, prune and export stored model versions\n"
             "  server    federated server: init, register clients, run rounds\n"
             "  client    federated client: train on local pictures when the server asks\n"
-            "  sim       a whole federated run on this machine (server + client processes)\n\n"
+            "  sim       a whole federated run on this machine (server + client processes)\n"
+            "  dp        differential privacy: epsilon of a DP-SGD run, noise for a budget\n\n"
             "Run 'tern <command> --help' for a command's options.\n");
 }
 
@@ -445,7 +447,8 @@ int main(int argc, char **argv)
         {"predict", tern_cmd_predict}, {"add-class", tern_cmd_add_class},
         {"store", tern_cmd_store},     {"category", tern_cmd_category},
         {"model", tern_cmd_model},     {"server", tern_cmd_server},
-        {"client", tern_cmd_client},   {"sim", tern_cmd_sim}};
+        {"client", tern_cmd_client},   {"sim", tern_cmd_sim},
+        {"dp", tern_cmd_dp}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];

@@ -11,6 +11,7 @@
 #include "tern/model.h"
 #include "tern/model_io.h"
 #include "tern/optim.h"
+#include "tern/privacy.h"
 #include "tern/protocol.h"
 #include "tern/quant.h"
 #include "tern/rng.h"

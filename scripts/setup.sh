@@ -3,7 +3,8 @@
 # no network) when they are all present. Run as root or with sudo available.
 set -euo pipefail
 packages=(build-essential cmake pkg-config libopenblas-dev libjansson-dev zlib1g-dev libcmocka-dev
-          libpng-dev libjpeg62-turbo-dev liblmdb-dev libssl-dev libczmq-dev dataset-fashion-mnist)
+          libpng-dev libjpeg62-turbo-dev liblmdb-dev libssl-dev libczmq-dev libfftw3-dev
+          dataset-fashion-mnist)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,153 @@
+/* End-to-end tests of `tern dp epsilon` and `tern dp noise`, run from $TERN_BIN (set by CTest):
+ * Opacus's reference case printed to the digits the library computes, the noise search, help
+ * and the errors a person can make. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+typedef struct env {
+    char dir[64], log[96];
+} env;
+
+static int setup(void **state)
+{
+    env *e = calloc(1, sizeof *e);
+    if (!e)
+        return -1;
+    snprintf(e->dir, sizeof e->dir, "/tmp/tern-dp-XXXXXX");
+    if (!mkdtemp(e->dir)) {
+        free(e);
+        return -1;
+    }
+    snprintf(e->log, sizeof e->log, "%s/log.txt", e->dir);
+    *state = e;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    env *e = *state;
+    unlink(e->log);
+    int rc = rmdir(e->dir);
+    free(e);
+    return rc;
+}
+
+static int run(env *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int run(env *e, const char *fmt, ...)
+{
+    const char *tern = getenv("TERN_BIN");
+    char args[1024], cmd[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", tern && *tern ? tern : "./tern", args, e->log);
+    int status = system(cmd);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void expect_log(env *e, const char *needle)
+{
+    char text[8192] = {0};
+    FILE *f = fopen(e->log, "r");
+    if (f) {
+        size_t n = fread(text, 1, sizeof text - 1, f);
+        text[n] = 0;
+        fclose(f);
+    }
+    if (!strstr(text, needle))
+        fail_msg("expected '%s' in:\n%s", needle, text);
+}
+
+static void epsilon_reference(void **state)
+{
+    env *e = *state;
+    /* opacus/tests/accountants_test.py: 7.32911117143 (printed to 12 digits). */
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 "
+                            "--delta 1e-5"),
+                     0);
+    expect_log(e, "epsilon 7.32911117144\n");
+    expect_log(e, "order 3.9\n");
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 "
+                            "--delta 1e-5 --accountant rdp"),
+                     0);
+    expect_log(e, "epsilon 7.32911117144\n");
+    /* opacus/tests/prv_accountant.py: sigma 1.5, q 0.05, 100 steps, delta 1e-6. */
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.05 --noise-multiplier 1.5 --steps 100 "
+                            "--delta 1e-6 --accountant prv"),
+                     0);
+    expect_log(e, "epsilon 1.953853");
+    expect_log(e, "lower ");
+}
+
+static void noise_reference(void **state)
+{
+    env *e = *state;
+    /* opacus/tests/accountants_test.py: 1.3562 to 4 places. */
+    assert_int_equal(run(e, "dp noise --sample-rate 0.04 --steps 2000 --delta 1e-5 "
+                            "--target-epsilon 8"),
+                     0);
+    expect_log(e, "noise_multiplier 1.3562");
+    expect_log(e, "epsilon 7.99");
+}
+
+static void help_and_errors(void **state)
+{
+    env *e = *state;
+    assert_int_equal(run(e, "--help"), 0);
+    expect_log(e, "  dp ");
+    assert_int_equal(run(e, "dp --help"), 0);
+    expect_log(e, "epsilon");
+    assert_int_equal(run(e, "dp epsilon --help"), 0);
+    expect_log(e, "tern dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250");
+    assert_int_equal(run(e, "dp noise --help"), 0);
+    expect_log(e, "--target-epsilon");
+
+    assert_int_equal(run(e, "dp"), 1);
+    assert_int_equal(run(e, "dp budget"), 1);
+    expect_log(e, "unknown subcommand 'budget'");
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.04 --steps 10 --delta 1e-5"), 1);
+    expect_log(e, "--noise-multiplier is required");
+    assert_int_equal(run(e, "dp epsilon --sample-rate 1.5 --noise-multiplier 1 --steps 10 "
+                            "--delta 1e-5"),
+                     1);
+    expect_log(e, "bad value '1.5' for --sample-rate");
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
+                            "--delta 1"),
+                     1);
+    expect_log(e, "--delta");
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
+                            "--delta 1e-5 --accountant gdp"),
+                     1);
+    expect_log(e, "unknown --accountant 'gdp'");
+    assert_int_equal(run(e, "dp noise --sample-rate 0.1 --steps 10 --delta 1e-5 "
+                            "--target-epsilon 1 --noise-multiplier 2"),
+                     1);
+    expect_log(e, "does not apply");
+    assert_int_equal(run(e, "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
+                            "--delta 1e-5 --lr 0.1"),
+                     1);
+    expect_log(e, "--lr does not apply");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(epsilon_reference),
+        cmocka_unit_test(noise_reference),
+        cmocka_unit_test(help_and_errors),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
