@@ -591,6 +591,7 @@ tern_status tern_server_run(tern_server *s, tern_error *err)
         if ((st = srv_round_step(s, err)) != TERN_OK)
             break;
         if (s->finished) {
+            s->closing = true;
             srv_send_goodbye_all(s, TERN_GOODBYE_SHUTDOWN, "the run is complete");
             /* Give the queued GOODBYEs a moment on the wire (the socket lingers 0). */
             int64_t until = zclock_mono() + 100;

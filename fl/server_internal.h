@@ -59,6 +59,15 @@ typedef struct srv_session {
     tern_msg_metrics up_metrics;
     uint64_t up_dropped_id;    /* transfer of a closed round: its chunks get `stale` */
 
+    /* The last FIT_INS or EVALUATE_INS sent. A retried round repeats the training round and
+     * the model version, so a result or an ERROR the client sent before it received this
+     * instruction would look like an answer to it: an answer counts only once the client has
+     * acknowledged the instruction's whole payload (ins_ready), since a client acks before it
+     * starts the work and messages on a connection stay in order. */
+    uint64_t ins_seq;          /* its sequence number */
+    uint64_t ins_tid;          /* its payload's transfer id */
+    bool ins_ready;            /* the client acked that payload done */
+
     int part;                  /* index in the fit round's participants, -1 if none */
     int eval_part;             /* index in the evaluation's participants, -1 if none */
 } srv_session;
@@ -126,6 +135,8 @@ struct tern_server {
     double best_accuracy;      /* -inf until an accuracy is known */
     uint64_t since_best;
     bool finished;             /* round limit or convergence reached */
+    bool closing;              /* GOODBYE shutdown sent to every session: messages crossing it
+                                  on the wire are dropped, a HELLO gets GOODBYE shutdown */
 
     /* The open round. */
     srv_phase phase;
@@ -171,6 +182,9 @@ void srv_upload_request(tern_server *s, srv_session *ss, const tern_msg_fit_res 
  * instruction carrying *info (filled here with the session's transfer id). */
 void srv_download_prepare(tern_server *s, srv_session *ss, srv_blob *blob, uint32_t round,
                           tern_payload_info *info);
+/* Send a FIT_INS or EVALUATE_INS whose payload srv_download_prepare described, and remember it
+ * as the session's current instruction. */
+bool srv_send_instruction(tern_server *s, srv_session *ss, tern_msg *msg);
 void srv_download_cancel(tern_server *s, srv_session *ss);
 void srv_upload_cancel(tern_server *s, srv_session *ss);
 /* Close a session: GOODBYE with reason (unless send is false), failure in the round. */

@@ -375,7 +375,7 @@ static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
         ok = tern_config_set_float(c, "proximal_mu", s->opt.strategy.proximal_mu) == TERN_OK;
     if (ok) {
         srv_download_prepare(s, ss, s->blob, (uint32_t)t, &m->fit_ins.payload);
-        ok = srv_send(s, ss, m);
+        ok = srv_send_instruction(s, ss, m);
     }
     free(m);
     return ok;
@@ -546,6 +546,14 @@ bool srv_fit_result(tern_server *s, srv_session *ss, const tern_msg *msg)
                    "FIT_RES for round %u: this client was not asked", msg->round);
         return false;
     }
+    if (!ss->ins_ready) {
+        /* Sent before the client received this round's FIT_INS: the answer to an earlier
+         * attempt at the same training round (the client has dropped it since). */
+        s->stats.late_results++;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq,
+                   "round %u: this FIT_RES answers an earlier FIT_INS", msg->round);
+        return false;
+    }
     srv_part *p = &s->parts[ss->part];
     if (p->state != PART_WAITING) {
         if (p->state == PART_FAILED)
@@ -701,7 +709,7 @@ static bool send_evaluate_ins(tern_server *s, srv_session *ss)
               tern_config_set_bool(&m->evaluate_ins.config, "fedbn", s->opt.fedbn) == TERN_OK;
     if (ok) {
         srv_download_prepare(s, ss, s->next_blob, wire_round(s), &m->evaluate_ins.payload);
-        ok = srv_send(s, ss, m);
+        ok = srv_send_instruction(s, ss, m);
     }
     free(m);
     return ok;
@@ -773,6 +781,12 @@ bool srv_evaluate_result(tern_server *s, srv_session *ss, const tern_msg *msg)
         return false;
     }
     srv_part *p = &s->eval_parts[ss->eval_part];
+    if (!ss->ins_ready) {
+        s->stats.late_results++;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq,
+                   "round %u: this EVALUATE_RES answers an earlier EVALUATE_INS", msg->round);
+        return false;
+    }
     if (r->model_version != s->next_blob->version) {
         p->state = PART_FAILED;
         srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq, "evaluated version %llu, not %llu",
@@ -870,6 +884,8 @@ static tern_status commit(tern_server *s, tern_error *err)
     if (st == TERN_OK) {
         tern_round_commit c = {
             .round = s->store_round,
+            .clients_selected = (int32_t)r->selected,
+            .clients_participated = (int32_t)r->succeeded,
             .global_accuracy = first_finite(r->eval_accuracy, r->client_eval_accuracy,
                                             r->train_accuracy),
             .global_loss = first_finite(r->eval_loss, r->client_eval_loss, r->train_loss),

@@ -358,6 +358,18 @@ void srv_download_prepare(tern_server *s, srv_session *ss, srv_blob *blob, uint3
     ss->dl_ticket = ++s->next_ticket;
 }
 
+bool srv_send_instruction(tern_server *s, srv_session *ss, tern_msg *msg)
+{
+    const tern_payload_info *p = msg->type == TERN_MSG_FIT_INS ? &msg->fit_ins.payload
+                                                               : &msg->evaluate_ins.payload;
+    ss->ins_ready = false;
+    ss->ins_tid = p->transfer_id;
+    if (!srv_send(s, ss, msg))
+        return false;
+    ss->ins_seq = msg->seq;
+    return true;
+}
+
 void srv_download_cancel(tern_server *s, srv_session *ss)
 {
     if (ss->dl == DL_ACTIVE)
@@ -382,8 +394,11 @@ static bool handle_chunk_ack(tern_server *s, srv_session *ss, const tern_msg *ms
                    (unsigned long long)a->transfer_id, a->received, a->credit);
         return false;
     }
-    if (ss->dl_win.done)
+    if (ss->dl_win.done) {
+        if (a->transfer_id == ss->ins_tid)
+            ss->ins_ready = true;
         srv_download_cancel(s, ss); /* complete: free the slot */
+    }
     return true;
 }
 
@@ -607,7 +622,12 @@ static void handle_message(tern_server *s, srv_session *ss, const tern_msg *msg)
         tern_proto_count(&s->stats.messages, TERN_PROTO_OK);
         srv_log(s, TERN_LOG_WARN, "client %s: ERROR %s: %s", ss->name,
                 tern_proto_code_name(msg->error.code), msg->error.message);
-        srv_part_failed(s, ss, "it sent an ERROR");
+        /* An ERROR about the current instruction, or (in_reply_to 0) a failure of the work the
+         * client started after acking its payload, fails the client in the round; one sent
+         * before it received the instruction belongs to an earlier one. */
+        if ((msg->error.in_reply_to != 0 && msg->error.in_reply_to >= ss->ins_seq) ||
+            (msg->error.in_reply_to == 0 && ss->ins_ready))
+            srv_part_failed(s, ss, "it sent an ERROR");
         return;
     case TERN_MSG_GOODBYE:
         tern_proto_count(&s->stats.messages, TERN_PROTO_OK);
@@ -656,6 +676,16 @@ static void handle_frame(tern_server *s, zmsg_t *zm)
         refuse_at(s, ss, rid, reply, code, seq, "%s", e.message);
     } else if (ss) {
         handle_message(s, ss, msg);
+    } else if (s->closing) {
+        /* A heartbeat or result that crossed our GOODBYE on the wire: nothing to answer. A
+         * HELLO now is told that the run is over. */
+        tern_proto_count(&s->stats.messages, TERN_PROTO_OK);
+        if (msg->type == TERN_MSG_HELLO) {
+            tern_msg m = {.type = TERN_MSG_GOODBYE};
+            m.goodbye.reason = TERN_GOODBYE_SHUTDOWN;
+            snprintf(m.goodbye.message, sizeof m.goodbye.message, "the run is complete");
+            send_orphan(s, rid, &m);
+        }
     } else if (msg->type == TERN_MSG_HELLO) {
         handle_hello(s, rid, msg);
     } else if (msg->type == TERN_MSG_ERROR || msg->type == TERN_MSG_GOODBYE) {

@@ -185,7 +185,7 @@ static tern_server_options base_options(fixture *f)
     o.strategy.seed = 42;
     o.rounds = 1;
     o.heartbeat_ms = 100;
-    o.heartbeat_patience = 5;
+    o.heartbeat_patience = 10; /* 1 s: a fake only heartbeats while it polls */
     o.chunk_size = CHUNK;
     o.round_timeout_ms = 20000;
     o.settings = "test settings";
