@@ -235,6 +235,19 @@ static tern_status resolve_options(tern_server *s, const tern_server_options *in
                               o->min_completion);
     if (o->policy != TERN_POLICY_TOLERANT && o->policy != TERN_POLICY_STRICT)
         return tern_set_error(err, TERN_ERR_INVALID, "server options: unknown failure policy");
+    if (o->lr_schedule != TERN_LR_CONSTANT && o->lr_schedule != TERN_LR_COSINE)
+        return tern_set_error(err, TERN_ERR_INVALID, "server options: unknown lr_schedule %d",
+                              (int)o->lr_schedule);
+    if (o->lr_schedule == TERN_LR_COSINE) {
+        double lr0 = 0;
+        if (tern_config_get_number(&o->fit_config, "lr", &lr0) != TERN_OK || !isfinite(lr0) ||
+            lr0 <= 0)
+            return tern_set_error(err, TERN_ERR_INVALID, "server options: the cosine lr "
+                                  "schedule needs fit_config \"lr\", a number > 0");
+        if (!isfinite(o->lr_min) || o->lr_min < 0 || o->lr_min > lr0)
+            return tern_set_error(err, TERN_ERR_INVALID, "server options: lr_min %g is outside "
+                                  "[0, lr = %g]", o->lr_min, lr0);
+    }
     if (o->round_timeout_ms == 0)
         o->round_timeout_ms = 600000;
     if (o->heartbeat_ms == 0)
@@ -499,7 +512,9 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
         goto fail;
     if (!found && (st = srv_commit_initial(s, err)) != TERN_OK)
         goto fail;
-    s->finished = s->completed >= s->opt.rounds;
+    /* A restored run may have converged already (the counters come from the stored state). */
+    s->finished = s->completed >= s->opt.rounds ||
+                  (s->opt.patience && s->since_best >= s->opt.patience);
     srv_log(s, TERN_LOG_INFO, "server on %s (%s), %llu of %u rounds completed", s->endpoint,
             s->opt.insecure ? "insecure" : "CURVE", (unsigned long long)s->completed,
             s->opt.rounds);

@@ -196,6 +196,8 @@ size_t srv_available(tern_server *s, srv_session **out, size_t cap);
 void srv_send_goodbye_all(tern_server *s, tern_goodbye_reason reason, const char *message);
 
 /* ---- server_round.c ------------------------------------------------------------------------ */
+/* The "lr" of training round t (1-based) under the options' schedule (cosine only). */
+double srv_round_lr(const tern_server_options *o, uint64_t t);
 /* Advance the round state machine; TERN_ERR_STATE for a WAIT timeout, TERN_ERR_IO for a store
  * failure that stops the run. */
 tern_status srv_round_step(tern_server *s, tern_error *err);

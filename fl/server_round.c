@@ -356,6 +356,14 @@ static uint64_t client_seed(const tern_server *s, uint64_t round, const char *na
     return srv_mix64(x ^ srv_name_hash(name)) & (uint64_t)INT64_MAX;
 }
 
+double srv_round_lr(const tern_server_options *o, uint64_t t)
+{
+    double lr0 = 0;
+    tern_config_get_number(&o->fit_config, "lr", &lr0);
+    double x = (double)(t - 1) / (double)o->rounds;
+    return o->lr_min + (lr0 - o->lr_min) * 0.5 * (1.0 + cos(3.14159265358979323846 * x));
+}
+
 static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
 {
     tern_msg *m = calloc(1, sizeof *m);
@@ -373,6 +381,8 @@ static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
               tern_config_set_bool(c, "fedbn", s->opt.fedbn) == TERN_OK;
     if (ok && s->opt.strategy.kind == TERN_STRATEGY_FEDPROX)
         ok = tern_config_set_float(c, "proximal_mu", s->opt.strategy.proximal_mu) == TERN_OK;
+    if (ok && s->opt.lr_schedule == TERN_LR_COSINE)
+        ok = tern_config_set_float(c, "lr", srv_round_lr(&s->opt, t)) == TERN_OK;
     if (ok) {
         srv_download_prepare(s, ss, s->blob, (uint32_t)t, &m->fit_ins.payload);
         ok = srv_send_instruction(s, ss, m);
