@@ -982,6 +982,37 @@ tern_status srv_commit_initial(tern_server *s, tern_error *err)
     return st;
 }
 
+tern_status srv_version_of_round(tern_server *s, uint64_t t,
+                                 char version[TERN_STORE_VERSION_SIZE], tern_error *err)
+{
+    tern_round *rounds = NULL;
+    size_t n = 0;
+    tern_status st = tern_store_round_list_by_status(s->store, TERN_ROUND_COMPLETED, &rounds, &n,
+                                                     err);
+    if (st != TERN_OK)
+        return st;
+    st = tern_set_error(err, TERN_ERR_NOT_FOUND, "no committed version of training round %llu",
+                        (unsigned long long)t);
+    for (size_t i = n; i-- > 0;) { /* the latest first: a run started over repeats numbers */
+        char *text = NULL;
+        if (!rounds[i].model_version[0] ||
+            tern_store_round_report(s->store, rounds[i].number, &text, NULL) != TERN_OK)
+            continue;
+        json_t *o = json_loads(text, 0, NULL);
+        tern_store_free(s->store, text);
+        json_t *tr = o ? json_object_get(o, "training_round") : NULL;
+        bool match = json_is_integer(tr) && (uint64_t)json_integer_value(tr) == t;
+        json_decref(o);
+        if (match) {
+            snprintf(version, TERN_STORE_VERSION_SIZE, "%s", rounds[i].model_version);
+            st = TERN_OK;
+            break;
+        }
+    }
+    tern_store_free(s->store, rounds);
+    return st;
+}
+
 /* ---- the machine ------------------------------------------------------------------------------ */
 
 int64_t srv_round_deadline(const tern_server *s)
