@@ -45,26 +45,20 @@ uint64_t srv_name_hash(const char *name)
     return srv_mix64(h);
 }
 
-tern_status srv_blob_make(tern_server *s, uint64_t version, srv_blob **out, tern_error *err)
+tern_status srv_blob_wrap(tern_server *s, uint64_t version, void *bytes, size_t len,
+                          srv_blob **out, tern_error *err)
 {
     srv_blob *b = calloc(1, sizeof *b);
-    tern_safetensors_writer *w = NULL;
-    tern_status st = b ? tern_safetensors_writer_create(NULL, &w) : TERN_ERR_NOMEM;
-    if (st == TERN_OK)
-        st = tern_model_add_metadata(s->model, w);
-    if (st == TERN_OK)
-        st = tern_model_add_state(s->model, w, "");
-    if (st == TERN_OK)
-        st = tern_safetensors_writer_serialize(w, &b->bytes, &b->len);
-    tern_safetensors_writer_destroy(&w);
-    if (st != TERN_OK) {
-        free(b);
-        return tern_set_error(err, st, "serializing the global model (version %llu): %s",
-                              (unsigned long long)version, tern_strerror(st));
+    if (!b) {
+        free(bytes);
+        return tern_set_error(err, TERN_ERR_NOMEM, "model version %llu: out of memory",
+                              (unsigned long long)version);
     }
+    b->bytes = bytes;
+    b->len = len;
     b->version = version;
-    st = tern_payload_describe(b->bytes, b->len, 0, s->opt.chunk_size, TERN_PAYLOAD_SAFETENSORS,
-                               &s->limits, &b->info, err);
+    tern_status st = tern_payload_describe(b->bytes, b->len, 0, s->opt.chunk_size,
+                                           TERN_PAYLOAD_SAFETENSORS, &s->limits, &b->info, err);
     if (st != TERN_OK) {
         free(b->bytes);
         free(b);
@@ -74,15 +68,46 @@ tern_status srv_blob_make(tern_server *s, uint64_t version, srv_blob **out, tern
     return TERN_OK;
 }
 
+tern_status srv_blob_make(tern_server *s, uint64_t version, srv_blob **out, tern_error *err)
+{
+    tern_safetensors_writer *w = NULL;
+    void *bytes = NULL;
+    size_t len = 0;
+    tern_status st = tern_safetensors_writer_create(NULL, &w);
+    if (st == TERN_OK)
+        st = tern_model_add_metadata(s->model, w);
+    if (st == TERN_OK)
+        st = tern_model_add_state(s->model, w, "");
+    if (st == TERN_OK)
+        st = tern_safetensors_writer_serialize(w, &bytes, &len);
+    tern_safetensors_writer_destroy(&w);
+    if (st != TERN_OK)
+        return tern_set_error(err, st, "serializing the global model (version %llu): %s",
+                              (unsigned long long)version, tern_strerror(st));
+    return srv_blob_wrap(s, version, bytes, len, out, err);
+}
+
+static void blob_destroy(srv_blob *b)
+{
+    free(b->bytes);
+    free(b);
+}
+
+void srv_blob_unref(srv_blob *b)
+{
+    if (b->refs == 0 && b->detached)
+        blob_destroy(b);
+}
+
 void srv_blob_free(tern_server *s, srv_blob **blob)
 {
+    (void)s;
     if (!*blob)
         return;
-    for (size_t i = 0; s->sessions && i < s->opt.max_sessions; i++)
-        if (s->sessions[i] && s->sessions[i]->dl_blob == *blob)
-            srv_download_cancel(s, s->sessions[i]);
-    free((*blob)->bytes);
-    free(*blob);
+    if ((*blob)->refs > 0)
+        (*blob)->detached = true;
+    else
+        blob_destroy(*blob);
     *blob = NULL;
 }
 
@@ -235,6 +260,19 @@ static tern_status resolve_options(tern_server *s, const tern_server_options *in
                               o->min_completion);
     if (o->policy != TERN_POLICY_TOLERANT && o->policy != TERN_POLICY_STRICT)
         return tern_set_error(err, TERN_ERR_INVALID, "server options: unknown failure policy");
+    if (o->lr_schedule != TERN_LR_CONSTANT && o->lr_schedule != TERN_LR_COSINE)
+        return tern_set_error(err, TERN_ERR_INVALID, "server options: unknown lr_schedule %d",
+                              (int)o->lr_schedule);
+    if (o->lr_schedule == TERN_LR_COSINE) {
+        double lr0 = 0;
+        if (tern_config_get_number(&o->fit_config, "lr", &lr0) != TERN_OK || !isfinite(lr0) ||
+            lr0 <= 0)
+            return tern_set_error(err, TERN_ERR_INVALID, "server options: the cosine lr "
+                                  "schedule needs fit_config \"lr\", a number > 0");
+        if (!isfinite(o->lr_min) || o->lr_min < 0 || o->lr_min > lr0)
+            return tern_set_error(err, TERN_ERR_INVALID, "server options: lr_min %g is outside "
+                                  "[0, lr = %g]", o->lr_min, lr0);
+    }
     if (o->round_timeout_ms == 0)
         o->round_timeout_ms = 600000;
     if (o->heartbeat_ms == 0)
@@ -499,7 +537,9 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
         goto fail;
     if (!found && (st = srv_commit_initial(s, err)) != TERN_OK)
         goto fail;
-    s->finished = s->completed >= s->opt.rounds;
+    /* A restored run may have converged already (the counters come from the stored state). */
+    s->finished = s->completed >= s->opt.rounds ||
+                  (s->opt.patience && s->since_best >= s->opt.patience);
     srv_log(s, TERN_LOG_INFO, "server on %s (%s), %llu of %u rounds completed", s->endpoint,
             s->opt.insecure ? "insecure" : "CURVE", (unsigned long long)s->completed,
             s->opt.rounds);
@@ -523,6 +563,7 @@ void tern_server_destroy(tern_server **server)
             srv_session_close(s, s->sessions[i], false, TERN_GOODBYE_NORMAL, "server destroyed");
     srv_blob_free(s, &s->blob);
     srv_blob_free(s, &s->next_blob);
+    srv_blob_free(s, &s->old_blob);
     free(s->parts);
     free(s->eval_parts);
     zsock_destroy(&s->sock);
@@ -591,6 +632,7 @@ tern_status tern_server_run(tern_server *s, tern_error *err)
         if ((st = srv_round_step(s, err)) != TERN_OK)
             break;
         if (s->finished) {
+            s->closing = true;
             srv_send_goodbye_all(s, TERN_GOODBYE_SHUTDOWN, "the run is complete");
             /* Give the queued GOODBYEs a moment on the wire (the socket lingers 0). */
             int64_t until = zclock_mono() + 100;

@@ -18,12 +18,16 @@
 #include "tern/safetensors.h"
 #include "tern/server.h"
 
-/* One serialized model version: safetensors bytes every download borrows. */
+/* One serialized model version: safetensors bytes every download borrows. A blob the server
+ * lets go of while downloads still borrow it (a MODEL_REQUEST download across a commit) is
+ * detached, and freed when the last of them ends. */
 typedef struct srv_blob {
-    void *bytes;               /* from the safetensors writer (C library allocator) */
+    void *bytes;               /* C library allocator */
     size_t len;
     uint64_t version;          /* wire model_version: completed rounds when it was produced */
     tern_payload_info info;    /* description (transfer_id 0; each session sets its own) */
+    size_t refs;               /* downloads borrowing it */
+    bool detached;             /* the server let go of it: freed with the last download */
 } srv_blob;
 
 typedef enum srv_dl_state { DL_IDLE, DL_QUEUED, DL_ACTIVE } srv_dl_state;
@@ -58,6 +62,15 @@ typedef struct srv_session {
     uint64_t up_examples;
     tern_msg_metrics up_metrics;
     uint64_t up_dropped_id;    /* transfer of a closed round: its chunks get `stale` */
+
+    /* The last FIT_INS or EVALUATE_INS sent. A retried round repeats the training round and
+     * the model version, so a result or an ERROR the client sent before it received this
+     * instruction would look like an answer to it: an answer counts only once the client has
+     * acknowledged the instruction's whole payload (ins_ready), since a client acks before it
+     * starts the work and messages on a connection stay in order. */
+    uint64_t ins_seq;          /* its sequence number */
+    uint64_t ins_tid;          /* its payload's transfer id */
+    bool ins_ready;            /* the client acked that payload done */
 
     int part;                  /* index in the fit round's participants, -1 if none */
     int eval_part;             /* index in the evaluation's participants, -1 if none */
@@ -120,12 +133,15 @@ struct tern_server {
 
     srv_blob *blob;            /* the global model as sent (version = completed) */
     srv_blob *next_blob;       /* the new global during EVALUATE */
+    srv_blob *old_blob;        /* the last older version served to a MODEL_REQUEST */
 
     /* Run state. */
     uint64_t completed;        /* training rounds completed (restored ones included) */
     double best_accuracy;      /* -inf until an accuracy is known */
     uint64_t since_best;
     bool finished;             /* round limit or convergence reached */
+    bool closing;              /* GOODBYE shutdown sent to every session: messages crossing it
+                                  on the wire are dropped, a HELLO gets GOODBYE shutdown */
 
     /* The open round. */
     srv_phase phase;
@@ -146,8 +162,14 @@ void srv_log(tern_server *s, tern_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Serialize the model's current state into a new blob for wire version `version`. */
 tern_status srv_blob_make(tern_server *s, uint64_t version, srv_blob **out, tern_error *err);
-/* Free a blob after ending every download that borrows it. Accepts NULL. */
+/* A blob of the given bytes (ownership taken, C library allocator; freed on failure too). */
+tern_status srv_blob_wrap(tern_server *s, uint64_t version, void *bytes, size_t len,
+                          srv_blob **out, tern_error *err);
+/* Let go of a blob: freed now, or detached until the downloads that borrow it end. Accepts
+ * NULL; *blob becomes NULL. */
 void srv_blob_free(tern_server *s, srv_blob **blob);
+/* A download let go of blob (refs already decremented). */
+void srv_blob_unref(srv_blob *blob);
 uint64_t srv_name_hash(const char *name);
 uint64_t srv_mix64(uint64_t x);
 
@@ -171,6 +193,9 @@ void srv_upload_request(tern_server *s, srv_session *ss, const tern_msg_fit_res 
  * instruction carrying *info (filled here with the session's transfer id). */
 void srv_download_prepare(tern_server *s, srv_session *ss, srv_blob *blob, uint32_t round,
                           tern_payload_info *info);
+/* Send a FIT_INS or EVALUATE_INS whose payload srv_download_prepare described, and remember it
+ * as the session's current instruction. */
+bool srv_send_instruction(tern_server *s, srv_session *ss, tern_msg *msg);
 void srv_download_cancel(tern_server *s, srv_session *ss);
 void srv_upload_cancel(tern_server *s, srv_session *ss);
 /* Close a session: GOODBYE with reason (unless send is false), failure in the round. */
@@ -182,6 +207,8 @@ size_t srv_available(tern_server *s, srv_session **out, size_t cap);
 void srv_send_goodbye_all(tern_server *s, tern_goodbye_reason reason, const char *message);
 
 /* ---- server_round.c ------------------------------------------------------------------------ */
+/* The "lr" of training round t (1-based) under the options' schedule (cosine only). */
+double srv_round_lr(const tern_server_options *o, uint64_t t);
 /* Advance the round state machine; TERN_ERR_STATE for a WAIT timeout, TERN_ERR_IO for a store
  * failure that stops the run. */
 tern_status srv_round_step(tern_server *s, tern_error *err);
@@ -199,5 +226,9 @@ tern_status srv_state_serialize(tern_server *s, void **bytes, size_t *len, tern_
 tern_status srv_state_restore(tern_server *s, const void *bytes, size_t len, tern_error *err);
 /* Commit the current model as the first version (an empty store). */
 tern_status srv_commit_initial(tern_server *s, tern_error *err);
+/* The registry version (e.g. "1.0.3") that training round t committed: the latest completed
+ * round whose report names training round t. TERN_ERR_NOT_FOUND when there is none. */
+tern_status srv_version_of_round(tern_server *s, uint64_t t,
+                                 char version[TERN_STORE_VERSION_SIZE], tern_error *err);
 
 #endif

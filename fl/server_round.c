@@ -356,6 +356,14 @@ static uint64_t client_seed(const tern_server *s, uint64_t round, const char *na
     return srv_mix64(x ^ srv_name_hash(name)) & (uint64_t)INT64_MAX;
 }
 
+double srv_round_lr(const tern_server_options *o, uint64_t t)
+{
+    double lr0 = 0;
+    tern_config_get_number(&o->fit_config, "lr", &lr0);
+    double x = (double)(t - 1) / (double)o->rounds;
+    return o->lr_min + (lr0 - o->lr_min) * 0.5 * (1.0 + cos(3.14159265358979323846 * x));
+}
+
 static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
 {
     tern_msg *m = calloc(1, sizeof *m);
@@ -373,9 +381,11 @@ static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
               tern_config_set_bool(c, "fedbn", s->opt.fedbn) == TERN_OK;
     if (ok && s->opt.strategy.kind == TERN_STRATEGY_FEDPROX)
         ok = tern_config_set_float(c, "proximal_mu", s->opt.strategy.proximal_mu) == TERN_OK;
+    if (ok && s->opt.lr_schedule == TERN_LR_COSINE)
+        ok = tern_config_set_float(c, "lr", srv_round_lr(&s->opt, t)) == TERN_OK;
     if (ok) {
         srv_download_prepare(s, ss, s->blob, (uint32_t)t, &m->fit_ins.payload);
-        ok = srv_send(s, ss, m);
+        ok = srv_send_instruction(s, ss, m);
     }
     free(m);
     return ok;
@@ -546,6 +556,14 @@ bool srv_fit_result(tern_server *s, srv_session *ss, const tern_msg *msg)
                    "FIT_RES for round %u: this client was not asked", msg->round);
         return false;
     }
+    if (!ss->ins_ready) {
+        /* Sent before the client received this round's FIT_INS: the answer to an earlier
+         * attempt at the same training round (the client has dropped it since). */
+        s->stats.late_results++;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq,
+                   "round %u: this FIT_RES answers an earlier FIT_INS", msg->round);
+        return false;
+    }
     srv_part *p = &s->parts[ss->part];
     if (p->state != PART_WAITING) {
         if (p->state == PART_FAILED)
@@ -701,7 +719,7 @@ static bool send_evaluate_ins(tern_server *s, srv_session *ss)
               tern_config_set_bool(&m->evaluate_ins.config, "fedbn", s->opt.fedbn) == TERN_OK;
     if (ok) {
         srv_download_prepare(s, ss, s->next_blob, wire_round(s), &m->evaluate_ins.payload);
-        ok = srv_send(s, ss, m);
+        ok = srv_send_instruction(s, ss, m);
     }
     free(m);
     return ok;
@@ -773,6 +791,12 @@ bool srv_evaluate_result(tern_server *s, srv_session *ss, const tern_msg *msg)
         return false;
     }
     srv_part *p = &s->eval_parts[ss->eval_part];
+    if (!ss->ins_ready) {
+        s->stats.late_results++;
+        srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq,
+                   "round %u: this EVALUATE_RES answers an earlier EVALUATE_INS", msg->round);
+        return false;
+    }
     if (r->model_version != s->next_blob->version) {
         p->state = PART_FAILED;
         srv_refuse(s, ss, TERN_PROTO_E_STALE, msg->seq, "evaluated version %llu, not %llu",
@@ -870,6 +894,8 @@ static tern_status commit(tern_server *s, tern_error *err)
     if (st == TERN_OK) {
         tern_round_commit c = {
             .round = s->store_round,
+            .clients_selected = (int32_t)r->selected,
+            .clients_participated = (int32_t)r->succeeded,
             .global_accuracy = first_finite(r->eval_accuracy, r->client_eval_accuracy,
                                             r->train_accuracy),
             .global_loss = first_finite(r->eval_loss, r->client_eval_loss, r->train_loss),
@@ -953,6 +979,37 @@ tern_status srv_commit_initial(tern_server *s, tern_error *err)
     free(state);
     if (st == TERN_OK)
         srv_log(s, TERN_LOG_INFO, "initial model committed as version %s", v.version);
+    return st;
+}
+
+tern_status srv_version_of_round(tern_server *s, uint64_t t,
+                                 char version[TERN_STORE_VERSION_SIZE], tern_error *err)
+{
+    tern_round *rounds = NULL;
+    size_t n = 0;
+    tern_status st = tern_store_round_list_by_status(s->store, TERN_ROUND_COMPLETED, &rounds, &n,
+                                                     err);
+    if (st != TERN_OK)
+        return st;
+    st = tern_set_error(err, TERN_ERR_NOT_FOUND, "no committed version of training round %llu",
+                        (unsigned long long)t);
+    for (size_t i = n; i-- > 0;) { /* the latest first: a run started over repeats numbers */
+        char *text = NULL;
+        if (!rounds[i].model_version[0] ||
+            tern_store_round_report(s->store, rounds[i].number, &text, NULL) != TERN_OK)
+            continue;
+        json_t *o = json_loads(text, 0, NULL);
+        tern_store_free(s->store, text);
+        json_t *tr = o ? json_object_get(o, "training_round") : NULL;
+        bool match = json_is_integer(tr) && (uint64_t)json_integer_value(tr) == t;
+        json_decref(o);
+        if (match) {
+            snprintf(version, TERN_STORE_VERSION_SIZE, "%s", rounds[i].model_version);
+            st = TERN_OK;
+            break;
+        }
+    }
+    tern_store_free(s->store, rounds);
     return st;
 }
 

@@ -353,9 +353,22 @@ void srv_download_prepare(tern_server *s, srv_session *ss, srv_blob *blob, uint3
     info->transfer_id = ++ss->next_transfer_id;
     tern_send_window_start(&ss->dl_win, info);
     ss->dl_blob = blob;
+    blob->refs++;
     ss->dl_round = round;
     ss->dl = DL_QUEUED;
     ss->dl_ticket = ++s->next_ticket;
+}
+
+bool srv_send_instruction(tern_server *s, srv_session *ss, tern_msg *msg)
+{
+    const tern_payload_info *p = msg->type == TERN_MSG_FIT_INS ? &msg->fit_ins.payload
+                                                               : &msg->evaluate_ins.payload;
+    ss->ins_ready = false;
+    ss->ins_tid = p->transfer_id;
+    if (!srv_send(s, ss, msg))
+        return false;
+    ss->ins_seq = msg->seq;
+    return true;
 }
 
 void srv_download_cancel(tern_server *s, srv_session *ss)
@@ -363,7 +376,12 @@ void srv_download_cancel(tern_server *s, srv_session *ss)
     if (ss->dl == DL_ACTIVE)
         s->active_downloads--;
     ss->dl = DL_IDLE;
+    srv_blob *b = ss->dl_blob;
     ss->dl_blob = NULL;
+    if (b) {
+        b->refs--;
+        srv_blob_unref(b);
+    }
 }
 
 static bool handle_chunk_ack(tern_server *s, srv_session *ss, const tern_msg *msg)
@@ -382,8 +400,11 @@ static bool handle_chunk_ack(tern_server *s, srv_session *ss, const tern_msg *ms
                    (unsigned long long)a->transfer_id, a->received, a->credit);
         return false;
     }
-    if (ss->dl_win.done)
+    if (ss->dl_win.done) {
+        if (a->transfer_id == ss->ins_tid)
+            ss->ins_ready = true;
         srv_download_cancel(s, ss); /* complete: free the slot */
+    }
     return true;
 }
 
@@ -547,22 +568,67 @@ static bool handle_upload_chunk(tern_server *s, srv_session *ss, const tern_msg 
 
 /* ---- other messages ------------------------------------------------------------------------- */
 
+/* The blob of wire version v for a MODEL_REQUEST: the current model, or an older one loaded
+ * from the registry (one older version is kept at a time). *code says why when NULL. */
+static srv_blob *requested_blob(tern_server *s, uint64_t v, tern_proto_code *code, char *why,
+                                size_t why_len)
+{
+    if (v == 0 || v == s->blob->version)
+        return s->blob;
+    if (v > s->blob->version) {
+        *code = TERN_PROTO_E_UNEXPECTED;
+        snprintf(why, why_len, "no model version %llu: the current one is %llu",
+                 (unsigned long long)v, (unsigned long long)s->blob->version);
+        return NULL;
+    }
+    if (s->old_blob && s->old_blob->version == v)
+        return s->old_blob;
+    char name[TERN_STORE_VERSION_SIZE];
+    void *bytes = NULL, *copy = NULL;
+    size_t len = 0;
+    tern_error e = {{0}};
+    tern_status st = srv_version_of_round(s, v, name, &e);
+    if (st == TERN_OK)
+        st = tern_store_version_load(s->store, name, &bytes, &len, NULL, &e);
+    if (st == TERN_OK && !(copy = malloc(len ? len : 1)))
+        st = tern_set_error(&e, TERN_ERR_NOMEM, "out of memory for %zu bytes", len);
+    if (copy)
+        memcpy(copy, bytes, len);
+    tern_store_free(s->store, bytes);
+    srv_blob *b = NULL;
+    if (st == TERN_OK)
+        st = srv_blob_wrap(s, v, copy, len, &b, &e);
+    if (st != TERN_OK) {
+        *code = st == TERN_ERR_NOT_FOUND ? TERN_PROTO_E_UNEXPECTED : TERN_PROTO_E_INTERNAL;
+        snprintf(why, why_len, "model version %llu cannot be served: %s",
+                 (unsigned long long)v, e.message);
+        if (st != TERN_ERR_NOT_FOUND)
+            srv_log(s, TERN_LOG_ERROR, "%s", why);
+        return NULL;
+    }
+    srv_blob_free(s, &s->old_blob); /* detached while others still download it */
+    s->old_blob = b;
+    srv_log(s, TERN_LOG_INFO, "serving model version %llu (%s) from the registry",
+            (unsigned long long)v, name);
+    return b;
+}
+
 static bool handle_model_request(tern_server *s, srv_session *ss, const tern_msg *msg)
 {
-    uint64_t v = msg->model_request.model_version;
-    if (v != 0 && v != s->blob->version) {
-        srv_refuse(s, ss, TERN_PROTO_E_UNEXPECTED, msg->seq,
-                   "only the current model (version %llu) is served",
-                   (unsigned long long)s->blob->version);
-        return false;
-    }
     if (ss->dl != DL_IDLE || ss->part >= 0 || ss->eval_part >= 0) {
         srv_refuse(s, ss, TERN_PROTO_E_BUSY, msg->seq, "a transfer to this client is under way");
         return false;
     }
+    tern_proto_code code = TERN_PROTO_E_UNEXPECTED;
+    char why[1024]; /* cut to TERN_PROTO_MAX_TEXT in the ERROR */
+    srv_blob *b = requested_blob(s, msg->model_request.model_version, &code, why, sizeof why);
+    if (!b) {
+        srv_refuse(s, ss, code, msg->seq, "%s", why);
+        return false;
+    }
     tern_msg m = {.type = TERN_MSG_MODEL_INFO};
-    m.model_info.model_version = s->blob->version;
-    srv_download_prepare(s, ss, s->blob, 0, &m.model_info.payload);
+    m.model_info.model_version = b->version;
+    srv_download_prepare(s, ss, b, 0, &m.model_info.payload);
     srv_send(s, ss, &m);
     return true;
 }
@@ -607,7 +673,12 @@ static void handle_message(tern_server *s, srv_session *ss, const tern_msg *msg)
         tern_proto_count(&s->stats.messages, TERN_PROTO_OK);
         srv_log(s, TERN_LOG_WARN, "client %s: ERROR %s: %s", ss->name,
                 tern_proto_code_name(msg->error.code), msg->error.message);
-        srv_part_failed(s, ss, "it sent an ERROR");
+        /* An ERROR about the current instruction, or (in_reply_to 0) a failure of the work the
+         * client started after acking its payload, fails the client in the round; one sent
+         * before it received the instruction belongs to an earlier one. */
+        if ((msg->error.in_reply_to != 0 && msg->error.in_reply_to >= ss->ins_seq) ||
+            (msg->error.in_reply_to == 0 && ss->ins_ready))
+            srv_part_failed(s, ss, "it sent an ERROR");
         return;
     case TERN_MSG_GOODBYE:
         tern_proto_count(&s->stats.messages, TERN_PROTO_OK);
@@ -656,6 +727,16 @@ static void handle_frame(tern_server *s, zmsg_t *zm)
         refuse_at(s, ss, rid, reply, code, seq, "%s", e.message);
     } else if (ss) {
         handle_message(s, ss, msg);
+    } else if (s->closing) {
+        /* A heartbeat or result that crossed our GOODBYE on the wire: nothing to answer. A
+         * HELLO now is told that the run is over. */
+        tern_proto_count(&s->stats.messages, TERN_PROTO_OK);
+        if (msg->type == TERN_MSG_HELLO) {
+            tern_msg m = {.type = TERN_MSG_GOODBYE};
+            m.goodbye.reason = TERN_GOODBYE_SHUTDOWN;
+            snprintf(m.goodbye.message, sizeof m.goodbye.message, "the run is complete");
+            send_orphan(s, rid, &m);
+        }
     } else if (msg->type == TERN_MSG_HELLO) {
         handle_hello(s, rid, msg);
     } else if (msg->type == TERN_MSG_ERROR || msg->type == TERN_MSG_GOODBYE) {

@@ -5,8 +5,10 @@
 
 #include "tern/alloc.h"
 #include "tern/checkpoint.h"
+#include "tern/client.h"
 #include "tern/data.h"
 #include "tern/image.h"
+#include "tern/local.h"
 #include "tern/metrics.h"
 #include "tern/model.h"
 #include "tern/model_io.h"
@@ -16,6 +18,7 @@
 #include "tern/quant.h"
 #include "tern/rng.h"
 #include "tern/safetensors.h"
+#include "tern/server.h"
 #include "tern/status.h"
 #include "tern/store.h"
 #include "tern/strategy.h"

@@ -7,7 +7,9 @@
  * statistics included; client evaluation and the server-side callback), download credit and
  * the upload slot limit; authentication refusals; malformed, oversized, multi-part, replayed
  * and wrong-version frames; no_session; strict and tolerant policies when a client vanishes;
- * a late result answered `stale`; resume after a stop with FedAdam state; CURVE. */
+ * a late result answered `stale`; resume after a stop with FedAdam state; CURVE; the cosine
+ * learning-rate schedule; convergence (patience), also across a restart; download slots with
+ * more clients than max_downloads; max_sessions; MODEL_REQUEST for older versions. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -40,6 +42,7 @@
     } while (0)
 
 #define CHUNK 32768
+#define PI 3.14159265358979323846
 
 /* ---- fixture: a store with registered clients, a model -------------------------------------- */
 
@@ -1197,6 +1200,434 @@ static void round_timeout(void **state)
     fake_destroy(&b);
 }
 
+/* ---- schedules, convergence, flow-control limits ------------------------------------------- */
+
+/* One fit round with a single fake client: FIT_INS (returned), download, update, stream. */
+static tern_msg fake_fit_round(fixture *fx, fake *a, uint32_t round)
+{
+    fake_expect(a, TERN_MSG_FIT_INS, 5000);
+    tern_msg ins = a->msg;
+    assert_int_equal(ins.round, round);
+    size_t glen, ulen;
+    void *g = fake_download(a, &ins.fit_ins.payload, 8, false, &glen);
+    void *u = make_update(fx, g, glen, 0.01f, (int)round, 0.5f, NULL, &ulen);
+    tern_payload_info info;
+    fake_fit_res(a, round, ins.fit_ins.model_version, u, ulen, 10, 1.0, 0.5, &info);
+    fake_stream(a, round, &info, u);
+    tern_proto_free(NULL, g);
+    free(u);
+    return ins;
+}
+
+static tern_server_options one_client_options(fixture *fx)
+{
+    tern_server_options o = base_options(fx);
+    o.strategy.min_fit_clients = 1;
+    o.strategy.min_available_clients = 1;
+    return o;
+}
+
+/* Cosine schedule: round t of R gets lr_min + (lr0 - lr_min) (1 + cos(pi (t - 1) / R)) / 2;
+ * the other entries of fit_config are untouched. Bad settings are refused at create. */
+static void lr_cosine(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = one_client_options(fx);
+    o.rounds = 4;
+    o.lr_schedule = TERN_LR_COSINE;
+    o.lr_min = 0.01;
+    assert_int_equal(tern_config_set_float(&o.fit_config, "lr", 0.1), TERN_OK);
+    assert_int_equal(tern_config_set_float(&o.fit_config, "momentum", 0.8), TERN_OK);
+
+    /* Refused: no lr, an lr that is not a number, lr_min above lr or negative. */
+    tern_server *bad = NULL;
+    tern_error err = {{0}};
+    tern_server_options b = o;
+    b.fit_config.count = 0;
+    assert_int_equal(tern_server_create(&b, fx->store, fx->model, &bad, &err), TERN_ERR_INVALID);
+    assert_non_null(strstr(err.message, "lr"));
+    b = o;
+    assert_int_equal(tern_config_set_string(&b.fit_config, "lr", "fast"), TERN_OK);
+    assert_int_equal(tern_server_create(&b, fx->store, fx->model, &bad, &err), TERN_ERR_INVALID);
+    b = o;
+    b.lr_min = 0.2;
+    assert_int_equal(tern_server_create(&b, fx->store, fx->model, &bad, &err), TERN_ERR_INVALID);
+    assert_non_null(strstr(err.message, "lr_min"));
+    b.lr_min = -0.01;
+    assert_int_equal(tern_server_create(&b, fx->store, fx->model, &bad, &err), TERN_ERR_INVALID);
+    assert_null(bad);
+
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    const double want[4] = {0.1, 0.01 + 0.09 * 0.5 * (1 + cos(PI / 4)), 0.055,
+                            0.01 + 0.09 * 0.5 * (1 + cos(3 * PI / 4))};
+    for (uint32_t t = 1; t <= 4; t++) {
+        tern_msg ins = fake_fit_round(fx, a, t);
+        const tern_config_entry *lr = tern_config_find(&ins.fit_ins.config, "lr");
+        assert_non_null(lr);
+        assert_int_equal(lr->type, TERN_CONFIG_FLOAT);
+        if (fabs(lr->f - want[t - 1]) > 1e-12)
+            fail_msg("round %u: lr %.17g, want %.17g", t, lr->f, want[t - 1]);
+        double v;
+        assert_int_equal(tern_config_get_number(&ins.fit_ins.config, "momentum", &v), TERN_OK);
+        assert_true(v == 0.8);
+    }
+    fake_expect(a, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(tern_server_rounds_completed(fx->server), 4);
+    fake_destroy(&a);
+}
+
+/* The default schedule sends fit_config's lr unchanged. */
+static void lr_constant(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = one_client_options(fx);
+    o.rounds = 2;
+    assert_int_equal(tern_config_set_float(&o.fit_config, "lr", 0.1), TERN_OK);
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    for (uint32_t t = 1; t <= 2; t++) {
+        tern_msg ins = fake_fit_round(fx, a, t);
+        double v;
+        assert_int_equal(tern_config_get_number(&ins.fit_ins.config, "lr", &v), TERN_OK);
+        assert_true(v == 0.1);
+    }
+    assert_int_equal(join_server(fx), TERN_OK);
+    fake_destroy(&a);
+}
+
+static const double g_accuracies[] = {0.5, 0.6, 0.55, 0.6, 0.9, 0.95};
+
+static tern_status scripted_eval(void *user, tern_model *model, double *loss, double *accuracy,
+                                 uint64_t *n, tern_error *err)
+{
+    int *calls = user;
+    (void)model;
+    (void)err;
+    *accuracy = g_accuracies[*calls % 6];
+    *loss = 1.0 - *accuracy;
+    *n = 100;
+    (*calls)++;
+    return TERN_OK;
+}
+
+/* Patience 2: accuracies 0.5, 0.6 (best), 0.55, 0.6 (equal is no improvement): the run stops
+ * after round 4 of 10, and the clients hear GOODBYE shutdown. */
+static void patience(void **state)
+{
+    fixture *fx = *state;
+    int calls = 0;
+    tern_server_options o = one_client_options(fx);
+    o.rounds = 10;
+    o.patience = 2;
+    o.evaluate = scripted_eval;
+    o.evaluate_user = &calls;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    for (uint32_t t = 1; t <= 4; t++)
+        fake_fit_round(fx, a, t);
+    fake_expect(a, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(a->msg.goodbye.reason, TERN_GOODBYE_SHUTDOWN);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(tern_server_rounds_completed(fx->server), 4);
+    assert_int_equal(calls, 4);
+    assert_int_equal(fx->num_reports, 4);
+    for (int i = 0; i < 4; i++)
+        assert_true(fx->reports[i].eval_accuracy == g_accuracies[i]);
+    /* The best accuracy and the count since are committed with the state: a restarted server
+     * is converged at once. */
+    fake_destroy(&a);
+    tern_server_destroy(&fx->server);
+    o.wait_timeout_ms = 3000; /* not converged: it would wait for clients, and fail */
+    start_server(fx, &o);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(tern_server_rounds_completed(fx->server), 4);
+    assert_int_equal(calls, 4);
+}
+
+/* A download under way, driven by hand. */
+typedef struct dl {
+    tern_transfer *t;
+    tern_payload_info info;
+    uint32_t credit, got;
+} dl;
+
+static void dl_start(fake *f, dl *d, const tern_payload_info *info, uint32_t window)
+{
+    memset(d, 0, sizeof *d);
+    d->info = *info;
+    OK(tern_transfer_create(info, NULL, NULL, &d->t, NULL));
+    tern_msg m;
+    tern_chunk_ack_make(&m, d->t, window);
+    d->credit = m.chunk_ack.credit;
+    fake_send(f, &m);
+}
+
+/* Take the chunk in f->msg; ack it (renewing the credit) unless hold. */
+static void dl_chunk(fake *f, dl *d, uint32_t window, bool hold)
+{
+    assert_int_equal(f->msg.type, TERN_MSG_MODEL_CHUNK);
+    if (f->msg.chunk.index >= d->credit)
+        fail_msg("chunk %u beyond the credit %u", f->msg.chunk.index, d->credit);
+    tern_error err = {{0}};
+    if (tern_transfer_add(d->t, &f->msg.chunk, &err) != TERN_OK)
+        fail_msg("chunk %u: %s", f->msg.chunk.index, err.message);
+    d->got++;
+    if (hold)
+        return;
+    tern_msg m;
+    if (tern_transfer_complete(d->t)) {
+        tern_chunk_ack_done(&m, &d->info);
+    } else {
+        tern_chunk_ack_make(&m, d->t, window);
+        d->credit = m.chunk_ack.credit;
+    }
+    fake_send(f, &m);
+}
+
+/* Acknowledge what a held download has, then take it to the end. */
+static void dl_finish(fake *f, dl *d, uint32_t window)
+{
+    tern_msg m;
+    tern_chunk_ack_make(&m, d->t, window);
+    d->credit = m.chunk_ack.credit;
+    fake_send(f, &m);
+    while (!tern_transfer_complete(d->t)) {
+        fake_expect(f, TERN_MSG_MODEL_CHUNK, 5000);
+        dl_chunk(f, d, window, false);
+    }
+}
+
+/* max_downloads 2, three clients: two downloads stream (each stalls at its credit, held), the
+ * third gets nothing until one of them ends; then it streams too, and every client ends with
+ * the same model. */
+static void download_slots(void **state)
+{
+    fixture *fx = *state;
+    register_client(fx->store, "carol", "carol-key");
+    tern_server_options o = base_options(fx);
+    o.strategy.min_fit_clients = o.strategy.min_available_clients = 3;
+    o.max_downloads = 2;
+    start_server(fx, &o);
+    fake *f[3] = {fake_connect(fx, "alice", "alice-key"), fake_connect(fx, "bob", "bob-key"),
+                  fake_connect(fx, "carol", "carol-key")};
+    tern_msg ins[3];
+    dl d[3];
+    for (int i = 0; i < 3; i++) {
+        fake_expect(f[i], TERN_MSG_FIT_INS, 5000);
+        ins[i] = f[i]->msg;
+        assert_true(ins[i].fit_ins.payload.chunk_count > 4);
+    }
+    for (int i = 0; i < 3; i++)
+        dl_start(f[i], &d[i], &ins[i].fit_ins.payload, 2);
+    /* Everything the server will send without more credit. */
+    for (int turn = 0; turn < 10; turn++)
+        for (int i = 0; i < 3; i++)
+            while (fake_poll(f[i], 30))
+                dl_chunk(f[i], &d[i], 2, true);
+    int streaming = 0, waiting = -1;
+    for (int i = 0; i < 3; i++) {
+        if (d[i].got > 0) {
+            assert_int_equal(d[i].got, 2); /* exactly the credit */
+            streaming++;
+        } else {
+            waiting = i;
+        }
+    }
+    assert_int_equal(streaming, 2);
+    assert_true(waiting >= 0);
+
+    /* One of the two finishes: the waiting one starts (while the other is still held). */
+    int first = waiting == 0 ? 1 : 0, second = 3 - waiting - first;
+    dl_finish(f[first], &d[first], 2);
+    fake_expect(f[waiting], TERN_MSG_MODEL_CHUNK, 5000);
+    dl_chunk(f[waiting], &d[waiting], 2, true);
+    assert_false(fake_poll(f[second], 200)); /* still held at its credit */
+    dl_finish(f[waiting], &d[waiting], 2);
+    dl_finish(f[second], &d[second], 2);
+    const void *m0, *m;
+    size_t l0, l;
+    OK(tern_transfer_data(d[0].t, &m0, &l0));
+    for (int i = 1; i < 3; i++) {
+        OK(tern_transfer_data(d[i].t, &m, &l));
+        assert_int_equal(l, l0);
+        assert_memory_equal(m, m0, l0);
+    }
+    /* Finish the round. */
+    for (int i = 0; i < 3; i++) {
+        size_t ulen;
+        void *u = make_update(fx, m0, l0, 0.01f, i, 0.5f, NULL, &ulen);
+        tern_payload_info info;
+        fake_fit_res(f[i], 1, 0, u, ulen, 10, 1.0, 0.5, &info);
+        fake_stream(f[i], 1, &info, u);
+        free(u);
+    }
+    for (int i = 0; i < 3; i++)
+        fake_expect(f[i], TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(fx->reports[0].succeeded, 3);
+    for (int i = 0; i < 3; i++) {
+        tern_transfer_destroy(&d[i].t);
+        fake_destroy(&f[i]);
+    }
+}
+
+/* max_sessions 2: a third HELLO gets ERROR busy (and no session); once a session ends, it is
+ * welcome. */
+static void session_limit(void **state)
+{
+    fixture *fx = *state;
+    register_client(fx->store, "carol", "carol-key");
+    tern_server_options o = idle_options(fx);
+    o.max_sessions = 2;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    fake *b = fake_connect(fx, "bob", "bob-key");
+    fake *c = fake_new(tern_server_endpoint(fx->server), NULL);
+    fake_hello_msg(c, "carol", "carol-key");
+    fake_expect_error(c, TERN_PROTO_E_BUSY);
+    assert_non_null(strstr(c->msg.error.message, "full"));
+    tern_msg hb = {.type = TERN_MSG_HEARTBEAT};
+    fake_send(c, &hb);
+    fake_expect_error(c, TERN_PROTO_E_NO_SESSION);
+    /* A reconnect of a client that has a session replaces it (no extra slot needed). */
+    fake *a2 = fake_connect(fx, "alice", "alice-key");
+    fake_expect(a, TERN_MSG_GOODBYE, 3000);
+    a->heartbeat = false;
+    /* Bob leaves: carol gets his slot. */
+    tern_msg bye = {.type = TERN_MSG_GOODBYE};
+    bye.goodbye.reason = TERN_GOODBYE_NORMAL;
+    fake_send(b, &bye);
+    b->heartbeat = false;
+    /* Bob's GOODBYE and carol's HELLO travel on different connections: carol may have to try
+     * again, as tern_client does after ERROR busy. */
+    for (int tries = 0;; tries++) {
+        fake_hello_msg(c, "carol", "carol-key");
+        assert_true(fake_poll(c, 5000));
+        if (c->msg.type == TERN_MSG_WELCOME)
+            break;
+        assert_int_equal(c->msg.type, TERN_MSG_ERROR);
+        assert_int_equal(c->msg.error.code, TERN_PROTO_E_BUSY);
+        assert_true(tries < 20);
+        zclock_sleep(100);
+    }
+    c->heartbeat = true;
+    tern_server_request_stop(fx->server);
+    join_server(fx);
+    tern_server_stats st;
+    tern_server_stats_get(fx->server, &st);
+    assert_true(st.messages.by_code[TERN_PROTO_E_BUSY] >= 1);
+    assert_int_equal(st.hellos_refused, 0);
+    fake_destroy(&a);
+    fake_destroy(&a2);
+    fake_destroy(&b);
+    fake_destroy(&c);
+}
+
+/* The registry's bytes of a version. */
+static void *stored_version(fixture *fx, const char *version, size_t *len)
+{
+    void *bytes = NULL;
+    tern_error err = {{0}};
+    if (tern_store_version_load(fx->store, version, &bytes, len, NULL, &err) != TERN_OK)
+        fail_msg("version_load %s: %s", version, err.message);
+    return bytes;
+}
+
+static tern_msg model_request(fake *f, uint64_t version)
+{
+    tern_msg m = {.type = TERN_MSG_MODEL_REQUEST};
+    m.model_request.model_version = version;
+    fake_send(f, &m);
+    fake_expect(f, TERN_MSG_MODEL_INFO, 5000);
+    assert_int_equal(f->msg.model_info.model_version, version ? version : 3);
+    return f->msg;
+}
+
+/* MODEL_REQUEST for older versions: wire version t is the model training round t committed,
+ * loaded from the registry; one that was never committed, or whose blob was pruned, gets ERROR
+ * unexpected. An older version the server lets go of while a client still downloads it stays
+ * valid until that download ends. */
+static void model_request_versions(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = one_client_options(fx);
+    o.rounds = 3;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    for (uint32_t t = 1; t <= 3; t++)
+        fake_fit_round(fx, a, t);
+    fake_expect(a, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(join_server(fx), TERN_OK);
+    tern_server_destroy(&fx->server);
+    fake_destroy(&a);
+
+    o = idle_options(fx);
+    o.rounds = 10;
+    start_server(fx, &o);
+    a = fake_connect(fx, "alice", "alice-key");
+    fake *b = fake_connect(fx, "bob", "bob-key");
+    tern_msg m = {.type = TERN_MSG_MODEL_REQUEST};
+    m.model_request.model_version = 4;
+    fake_send(a, &m);
+    fake_expect_error(a, TERN_PROTO_E_UNEXPECTED);
+    assert_non_null(strstr(a->msg.error.message, "current one is 3"));
+
+    /* Alice starts on version 1 and holds; bob's version 2 replaces it as the kept older one. */
+    tern_msg info1 = model_request(a, 1);
+    dl d;
+    dl_start(a, &d, &info1.model_info.payload, 2);
+    for (int i = 0; i < 2; i++) {
+        fake_expect(a, TERN_MSG_MODEL_CHUNK, 5000);
+        dl_chunk(a, &d, 2, true);
+    }
+    tern_msg info2 = model_request(b, 2);
+    size_t l2, s2, l1, s1, l3, s3;
+    void *g2 = fake_download(b, &info2.model_info.payload, 4, false, &l2);
+    void *want2 = stored_version(fx, "1.0.2", &s2);
+    assert_int_equal(l2, s2);
+    assert_memory_equal(g2, want2, s2);
+    dl_finish(a, &d, 2);
+    const void *g1;
+    OK(tern_transfer_data(d.t, &g1, &l1));
+    void *want1 = stored_version(fx, "1.0.1", &s1);
+    assert_int_equal(l1, s1);
+    assert_memory_equal(g1, want1, s1);
+    assert_true(l1 != l2 || memcmp(g1, g2, l1) != 0);
+    tern_transfer_destroy(&d.t);
+
+    /* 0 is the current model. */
+    tern_msg info3 = model_request(b, 0);
+    void *g3 = fake_download(b, &info3.model_info.payload, 4, false, &l3);
+    void *want3 = stored_version(fx, "1.0.3", &s3);
+    assert_int_equal(l3, s3);
+    assert_memory_equal(g3, want3, s3);
+
+    /* Version 1 pruned (and no longer the kept one): refused. */
+    size_t pruned = 0;
+    OK(tern_store_version_prune(fx->store, 1, "test", &pruned, NULL));
+    assert_true(pruned >= 2);
+    m.model_request.model_version = 1;
+    fake_send(a, &m);
+    fake_expect_error(a, TERN_PROTO_E_UNEXPECTED);
+    assert_non_null(strstr(a->msg.error.message, "cannot be served"));
+    m.model_request.model_version = 2; /* still kept in memory */
+    fake_send(a, &m);
+    fake_expect(a, TERN_MSG_MODEL_INFO, 5000);
+    assert_int_equal(a->msg.model_info.model_version, 2);
+
+    tern_server_request_stop(fx->server);
+    join_server(fx);
+    tern_proto_free(NULL, g2);
+    tern_proto_free(NULL, g3);
+    tern_store_free(fx->store, want1);
+    tern_store_free(fx->store, want2);
+    tern_store_free(fx->store, want3);
+    fake_destroy(&a);
+    fake_destroy(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1211,6 +1642,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(round_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(resume, setup, teardown),
         cmocka_unit_test_setup_teardown(curve, setup, teardown),
+        cmocka_unit_test_setup_teardown(lr_cosine, setup, teardown),
+        cmocka_unit_test_setup_teardown(lr_constant, setup, teardown),
+        cmocka_unit_test_setup_teardown(patience, setup, teardown),
+        cmocka_unit_test_setup_teardown(download_slots, setup, teardown),
+        cmocka_unit_test_setup_teardown(session_limit, setup, teardown),
+        cmocka_unit_test_setup_teardown(model_request_versions, setup, teardown),
     };
     if (getenv("TERN_TEST_FILTER"))
         cmocka_set_test_filter(getenv("TERN_TEST_FILTER"));

@@ -79,6 +79,13 @@ typedef enum tern_failure_policy {
     TERN_POLICY_STRICT,   /* any failure fails the round */
 } tern_failure_policy;
 
+/* The learning rate sent in FIT_INS over the rounds. */
+typedef enum tern_lr_schedule {
+    TERN_LR_CONSTANT, /* fit_config's "lr" (if any) unchanged in every round */
+    TERN_LR_COSINE,   /* round t of R: lr_min + (lr0 - lr_min) * (1 + cos(pi (t - 1) / R)) / 2,
+                         lr0 = fit_config's "lr" */
+} tern_lr_schedule;
+
 typedef enum tern_log_level { TERN_LOG_DEBUG, TERN_LOG_INFO, TERN_LOG_WARN, TERN_LOG_ERROR } tern_log_level;
 typedef void (*tern_log_fn)(void *user, tern_log_level level, const char *message);
 
@@ -134,6 +141,11 @@ typedef struct tern_server_options {
      * for FedProx, "fedbn"). Copied at create. */
     tern_msg_config fit_config;    /* e.g. epochs, batch_size, lr, momentum, weight_decay */
     tern_msg_config evaluate_config;
+    /* With TERN_LR_COSINE, fit_config must hold "lr" (a number > 0), and lr_min must be in
+     * [0, lr]; R is `rounds`, t the training round (1-based; a resumed run continues the
+     * schedule). TERN_ERR_INVALID otherwise. */
+    tern_lr_schedule lr_schedule;  /* default TERN_LR_CONSTANT */
+    double lr_min;                 /* default 0 */
 
     /* Transfers and flow control (docs/federation.md). */
     uint32_t chunk_size;           /* default TERN_PROTO_DEFAULT_CHUNK */
