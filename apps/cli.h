@@ -57,7 +57,7 @@ typedef struct cli {
         max_steps, num_partitions, partition_index, clients, max_rounds;
     double fraction_fit, fraction_evaluate, min_completion, round_timeout, wait_timeout,
         eval_fraction, fit_delay;
-    float proximal_mu;
+    float proximal_mu, lr_min;
     long long test_limit, partition_seed, limit_per_client;
     /* differential privacy accounting (tern_dp.c) */
     const char *accountant;

@@ -689,6 +689,11 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     tern_config_set_int(&o.fit_config, "epochs", c->local_epochs > 0 ? c->local_epochs : 1);
     tern_config_set_int(&o.fit_config, "batch_size", c->batch > 0 ? c->batch : 32);
     tern_config_set_float(&o.fit_config, "lr", c->lr > 0 ? c->lr : 0.05);
+    if (c->schedule && strcmp(c->schedule, "cosine") == 0)
+        o.lr_schedule = TERN_LR_COSINE;
+    else if (c->schedule && strcmp(c->schedule, "constant") != 0)
+        return die("unknown --schedule '%s' (constant or cosine)", c->schedule);
+    o.lr_min = c->lr_min;
     tern_config_set_float(&o.fit_config, "momentum", c->momentum >= 0 ? c->momentum : 0.9);
     if (c->max_steps > 0)
         tern_config_set_int(&o.fit_config, "max_steps", c->max_steps);
@@ -868,6 +873,8 @@ static const char RUN_HELP[] =
     "  --seed S              client selection and client training seeds (default 0)\n"
     "Client training (sent with each round):\n"
     "  --local-epochs E (default 1), --batch B (default 32), --lr F (default 0.05),\n"
+    "  --schedule constant|cosine   the learning rate over the rounds (default constant);\n"
+    "                        cosine decays from --lr to --lr-min (default 0) at --rounds\n"
     "  --momentum F (default 0.9), --max-steps N (default: no limit),\n"
     "  --proximal-mu MU (FedProx; default 0.01), --fedbn (BatchNorm stays local)\n"
     "Evaluation and output:\n"
