@@ -76,6 +76,7 @@ typedef struct dw_task {
     float *y, *dx, *dw, *db;
     const float *x, *w, *b, *dy;
     tern_act act;
+    bool dx_accumulate; /* dx += (else dx =: no bias, no activation, so the row stores the sum) */
     tern_isa isa;
     int v; /* channels per vector at this ISA */
     const tern_conv_params *p;
@@ -147,7 +148,7 @@ static void dw_row_dx(dw_row *r, const dw_task *a, int n, int iy, int rx)
     *r = (dw_row){.out = a->dx + (((ptrdiff_t)n * p->h + iy) * p->w + ix0) * C,
                   .out_step = s * C, .in = a->dy, .c = C, .col0 = (ix0 + p->pad - rx) / s,
                   .in_step = 1, .in_w = p->ow, .m = ix0 < p->w ? (p->w - ix0 + s - 1) / s : 0,
-                  .accumulate = true};
+                  .accumulate = a->dx_accumulate};
     for (int ky = (iy + p->pad) % s; ky < p->k; ky += s) {
         const int dyy = iy + p->pad - ky;
         if (dyy < 0 || dyy / s >= p->oh)
@@ -788,9 +789,17 @@ void tern_dwconv_forward(float *y, const float *x, const float *w, const float *
 void tern_dwconv_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, const tern_conv_params *p, tern_pool *pool)
 {
+    tern_dwconv_backward_mode(dx, dw, db, dy, x, w, p, TERN_GRAD_ADD, pool);
+}
+
+void tern_dwconv_backward_mode(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, const tern_conv_params *p,
+                               tern_grad_mode dx_mode, tern_pool *pool)
+{
     if (!dx && !dw && !db)
         return;
-    dw_task t = {.dx = dx, .dw = dw, .db = db, .dy = dy, .x = x, .w = w, .p = p};
+    dw_task t = {.dx = dx, .dw = dw, .db = db, .dy = dy, .x = x, .w = w, .p = p,
+                 .dx_accumulate = dx_mode == TERN_GRAD_ADD};
     dw_task_isa(&t, pool);
     tern_pool_run(pool, dw_backward_task, &t);
 }

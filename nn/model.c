@@ -35,6 +35,7 @@ typedef struct value {
     int h, w;       /* spatial size, set by the plan */
     float *x, *dx;  /* (max_batch, h, w, c), set by the plan; dx only in a training plan */
     bool bn_input;  /* a convolution output feeding BatchNorm: unused by folded inference */
+    bool dx_live;   /* backward: dx has been written in this pass (else it holds garbage) */
 } value;
 
 typedef enum op_kind {
@@ -867,52 +868,82 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
     }
 }
 
+/* Gradient buffers are not zeroed before backward: the first op to write a value's dx in the
+ * pass stores over it (TERN_GRAD_SET), later ones add. take_dx says which, and marks dx
+ * written. NULL dx (the input image) stays untouched. */
+static tern_grad_mode take_dx(value *v)
+{
+    bool first = v->dx && !v->dx_live;
+    if (v->dx)
+        v->dx_live = true;
+    return first ? TERN_GRAD_SET : TERN_GRAD_ADD;
+}
+
+/* For kernels that only accumulate: zeroes dx on its first write. */
+static void zero_dx_once(value *v, int n)
+{
+    if (v->dx && !v->dx_live)
+        memset(v->dx, 0, value_floats(v, n) * sizeof(float));
+    if (v->dx)
+        v->dx_live = true;
+}
+
 static void backward_op(tern_model *m, op *o, int n)
 {
     value *in = &m->values[o->in];
-    const value *out = &m->values[o->out];
+    value *out = &m->values[o->out];
     size_t hw = (size_t)in->h * (size_t)in->w;
     size_t count = value_floats(out, n);
     tern_pool *pool = m->pool;
+    /* Every reader of out has run (ops are in topological order); one with no reader, or
+     * none that propagates into it, has a zero gradient. */
+    zero_dx_once(out, n);
     switch (o->kind) {
     case OP_CONV: {
         tern_conv_params p = o->conv;
         p.n = n;
-        tern_conv2d_backward(in->dx, m->grads + o->w, NULL, m->workspace, out->dx, in->x,
-                             m->params + o->w, &p, pool);
+        tern_conv2d_backward_mode(in->dx, m->grads + o->w, NULL, m->workspace, out->dx, in->x,
+                                  m->params + o->w, &p, take_dx(in), pool);
         break;
     }
     case OP_BN:
-        tern_batchnorm_act_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
-                                    o->save_mean, o->save_invstd, m->params + o->w,
-                                    m->params + o->b, (size_t)n * hw, in->c, o->act, pool);
+        tern_batchnorm_act_backward_mode(in->dx, m->grads + o->w, m->grads + o->b, out->dx,
+                                         in->x, o->save_mean, o->save_invstd, m->params + o->w,
+                                         m->params + o->b, (size_t)n * hw, in->c, o->act,
+                                         take_dx(in), pool);
         break;
     case OP_GN:
+        zero_dx_once(in, n);
         tern_groupnorm_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
                                 o->save_mean, o->save_invstd, m->params + o->w, n, hw, in->c,
                                 o->groups, pool);
         break;
     case OP_ACT:
+        zero_dx_once(in, n);
         tern_act_backward(in->dx, out->dx, in->x, count, o->act, pool);
         break;
     case OP_POOL:
-        tern_avgpool_backward(in->dx, out->dx, n, hw, in->c, pool);
+        tern_avgpool_backward_mode(in->dx, out->dx, n, hw, in->c, take_dx(in), pool);
         break;
     case OP_LINEAR:
-        tern_linear_backward(in->dx, m->grads + o->w, grad_or_null(m, o->b), out->dx, in->x,
-                             m->params + o->w, n, o->fin, o->fout, pool);
+        tern_linear_backward_mode(in->dx, m->grads + o->w, grad_or_null(m, o->b), out->dx,
+                                  in->x, m->params + o->w, n, o->fin, o->fout, take_dx(in),
+                                  pool);
         break;
     case OP_SCALE: {
         value *gate = &m->values[o->in2];
-        tern_scale_channels_backward(in->dx, gate->dx, out->dx, in->x, gate->x, n, hw, in->c,
-                                     pool);
+        zero_dx_once(gate, n);
+        tern_scale_channels_backward_mode(in->dx, gate->dx, out->dx, in->x, gate->x, n, hw,
+                                          in->c, take_dx(in), pool);
         break;
     }
     case OP_ADD:
-        tern_accumulate(in->dx, out->dx, count, pool);
-        tern_accumulate(m->values[o->in2].dx, out->dx, count, pool);
+        tern_accumulate_mode(in->dx, out->dx, count, take_dx(in), pool);
+        tern_accumulate_mode(m->values[o->in2].dx, out->dx, count, take_dx(&m->values[o->in2]),
+                             pool);
         break;
     case OP_DROPOUT:
+        zero_dx_once(in, n);
         if (m->dropped)
             tern_dropout_backward(in->dx, out->dx, o->mask, count);
         else
@@ -1054,10 +1085,11 @@ tern_status tern_model_backward(tern_model *model, const float *dlogits)
         return model_fail(m, TERN_ERR_STATE, "backward needs a training forward first");
     int n = m->batch;
     unsigned fp_mode = tern_flush_denormals_begin();
-    for (int i = 1; i < m->nvalues; i++)
-        memset(m->values[i].dx, 0, value_floats(&m->values[i], n) * sizeof(float));
+    for (int i = 0; i < m->nvalues; i++)
+        m->values[i].dx_live = false;
     value *last = &m->values[m->nvalues - 1];
     memcpy(last->dx, dlogits, value_floats(last, n) * sizeof(float));
+    last->dx_live = true;
     for (int i = m->nops - 1; i >= 0; i--) {
         double t0 = m->profiling ? now_seconds() : 0;
         backward_op(m, &m->ops[i], n);

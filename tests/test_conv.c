@@ -133,7 +133,11 @@ static conv_result run_fast(const conv_case *c, tern_pool *pool)
                      alloc_floats(c->nb)};
     float *ws = workspace_for(&c->p, pool);
     tern_conv2d_forward(r.y, ws, c->x, c->w, c->b, c->act, &c->p, pool);
-    tern_conv2d_backward(r.dx, r.dw, r.db, ws, c->dy, c->x, c->w, &c->p, pool);
+    /* dx stored over garbage (TERN_GRAD_SET); accumulation is test_backward_accumulates's. */
+    for (size_t i = 0; i < c->nx; i++)
+        r.dx[i] = NAN;
+    tern_conv2d_backward_mode(r.dx, r.dw, r.db, ws, c->dy, c->x, c->w, &c->p, TERN_GRAD_SET,
+                              pool);
     free(ws);
     return r;
 }
