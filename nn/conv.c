@@ -342,6 +342,24 @@ void tern_conv2d_forward(float *y, float *workspace, const float *x, const float
     }
 }
 
+bool tern_conv2d_has_stats(const tern_conv_params *p)
+{
+    return conv_path_of(p) == CONV_PATH_GEMM || conv_path_of(p) == CONV_PATH_DEPTHWISE;
+}
+
+void tern_conv2d_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const tern_conv_params *p, tern_pool *pool)
+{
+    if (conv_path_of(p) == CONV_PATH_DEPTHWISE) {
+        tern_dwconv_forward_stats(y, stats, x, w, NULL, TERN_ACT_NONE, p, pool);
+        return;
+    }
+    const size_t m = (size_t)p->n * (size_t)p->h * (size_t)p->w;
+    const tern_gemm_fusion fu = {.col_stats = stats};
+    tern_gemm_fused(y, (size_t)p->cout, x, (size_t)p->cin, false, w, (size_t)p->cin, true, m,
+                    (size_t)p->cout, (size_t)p->cin, false, NULL, &fu, pool);
+}
+
 void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
                           const float *x, const float *w, const tern_conv_params *p,
                           tern_pool *pool)

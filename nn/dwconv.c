@@ -31,6 +31,7 @@
 #include <stdbool.h>
 #include <string.h>
 
+#include "gemm.h"
 #include "util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -77,6 +78,7 @@ typedef struct dw_task {
     const float *x, *w, *b, *dy;
     tern_act act;
     bool dx_accumulate; /* dx += (else dx =: no bias, no activation, so the row stores the sum) */
+    double *stats;      /* forward: (nthreads, 2, C) per-thread channel sums of y and y^2 */
     tern_isa isa;
     int v; /* channels per vector at this ISA */
     const tern_conv_params *p;
@@ -642,6 +644,7 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     const size_t rows = (size_t)p->n * (size_t)rows_per_image;
     _Alignas(64) float wp[DW_GROUP_CHANNELS / 8][DW_WSTRIDE];
     dw_row row;
+    double *stats = !backward && a->stats ? a->stats + (size_t)ith * 2 * (size_t)C : NULL;
     size_t i0, i1;
     tern_split(rows * (size_t)ncv, ith, nth, &i0, &i1);
     if (i0 == i1)
@@ -677,6 +680,9 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
                     const int c0 = (g * gv + q0) * v, c1 = min_int((g * gv + q1) * v, C);
                     dw_run_row(a, &row, wp[q0], q1 - q0, (size_t)c0, c1 - (q1 - 1 - q0) * v - c0,
                                a->b ? a->b + c0 : NULL);
+                    if (stats) /* the row just stored, read back from cache */
+                        tern_col_stats(stats + c0, stats + C + c0, row.out + c0, (size_t)C,
+                                       (size_t)row.m, (size_t)(c1 - c0), a->isa);
                 }
             }
         }
@@ -781,8 +787,17 @@ static void dw_task_isa(dw_task *t, tern_pool *pool)
 void tern_dwconv_forward(float *y, const float *x, const float *w, const float *b, tern_act act,
                          const tern_conv_params *p, tern_pool *pool)
 {
-    dw_task t = {.y = y, .x = x, .w = w, .b = b, .act = act, .p = p};
+    tern_dwconv_forward_stats(y, NULL, x, w, b, act, p, pool);
+}
+
+void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const float *b, tern_act act, const tern_conv_params *p,
+                               tern_pool *pool)
+{
+    dw_task t = {.y = y, .x = x, .w = w, .b = b, .act = act, .p = p, .stats = stats};
     dw_task_isa(&t, pool);
+    if (stats)
+        memset(stats, 0, (size_t)tern_pool_size(pool) * 2 * (size_t)p->cout * sizeof *stats);
     tern_pool_run(pool, dw_forward_task, &t);
 }
 

@@ -42,6 +42,12 @@ typedef struct tern_gemm_fusion {
      * replaces it); ignored by the reference and small-M paths, which read B itself (so B
      * must still be given). */
     const float *packed_b;
+    /* (parts, 2, N) doubles, or NULL: column statistics of the final C, taken as each tile is
+     * stored (no extra pass over C). Part t (t < tern_pool_size(pool), 1 for a NULL pool) holds
+     * thread t's sums of C(i, j) then of C(i, j)^2 over its rows, in increasing row order;
+     * adding the parts in order gives results reproducible for a fixed thread count (not
+     * across counts). Every part is written (zero where a thread had no rows). */
+    double *col_stats;
 } tern_gemm_fusion;
 
 /* Floats tern_gemm_pack_b writes for an N x K op(B) at isa (N rounded up to the tile width). */
@@ -74,6 +80,12 @@ void tern_gemm_thread(float *C, size_t ldc, const float *A, size_t lda, bool tra
                       const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
                       bool accumulate, const tern_gemm_epilogue *ep, tern_isa isa,
                       float *scratch);
+
+/* s[j] += c(i, j), q[j] += c(i, j)^2 over rows x cols of c (row stride ldc), in double, row
+ * by row; the same bits at every isa. The column statistics of col_stats, for other kernels
+ * that produce a BatchNorm's input. */
+void tern_col_stats(double *s, double *q, const float *c, size_t ldc, size_t rows,
+                    size_t cols, tern_isa isa);
 
 /* Plain triple loop, dot products summed in double: the test oracle. */
 void tern_gemm_ref(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,

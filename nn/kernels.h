@@ -63,6 +63,15 @@ size_t tern_conv2d_workspace_size(const tern_conv_params *p, int nthreads);
 void tern_conv2d_forward(float *y, float *workspace, const float *x, const float *w,
                          const float *b, tern_act act, const tern_conv_params *p,
                          tern_pool *pool);
+/* Whether tern_conv2d_forward_stats takes p: the pointwise (GEMM) and depthwise paths. */
+bool tern_conv2d_has_stats(const tern_conv_params *p);
+/* tern_conv2d_forward (b == NULL, no activation) that also writes the per-channel statistics a
+ * BatchNorm of y needs, taken while y is stored instead of in another pass over it: stats is
+ * (tern_pool_size(pool), 2, Cout) doubles (1 part for a NULL pool), part t holding the sums of
+ * y and of y^2 over the rows thread t wrote (zero where it wrote none), each summed in row
+ * order. Only for shapes tern_conv2d_has_stats accepts. */
+void tern_conv2d_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const tern_conv_params *p, tern_pool *pool);
 /* dx += dL/dx, dw += dL/dw, db += dL/db (each may be NULL). */
 void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
                           const float *x, const float *w, const tern_conv_params *p,
@@ -82,6 +91,11 @@ void tern_conv2d_backward_ref(float *dx, float *dw, float *db, const float *dy, 
  * y = act(conv(x, w) + b); backward accumulates dx, dw, db (each may be NULL). */
 void tern_dwconv_forward(float *y, const float *x, const float *w, const float *b, tern_act act,
                          const tern_conv_params *p, tern_pool *pool);
+/* The same, also writing y's channel statistics as tern_conv2d_forward_stats does (stats may be
+ * NULL). */
+void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const float *b, tern_act act, const tern_conv_params *p,
+                               tern_pool *pool);
 void tern_dwconv_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, const tern_conv_params *p, tern_pool *pool);
 void tern_dwconv_backward_mode(float *dx, float *dw, float *db, const float *dy, const float *x,
@@ -145,6 +159,16 @@ void tern_batchnorm_act_forward_train(float *a, float *save_mean, float *save_in
                                       float *run_mean, float *run_var, const float *y,
                                       const float *gamma, const float *beta, size_t m, int c,
                                       float eps, float momentum, tern_act act, tern_pool *pool);
+/* The fused forward with y's statistics already summed by the kernel that produced y
+ * (tern_conv2d_forward_stats): nparts parts of (2, c) doubles, sums of y then of y^2, added
+ * in order; no statistics pass over y. Same outputs as tern_batchnorm_act_forward_train up to
+ * the rounding of the sums. */
+void tern_batchnorm_act_forward_train_stats(float *a, float *save_mean, float *save_invstd,
+                                            float *run_mean, float *run_var, const float *y,
+                                            const double *stats, int nparts,
+                                            const float *gamma, const float *beta, size_t m,
+                                            int c, float eps, float momentum, tern_act act,
+                                            tern_pool *pool);
 /* Backward of the fused forward: recomputes z = (y - mean) * invstd * gamma + beta, takes
  * dz = da * act'(z) (PyTorch's choices at the kinks), then the BatchNorm backward:
  * dy += ..., dgamma += ..., dbeta += ... (dy, dgamma, dbeta may be NULL). */

@@ -66,6 +66,8 @@ typedef struct op {
     float *save_mean, *save_invstd, *mask; /* planned per-op state */
     float *packed;          /* OP_CONV, pointwise, inference plan: folded weights packed for the
                              * GEMM kernels (refold fills it) */
+    bool bn_stats;          /* training plan: OP_CONV writes its BatchNorm's statistics into
+                             * the model's stats as it stores its output; OP_BN reads them */
     const char *name;       /* state_dict prefix of the layer ("" for parameter-free ops) */
     double seconds[2];      /* profiling: time in forward, backward */
     unsigned long calls[2];
@@ -98,6 +100,7 @@ struct tern_model {
     void *arena;
     size_t arena_bytes;
     float *workspace;
+    double *stats; /* (threads, 2, widest channel count): see tern_conv2d_forward_stats */
     int max_batch, height, width;
     size_t bn_min_hw; /* smallest H*W any BatchNorm sees (SIZE_MAX without BatchNorm) */
     bool plan_training;
@@ -529,14 +532,17 @@ static void free_plan(tern_model *m)
     m->arena = NULL;
     m->arena_bytes = 0;
     m->workspace = NULL;
+    m->stats = NULL;
     m->max_batch = 0;
     m->trained = false;
     for (int i = 0; m->values && i < m->nvalues; i++) {
         m->values[i].x = m->values[i].dx = NULL;
         m->values[i].h = m->values[i].w = 0;
     }
-    for (int i = 0; m->ops && i < m->nops; i++)
+    for (int i = 0; m->ops && i < m->nops; i++) {
         m->ops[i].save_mean = m->ops[i].save_invstd = m->ops[i].mask = m->ops[i].packed = NULL;
+        m->ops[i].bn_stats = false;
+    }
 }
 
 void tern_model_destroy(tern_model **model)
@@ -687,7 +693,7 @@ static bool is_pointwise(const tern_conv_params *p)
 /* Lays out (or, with c->base == NULL, measures) all planned memory. */
 static void layout_plan(tern_model *m, carver *c, int batch, bool training)
 {
-    size_t workspace = 0;
+    size_t workspace = 0, stats_channels = 0;
     for (int i = 0; i < m->nvalues; i++) {
         value *v = &m->values[i];
         bool folded_away = !training && v->bn_input;
@@ -714,9 +720,20 @@ static void layout_plan(tern_model *m, carver *c, int batch, bool training)
             size_t ws = tern_conv2d_workspace_size(&p, tern_pool_size(m->pool));
             if (ws > workspace)
                 workspace = ws;
+            /* Statistics from the conv's stores save BatchNorm's first pass over its input. */
+            const op *bn = i + 1 < m->nops ? &m->ops[i + 1] : NULL;
+            o->bn_stats = training && bn && bn->kind == OP_BN && bn->in == o->out &&
+                          tern_conv2d_has_stats(&p);
+            if (o->bn_stats) {
+                m->ops[i + 1].bn_stats = true;
+                if ((size_t)p.cout > stats_channels)
+                    stats_channels = (size_t)p.cout;
+            }
         }
     }
     m->workspace = carve(c, workspace);
+    /* doubles, as pairs of floats */
+    m->stats = (double *)(void *)carve(c, 4 * stats_channels * (size_t)tern_pool_size(m->pool));
 }
 
 tern_status tern_model_plan(tern_model *model, int max_batch, int height, int width,
@@ -827,14 +844,25 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
     case OP_CONV: {
         tern_conv_params p = o->conv;
         p.n = n;
-        tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL, TERN_ACT_NONE, &p, pool);
+        if (o->bn_stats && training)
+            tern_conv2d_forward_stats(out->x, m->stats, in->x, m->params + o->w, &p, pool);
+        else
+            tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL,
+                                TERN_ACT_NONE, &p, pool);
         break;
     }
     case OP_BN: /* training only: inference folds BatchNorm into the convolution */
-        tern_batchnorm_act_forward_train(out->x, o->save_mean, o->save_invstd,
-                                         m->buffers + o->run_mean, m->buffers + o->run_var, in->x,
-                                         m->params + o->w, m->params + o->b, (size_t)n * hw,
-                                         in->c, o->eps, o->momentum, o->act, pool);
+        if (o->bn_stats)
+            tern_batchnorm_act_forward_train_stats(
+                out->x, o->save_mean, o->save_invstd, m->buffers + o->run_mean,
+                m->buffers + o->run_var, in->x, m->stats, tern_pool_size(pool), m->params + o->w,
+                m->params + o->b, (size_t)n * hw, in->c, o->eps, o->momentum, o->act, pool);
+        else
+            tern_batchnorm_act_forward_train(out->x, o->save_mean, o->save_invstd,
+                                             m->buffers + o->run_mean, m->buffers + o->run_var,
+                                             in->x, m->params + o->w, m->params + o->b,
+                                             (size_t)n * hw, in->c, o->eps, o->momentum,
+                                             o->act, pool);
         m->counters[o->counter]++;
         break;
     case OP_GN:

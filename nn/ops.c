@@ -574,14 +574,15 @@ typedef struct {
     tern_pool *pool; /* for the per-thread scratch of the statistics */
 } bn_args;
 
-/* Statistics of channel ch from its shifted sums; writes the saved and running statistics and
- * returns the scale alpha = gamma * invstd. */
-static float bn_finish_stats(const bn_args *a, size_t ch, double s, double q)
+/* Statistics of channel ch from its sums shifted by k (the channel's first value, or 0 for
+ * sums taken by the producer of x); writes the saved and running statistics and returns the
+ * scale alpha = gamma * invstd. */
+static float bn_finish_stats_k(const bn_args *a, size_t ch, double s, double q, double k)
 {
     double m = (double)a->m, mom = a->momentum;
     double qc = q - s * (s / m); /* sum of squared deviations */
     qc = qc > 0 ? qc : 0;
-    double mean = (double)a->x[ch] + s / m, var = qc / m;
+    double mean = k + s / m, var = qc / m;
     double unbiased = a->m > 1 ? qc / (m - 1) : var;
     float invstd = (float)(1.0 / sqrt(var + (double)a->eps));
     a->save_mean[ch] = (float)mean;
@@ -589,6 +590,11 @@ static float bn_finish_stats(const bn_args *a, size_t ch, double s, double q)
     a->run_mean[ch] = (float)(mom * mean + (1 - mom) * a->run_mean[ch]);
     a->run_var[ch] = (float)(mom * unbiased + (1 - mom) * a->run_var[ch]);
     return a->gamma[ch] * invstd;
+}
+
+static float bn_finish_stats(const bn_args *a, size_t ch, double s, double q)
+{
+    return bn_finish_stats_k(a, ch, s, q, (double)a->x[ch]);
 }
 
 /* One thread, everything: per block of channels, statistics over all rows, then the
@@ -688,6 +694,33 @@ void tern_batchnorm_act_forward_train(float *a, float *save_mean, float *save_in
                     .run_mean = run_mean, .run_var = run_var, .x = y, .gamma = gamma,
                     .beta = beta, .m = m, .c = c, .eps = eps, .momentum = momentum, .act = act};
     bn_train(&args, pool);
+}
+
+void tern_batchnorm_act_forward_train_stats(float *a, float *save_mean, float *save_invstd,
+                                            float *run_mean, float *run_var, const float *y,
+                                            const double *stats, int nparts,
+                                            const float *gamma, const float *beta, size_t m,
+                                            int c, float eps, float momentum, tern_act act,
+                                            tern_pool *pool)
+{
+    bn_args args = {.out = a, .save_mean = save_mean, .save_invstd = save_invstd,
+                    .run_mean = run_mean, .run_var = run_var, .x = y, .gamma = gamma,
+                    .beta = beta, .m = m, .c = c, .eps = eps, .momentum = momentum, .act = act,
+                    .isa = tern_pool_isa(pool)};
+    if (m == 0 || c <= 0)
+        return;
+    const size_t cc = (size_t)c;
+    for (size_t j = 0; j < cc; j++) {
+        double s = 0, q = 0;
+        for (int t = 0; t < nparts; t++) {
+            s += stats[(size_t)t * 2 * cc + j];
+            q += stats[(size_t)t * 2 * cc + cc + j];
+        }
+        bn_finish_stats_k(&args, j, s, q, 0.0);
+    }
+    args.mean = save_mean;
+    args.invstd = save_invstd;
+    run(pool, m * cc, bn_apply_task, &args);
 }
 
 void tern_batchnorm_forward_eval(float *y, const float *x, const float *gamma,
