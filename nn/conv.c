@@ -119,8 +119,10 @@ static void gemm_backward(float *dx, float *dw, float *db, const float *dy, cons
     if (dx) /* dX (m, in) [+]= dY (m, out) W (out, in) */
         tern_gemm(dx, in, dy, out, false, w, in, false, m, in, out, dx_mode == TERN_GRAD_ADD,
                   NULL, pool);
-    if (dw) /* dW (out, in) += dY^T (out, m) X (m, in) */
-        tern_gemm(dw, in, dy, out, true, x, in, false, out, in, m, true, NULL, pool);
+    if (dw) { /* dW (out, in) += dY^T (out, m) X (m, in), split along m if dW is small */
+        const tern_gemm_fusion fu = {.k_split = true};
+        tern_gemm_fused(dw, in, dy, out, true, x, in, false, out, in, m, true, NULL, &fu, pool);
+    }
     if (db) {
         colsum_task t = {.db = db, .dy = dy, .m = m, .c = out};
         tern_pool_run(pool, colsum_task_fn, &t);

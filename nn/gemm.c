@@ -30,10 +30,13 @@
  * GEMV that streams 8 rows of B with prefetching) and plain B by an axpy kernel; all stream B
  * once.
  *
- * Threads split C, never K: over M in MR-row units or over N in NR-column units, whichever is
+ * Threads split C: over M in MR-row units or over N in NR-column units, whichever is
  * larger. Each C element is computed by one thread in the same K order whatever the thread
- * count, so results depend only on the shape and the ISA. No allocation: packing buffers
- * live in the pool's per-thread scratch. */
+ * count, so results depend only on the shape and the ISA. The exception is opt-in
+ * (tern_gemm_fusion.k_split, for weight gradients): a small C over a long K is split along K,
+ * each thread writing a partial product into its pool partial buffer and the caller adding
+ * them in thread order, so results are reproducible for a given thread count only. No
+ * allocation: packing buffers live in the pool's per-thread scratch. */
 #include "gemm.h"
 
 #include <immintrin.h>
@@ -975,6 +978,55 @@ static void gemm_task_fn(void *arg, int ith, int nth)
     gemm_serial(&s, t->isa, tern_pool_scratch(t->pool, ith), t->allow_small);
 }
 
+/* K split: thread ith computes the product over its range of K (in 16s) into its partial
+ * buffer; the caller then adds the partials. */
+static void gemm_ksplit_fn(void *arg, int ith, int nth)
+{
+    const gemm_task *t = arg;
+    const gemm_problem *p = &t->p;
+    size_t u0, u1;
+    tern_split((p->k + 15) / 16, ith, nth, &u0, &u1);
+    const size_t k0 = min_size(u0 * 16, p->k), k1 = min_size(u1 * 16, p->k);
+    gemm_problem s = *p;
+    s.c = tern_pool_partial(t->pool, ith);
+    s.ldc = p->n;
+    s.accumulate = false;
+    s.k = k1 - k0; /* may be 0: the blocked driver still writes zeros */
+    s.a += p->ta ? k0 * p->lda : k0;
+    s.b += p->tb ? k0 : k0 * p->ldb;
+    gemm_serial(&s, t->isa, tern_pool_scratch(t->pool, ith), false);
+}
+
+/* Whether to split K (fusion->k_split asked for it): a plain product (no epilogue) whose C
+ * fits the partial buffers, has too few tiles to keep every thread busy and balanced, and a
+ * K long enough that adding the partials is cheap next to the product. Splitting M or N would
+ * also make every thread pack the whole of the other operand, which for a weight gradient
+ * (K = pixels) is as much memory traffic as the product itself. */
+static bool takes_k_split(const gemm_problem *p, const isa_desc *d, int nth)
+{
+    const size_t mt = (p->m + d->mr - 1) / d->mr, nt = (p->n + d->nr - 1) / d->nr;
+    return nth > 1 && !p->bias && !p->res && !p->k_scale && !p->packed && !p->stats &&
+           p->act == TERN_ACT_NONE && p->m * p->n <= TERN_POOL_PARTIAL_FLOATS &&
+           mt * nt < 8 * (size_t)nth && p->k >= 1024 * (size_t)nth;
+}
+
+static void gemm_k_split(gemm_task *t, int nth)
+{
+    const gemm_problem *p = &t->p;
+    tern_pool_run(t->pool, gemm_ksplit_fn, t);
+    const size_t M = p->m, N = p->n;
+    for (size_t i = 0; i < M; i++) {
+        float *c = p->c + i * p->ldc;
+        const float *p0 = tern_pool_partial(t->pool, 0) + i * N;
+        for (size_t j = 0; j < N; j++) {
+            float sum = p0[j];
+            for (int th = 1; th < nth; th++)
+                sum += tern_pool_partial(t->pool, th)[i * N + j];
+            c[j] = p->accumulate ? c[j] + sum : sum;
+        }
+    }
+}
+
 void tern_gemm(float *C, size_t ldc, const float *A, size_t lda, bool trans_a, const float *B,
                size_t ldb, bool trans_b, size_t M, size_t N, size_t K, bool accumulate,
                const tern_gemm_epilogue *ep, tern_pool *pool)
@@ -1023,6 +1075,8 @@ void tern_gemm_fused(float *C, size_t ldc, const float *A, size_t lda, bool tran
     }
     if (nth == 1)
         gemm_serial(&t.p, t.isa, tern_pool_scratch(pool, 0), t.allow_small);
+    else if (fusion && fusion->k_split && !t.allow_small && takes_k_split(&t.p, d, nth))
+        gemm_k_split(&t, nth);
     else
         tern_pool_run(pool, gemm_task_fn, &t);
 }

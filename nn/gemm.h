@@ -10,7 +10,8 @@
  *
  * Determinism: every element of C is computed by one thread, summing K in a fixed blocked order
  * that depends on the ISA (tile shape) but not on the thread count or timing, so a given
- * (shape, ISA) always gives the same bits, whatever the thread count.
+ * (shape, ISA) always gives the same bits, whatever the thread count (unless the caller opts
+ * into tern_gemm_fusion.k_split).
  *
  * Internal header: not installed. */
 #ifndef TERN_GEMM_H
@@ -48,6 +49,10 @@ typedef struct tern_gemm_fusion {
      * adding the parts in order gives results reproducible for a fixed thread count (not
      * across counts). Every part is written (zero where a thread had no rows). */
     double *col_stats;
+    /* Allow splitting K across threads when C is small and K long (weight gradients: K is the
+     * pixel count): partial products added in thread order. The result then depends on the
+     * thread count (still reproducible for a given count), unlike every other path. */
+    bool k_split;
 } tern_gemm_fusion;
 
 /* Floats tern_gemm_pack_b writes for an N x K op(B) at isa (N rounded up to the tile width). */
