@@ -786,11 +786,33 @@ static float *grad_or_null(tern_model *m, size_t offset)
     return offset == NO_PARAM ? NULL : m->grads + offset;
 }
 
-static void draw_dropout_mask(tern_rng *rng, float *mask, size_t count, float p)
+/* Dropout draws its mask from a counter-based stream: one key per op and step from the model's
+ * generator, then element i's uniform from splitmix64's finalizer of key + (i + 1) * gamma. Any
+ * range of elements can be drawn on its own, so threads split the work and the mask does not
+ * depend on the thread count; the mask and the product are made in one pass. */
+typedef struct dropout_task {
+    float *y, *mask;
+    const float *x;
+    size_t count;
+    uint64_t key;
+    float p;
+} dropout_task;
+
+static void dropout_task_fn(void *arg, int ith, int nth)
 {
-    float keep = 1.0f / (1.0f - p);
-    for (size_t i = 0; i < count; i++)
-        mask[i] = tern_rng_uniform(rng) < p ? 0.0f : keep;
+    const dropout_task *t = arg;
+    const float keep = 1.0f / (1.0f - t->p);
+    size_t b, e;
+    tern_split(t->count, ith, nth, &b, &e);
+    for (size_t i = b; i < e; i++) {
+        uint64_t z = t->key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) * 0x1.0p-24f; /* as tern_rng_uniform */
+        t->mask[i] = u < t->p ? 0.0f : keep;
+        t->y[i] = t->x[i] * t->mask[i];
+    }
 }
 
 static size_t conv_weight_count(const op *o)
@@ -887,8 +909,9 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
         break;
     case OP_DROPOUT:
         if (training && o->p > 0.0f) {
-            draw_dropout_mask(&m->rng, o->mask, count, o->p);
-            tern_dropout_forward(out->x, in->x, o->mask, count);
+            dropout_task t = {.y = out->x, .mask = o->mask, .x = in->x, .count = count,
+                              .key = tern_rng_next(&m->rng), .p = o->p};
+            tern_pool_run(count < ((size_t)1 << 14) ? NULL : pool, dropout_task_fn, &t);
         } else {
             memcpy(out->x, in->x, count * sizeof(float));
         }
@@ -973,7 +996,7 @@ static void backward_op(tern_model *m, op *o, int n)
     case OP_DROPOUT:
         zero_dx_once(in, n);
         if (m->dropped)
-            tern_dropout_backward(in->dx, out->dx, o->mask, count);
+            tern_dropout_backward(in->dx, out->dx, o->mask, count); /* small: one thread */
         else
             tern_accumulate(in->dx, out->dx, count, pool);
         break;
