@@ -113,12 +113,16 @@ static void gemm_forward(float *y, const float *x, const float *w, const float *
 }
 
 static void gemm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                          const float *w, size_t m, size_t in, size_t out, tern_pool *pool)
+                          const float *w, size_t m, size_t in, size_t out,
+                          tern_grad_mode dx_mode, tern_pool *pool)
 {
-    if (dx) /* dX (m, in) += dY (m, out) W (out, in) */
-        tern_gemm(dx, in, dy, out, false, w, in, false, m, in, out, true, NULL, pool);
-    if (dw) /* dW (out, in) += dY^T (out, m) X (m, in) */
-        tern_gemm(dw, in, dy, out, true, x, in, false, out, in, m, true, NULL, pool);
+    if (dx) /* dX (m, in) [+]= dY (m, out) W (out, in) */
+        tern_gemm(dx, in, dy, out, false, w, in, false, m, in, out, dx_mode == TERN_GRAD_ADD,
+                  NULL, pool);
+    if (dw) { /* dW (out, in) += dY^T (out, m) X (m, in), split along m if dW is small */
+        const tern_gemm_fusion fu = {.k_split = true};
+        tern_gemm_fused(dw, in, dy, out, true, x, in, false, out, in, m, true, NULL, &fu, pool);
+    }
     if (db) {
         colsum_task t = {.db = db, .dy = dy, .m = m, .c = out};
         tern_pool_run(pool, colsum_task_fn, &t);
@@ -134,7 +138,15 @@ void tern_linear_forward(float *y, const float *x, const float *w, const float *
 void tern_linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, int n, int in, int out, tern_pool *pool)
 {
-    gemm_backward(dx, dw, db, dy, x, w, (size_t)n, (size_t)in, (size_t)out, pool);
+    gemm_backward(dx, dw, db, dy, x, w, (size_t)n, (size_t)in, (size_t)out, TERN_GRAD_ADD,
+                  pool);
+}
+
+void tern_linear_backward_mode(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, int n, int in, int out, tern_grad_mode dx_mode,
+                               tern_pool *pool)
+{
+    gemm_backward(dx, dw, db, dy, x, w, (size_t)n, (size_t)in, (size_t)out, dx_mode, pool);
 }
 
 /* ---- im2col (groups == 1, k > 1 or strided) -------------------------------------------------- */
@@ -332,18 +344,49 @@ void tern_conv2d_forward(float *y, float *workspace, const float *x, const float
     }
 }
 
+bool tern_conv2d_has_stats(const tern_conv_params *p)
+{
+    return conv_path_of(p) == CONV_PATH_GEMM || conv_path_of(p) == CONV_PATH_DEPTHWISE;
+}
+
+void tern_conv2d_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const tern_conv_params *p, tern_pool *pool)
+{
+    if (conv_path_of(p) == CONV_PATH_DEPTHWISE) {
+        tern_dwconv_forward_stats(y, stats, x, w, NULL, TERN_ACT_NONE, p, pool);
+        return;
+    }
+    const size_t m = (size_t)p->n * (size_t)p->h * (size_t)p->w;
+    const tern_gemm_fusion fu = {.col_stats = stats};
+    tern_gemm_fused(y, (size_t)p->cout, x, (size_t)p->cin, false, w, (size_t)p->cin, true, m,
+                    (size_t)p->cout, (size_t)p->cin, false, NULL, &fu, pool);
+}
+
 void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
                           const float *x, const float *w, const tern_conv_params *p,
                           tern_pool *pool)
 {
+    tern_conv2d_backward_mode(dx, dw, db, workspace, dy, x, w, p, TERN_GRAD_ADD, pool);
+}
+
+void tern_conv2d_backward_mode(float *dx, float *dw, float *db, float *workspace,
+                               const float *dy, const float *x, const float *w,
+                               const tern_conv_params *p, tern_grad_mode dx_mode,
+                               tern_pool *pool)
+{
     if (!dx && !dw && !db)
         return;
-    switch (conv_path_of(p)) {
+    const conv_path path = conv_path_of(p);
+    if (dx && dx_mode == TERN_GRAD_SET && path != CONV_PATH_GEMM && path != CONV_PATH_DEPTHWISE)
+        memset(dx, 0, (size_t)p->n * (size_t)p->h * (size_t)p->w * (size_t)p->cin * sizeof *dx);
+    switch (path) {
     case CONV_PATH_GEMM:
         gemm_backward(dx, dw, db, dy, x, w, (size_t)p->n * (size_t)p->h * (size_t)p->w,
-                      (size_t)p->cin, (size_t)p->cout, pool);
+                      (size_t)p->cin, (size_t)p->cout, dx_mode, pool);
         return;
-    case CONV_PATH_DEPTHWISE: tern_dwconv_backward(dx, dw, db, dy, x, w, p, pool); return;
+    case CONV_PATH_DEPTHWISE:
+        tern_dwconv_backward_mode(dx, dw, db, dy, x, w, p, dx_mode, pool);
+        return;
     case CONV_PATH_STEM:
         tern_stemconv_backward(dx, dw, db, workspace, dy, x, w, p, pool);
         return;

@@ -31,6 +31,7 @@
 #include <stdbool.h>
 #include <string.h>
 
+#include "gemm.h"
 #include "util.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -76,6 +77,8 @@ typedef struct dw_task {
     float *y, *dx, *dw, *db;
     const float *x, *w, *b, *dy;
     tern_act act;
+    bool dx_accumulate; /* dx += (else dx =: no bias, no activation, so the row stores the sum) */
+    double *stats;      /* forward: (nthreads, 2, C) per-thread channel sums of y and y^2 */
     tern_isa isa;
     int v; /* channels per vector at this ISA */
     const tern_conv_params *p;
@@ -147,7 +150,7 @@ static void dw_row_dx(dw_row *r, const dw_task *a, int n, int iy, int rx)
     *r = (dw_row){.out = a->dx + (((ptrdiff_t)n * p->h + iy) * p->w + ix0) * C,
                   .out_step = s * C, .in = a->dy, .c = C, .col0 = (ix0 + p->pad - rx) / s,
                   .in_step = 1, .in_w = p->ow, .m = ix0 < p->w ? (p->w - ix0 + s - 1) / s : 0,
-                  .accumulate = true};
+                  .accumulate = a->dx_accumulate};
     for (int ky = (iy + p->pad) % s; ky < p->k; ky += s) {
         const int dyy = iy + p->pad - ky;
         if (dyy < 0 || dyy / s >= p->oh)
@@ -641,6 +644,7 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     const size_t rows = (size_t)p->n * (size_t)rows_per_image;
     _Alignas(64) float wp[DW_GROUP_CHANNELS / 8][DW_WSTRIDE];
     dw_row row;
+    double *stats = !backward && a->stats ? a->stats + (size_t)ith * 2 * (size_t)C : NULL;
     size_t i0, i1;
     tern_split(rows * (size_t)ncv, ith, nth, &i0, &i1);
     if (i0 == i1)
@@ -676,6 +680,9 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
                     const int c0 = (g * gv + q0) * v, c1 = min_int((g * gv + q1) * v, C);
                     dw_run_row(a, &row, wp[q0], q1 - q0, (size_t)c0, c1 - (q1 - 1 - q0) * v - c0,
                                a->b ? a->b + c0 : NULL);
+                    if (stats) /* the row just stored, read back from cache */
+                        tern_col_stats(stats + c0, stats + C + c0, row.out + c0, (size_t)C,
+                                       (size_t)row.m, (size_t)(c1 - c0), a->isa);
                 }
             }
         }
@@ -780,17 +787,34 @@ static void dw_task_isa(dw_task *t, tern_pool *pool)
 void tern_dwconv_forward(float *y, const float *x, const float *w, const float *b, tern_act act,
                          const tern_conv_params *p, tern_pool *pool)
 {
-    dw_task t = {.y = y, .x = x, .w = w, .b = b, .act = act, .p = p};
+    tern_dwconv_forward_stats(y, NULL, x, w, b, act, p, pool);
+}
+
+void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const float *b, tern_act act, const tern_conv_params *p,
+                               tern_pool *pool)
+{
+    dw_task t = {.y = y, .x = x, .w = w, .b = b, .act = act, .p = p, .stats = stats};
     dw_task_isa(&t, pool);
+    if (stats)
+        memset(stats, 0, (size_t)tern_pool_size(pool) * 2 * (size_t)p->cout * sizeof *stats);
     tern_pool_run(pool, dw_forward_task, &t);
 }
 
 void tern_dwconv_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, const tern_conv_params *p, tern_pool *pool)
 {
+    tern_dwconv_backward_mode(dx, dw, db, dy, x, w, p, TERN_GRAD_ADD, pool);
+}
+
+void tern_dwconv_backward_mode(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, const tern_conv_params *p,
+                               tern_grad_mode dx_mode, tern_pool *pool)
+{
     if (!dx && !dw && !db)
         return;
-    dw_task t = {.dx = dx, .dw = dw, .db = db, .dy = dy, .x = x, .w = w, .p = p};
+    dw_task t = {.dx = dx, .dw = dw, .db = db, .dy = dy, .x = x, .w = w, .p = p,
+                 .dx_accumulate = dx_mode == TERN_GRAD_ADD};
     dw_task_isa(&t, pool);
     tern_pool_run(pool, dw_backward_task, &t);
 }

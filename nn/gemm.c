@@ -16,7 +16,9 @@
  * Fusions for inference (tern_gemm_fused): a residual added in that epilogue (bit-identical to
  * a separate add); a per-K scale applied to B as it is packed (a squeeze-and-excitation gate);
  * and B packed once ahead of time (constant folded weights), in the same layout the per-call
- * packing produces, so the kernels and results are the same with or without it.
+ * packing produces, so the kernels and results are the same with or without it. For training,
+ * column statistics (sums of C and C^2 in double, per thread) are taken from each finished tile
+ * right after its store, while it is in L1: BatchNorm then skips its statistics pass.
  *
  * Microkernels: AVX-512 12x32 (24 zmm accumulators), AVX2+FMA 6x16 (12 ymm), scalar C 4x16.
  * Column tails are computed on zero-padded B and stored with masks; a tail of at most half a
@@ -28,10 +30,13 @@
  * GEMV that streams 8 rows of B with prefetching) and plain B by an axpy kernel; all stream B
  * once.
  *
- * Threads split C, never K: over M in MR-row units or over N in NR-column units, whichever is
+ * Threads split C: over M in MR-row units or over N in NR-column units, whichever is
  * larger. Each C element is computed by one thread in the same K order whatever the thread
- * count, so results depend only on the shape and the ISA. No allocation: packing buffers
- * live in the pool's per-thread scratch. */
+ * count, so results depend only on the shape and the ISA. The exception is opt-in
+ * (tern_gemm_fusion.k_split, for weight gradients): a small C over a long K is split along K,
+ * each thread writing a partial product into its pool partial buffer and the caller adding
+ * them in thread order, so results are reproducible for a given thread count only. No
+ * allocation: packing buffers live in the pool's per-thread scratch. */
 #include "gemm.h"
 
 #include <immintrin.h>
@@ -99,6 +104,10 @@ typedef struct gemm_problem {
      * B where this (sub)problem starts, npad that problem's N rounded up to NR. */
     const float *packed;
     size_t col0, npad;
+    /* Column statistics of the final C, or NULL: stats[j] += C(i, j), stats[stats_ld + j] +=
+     * C(i, j)^2 in double, rows in increasing order (this thread's part; see col_stats). */
+    double *stats;
+    size_t stats_ld;
     tern_act act;
 } gemm_problem;
 
@@ -127,6 +136,7 @@ typedef void (*pack_b_fn)(float *bp, const float *b, size_t ldb, bool tb, size_t
                           size_t NR, const float *ks);
 
 typedef struct isa_desc {
+    tern_isa isa;
     size_t mr, nr;
     ukr_fn kernel;
     pack_b_fn pack_b;
@@ -669,11 +679,76 @@ static TARGET_AVX512 void pack_b_avx512(float *bp, const float *b, size_t ldb, b
     }
 }
 
+/* Column sums and sums of squares of a finished mr x nr tile of C (just stored, so in L1), in
+ * double, row by row: s[j] += c, q[j] += c * c (a product then a sum, no FMA, so every ISA
+ * gives the same bits for the same C). */
+static void tile_stats_c(double *s, double *q, const float *c, size_t ldc, size_t mr,
+                         size_t nr)
+{
+    for (size_t i = 0; i < mr; i++)
+        for (size_t j = 0; j < nr; j++) {
+            const double v = c[i * ldc + j];
+            s[j] += v;
+            q[j] += v * v;
+        }
+}
+
+static TARGET_AVX512 void tile_stats_avx512(double *s, double *q, const float *c, size_t ldc,
+                                            size_t mr, size_t nr)
+{
+    for (size_t j0 = 0; j0 < nr; j0 += 32) {
+        const size_t w = min_size(32, nr - j0);
+        __mmask8 m8[4];
+        __m512d sv[4], qv[4];
+        for (size_t v = 0; v < 4; v++) {
+            const size_t lanes = w > 8 * v ? min_size(8, w - 8 * v) : 0;
+            m8[v] = (__mmask8)((1u << lanes) - 1);
+            sv[v] = _mm512_maskz_loadu_pd(m8[v], s + j0 + 8 * v);
+            qv[v] = _mm512_maskz_loadu_pd(m8[v], q + j0 + 8 * v);
+        }
+        const __mmask16 m0 = mask16(w), m1 = w > 16 ? mask16(w - 16) : 0;
+        for (size_t i = 0; i < mr; i++) {
+            const float *row = c + i * ldc + j0;
+            const __m512 x0 = _mm512_maskz_loadu_ps(m0, row);
+            const __m512 x1 = _mm512_maskz_loadu_ps(m1, row + 16);
+            const __m512d d[4] = {_mm512_cvtps_pd(_mm512_castps512_ps256(x0)),
+                                  _mm512_cvtps_pd(_mm512_extractf32x8_ps(x0, 1)),
+                                  _mm512_cvtps_pd(_mm512_castps512_ps256(x1)),
+                                  _mm512_cvtps_pd(_mm512_extractf32x8_ps(x1, 1))};
+            for (size_t v = 0; v < 4; v++) {
+                sv[v] = _mm512_add_pd(sv[v], d[v]);
+                qv[v] = _mm512_add_pd(qv[v], _mm512_mul_pd(d[v], d[v]));
+            }
+        }
+        for (size_t v = 0; v < 4; v++) {
+            _mm512_mask_storeu_pd(s + j0 + 8 * v, m8[v], sv[v]);
+            _mm512_mask_storeu_pd(q + j0 + 8 * v, m8[v], qv[v]);
+        }
+    }
+}
+
+void tern_col_stats(double *s, double *q, const float *c, size_t ldc, size_t rows,
+                    size_t cols, tern_isa isa)
+{
+    if (isa == TERN_ISA_AVX512)
+        tile_stats_avx512(s, q, c, ldc, rows, cols);
+    else
+        tile_stats_c(s, q, c, ldc, rows, cols);
+}
+
+static void tile_stats(tern_isa isa, const gemm_problem *p, size_t i, size_t j, size_t mr,
+                       size_t nr)
+{
+    tern_col_stats(p->stats + j, p->stats + p->stats_ld + j, p->c + i * p->ldc + j, p->ldc, mr,
+                   nr, isa);
+}
+
 static const isa_desc *isa_for(tern_isa isa)
 {
-    static const isa_desc scalar = {SC_MR, SC_NR, ukr_scalar, pack_b_c, NULL};
-    static const isa_desc avx2 = {X2_MR, X2_NR, ukr_avx2, pack_b_c, NULL};
-    static const isa_desc avx512 = {X5_MR, X5_NR, ukr_avx512, pack_b_avx512, small_m_avx512};
+    static const isa_desc scalar = {TERN_ISA_SCALAR, SC_MR, SC_NR, ukr_scalar, pack_b_c, NULL};
+    static const isa_desc avx2 = {TERN_ISA_AVX2, X2_MR, X2_NR, ukr_avx2, pack_b_c, NULL};
+    static const isa_desc avx512 = {TERN_ISA_AVX512, X5_MR, X5_NR, ukr_avx512, pack_b_avx512,
+                                    small_m_avx512};
     switch (isa) {
     case TERN_ISA_AVX512: return &avx512;
     case TERN_ISA_AVX2: return &avx2;
@@ -771,6 +846,8 @@ static void gemm_blocked(const gemm_problem *p, const isa_desc *d, float *scratc
                         u.c = p->c + i * p->ldc + jc + jr;
                         u.res = res ? res + i * p->ldc : NULL;
                         d->kernel(&u);
+                        if (last && p->stats)
+                            tile_stats(d->isa, p, i, jc + jr, u.mr, u.nr);
                     }
                 }
             }
@@ -789,10 +866,13 @@ static void gemm_serial(const gemm_problem *p, tern_isa isa, float *scratch, boo
     if (p->m == 0 || p->n == 0)
         return;
     const isa_desc *d = isa_for(isa);
-    if (allow_small && takes_small_m(d, p))
+    if (allow_small && takes_small_m(d, p)) {
         d->small_m(p);
-    else
+        if (p->stats)
+            tile_stats(isa, p, 0, 0, p->m, p->n);
+    } else {
         gemm_blocked(p, d, scratch);
+    }
 }
 
 /* ---- public entry points -------------------------------------------------------------------------- */
@@ -807,6 +887,7 @@ static gemm_problem make_problem(float *C, size_t ldc, const float *A, size_t ld
                           .accumulate = accumulate, .bias = ep ? ep->bias : NULL,
                           .res = fu ? fu->residual : NULL, .k_scale = fu ? fu->k_scale : NULL,
                           .packed = fu ? fu->packed_b : NULL,
+                          .stats = fu ? fu->col_stats : NULL, .stats_ld = N,
                           .act = ep ? ep->act : TERN_ACT_NONE};
 }
 
@@ -871,9 +952,11 @@ static void gemm_task_fn(void *arg, int ith, int nth)
     size_t u0, u1;
     tern_split((total + t->unit - 1) / t->unit, ith, nth, &u0, &u1);
     const size_t lo = u0 * t->unit, hi = min_size(u1 * t->unit, total);
+    gemm_problem s = *p;
+    if (p->stats) /* this thread's part (the caller zeroed them all) */
+        s.stats = p->stats + (size_t)ith * 2 * p->stats_ld;
     if (lo >= hi)
         return;
-    gemm_problem s = *p;
     if (t->split_m) {
         s.m = hi - lo;
         s.c += lo * p->ldc;
@@ -889,8 +972,59 @@ static void gemm_task_fn(void *arg, int ith, int nth)
         s.b += p->tb ? lo * p->ldb : lo;
         if (s.bias)
             s.bias += lo;
+        if (s.stats)
+            s.stats += lo;
     }
     gemm_serial(&s, t->isa, tern_pool_scratch(t->pool, ith), t->allow_small);
+}
+
+/* K split: thread ith computes the product over its range of K (in 16s) into its partial
+ * buffer; the caller then adds the partials. */
+static void gemm_ksplit_fn(void *arg, int ith, int nth)
+{
+    const gemm_task *t = arg;
+    const gemm_problem *p = &t->p;
+    size_t u0, u1;
+    tern_split((p->k + 15) / 16, ith, nth, &u0, &u1);
+    const size_t k0 = min_size(u0 * 16, p->k), k1 = min_size(u1 * 16, p->k);
+    gemm_problem s = *p;
+    s.c = tern_pool_partial(t->pool, ith);
+    s.ldc = p->n;
+    s.accumulate = false;
+    s.k = k1 - k0; /* may be 0: the blocked driver still writes zeros */
+    s.a += p->ta ? k0 * p->lda : k0;
+    s.b += p->tb ? k0 : k0 * p->ldb;
+    gemm_serial(&s, t->isa, tern_pool_scratch(t->pool, ith), false);
+}
+
+/* Whether to split K (fusion->k_split asked for it): a plain product (no epilogue) whose C
+ * fits the partial buffers, has too few tiles to keep every thread busy and balanced, and a
+ * K long enough that adding the partials is cheap next to the product. Splitting M or N would
+ * also make every thread pack the whole of the other operand, which for a weight gradient
+ * (K = pixels) is as much memory traffic as the product itself. */
+static bool takes_k_split(const gemm_problem *p, const isa_desc *d, int nth)
+{
+    const size_t mt = (p->m + d->mr - 1) / d->mr, nt = (p->n + d->nr - 1) / d->nr;
+    return nth > 1 && !p->bias && !p->res && !p->k_scale && !p->packed && !p->stats &&
+           p->act == TERN_ACT_NONE && p->m * p->n <= TERN_POOL_PARTIAL_FLOATS &&
+           mt * nt < 8 * (size_t)nth && p->k >= 1024 * (size_t)nth;
+}
+
+static void gemm_k_split(gemm_task *t, int nth)
+{
+    const gemm_problem *p = &t->p;
+    tern_pool_run(t->pool, gemm_ksplit_fn, t);
+    const size_t M = p->m, N = p->n;
+    for (size_t i = 0; i < M; i++) {
+        float *c = p->c + i * p->ldc;
+        const float *p0 = tern_pool_partial(t->pool, 0) + i * N;
+        for (size_t j = 0; j < N; j++) {
+            float sum = p0[j];
+            for (int th = 1; th < nth; th++)
+                sum += tern_pool_partial(t->pool, th)[i * N + j];
+            c[j] = p->accumulate ? c[j] + sum : sum;
+        }
+    }
 }
 
 void tern_gemm(float *C, size_t ldc, const float *A, size_t lda, bool trans_a, const float *B,
@@ -906,11 +1040,18 @@ void tern_gemm_fused(float *C, size_t ldc, const float *A, size_t lda, bool tran
                      bool accumulate, const tern_gemm_epilogue *ep,
                      const tern_gemm_fusion *fusion, tern_pool *pool)
 {
+    double *stats = fusion ? fusion->col_stats : NULL;
     if (!pool) {
         tern_gemm_ref_fused(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K, accumulate, ep,
                             fusion);
+        if (stats) {
+            memset(stats, 0, 2 * N * sizeof *stats);
+            tile_stats_c(stats, stats + N, C, ldc, M, N);
+        }
         return;
     }
+    if (stats)
+        memset(stats, 0, 2 * N * (size_t)tern_pool_size(pool) * sizeof *stats);
     if (M == 0 || N == 0)
         return;
     gemm_task t = {.p = make_problem(C, ldc, A, lda, trans_a, B, ldb, trans_b, M, N, K,
@@ -934,6 +1075,8 @@ void tern_gemm_fused(float *C, size_t ldc, const float *A, size_t lda, bool tran
     }
     if (nth == 1)
         gemm_serial(&t.p, t.isa, tern_pool_scratch(pool, 0), t.allow_small);
+    else if (fusion && fusion->k_split && !t.allow_small && takes_k_split(&t.p, d, nth))
+        gemm_k_split(&t, nth);
     else
         tern_pool_run(pool, gemm_task_fn, &t);
 }

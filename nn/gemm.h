@@ -10,7 +10,8 @@
  *
  * Determinism: every element of C is computed by one thread, summing K in a fixed blocked order
  * that depends on the ISA (tile shape) but not on the thread count or timing, so a given
- * (shape, ISA) always gives the same bits, whatever the thread count.
+ * (shape, ISA) always gives the same bits, whatever the thread count (unless the caller opts
+ * into tern_gemm_fusion.k_split).
  *
  * Internal header: not installed. */
 #ifndef TERN_GEMM_H
@@ -42,6 +43,16 @@ typedef struct tern_gemm_fusion {
      * replaces it); ignored by the reference and small-M paths, which read B itself (so B
      * must still be given). */
     const float *packed_b;
+    /* (parts, 2, N) doubles, or NULL: column statistics of the final C, taken as each tile is
+     * stored (no extra pass over C). Part t (t < tern_pool_size(pool), 1 for a NULL pool) holds
+     * thread t's sums of C(i, j) then of C(i, j)^2 over its rows, in increasing row order;
+     * adding the parts in order gives results reproducible for a fixed thread count (not
+     * across counts). Every part is written (zero where a thread had no rows). */
+    double *col_stats;
+    /* Allow splitting K across threads when C is small and K long (weight gradients: K is the
+     * pixel count): partial products added in thread order. The result then depends on the
+     * thread count (still reproducible for a given count), unlike every other path. */
+    bool k_split;
 } tern_gemm_fusion;
 
 /* Floats tern_gemm_pack_b writes for an N x K op(B) at isa (N rounded up to the tile width). */
@@ -74,6 +85,12 @@ void tern_gemm_thread(float *C, size_t ldc, const float *A, size_t lda, bool tra
                       const float *B, size_t ldb, bool trans_b, size_t M, size_t N, size_t K,
                       bool accumulate, const tern_gemm_epilogue *ep, tern_isa isa,
                       float *scratch);
+
+/* s[j] += c(i, j), q[j] += c(i, j)^2 over rows x cols of c (row stride ldc), in double, row
+ * by row; the same bits at every isa. The column statistics of col_stats, for other kernels
+ * that produce a BatchNorm's input. */
+void tern_col_stats(double *s, double *q, const float *c, size_t ldc, size_t rows,
+                    size_t cols, tern_isa isa);
 
 /* Plain triple loop, dot products summed in double: the test oracle. */
 void tern_gemm_ref(float *C, size_t ldc, const float *A, size_t lda, bool trans_a,

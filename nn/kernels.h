@@ -21,6 +21,15 @@
 
 #include "pool.h"
 
+/* How a backward kernel writes the input gradient dx: added to what dx holds (the default of
+ * every kernel below), or stored over it, for the first writer of a gradient buffer in a
+ * backward pass (saves zeroing the buffer and reading it back). Parameter gradients always
+ * accumulate. */
+typedef enum tern_grad_mode {
+    TERN_GRAD_ADD, /* dx += ... */
+    TERN_GRAD_SET, /* dx = ...; dx's old contents are never read (may be garbage) */
+} tern_grad_mode;
+
 typedef enum tern_act {
     TERN_ACT_NONE,
     TERN_ACT_RELU,
@@ -54,10 +63,24 @@ size_t tern_conv2d_workspace_size(const tern_conv_params *p, int nthreads);
 void tern_conv2d_forward(float *y, float *workspace, const float *x, const float *w,
                          const float *b, tern_act act, const tern_conv_params *p,
                          tern_pool *pool);
+/* Whether tern_conv2d_forward_stats takes p: the pointwise (GEMM) and depthwise paths. */
+bool tern_conv2d_has_stats(const tern_conv_params *p);
+/* tern_conv2d_forward (b == NULL, no activation) that also writes the per-channel statistics a
+ * BatchNorm of y needs, taken while y is stored instead of in another pass over it: stats is
+ * (tern_pool_size(pool), 2, Cout) doubles (1 part for a NULL pool), part t holding the sums of
+ * y and of y^2 over the rows thread t wrote (zero where it wrote none), each summed in row
+ * order. Only for shapes tern_conv2d_has_stats accepts. */
+void tern_conv2d_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const tern_conv_params *p, tern_pool *pool);
 /* dx += dL/dx, dw += dL/dw, db += dL/db (each may be NULL). */
 void tern_conv2d_backward(float *dx, float *dw, float *db, float *workspace, const float *dy,
                           const float *x, const float *w, const tern_conv_params *p,
                           tern_pool *pool);
+/* tern_conv2d_backward with dx written as dx_mode says. */
+void tern_conv2d_backward_mode(float *dx, float *dw, float *db, float *workspace,
+                               const float *dy, const float *x, const float *w,
+                               const tern_conv_params *p, tern_grad_mode dx_mode,
+                               tern_pool *pool);
 /* Direct loops over every output, any groups: the oracle for the dispatching kernels. */
 void tern_conv2d_forward_ref(float *y, const float *x, const float *w, const float *b,
                              const tern_conv_params *p);
@@ -68,8 +91,16 @@ void tern_conv2d_backward_ref(float *dx, float *dw, float *db, const float *dy, 
  * y = act(conv(x, w) + b); backward accumulates dx, dw, db (each may be NULL). */
 void tern_dwconv_forward(float *y, const float *x, const float *w, const float *b, tern_act act,
                          const tern_conv_params *p, tern_pool *pool);
+/* The same, also writing y's channel statistics as tern_conv2d_forward_stats does (stats may be
+ * NULL). */
+void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,
+                               const float *b, tern_act act, const tern_conv_params *p,
+                               tern_pool *pool);
 void tern_dwconv_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, const tern_conv_params *p, tern_pool *pool);
+void tern_dwconv_backward_mode(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, const tern_conv_params *p,
+                               tern_grad_mode dx_mode, tern_pool *pool);
 
 /* Direct stem convolution (nn/stemconv.c): 3x3, stride 2, pad 1, groups 1, Cin <= 4,
  * Cout <= 64, vectorized over output channels, no im2col. tern_conv2d_* dispatch to it for
@@ -97,6 +128,9 @@ void tern_linear_forward(float *y, const float *x, const float *w, const float *
                          int in, int out, tern_pool *pool);
 void tern_linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                           const float *w, int n, int in, int out, tern_pool *pool);
+void tern_linear_backward_mode(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, int n, int in, int out, tern_grad_mode dx_mode,
+                               tern_pool *pool);
 
 /* ---- normalization ------------------------------------------------------------------------ */
 
@@ -125,6 +159,16 @@ void tern_batchnorm_act_forward_train(float *a, float *save_mean, float *save_in
                                       float *run_mean, float *run_var, const float *y,
                                       const float *gamma, const float *beta, size_t m, int c,
                                       float eps, float momentum, tern_act act, tern_pool *pool);
+/* The fused forward with y's statistics already summed by the kernel that produced y
+ * (tern_conv2d_forward_stats): nparts parts of (2, c) doubles, sums of y then of y^2, added
+ * in order; no statistics pass over y. Same outputs as tern_batchnorm_act_forward_train up to
+ * the rounding of the sums. */
+void tern_batchnorm_act_forward_train_stats(float *a, float *save_mean, float *save_invstd,
+                                            float *run_mean, float *run_var, const float *y,
+                                            const double *stats, int nparts,
+                                            const float *gamma, const float *beta, size_t m,
+                                            int c, float eps, float momentum, tern_act act,
+                                            tern_pool *pool);
 /* Backward of the fused forward: recomputes z = (y - mean) * invstd * gamma + beta, takes
  * dz = da * act'(z) (PyTorch's choices at the kinks), then the BatchNorm backward:
  * dy += ..., dgamma += ..., dbeta += ... (dy, dgamma, dbeta may be NULL). */
@@ -132,6 +176,12 @@ void tern_batchnorm_act_backward(float *dy, float *dgamma, float *dbeta, const f
                                  const float *y, const float *save_mean, const float *save_invstd,
                                  const float *gamma, const float *beta, size_t m, int c,
                                  tern_act act, tern_pool *pool);
+/* The same with dy written as dy_mode says. */
+void tern_batchnorm_act_backward_mode(float *dy, float *dgamma, float *dbeta, const float *da,
+                                      const float *y, const float *save_mean,
+                                      const float *save_invstd, const float *gamma,
+                                      const float *beta, size_t m, int c, tern_act act,
+                                      tern_grad_mode dy_mode, tern_pool *pool);
 
 /* GroupNorm: x (N, HW, C), channels split into `groups` consecutive groups; statistics per
  * (sample, group) over HW * C/groups values, biased variance; save_mean/save_invstd (N, groups). */
@@ -158,10 +208,15 @@ void tern_act_backward(float *dx, const float *dy, const float *x, size_t count,
 void tern_add_forward(float *y, const float *a, const float *b, size_t count, tern_pool *pool);
 /* dst += src over count values. */
 void tern_accumulate(float *dst, const float *src, size_t count, tern_pool *pool);
+/* dst = src (mode TERN_GRAD_SET) or dst += src (TERN_GRAD_ADD) over count values. */
+void tern_accumulate_mode(float *dst, const float *src, size_t count, tern_grad_mode mode,
+                          tern_pool *pool);
 
 /* Global average pool: y (N, C) = mean over HW of x (N, HW, C). */
 void tern_avgpool_forward(float *y, const float *x, int n, size_t hw, int c, tern_pool *pool);
 void tern_avgpool_backward(float *dx, const float *dy, int n, size_t hw, int c, tern_pool *pool);
+void tern_avgpool_backward_mode(float *dx, const float *dy, int n, size_t hw, int c,
+                                tern_grad_mode dx_mode, tern_pool *pool);
 
 /* Channel scaling (the squeeze-and-excitation gate): y (N, HW, C) = x * s (N, C) broadcast. */
 void tern_scale_channels_forward(float *y, const float *x, const float *s, int n, size_t hw,
@@ -169,6 +224,10 @@ void tern_scale_channels_forward(float *y, const float *x, const float *s, int n
 /* dx += dy * s; ds += sum over HW of dy * x. */
 void tern_scale_channels_backward(float *dx, float *ds, const float *dy, const float *x,
                                   const float *s, int n, size_t hw, int c, tern_pool *pool);
+/* The same with dx written as dx_mode says (ds still accumulates). */
+void tern_scale_channels_backward_mode(float *dx, float *ds, const float *dy, const float *x,
+                                       const float *s, int n, size_t hw, int c,
+                                       tern_grad_mode dx_mode, tern_pool *pool);
 
 /* Inverted dropout with a precomputed mask: mask[i] is 0 or 1/(1-p); y = x * mask. The
  * caller draws the mask (see tern_rng) so kernels stay free of random state. */

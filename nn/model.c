@@ -36,6 +36,7 @@ typedef struct value {
     int h, w;       /* spatial size, set by the plan */
     float *x, *dx;  /* (max_batch, h, w, c), set by the plan; dx only in a training plan */
     bool bn_input;  /* a convolution output feeding BatchNorm: unused by folded inference */
+    bool dx_live;   /* backward: dx has been written in this pass (else it holds garbage) */
 } value;
 
 typedef enum op_kind {
@@ -66,6 +67,8 @@ typedef struct op {
     float *save_mean, *save_invstd, *mask; /* planned per-op state */
     float *packed;          /* OP_CONV, pointwise, inference plan: folded weights packed for the
                              * GEMM kernels (refold fills it) */
+    bool bn_stats;          /* training plan: OP_CONV writes its BatchNorm's statistics into
+                             * the model's stats as it stores its output; OP_BN reads them */
     const char *name;       /* state_dict prefix of the layer ("" for parameter-free ops) */
     double seconds[2];      /* profiling: time in forward, backward */
     unsigned long calls[2];
@@ -98,6 +101,7 @@ struct tern_model {
     void *arena;
     size_t arena_bytes;
     float *workspace;
+    double *stats; /* (threads, 2, widest channel count): see tern_conv2d_forward_stats */
     int max_batch, height, width;
     size_t bn_min_hw; /* smallest H*W any BatchNorm sees (SIZE_MAX without BatchNorm) */
     bool plan_training;
@@ -529,14 +533,17 @@ static void free_plan(tern_model *m)
     m->arena = NULL;
     m->arena_bytes = 0;
     m->workspace = NULL;
+    m->stats = NULL;
     m->max_batch = 0;
     m->trained = false;
     for (int i = 0; m->values && i < m->nvalues; i++) {
         m->values[i].x = m->values[i].dx = NULL;
         m->values[i].h = m->values[i].w = 0;
     }
-    for (int i = 0; m->ops && i < m->nops; i++)
+    for (int i = 0; m->ops && i < m->nops; i++) {
         m->ops[i].save_mean = m->ops[i].save_invstd = m->ops[i].mask = m->ops[i].packed = NULL;
+        m->ops[i].bn_stats = false;
+    }
 }
 
 void tern_model_destroy(tern_model **model)
@@ -687,7 +694,7 @@ static bool is_pointwise(const tern_conv_params *p)
 /* Lays out (or, with c->base == NULL, measures) all planned memory. */
 static void layout_plan(tern_model *m, carver *c, int batch, bool training)
 {
-    size_t workspace = 0;
+    size_t workspace = 0, stats_channels = 0;
     for (int i = 0; i < m->nvalues; i++) {
         value *v = &m->values[i];
         bool folded_away = !training && v->bn_input;
@@ -714,9 +721,20 @@ static void layout_plan(tern_model *m, carver *c, int batch, bool training)
             size_t ws = tern_conv2d_workspace_size(&p, tern_pool_size(m->pool));
             if (ws > workspace)
                 workspace = ws;
+            /* Statistics from the conv's stores save BatchNorm's first pass over its input. */
+            const op *bn = i + 1 < m->nops ? &m->ops[i + 1] : NULL;
+            o->bn_stats = training && bn && bn->kind == OP_BN && bn->in == o->out &&
+                          tern_conv2d_has_stats(&p);
+            if (o->bn_stats) {
+                m->ops[i + 1].bn_stats = true;
+                if ((size_t)p.cout > stats_channels)
+                    stats_channels = (size_t)p.cout;
+            }
         }
     }
     m->workspace = carve(c, workspace);
+    /* doubles, as pairs of floats */
+    m->stats = (double *)(void *)carve(c, 4 * stats_channels * (size_t)tern_pool_size(m->pool));
 }
 
 tern_status tern_model_plan(tern_model *model, int max_batch, int height, int width,
@@ -769,11 +787,33 @@ static float *grad_or_null(tern_model *m, size_t offset)
     return offset == NO_PARAM ? NULL : m->grads + offset;
 }
 
-static void draw_dropout_mask(tern_rng *rng, float *mask, size_t count, float p)
+/* Dropout draws its mask from a counter-based stream: one key per op and step from the model's
+ * generator, then element i's uniform from splitmix64's finalizer of key + (i + 1) * gamma. Any
+ * range of elements can be drawn on its own, so threads split the work and the mask does not
+ * depend on the thread count; the mask and the product are made in one pass. */
+typedef struct dropout_task {
+    float *y, *mask;
+    const float *x;
+    size_t count;
+    uint64_t key;
+    float p;
+} dropout_task;
+
+static void dropout_task_fn(void *arg, int ith, int nth)
 {
-    float keep = 1.0f / (1.0f - p);
-    for (size_t i = 0; i < count; i++)
-        mask[i] = tern_rng_uniform(rng) < p ? 0.0f : keep;
+    const dropout_task *t = arg;
+    const float keep = 1.0f / (1.0f - t->p);
+    size_t b, e;
+    tern_split(t->count, ith, nth, &b, &e);
+    for (size_t i = b; i < e; i++) {
+        uint64_t z = t->key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) * 0x1.0p-24f; /* as tern_rng_uniform */
+        t->mask[i] = u < t->p ? 0.0f : keep;
+        t->y[i] = t->x[i] * t->mask[i];
+    }
 }
 
 static size_t conv_weight_count(const op *o)
@@ -827,14 +867,25 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
     case OP_CONV: {
         tern_conv_params p = o->conv;
         p.n = n;
-        tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL, TERN_ACT_NONE, &p, pool);
+        if (o->bn_stats && training)
+            tern_conv2d_forward_stats(out->x, m->stats, in->x, m->params + o->w, &p, pool);
+        else
+            tern_conv2d_forward(out->x, m->workspace, in->x, m->params + o->w, NULL,
+                                TERN_ACT_NONE, &p, pool);
         break;
     }
     case OP_BN: /* training only: inference folds BatchNorm into the convolution */
-        tern_batchnorm_act_forward_train(out->x, o->save_mean, o->save_invstd,
-                                         m->buffers + o->run_mean, m->buffers + o->run_var, in->x,
-                                         m->params + o->w, m->params + o->b, (size_t)n * hw,
-                                         in->c, o->eps, o->momentum, o->act, pool);
+        if (o->bn_stats)
+            tern_batchnorm_act_forward_train_stats(
+                out->x, o->save_mean, o->save_invstd, m->buffers + o->run_mean,
+                m->buffers + o->run_var, in->x, m->stats, tern_pool_size(pool), m->params + o->w,
+                m->params + o->b, (size_t)n * hw, in->c, o->eps, o->momentum, o->act, pool);
+        else
+            tern_batchnorm_act_forward_train(out->x, o->save_mean, o->save_invstd,
+                                             m->buffers + o->run_mean, m->buffers + o->run_var,
+                                             in->x, m->params + o->w, m->params + o->b,
+                                             (size_t)n * hw, in->c, o->eps, o->momentum,
+                                             o->act, pool);
         m->counters[o->counter]++;
         break;
     case OP_GN:
@@ -859,8 +910,9 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
         break;
     case OP_DROPOUT:
         if (training && o->p > 0.0f) {
-            draw_dropout_mask(&m->rng, o->mask, count, o->p);
-            tern_dropout_forward(out->x, in->x, o->mask, count);
+            dropout_task t = {.y = out->x, .mask = o->mask, .x = in->x, .count = count,
+                              .key = tern_rng_next(&m->rng), .p = o->p};
+            tern_pool_run(count < ((size_t)1 << 14) ? NULL : pool, dropout_task_fn, &t);
         } else {
             memcpy(out->x, in->x, count * sizeof(float));
         }
@@ -868,54 +920,84 @@ static void forward_op(tern_model *m, op *o, int n, bool training)
     }
 }
 
+/* Gradient buffers are not zeroed before backward: the first op to write a value's dx in the
+ * pass stores over it (TERN_GRAD_SET), later ones add. take_dx says which, and marks dx
+ * written. NULL dx (the input image) stays untouched. */
+static tern_grad_mode take_dx(value *v)
+{
+    bool first = v->dx && !v->dx_live;
+    if (v->dx)
+        v->dx_live = true;
+    return first ? TERN_GRAD_SET : TERN_GRAD_ADD;
+}
+
+/* For kernels that only accumulate: zeroes dx on its first write. */
+static void zero_dx_once(value *v, int n)
+{
+    if (v->dx && !v->dx_live)
+        memset(v->dx, 0, value_floats(v, n) * sizeof(float));
+    if (v->dx)
+        v->dx_live = true;
+}
+
 static void backward_op(tern_model *m, op *o, int n)
 {
     value *in = &m->values[o->in];
-    const value *out = &m->values[o->out];
+    value *out = &m->values[o->out];
     size_t hw = (size_t)in->h * (size_t)in->w;
     size_t count = value_floats(out, n);
     tern_pool *pool = m->pool;
+    /* Every reader of out has run (ops are in topological order); one with no reader, or
+     * none that propagates into it, has a zero gradient. */
+    zero_dx_once(out, n);
     switch (o->kind) {
     case OP_CONV: {
         tern_conv_params p = o->conv;
         p.n = n;
-        tern_conv2d_backward(in->dx, m->grads + o->w, NULL, m->workspace, out->dx, in->x,
-                             m->params + o->w, &p, pool);
+        tern_conv2d_backward_mode(in->dx, m->grads + o->w, NULL, m->workspace, out->dx, in->x,
+                                  m->params + o->w, &p, take_dx(in), pool);
         break;
     }
     case OP_BN:
-        tern_batchnorm_act_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
-                                    o->save_mean, o->save_invstd, m->params + o->w,
-                                    m->params + o->b, (size_t)n * hw, in->c, o->act, pool);
+        tern_batchnorm_act_backward_mode(in->dx, m->grads + o->w, m->grads + o->b, out->dx,
+                                         in->x, o->save_mean, o->save_invstd, m->params + o->w,
+                                         m->params + o->b, (size_t)n * hw, in->c, o->act,
+                                         take_dx(in), pool);
         break;
     case OP_GN:
+        zero_dx_once(in, n);
         tern_groupnorm_backward(in->dx, m->grads + o->w, m->grads + o->b, out->dx, in->x,
                                 o->save_mean, o->save_invstd, m->params + o->w, n, hw, in->c,
                                 o->groups, pool);
         break;
     case OP_ACT:
+        zero_dx_once(in, n);
         tern_act_backward(in->dx, out->dx, in->x, count, o->act, pool);
         break;
     case OP_POOL:
-        tern_avgpool_backward(in->dx, out->dx, n, hw, in->c, pool);
+        tern_avgpool_backward_mode(in->dx, out->dx, n, hw, in->c, take_dx(in), pool);
         break;
     case OP_LINEAR:
-        tern_linear_backward(in->dx, m->grads + o->w, grad_or_null(m, o->b), out->dx, in->x,
-                             m->params + o->w, n, o->fin, o->fout, pool);
+        tern_linear_backward_mode(in->dx, m->grads + o->w, grad_or_null(m, o->b), out->dx,
+                                  in->x, m->params + o->w, n, o->fin, o->fout, take_dx(in),
+                                  pool);
         break;
     case OP_SCALE: {
         value *gate = &m->values[o->in2];
-        tern_scale_channels_backward(in->dx, gate->dx, out->dx, in->x, gate->x, n, hw, in->c,
-                                     pool);
+        zero_dx_once(gate, n);
+        tern_scale_channels_backward_mode(in->dx, gate->dx, out->dx, in->x, gate->x, n, hw,
+                                          in->c, take_dx(in), pool);
         break;
     }
     case OP_ADD:
-        tern_accumulate(in->dx, out->dx, count, pool);
-        tern_accumulate(m->values[o->in2].dx, out->dx, count, pool);
+        tern_accumulate_mode(in->dx, out->dx, count, take_dx(in), pool);
+        tern_accumulate_mode(m->values[o->in2].dx, out->dx, count, take_dx(&m->values[o->in2]),
+                             pool);
         break;
     case OP_DROPOUT:
+        zero_dx_once(in, n);
         if (m->dropped)
-            tern_dropout_backward(in->dx, out->dx, o->mask, count);
+            tern_dropout_backward(in->dx, out->dx, o->mask, count); /* small: one thread */
         else
             tern_accumulate(in->dx, out->dx, count, pool);
         break;
@@ -1055,10 +1137,11 @@ tern_status tern_model_backward(tern_model *model, const float *dlogits)
         return model_fail(m, TERN_ERR_STATE, "backward needs a training forward first");
     int n = m->batch;
     unsigned fp_mode = tern_flush_denormals_begin();
-    for (int i = 1; i < m->nvalues; i++)
-        memset(m->values[i].dx, 0, value_floats(&m->values[i], n) * sizeof(float));
+    for (int i = 0; i < m->nvalues; i++)
+        m->values[i].dx_live = false;
     value *last = &m->values[m->nvalues - 1];
     memcpy(last->dx, dlogits, value_floats(last, n) * sizeof(float));
+    last->dx_live = true;
     for (int i = m->nops - 1; i >= 0; i--) {
         double t0 = m->profiling ? now_seconds() : 0;
         backward_op(m, &m->ops[i], n);

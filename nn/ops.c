@@ -151,6 +151,7 @@ static void fapply_scalar(float *out, const float *x, const float *mean, const f
 typedef struct {
     const float *mean, *alpha, *beta; /* z = (y - mean) * alpha + beta */
     const float *dz_mean, *k, *scale; /* dy += (dz - dz_mean - (y - mean) * k) * scale */
+    bool add;                         /* dy += ... (TERN_GRAD_ADD), else dy = ... */
 } bn_coef;
 
 static void bapply_scalar(float *dy, const float *da, const float *y, const bn_coef *p,
@@ -162,7 +163,8 @@ static void bapply_scalar(float *dy, const float *da, const float *y, const bn_c
         for (size_t j = 0; j < nc; j++) {
             float cen = yr[j] - p->mean[j];
             float dz = act_grad(dar[j], cen * p->alpha[j] + p->beta[j], act);
-            o[j] += (dz - p->dz_mean[j] - cen * p->k[j]) * p->scale[j];
+            float t = (dz - p->dz_mean[j] - cen * p->k[j]) * p->scale[j];
+            o[j] = p->add ? o[j] + t : t;
         }
     }
 }
@@ -341,7 +343,9 @@ T512 ALWAYS_INLINE void bapply16(float *dy, const float *da, const float *y, con
             __m512 t = _mm512_sub_ps(dz, _mm512_maskz_loadu_ps(mk, p->dz_mean + j));
             t = _mm512_sub_ps(t, _mm512_mul_ps(cen, _mm512_maskz_loadu_ps(mk, p->k + j)));
             t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(mk, p->scale + j));
-            _mm512_mask_storeu_ps(o + j, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o + j), t));
+            if (p->add)
+                t = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o + j), t);
+            _mm512_mask_storeu_ps(o + j, mk, t);
         }
     }
 }
@@ -480,11 +484,13 @@ T256 ALWAYS_INLINE void bapply8(float *dy, const float *da, const float *y, cons
             __m256 t = _mm256_sub_ps(dz, _mm256_loadu_ps(p->dz_mean + j));
             t = _mm256_sub_ps(t, _mm256_mul_ps(cen, _mm256_loadu_ps(p->k + j)));
             t = _mm256_mul_ps(t, _mm256_loadu_ps(p->scale + j));
-            _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), t));
+            if (p->add)
+                t = _mm256_add_ps(_mm256_loadu_ps(o + j), t);
+            _mm256_storeu_ps(o + j, t);
         }
         if (nv < nc) {
             bn_coef t = {p->mean + nv, p->alpha + nv, p->beta + nv, p->dz_mean + nv, p->k + nv,
-                         p->scale + nv};
+                         p->scale + nv, p->add};
             bapply_scalar(o + nv, dar + nv, yr + nv, &t, act, 1, ld, nc - nv);
         }
     }
@@ -563,18 +569,20 @@ typedef struct {
     int c;
     float eps, momentum;
     tern_act act;
+    bool dx_add;     /* backward: dx += (else dx =) */
     tern_isa isa;
     tern_pool *pool; /* for the per-thread scratch of the statistics */
 } bn_args;
 
-/* Statistics of channel ch from its shifted sums; writes the saved and running statistics and
- * returns the scale alpha = gamma * invstd. */
-static float bn_finish_stats(const bn_args *a, size_t ch, double s, double q)
+/* Statistics of channel ch from its sums shifted by k (the channel's first value, or 0 for
+ * sums taken by the producer of x); writes the saved and running statistics and returns the
+ * scale alpha = gamma * invstd. */
+static float bn_finish_stats_k(const bn_args *a, size_t ch, double s, double q, double k)
 {
     double m = (double)a->m, mom = a->momentum;
     double qc = q - s * (s / m); /* sum of squared deviations */
     qc = qc > 0 ? qc : 0;
-    double mean = (double)a->x[ch] + s / m, var = qc / m;
+    double mean = k + s / m, var = qc / m;
     double unbiased = a->m > 1 ? qc / (m - 1) : var;
     float invstd = (float)(1.0 / sqrt(var + (double)a->eps));
     a->save_mean[ch] = (float)mean;
@@ -582,6 +590,11 @@ static float bn_finish_stats(const bn_args *a, size_t ch, double s, double q)
     a->run_mean[ch] = (float)(mom * mean + (1 - mom) * a->run_mean[ch]);
     a->run_var[ch] = (float)(mom * unbiased + (1 - mom) * a->run_var[ch]);
     return a->gamma[ch] * invstd;
+}
+
+static float bn_finish_stats(const bn_args *a, size_t ch, double s, double q)
+{
+    return bn_finish_stats_k(a, ch, s, q, (double)a->x[ch]);
 }
 
 /* One thread, everything: per block of channels, statistics over all rows, then the
@@ -683,6 +696,33 @@ void tern_batchnorm_act_forward_train(float *a, float *save_mean, float *save_in
     bn_train(&args, pool);
 }
 
+void tern_batchnorm_act_forward_train_stats(float *a, float *save_mean, float *save_invstd,
+                                            float *run_mean, float *run_var, const float *y,
+                                            const double *stats, int nparts,
+                                            const float *gamma, const float *beta, size_t m,
+                                            int c, float eps, float momentum, tern_act act,
+                                            tern_pool *pool)
+{
+    bn_args args = {.out = a, .save_mean = save_mean, .save_invstd = save_invstd,
+                    .run_mean = run_mean, .run_var = run_var, .x = y, .gamma = gamma,
+                    .beta = beta, .m = m, .c = c, .eps = eps, .momentum = momentum, .act = act,
+                    .isa = tern_pool_isa(pool)};
+    if (m == 0 || c <= 0)
+        return;
+    const size_t cc = (size_t)c;
+    for (size_t j = 0; j < cc; j++) {
+        double s = 0, q = 0;
+        for (int t = 0; t < nparts; t++) {
+            s += stats[(size_t)t * 2 * cc + j];
+            q += stats[(size_t)t * 2 * cc + cc + j];
+        }
+        bn_finish_stats_k(&args, j, s, q, 0.0);
+    }
+    args.mean = save_mean;
+    args.invstd = save_invstd;
+    run(pool, m * cc, bn_apply_task, &args);
+}
+
 void tern_batchnorm_forward_eval(float *y, const float *x, const float *gamma,
                                  const float *beta, const float *run_mean, const float *run_var,
                                  size_t m, int c, float eps, tern_pool *pool)
@@ -725,7 +765,7 @@ static void bn_backward_serial(const bn_args *a)
         if (!a->dx)
             continue;
         /* scale = invstd * gamma = alpha */
-        bn_coef p = {a->mean + c0, alpha, beta, dz_mean, k, alpha};
+        bn_coef p = {a->mean + c0, alpha, beta, dz_mean, k, alpha, a->dx_add};
         bapply(a->isa, a->dx + c0, a->dout + c0, a->x + c0, &p, a->act, m, c, nc);
     }
 }
@@ -753,7 +793,8 @@ static void bn_bapply_task(void *arg, int ith, int nth)
     const bn_args *a = arg;
     size_t c = (size_t)a->c, rb, re;
     const float *alpha = bn_coef_area(a);
-    bn_coef p = {a->mean, alpha, a->beta ? a->beta : alpha, alpha + c, alpha + 2 * c, alpha};
+    bn_coef p = {a->mean, alpha, a->beta ? a->beta : alpha, alpha + c, alpha + 2 * c, alpha,
+                 a->dx_add};
     tern_split(a->m, ith, nth, &rb, &re);
     bapply(a->isa, a->dx + rb * c, a->dout + rb * c, a->x + rb * c, &p, a->act, re - rb, c, c);
 }
@@ -793,7 +834,7 @@ void tern_batchnorm_backward(float *dx, float *dgamma, float *dbeta, const float
 {
     bn_args a = {.dx = dx, .dgamma = dgamma, .dbeta = dbeta, .dout = dy, .x = x,
                  .mean = save_mean, .invstd = save_invstd, .gamma = gamma, .m = m, .c = c,
-                 .act = TERN_ACT_NONE};
+                 .act = TERN_ACT_NONE, .dx_add = true};
     bn_backward(&a, pool);
 }
 
@@ -802,9 +843,19 @@ void tern_batchnorm_act_backward(float *dy, float *dgamma, float *dbeta, const f
                                  const float *gamma, const float *beta, size_t m, int c,
                                  tern_act act, tern_pool *pool)
 {
+    tern_batchnorm_act_backward_mode(dy, dgamma, dbeta, da, y, save_mean, save_invstd, gamma,
+                                     beta, m, c, act, TERN_GRAD_ADD, pool);
+}
+
+void tern_batchnorm_act_backward_mode(float *dy, float *dgamma, float *dbeta, const float *da,
+                                      const float *y, const float *save_mean,
+                                      const float *save_invstd, const float *gamma,
+                                      const float *beta, size_t m, int c, tern_act act,
+                                      tern_grad_mode dy_mode, tern_pool *pool)
+{
     bn_args a = {.dx = dy, .dgamma = dgamma, .dbeta = dbeta, .dout = da, .x = y,
                  .mean = save_mean, .invstd = save_invstd, .gamma = gamma, .beta = beta,
-                 .m = m, .c = c, .act = act};
+                 .m = m, .c = c, .act = act, .dx_add = dy_mode == TERN_GRAD_ADD};
     bn_backward(&a, pool);
 }
 
@@ -1301,6 +1352,15 @@ void tern_add_forward(float *y, const float *a, const float *b, size_t count, te
     run(pool, count, ew_task, &args);
 }
 
+void tern_accumulate_mode(float *dst, const float *src, size_t count, tern_grad_mode mode,
+                          tern_pool *pool)
+{
+    if (mode == TERN_GRAD_SET)
+        memcpy(dst, src, count * sizeof *dst);
+    else
+        tern_accumulate(dst, src, count, pool);
+}
+
 void tern_accumulate(float *dst, const float *src, size_t count, tern_pool *pool)
 {
     ew_args a = {.out = dst, .in = dst, .in2 = src, .count = count, .op = EW_ADD,
@@ -1315,6 +1375,7 @@ typedef struct {
     const float *x, *dy, *s;          /* (N, HW, C), (N, HW, C) or (N, C), (N, C) */
     int n, c;
     size_t hw;
+    bool add;                         /* backward: out += (else out =) */
     tern_isa isa;
 } pool_args;
 
@@ -1363,7 +1424,10 @@ static void avgpool_backward_task(void *arg, int ith, int nth)
                 q[j] = a->dy[s * c + c0 + j] / div;
             for (size_t r = r0; r < r1; r++) {
                 float *dx = a->out + r * c + c0;
-                ew(a->isa, EW_ADD, dx, dx, q, nc);
+                if (a->add)
+                    ew(a->isa, EW_ADD, dx, dx, q, nc);
+                else
+                    memcpy(dx, q, nc * sizeof *dx);
             }
         }
         r0 = r1;
@@ -1372,7 +1436,14 @@ static void avgpool_backward_task(void *arg, int ith, int nth)
 
 void tern_avgpool_backward(float *dx, const float *dy, int n, size_t hw, int c, tern_pool *pool)
 {
-    pool_args a = {.out = dx, .dy = dy, .n = n, .c = c, .hw = hw, .isa = tern_pool_isa(pool)};
+    tern_avgpool_backward_mode(dx, dy, n, hw, c, TERN_GRAD_ADD, pool);
+}
+
+void tern_avgpool_backward_mode(float *dx, const float *dy, int n, size_t hw, int c,
+                                tern_grad_mode dx_mode, tern_pool *pool)
+{
+    pool_args a = {.out = dx, .dy = dy, .n = n, .c = c, .hw = hw,
+                   .add = dx_mode == TERN_GRAD_ADD, .isa = tern_pool_isa(pool)};
     run(pool, (size_t)n * hw * (size_t)c, avgpool_backward_task, &a);
 }
 
@@ -1405,7 +1476,7 @@ static void scale_backward_task(void *arg, int ith, int nth)
 {
     const pool_args *a = arg;
     if (a->out)
-        scale_rows(a, a->out, a->dy, true, ith, nth);
+        scale_rows(a, a->out, a->dy, a->add, ith, nth);
     if (a->out2)
         reduce_hw(a, a->out2, a->dy, 1.0, true, ith, nth);
 }
@@ -1413,10 +1484,17 @@ static void scale_backward_task(void *arg, int ith, int nth)
 void tern_scale_channels_backward(float *dx, float *ds, const float *dy, const float *x,
                                   const float *s, int n, size_t hw, int c, tern_pool *pool)
 {
+    tern_scale_channels_backward_mode(dx, ds, dy, x, s, n, hw, c, TERN_GRAD_ADD, pool);
+}
+
+void tern_scale_channels_backward_mode(float *dx, float *ds, const float *dy, const float *x,
+                                       const float *s, int n, size_t hw, int c,
+                                       tern_grad_mode dx_mode, tern_pool *pool)
+{
     if (!dx && !ds)
         return;
     pool_args a = {.out = dx, .out2 = ds, .x = x, .dy = dy, .s = s, .n = n, .c = c, .hw = hw,
-                   .isa = tern_pool_isa(pool)};
+                   .add = dx_mode == TERN_GRAD_ADD, .isa = tern_pool_isa(pool)};
     run(pool, (size_t)n * hw * (size_t)c, scale_backward_task, &a);
 }
 

@@ -32,7 +32,7 @@ struct tern_pool {
     const tern_allocator *alloc;
     int nthreads;
     tern_isa isa;
-    float *scratch; /* nthreads * TERN_POOL_SCRATCH_FLOATS */
+    float *scratch; /* nthreads * (TERN_POOL_SCRATCH_FLOATS + TERN_POOL_PARTIAL_FLOATS) */
     pthread_t *threads;
     /* A run publishes fn and arg, then bumps `generation`; workers spin on it for a while
      * (ops follow each other within microseconds) before sleeping on `wake`. The caller spins
@@ -122,7 +122,9 @@ tern_status tern_pool_create(int nthreads, tern_isa isa, const tern_allocator *a
     pool->nthreads = nthreads;
     pool->isa = tern_isa_resolve(isa);
     pool->threads = tern_calloc(alloc, (size_t)nthreads, sizeof(pthread_t) + sizeof(worker_arg));
-    pool->scratch = tern_alloc(alloc, (size_t)nthreads * TERN_POOL_SCRATCH_FLOATS * sizeof(float));
+    pool->scratch = tern_alloc(alloc, (size_t)nthreads *
+                                          (TERN_POOL_SCRATCH_FLOATS + TERN_POOL_PARTIAL_FLOATS) *
+                                          sizeof(float));
     if (!pool->threads || !pool->scratch) {
         tern_free(alloc, pool->threads);
         tern_free(alloc, pool->scratch);
@@ -170,6 +172,13 @@ int tern_pool_size(const tern_pool *pool)
 tern_isa tern_pool_isa(const tern_pool *pool)
 {
     return pool ? pool->isa : tern_isa_resolve(TERN_ISA_AUTO);
+}
+
+float *tern_pool_partial(tern_pool *pool, int ith)
+{
+    return pool ? pool->scratch + (size_t)pool->nthreads * TERN_POOL_SCRATCH_FLOATS +
+                      (size_t)ith * TERN_POOL_PARTIAL_FLOATS
+                : NULL;
 }
 
 float *tern_pool_scratch(tern_pool *pool, int ith)

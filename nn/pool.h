@@ -11,6 +11,9 @@
 
 /* Per-thread scratch every pool owns (GEMM packing buffers and the like), in floats. */
 #define TERN_POOL_SCRATCH_FLOATS ((size_t)1 << 19) /* 2 MiB */
+/* Per-thread buffer for partial results that the caller reduces after a run (a GEMM split
+ * along K), separate from the scratch so the GEMM can pack while it fills it. */
+#define TERN_POOL_PARTIAL_FLOATS ((size_t)1 << 16) /* 256 KiB */
 
 typedef struct tern_pool tern_pool;
 typedef void (*tern_task_fn)(void *arg, int ith, int nth);
@@ -28,6 +31,9 @@ tern_isa tern_pool_isa(const tern_pool *pool);
 /* TERN_POOL_SCRATCH_FLOATS floats, 64-byte aligned, private to thread ith during a run; NULL
  * for a NULL pool. */
 float *tern_pool_scratch(tern_pool *pool, int ith);
+/* TERN_POOL_PARTIAL_FLOATS floats, 64-byte aligned, written by thread ith during a run and
+ * readable by the caller after it; NULL for a NULL pool. */
+float *tern_pool_partial(tern_pool *pool, int ith);
 /* Run fn on every thread, all with denormals flushed (see below; the caller's mode is restored
  * on return). A NULL pool runs fn(arg, 0, 1) inline with the mode untouched. Not reentrant. */
 void tern_pool_run(tern_pool *pool, tern_task_fn fn, void *arg);

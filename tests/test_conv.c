@@ -133,7 +133,11 @@ static conv_result run_fast(const conv_case *c, tern_pool *pool)
                      alloc_floats(c->nb)};
     float *ws = workspace_for(&c->p, pool);
     tern_conv2d_forward(r.y, ws, c->x, c->w, c->b, c->act, &c->p, pool);
-    tern_conv2d_backward(r.dx, r.dw, r.db, ws, c->dy, c->x, c->w, &c->p, pool);
+    /* dx stored over garbage (TERN_GRAD_SET); accumulation is test_backward_accumulates's. */
+    for (size_t i = 0; i < c->nx; i++)
+        r.dx[i] = NAN;
+    tern_conv2d_backward_mode(r.dx, r.dw, r.db, ws, c->dy, c->x, c->w, &c->p, TERN_GRAD_SET,
+                              pool);
     free(ws);
     return r;
 }
@@ -243,6 +247,63 @@ static void check_random_shapes(shape_gen gen, uint64_t seed)
                     failures++;
                 }
             }
+            tern_pool_destroy(&pool);
+        }
+    }
+    assert_int_equal(failures, 0);
+}
+
+/* tern_conv2d_forward_stats: the same y as tern_conv2d_forward, and parts that add up to the
+ * channel sums of y and y^2 (every part written, including a thread's with no rows). */
+static bool check_stats(const tern_conv_params *p, test_rng *rng, tern_pool *pool)
+{
+    conv_case c = case_new(p, rng, 0);
+    const int parts = tern_pool_size(pool);
+    const size_t cout = (size_t)p->cout, rows = c.ny / cout;
+    float *y0 = alloc_floats(c.ny), *y1 = alloc_floats(c.ny);
+    double *stats = malloc((size_t)parts * 2 * cout * sizeof *stats);
+    assert_non_null(stats);
+    for (size_t i = 0; i < (size_t)parts * 2 * cout; i++)
+        stats[i] = NAN;
+    tern_conv2d_forward(y0, NULL, c.x, c.w, NULL, TERN_ACT_NONE, p, pool);
+    tern_conv2d_forward_stats(y1, stats, c.x, c.w, p, pool);
+    bool ok = memcmp(y0, y1, c.ny * sizeof *y0) == 0;
+    for (size_t j = 0; j < cout && ok; j++) {
+        double s = 0, q = 0, ws = 0, wq = 0, mag = 0;
+        for (int t = 0; t < parts; t++)
+            s += stats[(size_t)t * 2 * cout + j], q += stats[(size_t)t * 2 * cout + cout + j];
+        for (size_t r = 0; r < rows; r++) {
+            const double v = y0[r * cout + j];
+            ws += v, wq += v * v, mag += fabs(v);
+        }
+        ok = fabs(s - ws) <= 1e-9 * (mag + 1) && fabs(q - wq) <= 1e-9 * (wq + 1);
+    }
+    if (!ok)
+        print_params("forward_stats", p);
+    free(y0), free(y1), free(stats);
+    case_free(&c);
+    return ok;
+}
+
+static void test_forward_stats(void **state)
+{
+    (void)state;
+    test_rng rng = {21};
+    shape_gen gens[] = {random_pointwise, random_depthwise};
+    int failures = 0;
+    for (size_t i = 0; i <= NISAS; i++) {
+        if (i > 0 && tern_isa_resolve(isas[i - 1]) != isas[i - 1])
+            continue;
+        for (int nthreads = 1; nthreads <= (i == 0 ? 1 : 2); nthreads++) {
+            tern_pool *pool = NULL;
+            if (i > 0)
+                assert_int_equal(tern_pool_create(nthreads, isas[i - 1], NULL, &pool), TERN_OK);
+            for (size_t g = 0; g < 2; g++)
+                for (int k = 0; k < 10; k++) {
+                    tern_conv_params p = gens[g](&rng);
+                    assert_true(tern_conv2d_has_stats(&p));
+                    failures += !check_stats(&p, &rng, pool);
+                }
             tern_pool_destroy(&pool);
         }
     }
@@ -767,6 +828,7 @@ int main(void)
         cmocka_unit_test(test_im2col_vs_ref),
         cmocka_unit_test(test_grouped_vs_ref),
         cmocka_unit_test(test_stem_vs_ref),
+        cmocka_unit_test(test_forward_stats),
         cmocka_unit_test(test_stem_fused_bitwise),
         cmocka_unit_test(test_stem_deterministic),
         cmocka_unit_test(test_backward_accumulates),

@@ -770,6 +770,65 @@ static void test_backward_accumulates(void **state)
     free(mean), free(inv), free(g0), free(g1), free(pre), free(sum);
 }
 
+/* TERN_GRAD_SET stores what TERN_GRAD_ADD adds into zeros, never reading the old dx (filled
+ * with NaN here); parameter gradients still accumulate. */
+static void test_grad_set_mode(void **state)
+{
+    (void)state;
+    test_rng r = {17};
+    tern_pool *pools[MAX_POOLS];
+    tern_isa isas[MAX_POOLS];
+    int threads[MAX_POOLS], np = make_pools(pools, isas, threads);
+    const size_t sizes[][3] = {{2, 3, 17}, {4, 196, 72}, {1, 1, 5}, {3, 400, 40}};
+    for (int pi = 0; pi < np; pi++)
+        for (size_t t = 0; t < sizeof sizes / sizeof *sizes; t++) {
+            const int n = (int)sizes[t][0], c = (int)sizes[t][2];
+            const size_t hw = sizes[t][1], m = (size_t)n * hw, nx = m * (size_t)c;
+            float *x = frandom(&r, nx, -4, 4), *da = frandom(&r, nx, -1, 1);
+            float *gamma = frandom(&r, (size_t)c, 0.5f, 1.5f), *beta = frandom(&r, (size_t)c, -1, 1);
+            float *s = frandom(&r, (size_t)n * (size_t)c, 0, 1), *y = falloc(nx);
+            float *mean = falloc((size_t)c), *inv = falloc((size_t)c), *rm = falloc((size_t)c);
+            float *rv = falloc((size_t)c), *set = falloc(nx), *add = falloc(nx);
+            const size_t npg = ((size_t)n + 2) * (size_t)c; /* dgamma, dbeta or ds (N, C) */
+            float *pg0 = falloc(npg), *pg1 = falloc(npg);
+            tern_batchnorm_act_forward_train(y, mean, inv, rm, rv, x, gamma, beta, m, c, 1e-3f,
+                                             0.1f, TERN_ACT_HARDSWISH, pools[pi]);
+            for (int op = 0; op < 4; op++) {
+                for (size_t i = 0; i < nx; i++)
+                    set[i] = NAN, add[i] = 0;
+                memset(pg0, 0, npg * sizeof *pg0);
+                memset(pg1, 0, npg * sizeof *pg1);
+                for (int pass = 0; pass < 2; pass++) {
+                    float *g = pass ? add : set, *pg = pass ? pg1 : pg0;
+                    tern_grad_mode mode = pass ? TERN_GRAD_ADD : TERN_GRAD_SET;
+                    switch (op) {
+                    case 0:
+                        tern_batchnorm_act_backward_mode(g, pg, pg + c, da, x, mean, inv, gamma,
+                                                         beta, m, c, TERN_ACT_HARDSWISH, mode,
+                                                         pools[pi]);
+                        break;
+                    case 1: tern_avgpool_backward_mode(g, s, n, hw, c, mode, pools[pi]); break;
+                    case 2:
+                        tern_scale_channels_backward_mode(g, pg, da, x, s, n, hw, c, mode,
+                                                          pools[pi]);
+                        break;
+                    case 3: tern_accumulate_mode(g, da, nx, mode, pools[pi]); break;
+                    }
+                }
+                for (size_t i = 0; i < nx; i++)
+                    if (!(set[i] == add[i])) {
+                        print_message("op %d, pool %d, size %zu: element %zu: %g vs %g\n", op,
+                                      pi, t, i, (double)set[i], (double)add[i]);
+                        fail();
+                    }
+                assert_memory_equal(pg0, pg1, npg * sizeof *pg0);
+            }
+            free(x), free(da), free(gamma), free(beta), free(s), free(y), free(mean), free(inv);
+            free(rm), free(rv), free(set), free(add), free(pg0), free(pg1);
+        }
+    destroy_pools(pools, np);
+}
+
 /* ---- threads ------------------------------------------------------------------------------ */
 
 /* Every kernel once, forward and backward, with all outputs in one buffer. */
@@ -939,6 +998,7 @@ int main(void)
         cmocka_unit_test(test_cross_entropy_values),
         cmocka_unit_test(test_cross_entropy_fd),
         cmocka_unit_test(test_backward_accumulates),
+        cmocka_unit_test(test_grad_set_mode),
         cmocka_unit_test(test_threads_deterministic),
         cmocka_unit_test(test_isa_bitwise),
         cmocka_unit_test(test_act_special_values),
