@@ -55,10 +55,15 @@ size_t tern_qgemm_packed_size(size_t N, size_t K, tern_qisa isa)
     }
 }
 
-size_t tern_qgemm_workspace_size(size_t K, tern_qisa isa)
+size_t tern_qgemm_workspace_size(size_t N, size_t K, tern_qisa isa)
 {
+    switch (resolve(isa)) {
     /* AVX2: int16 copies of a row block of A, rounded to whole vectors of 16. */
-    return resolve(isa) == TERN_QISA_AVX2 ? AVX2_MR * round_up(K, 16) * sizeof(int16_t) : 0;
+    case TERN_QISA_AVX2: return AVX2_MR * round_up(K, 16) * sizeof(int16_t);
+    /* AVX-512: the requantization constants of every column, computed once per call */
+    case TERN_QISA_AVX512_VNNI: return round_up(N, 16) / 16 * sizeof(rq16);
+    default: return 0;
+    }
 }
 
 /* Wrapping int32 arithmetic (two's complement, as the vector adds): no undefined overflow. */
@@ -139,30 +144,38 @@ static inline int32_t load4(const int8_t *p, size_t n)
     return x;
 }
 
+/* Rows [0, mr) of A times 4 deep (bytes at a + 4 g, nk of them) into the accumulators. */
+T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VNNI_NV],
+                             const int8_t *a, size_t lda, const int8_t *wg, size_t bstride,
+                             size_t nk)
+{
+    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
+    __m512i b[VNNI_NV];
+    for (int v = 0; v < nv; v++)
+        b[v] = _mm512_load_si512(wg + v * bstride);
+    for (int r = 0; r < mr; r++) {
+        __m512i av = _mm512_xor_si512(_mm512_set1_epi32(load4(a + r * lda, nk)), flip);
+        for (int v = 0; v < nv; v++)
+            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, b[v]);
+    }
+}
+
 /* One mr x (16 nv) tile of C. wb: the packed weights of its first column block; bstride: bytes
- * between column blocks. */
+ * between column blocks; rqv: the prepared requantization of the tile's first column block. */
 T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32, size_t ldy,
                              const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
-                             const int32_t *bias, size_t K, size_t ncols, const tern_requant *rq,
+                             const int32_t *bias, size_t K, size_t ncols, const rq16 *rqv,
                              const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < nv; v++)
             acc[r][v] = _mm512_setzero_si512();
-    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
-    const size_t groups = (K + 3) / 4, full = K / 4;
-    for (size_t g = 0; g < groups; g++) {
-        __m512i b[VNNI_NV];
-        for (int v = 0; v < nv; v++)
-            b[v] = _mm512_load_si512(wb + v * bstride + g * 64);
-        size_t nk = g < full ? 4 : K - 4 * full;
-        for (int r = 0; r < mr; r++) {
-            __m512i av = _mm512_xor_si512(_mm512_set1_epi32(load4(a + r * lda + 4 * g, nk)), flip);
-            for (int v = 0; v < nv; v++)
-                acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, b[v]);
-        }
-    }
+    const size_t full = K / 4;
+    for (size_t g = 0; g < full; g++) /* a constant 4 bytes: one broadcast load */
+        vnni_step(mr, nv, acc, a + 4 * g, lda, wb + g * 64, bstride, 4);
+    if (K % 4)
+        vnni_step(mr, nv, acc, a + 4 * full, lda, wb + full * 64, bstride, K % 4);
     for (int v = 0; v < nv; v++) {
         size_t n = n0 + 16 * (size_t)v;
         __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
@@ -172,20 +185,19 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32
                 _mm512_mask_storeu_epi32(y32 + r * ldy + n, m, _mm512_add_epi32(acc[r][v], bv));
             continue;
         }
-        rq16 q = rq16_load(rq, n, m);
         for (int r = 0; r < mr; r++)
             _mm_mask_storeu_epi8(y + r * ldy + n, m,
-                                 requant16(_mm512_add_epi32(acc[r][v], bv), &q, lut));
+                                 requant16(_mm512_add_epi32(acc[r][v], bv), &rqv[v], lut));
     }
 }
 
 #define VNNI_TILE(MR, NV)                                                                       \
-    vnni_tile(MR, NV, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, rq, lut, n0)
+    vnni_tile(MR, NV, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, rqv, lut, n0)
 
 T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t ldy,
                                  const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
-                                 const int32_t *bias, size_t K, size_t ncols,
-                                 const tern_requant *rq, const __m512i *lut, size_t n0)
+                                 const int32_t *bias, size_t K, size_t ncols, const rq16 *rqv,
+                                 const __m512i *lut, size_t n0)
 {
 #define ROW(MR)                                                                                 \
     switch (nv) {                                                                               \
@@ -206,9 +218,12 @@ T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t
 }
 
 T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
-                              const void *packed, size_t M, size_t N, size_t K,
+                              const void *packed, void *workspace, size_t M, size_t N, size_t K,
                               const tern_requant *rq)
 {
+    rq16 *rqv = workspace;
+    if (!y32)
+        rq16_prepare(rqv, rq, N);
     const size_t np = padded_n(N, TERN_QISA_AVX512_VNNI), kp = round_up(K, 4);
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + np);
@@ -227,7 +242,7 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
             int nv = (int)((ncols + 15) / 16);
             vnni_tile_any(mr, nv, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
                           a + m0 * lda, lda, w + (n0 / 16) * bstride, bstride, bias + n0, K,
-                          ncols, rq, lut, n0);
+                          ncols, rqv + n0 / 16, lut, n0);
         }
     }
 }
@@ -338,7 +353,9 @@ void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda
                 const tern_requant *rq, tern_qisa isa)
 {
     switch (resolve(isa)) {
-    case TERN_QISA_AVX512_VNNI: qgemm_vnni(y, y32, ldy, a, lda, packed, M, N, K, rq); return;
+    case TERN_QISA_AVX512_VNNI:
+        qgemm_vnni(y, y32, ldy, a, lda, packed, workspace, M, N, K, rq);
+        return;
     case TERN_QISA_AVX2: qgemm_avx2(y, y32, ldy, a, lda, packed, workspace, M, N, K, rq); return;
     default: qgemm_scalar(y, y32, ldy, a, lda, packed, M, N, K, rq); return;
     }

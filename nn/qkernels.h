@@ -62,8 +62,8 @@ size_t tern_qgemm_packed_size(size_t N, size_t K, tern_qisa isa);
 /* packed: 64-byte aligned, tern_qgemm_packed_size(N, K, isa) bytes. bias may be NULL. */
 void tern_qgemm_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t a_zp, size_t N,
                      size_t K, tern_qisa isa);
-/* Bytes of scratch tern_qgemm needs for K at isa (0 for some levels); 64-byte aligned. */
-size_t tern_qgemm_workspace_size(size_t K, tern_qisa isa);
+/* Bytes of scratch tern_qgemm needs for N, K at isa (64-byte aligned). */
+size_t tern_qgemm_workspace_size(size_t N, size_t K, tern_qisa isa);
 /* tern_qgemm_ref's result from weights packed for isa (same N, K). */
 void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
                 const void *packed, void *workspace, size_t M, size_t N, size_t K,
@@ -77,17 +77,26 @@ void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
 
 /* ---- depthwise convolution ------------------------------------------------------------------ */
 
-/* Weights packed for the direct kernel: (k*k, C) taps-major, widened to int32 (so a vector of
- * channels of one tap is one load). packed holds k*k*C int32. */
-void tern_qdwconv_pack(int32_t *packed, const int8_t *w, int channels, int k);
+/* Bytes of the packed form of (w, bias, x_zp) for isa: 64-byte aligned.
+ *   scalar, AVX2: bias (C) int32, then taps (k*k, C) taps-major widened to int32 (a vector of
+ *     channels of one tap is one load).
+ *   AVX-512 VNNI: bias' (C rounded to 16) = bias - (x_zp + 128) * sum_taps w, then per block of
+ *     16 channels, per kernel row, per group of 4 taps of the row: 16 x 4 bytes, channel-major
+ *     (the layout vpdpbusd reads), taps past k zero. The kernel reads the input as unsigned
+ *     x + 128 from a padded copy whose border holds x_zp, so every tap counts and the zero
+ *     point's correction is the constant folded into bias'. */
+size_t tern_qdwconv_packed_size(int channels, int k, tern_qisa isa);
+void tern_qdwconv_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                       int channels, int k, tern_qisa isa);
+/* Bytes of scratch tern_qdwconv needs for p at isa (64-byte aligned; 0 for some levels). */
+size_t tern_qdwconv_workspace_size(const tern_conv_params *p, tern_qisa isa);
 /* y (N, OH, OW, C) = requant(bias[c] + sum_taps (x - x_zp) * w), padding taps contributing 0.
  *   x (N, H, W, C), w (C, 1, k, k) int8, bias (C) or NULL. p: groups == cin == cout. */
 void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
                       const int32_t *bias, const tern_conv_params *p, const tern_requant *rq);
-/* The same from tern_qdwconv_pack's weights, vectorized over channels. */
-void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpacked,
-                  const int32_t *bias, const tern_conv_params *p, const tern_requant *rq,
-                  tern_qisa isa);
+/* The same from tern_qdwconv_pack's weights (packed for the same isa and x_zp). */
+void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, void *workspace,
+                  const tern_conv_params *p, const tern_requant *rq, tern_qisa isa);
 
 /* ---- elementwise and reductions --------------------------------------------------------------- */
 

@@ -23,6 +23,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 #include "model_graph.h"
@@ -62,8 +63,7 @@ typedef struct qop {
     tern_qparams pre;       /* parameters before a table activation */
     /* integer form */
     int32_t *bias, *mult, *shift; /* (cout) */
-    void *packed;           /* GEMM: packed weights and corrected bias */
-    int32_t *dw;            /* DEPTHWISE: taps (k*k, C) */
+    void *packed;           /* GEMM, DEPTHWISE: packed weights and corrected bias */
     float *deq;             /* LOGITS: input scale * weight scale, per class */
     int8_t lut[256];
     tern_requant rq;
@@ -462,9 +462,9 @@ static tern_status quantize_layer(tern_qmodel *q, qop *o)
         o->rq.lut = o->lut;
     }
     if (o->kind == QOP_DEPTHWISE) {
-        if (!(o->dw = tern_alloc(a, nw * sizeof(int32_t))))
+        if (!(o->packed = tern_alloc(a, tern_qdwconv_packed_size(cout, k, q->isa))))
             goto nomem;
-        tern_qdwconv_pack(o->dw, w, cout, k);
+        tern_qdwconv_pack(o->packed, w, o->bias, in.zero_point, cout, k, q->isa);
     } else {
         const int8_t *wk = w;
         if (o->kind == QOP_CONV) { /* (Cout, Cin, k, k) -> (Cout, k, k, Cin), im2col's order */
@@ -542,17 +542,23 @@ static tern_status plan_inference(tern_qmodel *q)
             total += (value_count(&q->values[v], nb) + 63) / 64 * 64;
     for (int i = 0; i < q->nops; i++) {
         const qop *o = &q->ops[i];
-        size_t K = 0;
+        size_t K = 0, N = 0, w = 0;
         if (o->kind == QOP_CONV) {
             K = (size_t)o->conv.cin * o->conv.k * o->conv.k;
             size_t c = (size_t)nb * o->conv.oh * o->conv.ow * K;
             col = c > col ? c : col;
+            N = (size_t)o->conv.cout;
         } else if (o->kind == QOP_CONV1X1) {
             K = (size_t)o->conv.cin;
+            N = (size_t)o->conv.cout;
         } else if (o->kind == QOP_LINEAR || o->kind == QOP_LOGITS) {
             K = (size_t)o->fin;
+            N = (size_t)o->fout;
         }
-        size_t w = tern_qgemm_workspace_size(K, q->isa);
+        if (o->kind == QOP_DEPTHWISE)
+            w = tern_qdwconv_workspace_size(&o->conv, q->isa);
+        else if (K)
+            w = tern_qgemm_workspace_size(N, K, q->isa);
         ws = w > ws ? w : ws;
     }
     offsets[0] = total;
@@ -663,7 +669,6 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
         tern_free(a, o->mult);
         tern_free(a, o->shift);
         tern_free(a, o->packed);
-        tern_free(a, o->dw);
         tern_free(a, o->deq);
     }
     for (int v = 0; q->values && v < q->nvalues; v++)
@@ -697,7 +702,8 @@ static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
         break;
     }
     case QOP_DEPTHWISE:
-        tern_qdwconv(out->x, in->x, in->q.zero_point, o->dw, o->bias, &p, &o->rq, q->isa);
+        tern_qdwconv(out->x, in->x, in->q.zero_point, o->packed, q->workspace, &p, &o->rq,
+                     q->isa);
         break;
     case QOP_LINEAR:
         tern_qgemm(out->x, NULL, (size_t)o->fout, in->x, (size_t)o->fin, o->packed, q->workspace,
@@ -735,6 +741,35 @@ tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float 
     tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
     for (int i = 0; i < q->nops; i++)
         forward_op(q, &q->ops[i], batch, logits);
+    return TERN_OK;
+}
+
+static double seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, const float *input,
+                                        int batch, double *op_seconds)
+{
+    tern_qmodel *q = qmodel;
+    if (!logits || !input || !op_seconds)
+        return qfail(q, TERN_ERR_INVALID, "NULL input, logits or op_seconds");
+    if (batch < 1 || batch > q->opt.max_batch)
+        return qfail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+    qvalue *x = &q->values[0];
+    double t0 = seconds();
+    tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
+    double t1 = seconds();
+    op_seconds[0] += t1 - t0;
+    for (int i = 0; i < q->nops; i++) {
+        forward_op(q, &q->ops[i], batch, logits);
+        t0 = t1;
+        t1 = seconds();
+        op_seconds[i + 1] += t1 - t0;
+    }
     return TERN_OK;
 }
 
@@ -776,5 +811,23 @@ tern_status tern_qmodel_op_at(const tern_qmodel *qmodel, size_t i, const char **
         *name = o->name;
     if (out)
         *out = qmodel->values[o->out].q;
+    return TERN_OK;
+}
+
+tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_info *info)
+{
+    if (!info || tern_qmodel_op_at(qmodel, i, &info->kind, &info->name, &info->out) != TERN_OK)
+        return TERN_ERR_INVALID;
+    const qop *o = &qmodel->ops[i];
+    const qvalue *in = &qmodel->values[o->in], *out = &qmodel->values[o->out];
+    bool conv = o->kind == QOP_CONV1X1 || o->kind == QOP_DEPTHWISE || o->kind == QOP_CONV;
+    info->in_h = in->h;
+    info->in_w = in->w;
+    info->in_c = in->c;
+    info->out_h = out->h;
+    info->out_w = out->w;
+    info->out_c = out->c;
+    info->k = conv ? o->conv.k : 0;
+    info->stride = conv ? o->conv.stride : 0;
     return TERN_OK;
 }

@@ -33,11 +33,67 @@ static inline int32_t wrap_add(int32_t a, int32_t b)
 
 /* ---- depthwise ------------------------------------------------------------------------------ */
 
-void tern_qdwconv_pack(int32_t *packed, const int8_t *w, int channels, int k)
+static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+/* VNNI geometry: groups of 4 taps per kernel row, padded input width (4 spare columns so that
+ * the last group's 64-byte read stays inside). */
+static int dw_groups(int k) { return (k + 3) / 4; }
+
+size_t tern_qdwconv_packed_size(int channels, int k, tern_qisa isa)
 {
-    for (int t = 0; t < k * k; t++)
-        for (int c = 0; c < channels; c++)
-            packed[(size_t)t * channels + c] = w[(size_t)c * k * k + t];
+    size_t C = (size_t)channels, kk = (size_t)k * (size_t)k;
+    if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI) {
+        size_t cp = round_up(C, 16);
+        return cp * sizeof(int32_t) + cp * (size_t)k * (size_t)dw_groups(k) * 4;
+    }
+    return round_up(C * sizeof(int32_t), 64) + kk * C * sizeof(int32_t);
+}
+
+void tern_qdwconv_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                       int channels, int k, tern_qisa isa)
+{
+    const size_t C = (size_t)channels, kk = (size_t)k * (size_t)k;
+    int32_t *b = packed;
+    if (tern_qisa_resolve(isa) != TERN_QISA_AVX512_VNNI) {
+        int32_t *taps = (int32_t *)((char *)packed + round_up(C * sizeof(int32_t), 64));
+        for (size_t c = 0; c < C; c++)
+            b[c] = bias ? bias[c] : 0;
+        for (size_t t = 0; t < kk; t++)
+            for (size_t c = 0; c < C; c++)
+                taps[t * C + c] = w[c * kk + t];
+        return;
+    }
+    const size_t cp = round_up(C, 16), G = (size_t)dw_groups(k);
+    int8_t *out = (int8_t *)(b + cp); /* [c / 16][ky][g][c % 16][4] */
+    for (size_t c = 0; c < cp; c++) {
+        int64_t sum = 0;
+        for (size_t t = 0; c < C && t < kk; t++)
+            sum += w[c * kk + t];
+        b[c] = c < C ? (int32_t)(uint32_t)(uint64_t)((bias ? (int64_t)bias[c] : 0) -
+                                                      ((int64_t)x_zp + 128) * sum)
+                     : 0;
+        for (size_t ky = 0; ky < (size_t)k; ky++)
+            for (size_t g = 0; g < G; g++)
+                for (size_t j = 0; j < 4; j++) {
+                    size_t kx = 4 * g + j;
+                    out[(((c / 16) * (size_t)k + ky) * G + g) * 64 + (c % 16) * 4 + j] =
+                        c < C && kx < (size_t)k ? w[c * kk + ky * (size_t)k + kx] : 0;
+                }
+    }
+}
+
+/* The padded copy of one image: [C / 16][H + 2 pad][W + 2 pad + 4][16] bytes of x + 128. */
+static size_t dw_padded_size(const tern_conv_params *p)
+{
+    return round_up((size_t)p->cin, 16) * (size_t)(p->h + 2 * p->pad) *
+           (size_t)(p->w + 2 * p->pad + 4);
+}
+
+size_t tern_qdwconv_workspace_size(const tern_conv_params *p, tern_qisa isa)
+{
+    if (tern_qisa_resolve(isa) != TERN_QISA_AVX512_VNNI)
+        return 0;
+    return round_up(dw_padded_size(p), 64) + round_up((size_t)p->cin, 16) / 16 * sizeof(rq16);
 }
 
 void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
@@ -83,53 +139,6 @@ static int valid_taps(int *tap, size_t *off, const tern_conv_params *p, int oy, 
     return n;
 }
 
-/* nv vectors of 16 channels from c0 of one output pixel (nv a constant after inlining, so the
- * accumulators stay in registers). */
-T_VNNI QINLINE void dw_chunk(const int nv, int8_t *y, const int8_t *img, int C, int c0,
-                             const int *tap, const size_t *off, int ntaps, const int32_t *w,
-                             const int32_t *bias, __m512i zp, const tern_requant *rq,
-                             const __m512i *lut)
-{
-    __m512i acc[4];
-    __mmask16 m[4];
-    for (int v = 0; v < nv; v++) {
-        m[v] = q_tail_mask16((size_t)(C - c0 - 16 * v));
-        acc[v] = bias ? _mm512_maskz_loadu_epi32(m[v], bias + c0 + 16 * v) : _mm512_setzero_si512();
-    }
-    for (int t = 0; t < ntaps; t++) {
-        const int8_t *xp = img + off[t] * (size_t)C + c0;
-        const int32_t *wp = w + (size_t)tap[t] * C + c0;
-        for (int v = 0; v < nv; v++) {
-            __m512i xv = _mm512_sub_epi32(
-                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[v], xp + 16 * v)), zp);
-            __m512i wv = _mm512_maskz_loadu_epi32(m[v], wp + 16 * v);
-            acc[v] = _mm512_add_epi32(acc[v], _mm512_mullo_epi32(xv, wv));
-        }
-    }
-    for (int v = 0; v < nv; v++) {
-        rq16 r = rq16_load(rq, (size_t)c0 + 16 * v, m[v]);
-        _mm_mask_storeu_epi8(y + c0 + 16 * v, m[v], requant16(acc[v], &r, lut));
-    }
-}
-
-/* One output pixel, all channels, 64 at a time (four independent accumulator chains). */
-T_VNNI static void dw_pixel_vnni(int8_t *y, const int8_t *img, int C, const int *tap,
-                                 const size_t *off, int ntaps, const int32_t *w,
-                                 const int32_t *bias, __m512i zp, const tern_requant *rq,
-                                 const __m512i *lut)
-{
-    int c0 = 0;
-    for (; c0 + 64 <= C; c0 += 64)
-        dw_chunk(4, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut);
-    switch ((C - c0 + 15) / 16) {
-    case 1: dw_chunk(1, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    case 2: dw_chunk(2, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    case 3: dw_chunk(3, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    case 4: dw_chunk(4, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    default: break; /* nothing left */
-    }
-}
-
 T_AVX2 static void dw_pixel_avx2(int8_t *y, const int8_t *img, int C, const int *tap,
                                  const size_t *off, int ntaps, const int32_t *w,
                                  const int32_t *bias, int32_t x_zp, const tern_requant *rq)
@@ -171,38 +180,121 @@ static void dw_pixel_scalar(int8_t *y, const int8_t *img, int C, const int *tap,
     }
 }
 
-T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *w,
-                               const int32_t *bias, const tern_conv_params *p,
-                               const tern_requant *rq)
+/* One image's padded copy (see dw_padded_size): border bytes x_zp + 128, so that they add
+ * nothing once the folded correction is applied. */
+T_VNNI static void dw_pad_image(uint8_t *u, const int8_t *img, int32_t x_zp,
+                                const tern_conv_params *p)
 {
-    __m512i lut[4];
-    if (rq->lut)
-        for (int i = 0; i < 4; i++)
-            lut[i] = _mm512_loadu_si512(rq->lut + 64 * i);
-    const __m512i zp = _mm512_set1_epi32(x_zp);
-    int tap[TERN_DW_TAPS_MAX];
-    size_t off[TERN_DW_TAPS_MAX];
-    for (int n = 0; n < p->n; n++) {
-        const int8_t *img = x + (size_t)n * p->h * p->w * p->cin;
-        for (int oy = 0; oy < p->oh; oy++)
-            for (int ox = 0; ox < p->ow; ox++) {
-                int nt = valid_taps(tap, off, p, oy, ox);
-                int8_t *out = y + (((size_t)n * p->oh + oy) * p->ow + ox) * p->cin;
-                dw_pixel_vnni(out, img, p->cin, tap, off, nt, w, bias, zp, rq,
-                              rq->lut ? lut : NULL);
+    const size_t C = (size_t)p->cin, nb = round_up(C, 16) / 16;
+    const size_t hp = (size_t)(p->h + 2 * p->pad), wpp = (size_t)(p->w + 2 * p->pad + 4);
+    const size_t plane = hp * wpp * 16;
+    const uint8_t fill = (uint8_t)(x_zp + 128);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    for (size_t b = 0; b < nb; b++) {
+        uint8_t *ub = u + b * plane;
+        memset(ub, fill, (size_t)p->pad * wpp * 16);
+        memset(ub + (size_t)(p->pad + p->h) * wpp * 16, fill, (size_t)p->pad * wpp * 16);
+        __mmask16 m = q_tail_mask16(C - 16 * b);
+        for (int iy = 0; iy < p->h; iy++) {
+            uint8_t *row = ub + (size_t)(iy + p->pad) * wpp * 16;
+            const int8_t *src = img + (size_t)iy * p->w * C + 16 * b;
+            memset(row, fill, (size_t)p->pad * 16);
+            memset(row + (size_t)(p->pad + p->w) * 16, fill, (wpp - (size_t)(p->pad + p->w)) * 16);
+            uint8_t *dst = row + (size_t)p->pad * 16;
+            for (int ix = 0; ix < p->w; ix++) {
+                /* channels past C: any byte (their weights are zero) */
+                __m128i v = _mm_maskz_loadu_epi8(m, src + (size_t)ix * C);
+                _mm_storeu_si128((__m128i *)(dst + 16 * (size_t)ix), _mm_xor_si128(v, flip));
             }
+        }
     }
 }
 
-void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpacked,
-                  const int32_t *bias, const tern_conv_params *p, const tern_requant *rq,
-                  tern_qisa isa)
+/* One block of 16 channels over all output pixels of an image, G groups of 4 taps per row.
+ * A 64-byte read at (iy, ix) holds pixels ix..ix+3 of the block; one byte permute turns it into
+ * the channel-major quadruples vpdpbusd multiplies with the packed weights. */
+T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t *ub, size_t wpp,
+                             const int8_t *wb, const int32_t *bias, const rq16 *r,
+                             const __m512i *lut, __mmask16 m, const tern_conv_params *p)
+{
+    __m512i w[7][2];
+    for (int ky = 0; ky < K; ky++)
+        for (int g = 0; g < G; g++)
+            w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
+    const __m512i b = _mm512_loadu_si512(bias);
+    const __m512i idx = _mm512_set_epi8(
+        63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12, 59, 43, 27, 11, 58, 42, 26,
+        10, 57, 41, 25, 9, 56, 40, 24, 8, 55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20,
+        4, 51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
+    const size_t C = (size_t)p->cin, s = (size_t)p->stride;
+    for (int oy = 0; oy < p->oh; oy++) {
+        const uint8_t *top = ub + (size_t)oy * s * wpp * 16;
+        int8_t *out = y + (size_t)oy * p->ow * C;
+        for (int ox = 0; ox < p->ow; ox++) {
+            const uint8_t *at = top + (size_t)ox * s * 16;
+            __m512i acc = b;
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++) {
+                    __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
+                }
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requant16(acc, r, lut));
+        }
+    }
+}
+
+T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                               void *workspace, const tern_conv_params *p,
+                               const tern_requant *rq)
+{
+    const size_t C = (size_t)p->cin, nb = round_up(C, 16) / 16;
+    const size_t wpp = (size_t)(p->w + 2 * p->pad + 4);
+    const size_t plane = (size_t)(p->h + 2 * p->pad) * wpp * 16;
+    const int k = p->k, G = dw_groups(k);
+    uint8_t *u = workspace;
+    rq16 *r = (rq16 *)((char *)workspace + round_up(dw_padded_size(p), 64));
+    rq16_prepare(r, rq, C);
+    __m512i tables[4];
+    const __m512i *lut = NULL;
+    if (rq->lut) {
+        for (int i = 0; i < 4; i++)
+            tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
+        lut = tables;
+    }
+    const int32_t *bias = packed;
+    const int8_t *w = (const int8_t *)(bias + 16 * nb);
+    const size_t wblock = (size_t)k * (size_t)G * 64;
+    for (int n = 0; n < p->n; n++) {
+        const int8_t *img = x + (size_t)n * p->h * p->w * C;
+        int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
+        dw_pad_image(u, img, x_zp, p);
+        for (size_t b = 0; b < nb; b++) {
+            __mmask16 m = q_tail_mask16(C - 16 * b);
+            const uint8_t *ub = u + b * plane;
+            int8_t *yb = yn + 16 * b;
+            const int8_t *wb = w + b * wblock;
+            const int32_t *bb = bias + 16 * b;
+            if (k == 3)
+                dw_block(3, 1, yb, ub, wpp, wb, bb, &r[b], lut, m, p);
+            else if (k == 5)
+                dw_block(5, 2, yb, ub, wpp, wb, bb, &r[b], lut, m, p);
+            else
+                dw_block(k, G, yb, ub, wpp, wb, bb, &r[b], lut, m, p);
+        }
+    }
+}
+
+void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, void *workspace,
+                  const tern_conv_params *p, const tern_requant *rq, tern_qisa isa)
 {
     isa = tern_qisa_resolve(isa);
     if (isa == TERN_QISA_AVX512_VNNI) {
-        dwconv_vnni(y, x, x_zp, wpacked, bias, p, rq);
+        dwconv_vnni(y, x, x_zp, packed, workspace, p, rq);
         return;
     }
+    const int32_t *bias = packed;
+    const int32_t *w = (const int32_t *)((const char *)packed +
+                                         round_up((size_t)p->cin * sizeof(int32_t), 64));
     int tap[TERN_DW_TAPS_MAX];
     size_t off[TERN_DW_TAPS_MAX];
     for (int n = 0; n < p->n; n++) {
@@ -212,9 +304,9 @@ void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpack
                 int nt = valid_taps(tap, off, p, oy, ox);
                 int8_t *out = y + (((size_t)n * p->oh + oy) * p->ow + ox) * p->cin;
                 if (isa == TERN_QISA_AVX2)
-                    dw_pixel_avx2(out, img, p->cin, tap, off, nt, wpacked, bias, x_zp, rq);
+                    dw_pixel_avx2(out, img, p->cin, tap, off, nt, w, bias, x_zp, rq);
                 else
-                    dw_pixel_scalar(out, img, p->cin, tap, off, nt, wpacked, bias, x_zp, rq);
+                    dw_pixel_scalar(out, img, p->cin, tap, off, nt, w, bias, x_zp, rq);
             }
     }
 }

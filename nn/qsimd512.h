@@ -77,6 +77,14 @@ T_VNNI QINLINE rq16 rq16_uniform(int32_t mult, int shift, int32_t zp, int32_t qm
     return rq16_make(_mm512_set1_epi32(mult), _mm512_set1_epi32(shift), zp, qmin, qmax);
 }
 
+/* The constants of all C channels of rq, 16 per entry, computed once per kernel call (out:
+ * ceil(C / 16) entries, 64-byte aligned) so that inner loops only load them. */
+T_VNNI static inline void rq16_prepare(rq16 *out, const tern_requant *rq, size_t C)
+{
+    for (size_t c = 0; c < C; c += 16)
+        out[c / 16] = rq16_load(rq, c, q_tail_mask16(C - c));
+}
+
 /* MultiplyByQuantizedMultiplier. */
 T_VNNI QINLINE __m512i mbqm16(__m512i x, const rq16 *r)
 {

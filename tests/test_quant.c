@@ -318,7 +318,7 @@ static void qgemm_matches_reference(void **state)
                        has_bias ? bias : NULL, M, N, K, &rq.rq);
         for (int l = 0; l < nisa; l++) {
             void *packed = xaligned(tern_qgemm_packed_size(N, K, isas[l]));
-            void *ws = xaligned(tern_qgemm_workspace_size(K, isas[l]));
+            void *ws = xaligned(tern_qgemm_workspace_size(N, K, isas[l]));
             tern_qgemm_pack(packed, w, has_bias ? bias : NULL, zp, N, K, isas[l]);
             memset(got, 0x55, M * ldy);
             memset(got32, 0x55, M * ldy * 4);
@@ -396,7 +396,7 @@ static void conv_im2col_matches_direct(void **state)
         tern_qim2col(col, K, x, zp, &p);
         for (int l = 0; l < nisa; l++) {
             void *packed = xaligned(tern_qgemm_packed_size((size_t)p.cout, K, isas[l]));
-            void *ws = xaligned(tern_qgemm_workspace_size(K, isas[l]));
+            void *ws = xaligned(tern_qgemm_workspace_size((size_t)p.cout, K, isas[l]));
             tern_qgemm_pack(packed, wt, bias, zp, (size_t)p.cout, K, isas[l]);
             tern_qgemm(got, NULL, (size_t)p.cout, col, K, packed, ws, rows, (size_t)p.cout, K,
                        &rq.rq, isas[l]);
@@ -437,7 +437,7 @@ static void qdwconv_matches_reference(void **state)
         int32_t zp = test_rng_int(&r, -128, 127);
         bool has_bias = test_rng_int(&r, 0, 3) != 0;
         int8_t *x = xcalloc(nx, 1), *w = xcalloc((size_t)ch * k * k, 1);
-        int32_t *bias = xcalloc((size_t)ch, 4), *wp = xcalloc((size_t)ch * k * k, 4);
+        int32_t *bias = xcalloc((size_t)ch, 4);
         random_bytes(&r, x, nx);
         random_bytes(&r, w, (size_t)ch * k * k);
         for (int i = 0; i < ch; i++)
@@ -446,10 +446,14 @@ static void qdwconv_matches_reference(void **state)
         rq_case_init(&rq, &r, (size_t)ch);
         int8_t *ref = xcalloc(ny, 1), *got = xcalloc(ny, 1);
         tern_qdwconv_ref(ref, x, zp, w, has_bias ? bias : NULL, &p, &rq.rq);
-        tern_qdwconv_pack(wp, w, ch, k);
         for (int l = 0; l < nisa; l++) {
+            void *wp = xaligned(tern_qdwconv_packed_size(ch, k, isas[l]));
+            void *ws = xaligned(tern_qdwconv_workspace_size(&p, isas[l]));
+            tern_qdwconv_pack(wp, w, has_bias ? bias : NULL, zp, ch, k, isas[l]);
             memset(got, 0x55, ny);
-            tern_qdwconv(got, x, zp, wp, has_bias ? bias : NULL, &p, &rq.rq, isas[l]);
+            tern_qdwconv(got, x, zp, wp, ws, &p, &rq.rq, isas[l]);
+            free(wp);
+            free(ws);
             if (!bytes_equal("dwconv", got, ref, ny))
                 print_error("dwconv %s: n %d %dx%dx%d k %d stride %d pad %d\n",
                             tern_qisa_name(isas[l]), p.n, p.h, p.w, ch, k, stride, pad);
@@ -459,7 +463,6 @@ static void qdwconv_matches_reference(void **state)
         free(x);
         free(w);
         free(bias);
-        free(wp);
         free(ref);
         free(got);
     }

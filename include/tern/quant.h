@@ -124,6 +124,11 @@ void tern_qmodel_destroy(tern_qmodel **qmodel);
  * a time per qmodel (activations live in the qmodel). */
 tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float *input,
                                 int batch);
+/* tern_qmodel_forward, timing each step: op_seconds (1 + op count) gets the wall-clock
+ * seconds of the input's quantization added to [0] and of op i to [1 + i] (accumulated, so
+ * repeated calls sum). Same errors as tern_qmodel_forward. */
+tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, const float *input,
+                                        int batch, double *op_seconds);
 /* Detail of the qmodel's last failed call ("" if none). Borrowed until the next call. */
 const char *tern_qmodel_last_error(const tern_qmodel *qmodel);
 /* The level its integer kernels run at (resolved, never AUTO). */
@@ -137,6 +142,17 @@ size_t tern_qmodel_op_count(const tern_qmodel *qmodel);
  * static or owned by the qmodel. TERN_ERR_INVALID if i is out of range. */
 tern_status tern_qmodel_op_at(const tern_qmodel *qmodel, size_t i, const char **kind,
                               const char **name, tern_qparams *out);
+
+/* Shape of op i, for profiles and reports. */
+typedef struct tern_qop_info {
+    const char *kind, *name;  /* as tern_qmodel_op_at */
+    int in_h, in_w, in_c;     /* first input */
+    int out_h, out_w, out_c;  /* output */
+    int k, stride;            /* convolutions; 0 otherwise */
+    tern_qparams out;
+} tern_qop_info;
+/* TERN_ERR_INVALID if i is out of range. */
+tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_info *info);
 
 #ifdef __cplusplus
 }
