@@ -137,11 +137,16 @@ static void qgemm_scalar(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, s
 
 /* ---- AVX-512 VNNI -------------------------------------------------------------------------- */
 
-static inline int32_t load4(const int8_t *p, size_t n)
+/* 4 bytes at p broadcast to every 32-bit lane; only n < 4 of them (zeros after) at the end of
+ * K, read with a byte mask (a byte-wise copy into a word would stall the load on the stores). */
+T_VNNI INLINE __m512i bcast4(const int8_t *p, size_t n)
 {
-    int32_t x = 0;
-    memcpy(&x, p, n);
-    return x;
+    if (n == 4) {
+        int32_t x;
+        memcpy(&x, p, 4);
+        return _mm512_set1_epi32(x);
+    }
+    return _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p));
 }
 
 /* Rows [0, mr) of A times 4 deep (bytes at a + 4 g, nk of them) into the accumulators. */
@@ -154,7 +159,7 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
     for (int v = 0; v < nv; v++)
         b[v] = _mm512_load_si512(wg + v * bstride);
     for (int r = 0; r < mr; r++) {
-        __m512i av = _mm512_xor_si512(_mm512_set1_epi32(load4(a + r * lda, nk)), flip);
+        __m512i av = _mm512_xor_si512(bcast4(a + r * lda, nk), flip);
         for (int v = 0; v < nv; v++)
             acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, b[v]);
     }
