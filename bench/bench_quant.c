@@ -12,7 +12,8 @@
  *             accuracy, top-1 agreement, and images/s of each at batch 100, 1 thread
  *   layers    with --layers: the int8 forward's time per op and per kind of op (mean of --iters
  *             profiled runs after the latency runs)
- * Options: --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
+ * Options: --method minmax|percentile|entropy and --fp32-layers K (the fashion run's observer
+ *          and mixed precision), --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
  *          --weights PATH (default weights/fashion-mnist-small.safetensors),
  *          --data DIR (default /usr/share/datasets/fashion-mnist), --limit N. */
 #include <jansson.h>
@@ -26,9 +27,10 @@
 #include "tern.h"
 
 typedef struct config {
-    int iters, limit;
+    int iters, limit, fp32_layers;
     bool layers;
     tern_qisa qisa;
+    tern_quant_observer method;
     const char *only, *weights, *data;
 } config;
 
@@ -271,7 +273,8 @@ static int fashion(const config *cfg)
         !(x = load_images(test, &t, 0, 1, n, labels)))
         goto done;
     tern_qmodel_options qo = {.height = t.size, .width = t.size, .max_batch = batch,
-                              .calib_batch = 64, .isa = cfg->qisa};
+                              .calib_batch = 64, .isa = cfg->qisa, .observer = cfg->method,
+                              .fp32_layers = cfg->fp32_layers};
     if (tern_qmodel_create(m, calib, calib_n, &qo, &q, &err) != TERN_OK ||
         tern_model_plan(m, batch, t.size, t.size, false) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", err.message);
@@ -294,7 +297,8 @@ static int fashion(const config *cfg)
             right_q += pq == labels[b + i];
         }
     }
-    emit(json_pack("{s:s,s:i,s:i,s:i,s:s,s:f,s:f,s:f,s:f,s:f}", "bench", "quant_fashion",
+    emit(json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:f,s:f,s:f,s:f,s:f}", "bench", "quant_fashion",
+                   "method", tern_quant_observer_name(cfg->method), "fp32_layers", cfg->fp32_layers,
                    "images", n, "calib_images", calib_n, "batch", batch, "int8_isa",
                    tern_qisa_name(tern_qmodel_isa(q)), "fp32_accuracy", (double)right_f / n,
                    "int8_accuracy", (double)right_q / n, "agreement", (double)agree / n,
@@ -325,6 +329,13 @@ int main(int argc, char **argv)
             cfg.iters = atoi(argv[++i]);
         else if (!strcmp(a, "--limit") && v)
             cfg.limit = atoi(argv[++i]);
+        else if (!strcmp(a, "--method") && v) {
+            if (tern_quant_observer_parse(argv[++i], &cfg.method) != TERN_OK) {
+                fprintf(stderr, "bench_quant: unknown method %s\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--fp32-layers") && v)
+            cfg.fp32_layers = atoi(argv[++i]);
         else if (!strcmp(a, "--layers"))
             cfg.layers = true;
         else if (!strcmp(a, "--only") && v)
@@ -339,8 +350,9 @@ int main(int argc, char **argv)
                        : !strcmp(v, "avx2") ? TERN_QISA_AVX2
                                             : TERN_QISA_AVX512_VNNI;
         } else {
-            fprintf(stderr, "usage: bench_quant [--iters N] [--layers] [--qisa scalar|avx2|avx512vnni] "
-                            "[--only latency|fashion] [--weights PATH] [--data DIR] [--limit N]\n");
+            fprintf(stderr, "usage: bench_quant [--iters N] [--layers] "
+                            "[--method minmax|percentile|entropy] [--fp32-layers K] "
+                            "[--qisa scalar|avx2|avx512vnni] [--only latency|fashion] [--weights PATH] [--data DIR] [--limit N]\n");
             return 2;
         }
     }

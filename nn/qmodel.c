@@ -42,13 +42,24 @@ typedef enum qop_kind {
     QOP_ADD,       /* residual */
 } qop_kind;
 
+#define QHIST_BINS 2048
+
+/* Counts of values in QHIST_BINS equal bins over [lo, hi] (values outside go to the end bins). */
+typedef struct qhist {
+    float lo, hi;
+    double *count; /* (QHIST_BINS), or NULL */
+} qhist;
+
 typedef struct qvalue {
     int c, h, w;
     bool used;          /* read or written by some op (or the input) */
     float min, max;     /* range observed in calibration */
+    qhist hist;         /* histogram observers' second pass */
     tern_qparams q;
     float *f;           /* calibration: (calib_batch, h, w, c) */
     int8_t *x;          /* inference: (max_batch, h, w, c), in the arena */
+    float *fx;          /* mixed precision: the float form (max_batch, h, w, c), or NULL */
+    bool has_x, has_f;  /* which forms hold the current forward's value */
 } qvalue;
 
 typedef struct qop {
@@ -60,6 +71,7 @@ typedef struct qop {
     tern_act act;           /* applied to the output: RELU as a clamp, others by table */
     float *wf, *bf;         /* float weights (BatchNorm folded) and bias, until quantized */
     float pre_min, pre_max; /* range before the activation */
+    qhist pre_hist;
     tern_qparams pre;       /* parameters before a table activation */
     /* integer form */
     int32_t *bias, *mult, *shift; /* (cout) */
@@ -69,6 +81,8 @@ typedef struct qop {
     tern_requant rq;
     tern_qadd_params add;
     tern_qgate_params gate;
+    bool fp32;              /* mixed precision: run in float from wf, bf */
+    double sensitivity, agreement; /* -1: not measured */
 } qop;
 
 struct tern_qmodel {
@@ -84,6 +98,10 @@ struct tern_qmodel {
     int8_t *col;       /* im2col rows of the stem */
     void *workspace;   /* GEMM scratch */
     int32_t *acc;      /* LOGITS sums (max_batch, classes) */
+    /* mixed precision (NULL when every op is int8) */
+    bool mixed;
+    tern_pool *pool;   /* one thread for the float ops */
+    float *fws;        /* their convolution workspace */
 };
 
 static tern_status qfail(tern_qmodel *q, tern_status s, const char *fmt, ...)
@@ -286,6 +304,165 @@ static void propagate_shapes(tern_qmodel *q)
 
 /* ---- 2. calibrate ------------------------------------------------------------------------- */
 
+/* The ranges a pre-activation's parameters are chosen from: values below -3 (and, for
+ * hardsigmoid, above 3) all map to the same output, so the range is clipped there and the steps
+ * that matter are finer (at no cost beyond the nudged end point's rounding). */
+static void pre_range(const qop *o, float *lo, float *hi)
+{
+    float a = o->pre_min > -3 ? o->pre_min : -3, b = o->pre_max;
+    if (o->act == TERN_ACT_HARDSIGMOID)
+        b = b < 3 ? b : 3;
+    *lo = a;
+    *hi = b > a ? b : a;
+}
+
+static bool hist_start(qhist *h, const tern_allocator *a, float lo, float hi)
+{
+    h->lo = lo < 0 ? lo : 0;
+    h->hi = hi > 0 ? hi : 0;
+    if (!(h->hi - h->lo > 1e-12f) || !isfinite(h->lo) || !isfinite(h->hi))
+        return true; /* a constant (or unseen) tensor: min/max is all there is */
+    h->count = tern_calloc(a, QHIST_BINS, sizeof(double));
+    return h->count != NULL;
+}
+
+static bool start_histograms(tern_qmodel *q)
+{
+    const tern_allocator *a = qalloc(q);
+    for (int v = 0; v < q->nvalues; v++)
+        if (q->values[v].used &&
+            !hist_start(&q->values[v].hist, a, q->values[v].min, q->values[v].max))
+            return false;
+    for (int i = 0; i < q->nops; i++) {
+        qop *o = &q->ops[i];
+        float lo, hi;
+        pre_range(o, &lo, &hi);
+        if (is_table_act(o->act) && !hist_start(&o->pre_hist, a, lo, hi))
+            return false;
+    }
+    return true;
+}
+
+/* KL divergence between the histogram clipped to its first i bins (outliers added to the last)
+ * and that clipped histogram quantized to `levels` levels (each level's count spread evenly
+ * over its non-empty bins), as TensorRT's entropy calibrator. */
+static double clip_kl(const double *h, int nb, int i, int levels)
+{
+    double outliers = 0, psum = 0, qsum = 0, kl = 0;
+    for (int j = i; j < nb; j++)
+        outliers += h[j];
+    for (int j = 0; j < i; j++)
+        psum += h[j];
+    psum += outliers;
+    if (psum <= 0)
+        return 0;
+    /* Q: per level, the sum and non-empty count of its bins */
+    double qv[256];
+    for (int l = 0; l < levels; l++) {
+        int j0 = (int)((long)l * i / levels), j1 = (int)((long)(l + 1) * i / levels);
+        double sum = 0;
+        int nz = 0;
+        for (int j = j0; j < j1; j++) {
+            sum += h[j];
+            nz += h[j] > 0;
+        }
+        qv[l] = nz ? sum / nz : 0;
+        qsum += sum;
+    }
+    if (qsum <= 0)
+        return INFINITY;
+    for (int j = 0; j < i; j++) {
+        double pj = h[j] + (j == i - 1 ? outliers : 0);
+        if (pj <= 0)
+            continue;
+        int l = (int)((long)j * levels / i);
+        double qj = h[j] > 0 ? qv[l] : 0;
+        /* a bin Q leaves empty that P fills: TensorRT smooths with a small epsilon */
+        double pn = pj / psum, qn = qj > 0 ? qj / qsum : 1e-4 / qsum;
+        kl += pn * log(pn / qn);
+    }
+    return kl;
+}
+
+/* The range an observer picks from a histogram (min/max when there is none). */
+static void hist_range(const qhist *h, const tern_qmodel_options *opt, float *lo, float *hi)
+{
+    if (!h->count)
+        return;
+    const double bw = ((double)h->hi - h->lo) / QHIST_BINS;
+    double total = 0;
+    for (int j = 0; j < QHIST_BINS; j++)
+        total += h->count[j];
+    if (total <= 0)
+        return;
+    if (opt->observer == TERN_QUANT_OBSERVER_PERCENTILE) {
+        double p = (opt->percentile > 0 ? opt->percentile : 99.99) / 100;
+        double below = 0;
+        int jl = 0, jh = QHIST_BINS - 1;
+        for (int j = 0; j < QHIST_BINS; j++) { /* lowest bin with more than 1 - p below it */
+            below += h->count[j];
+            if (below > (1 - p) * total) {
+                jl = j;
+                break;
+            }
+        }
+        below = 0;
+        for (int j = QHIST_BINS - 1; j >= 0; j--) {
+            below += h->count[j];
+            if (below > (1 - p) * total) {
+                jh = j;
+                break;
+            }
+        }
+        float l = (float)fmin(h->lo + jl * bw, 0), u = (float)fmax(h->lo + (jh + 1) * bw, 0);
+        *lo = l > *lo ? l : *lo; /* only ever narrower than min/max */
+        *hi = u < *hi ? u : *hi;
+        return;
+    }
+    /* entropy: the larger side, folded at zero into its own histogram */
+    const bool pos = h->hi >= -h->lo;
+    const double extent = pos ? h->hi : -h->lo;
+    const int z = (int)lround(-h->lo / bw); /* bins below zero */
+    const int nb = pos ? QHIST_BINS - z : z;
+    if (nb < 16)
+        return;
+    double side[QHIST_BINS];
+    for (int j = 0; j < nb; j++)
+        side[j] = pos ? h->count[z + j] : h->count[z - 1 - j];
+    int levels = (int)lround(255.0 * extent / ((double)h->hi - h->lo));
+    levels = levels < 8 ? 8 : levels > 255 ? 255 : levels;
+    if (nb <= levels)
+        return;
+    /* Thresholds that clip more than 1% of the side are not tried: where all the mass sits far
+     * from zero (a sigmoid's output) or there are few samples (a squeeze-and-excitation
+     * vector), a threshold that folds everything into one bin has a KL divergence of zero. */
+    double mass = 0, seen = 0;
+    for (int j = 0; j < nb; j++)
+        mass += side[j];
+    int first = levels;
+    for (int j = 0; j < nb; j++) {
+        seen += side[j];
+        if (seen >= 0.99 * mass) {
+            first = j + 1 > levels ? j + 1 : levels;
+            break;
+        }
+    }
+    int best = nb;
+    double best_kl = INFINITY;
+    for (int i = first; i <= nb; i += i < nb - 4 ? 4 : 1) {
+        double kl = clip_kl(side, nb, i, levels);
+        if (kl < best_kl) {
+            best_kl = kl;
+            best = i;
+        }
+    }
+    /* the threshold clips the larger side, and the other one if it reaches that far */
+    float t = (float)(best * bw);
+    *hi = t < *hi ? t : *hi;
+    *lo = -t > *lo ? -t : *lo;
+}
+
+
 static void observe(float *lo, float *hi, const float *x, size_t n)
 {
     float a = *lo, b = *hi;
@@ -297,7 +474,19 @@ static void observe(float *lo, float *hi, const float *x, size_t n)
     *hi = b;
 }
 
-static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool *pool)
+static void hist_add(qhist *h, const float *x, size_t n)
+{
+    if (!h->count)
+        return;
+    const double scale = QHIST_BINS / ((double)h->hi - (double)h->lo);
+    for (size_t i = 0; i < n; i++) {
+        double b = ((double)x[i] - h->lo) * scale;
+        int j = b < 0 ? 0 : b >= QHIST_BINS ? QHIST_BINS - 1 : (int)b;
+        h->count[j] += 1;
+    }
+}
+
+static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool *pool, int pass)
 {
     qvalue *in = &q->values[o->in], *out = &q->values[o->out];
     const qvalue *in2 = o->in2 >= 0 ? &q->values[o->in2] : NULL;
@@ -319,10 +508,16 @@ static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool 
     case QOP_GATE: tern_scale_channels_forward(out->f, in->f, in2->f, n, hw, in->c, pool); break;
     case QOP_ADD: tern_add_forward(out->f, in->f, in2->f, count, pool); break;
     }
-    observe(&o->pre_min, &o->pre_max, out->f, count);
+    if (pass == 0)
+        observe(&o->pre_min, &o->pre_max, out->f, count);
+    else
+        hist_add(&o->pre_hist, out->f, count);
     if (o->act != TERN_ACT_NONE)
         tern_act_forward(out->f, out->f, count, o->act, pool);
-    observe(&out->min, &out->max, out->f, count);
+    if (pass == 0)
+        observe(&out->min, &out->max, out->f, count);
+    else
+        hist_add(&out->hist, out->f, count);
 }
 
 static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
@@ -360,12 +555,22 @@ static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
     }
     qvalue *input = &q->values[0];
     size_t image = value_count(input, 1);
-    for (int b0 = 0; b0 < ncalib; b0 += batch) {
-        int n = ncalib - b0 < batch ? ncalib - b0 : batch;
-        memcpy(input->f, calib + (size_t)b0 * image, (size_t)n * image * sizeof(float));
-        observe(&input->min, &input->max, input->f, (size_t)n * image);
-        for (int i = 0; i < q->nops; i++)
-            calib_op(q, &q->ops[i], n, workspace, pool);
+    const int passes = q->opt.observer == TERN_QUANT_OBSERVER_MINMAX ? 1 : 2;
+    for (int pass = 0; pass < passes; pass++) {
+        if (pass == 1 && !start_histograms(q)) {
+            s = TERN_ERR_NOMEM;
+            goto done;
+        }
+        for (int b0 = 0; b0 < ncalib; b0 += batch) {
+            int n = ncalib - b0 < batch ? ncalib - b0 : batch;
+            memcpy(input->f, calib + (size_t)b0 * image, (size_t)n * image * sizeof(float));
+            if (pass == 0)
+                observe(&input->min, &input->max, input->f, (size_t)n * image);
+            else
+                hist_add(&input->hist, input->f, (size_t)n * image);
+            for (int i = 0; i < q->nops; i++)
+                calib_op(q, &q->ops[i], n, workspace, pool, pass);
+        }
     }
     s = TERN_OK;
 done:
@@ -383,21 +588,33 @@ done:
 static void choose_params(tern_qmodel *q)
 {
     for (int v = 0; v < q->nvalues; v++)
-        if (q->values[v].used)
-            q->values[v].q = tern_quant_choose_params(q->values[v].min, q->values[v].max);
+        if (q->values[v].used) {
+            float lo = q->values[v].min, hi = q->values[v].max;
+            hist_range(&q->values[v].hist, &q->opt, &lo, &hi);
+            q->values[v].q = tern_quant_choose_params(lo, hi);
+        }
     for (int i = 0; i < q->nops; i++) {
         qop *o = &q->ops[i];
         if (o->kind == QOP_POOL) /* TFLite's average pool: the output keeps the input's */
             q->values[o->out].q = q->values[o->in].q;
         if (is_table_act(o->act)) {
-            /* Before a hardswish or hardsigmoid, values below -3 (and, for hardsigmoid, above
-             * 3) all map to the same output: the range is clipped there, so the steps that
-             * matter are finer (at no cost beyond the nudged end point's rounding). */
-            float lo = o->pre_min > -3 ? o->pre_min : -3, hi = o->pre_max;
-            if (o->act == TERN_ACT_HARDSIGMOID)
-                hi = hi < 3 ? hi : 3;
-            o->pre = tern_quant_choose_params(lo, hi > lo ? hi : lo);
+            float lo, hi;
+            pre_range(o, &lo, &hi);
+            hist_range(&o->pre_hist, &q->opt, &lo, &hi);
+            o->pre = tern_quant_choose_params(lo, hi);
         }
+    }
+}
+
+static void free_histograms(tern_qmodel *q)
+{
+    for (int v = 0; v < q->nvalues; v++) {
+        tern_free(qalloc(q), q->values[v].hist.count);
+        q->values[v].hist.count = NULL;
+    }
+    for (int i = 0; i < q->nops; i++) {
+        tern_free(qalloc(q), q->ops[i].pre_hist.count);
+        q->ops[i].pre_hist.count = NULL;
     }
 }
 
@@ -525,11 +742,20 @@ static tern_status quantize_ops(tern_qmodel *q)
         }
         if (s != TERN_OK)
             return s;
-        tern_free(a, o->wf);
-        tern_free(a, o->bf);
-        o->wf = o->bf = NULL;
     }
+    (void)a;
     return TERN_OK;
+}
+
+/* Float weights are kept only for the ops that run in float. */
+static void drop_float_weights(tern_qmodel *q)
+{
+    for (int i = 0; i < q->nops; i++)
+        if (!q->ops[i].fp32) {
+            tern_free(qalloc(q), q->ops[i].wf);
+            tern_free(qalloc(q), q->ops[i].bf);
+            q->ops[i].wf = q->ops[i].bf = NULL;
+        }
 }
 
 /* Int8 buffers of every value, the stem's im2col rows, GEMM scratch, logits sums. */
@@ -583,6 +809,110 @@ static tern_status plan_inference(tern_qmodel *q)
     return TERN_OK;
 }
 
+static tern_status plan_mixed(tern_qmodel *q);
+static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int n);
+
+/* ---- sensitivity and mixed precision -------------------------------------------------------------- */
+
+static bool has_weights(const qop *o)
+{
+    return o->kind == QOP_CONV1X1 || o->kind == QOP_DEPTHWISE || o->kind == QOP_CONV ||
+           o->kind == QOP_LINEAR || o->kind == QOP_LOGITS;
+}
+
+static int argmax_f(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        best = x[i] > x[best] ? i : best;
+    return best;
+}
+
+/* Float logits of nimg images with the ops' current fp32 flags. */
+static void run_mixed(tern_qmodel *q, float *logits, const float *x, int nimg)
+{
+    const size_t image = value_count(&q->values[0], 1);
+    for (int b0 = 0; b0 < nimg; b0 += q->opt.max_batch) {
+        int n = nimg - b0 < q->opt.max_batch ? nimg - b0 : q->opt.max_batch;
+        forward_mixed(q, logits + (size_t)b0 * q->num_classes, x + (size_t)b0 * image, n);
+    }
+}
+
+static tern_status measure_sensitivity(tern_qmodel *q, const float *calib, int ncalib)
+{
+    const int nimg = ncalib < 256 ? ncalib : 256, k = q->num_classes;
+    for (int i = 0; i < q->nops; i++)
+        q->ops[i].sensitivity = q->ops[i].agreement = -1;
+    tern_status s = plan_mixed(q);
+    if (s != TERN_OK)
+        return s;
+    float *ref = tern_alloc(qalloc(q), (size_t)nimg * k * sizeof(float));
+    float *got = tern_alloc(qalloc(q), (size_t)nimg * k * sizeof(float));
+    if (!ref || !got) {
+        tern_free(qalloc(q), ref);
+        tern_free(qalloc(q), got);
+        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+    }
+    for (int i = 0; i < q->nops; i++)
+        q->ops[i].fp32 = true;
+    run_mixed(q, ref, calib, nimg);
+    double ref_ms = 0;
+    for (size_t j = 0; j < (size_t)nimg * k; j++)
+        ref_ms += (double)ref[j] * ref[j];
+    ref_ms = ref_ms > 0 ? ref_ms : 1;
+    for (int i = 0; i < q->nops; i++) {
+        qop *o = &q->ops[i];
+        if (!has_weights(o))
+            continue;
+        o->fp32 = false;
+        run_mixed(q, got, calib, nimg);
+        o->fp32 = true;
+        double se = 0;
+        int agree = 0;
+        for (size_t j = 0; j < (size_t)nimg * k; j++)
+            se += ((double)got[j] - ref[j]) * ((double)got[j] - ref[j]);
+        for (int m = 0; m < nimg; m++)
+            agree += argmax_f(got + (size_t)m * k, k) == argmax_f(ref + (size_t)m * k, k);
+        o->sensitivity = se / ref_ms;
+        o->agreement = (double)agree / nimg;
+    }
+    for (int i = 0; i < q->nops; i++)
+        q->ops[i].fp32 = false;
+    tern_free(qalloc(q), ref);
+    tern_free(qalloc(q), got);
+    return TERN_OK;
+}
+
+/* The count most sensitive layers run in float; with none left, the float machinery goes. */
+static void keep_float(tern_qmodel *q, int count)
+{
+    for (int c = 0; c < count; c++) {
+        int best = -1;
+        for (int i = 0; i < q->nops; i++)
+            if (has_weights(&q->ops[i]) && !q->ops[i].fp32 &&
+                (best < 0 || q->ops[i].sensitivity > q->ops[best].sensitivity))
+                best = i;
+        if (best < 0)
+            break;
+        q->ops[best].fp32 = true;
+    }
+}
+
+static void release_mixed_if_unused(tern_qmodel *q)
+{
+    for (int i = 0; i < q->nops; i++)
+        if (q->ops[i].fp32)
+            return;
+    for (int v = 0; v < q->nvalues; v++) {
+        tern_free(qalloc(q), q->values[v].fx);
+        q->values[v].fx = NULL;
+    }
+    tern_free(qalloc(q), q->fws);
+    q->fws = NULL;
+    tern_pool_destroy(&q->pool);
+    q->mixed = false;
+}
+
 /* ---- life cycle --------------------------------------------------------------------------------- */
 
 static tern_status check_options(const tern_model *model, const tern_qmodel_options *o,
@@ -599,8 +929,14 @@ static tern_status check_options(const tern_model *model, const tern_qmodel_opti
                               o->calib_batch);
     if (o->threads < 0 || o->threads > 256)
         return tern_set_error(err, TERN_ERR_INVALID, "threads %d outside [0, 256]", o->threads);
-    if (o->observer != TERN_QUANT_OBSERVER_MINMAX)
+    if (o->observer < TERN_QUANT_OBSERVER_MINMAX || o->observer > TERN_QUANT_OBSERVER_ENTROPY)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown observer %d", (int)o->observer);
+    if (o->percentile != 0 && !(o->percentile > 50 && o->percentile <= 100))
+        return tern_set_error(err, TERN_ERR_INVALID, "percentile %g outside (50, 100]",
+                              o->percentile);
+    if (o->fp32_layers < 0 || o->fp32_layers > 100000)
+        return tern_set_error(err, TERN_ERR_INVALID, "fp32_layers %d out of range",
+                              o->fp32_layers);
     if (o->isa < TERN_QISA_AUTO || o->isa > TERN_QISA_AVX512_VNNI)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown instruction set %d", (int)o->isa);
     if (tern_model_options_of(model)->norm != TERN_NORM_BATCH)
@@ -644,8 +980,16 @@ tern_status tern_qmodel_create(const tern_model *model, const float *calib, int 
     if ((s = calibrate(q, calib, ncalib)) != TERN_OK)
         goto fail;
     choose_params(q);
+    free_histograms(q);
     if ((s = quantize_ops(q)) != TERN_OK || (s = plan_inference(q)) != TERN_OK)
         goto fail;
+    if ((opt->sensitivity || opt->fp32_layers > 0) &&
+        (s = measure_sensitivity(q, calib, ncalib)) != TERN_OK)
+        goto fail;
+    if (opt->fp32_layers > 0)
+        keep_float(q, opt->fp32_layers);
+    drop_float_weights(q);
+    release_mixed_if_unused(q);
     *out = q;
     return TERN_OK;
 fail:
@@ -670,9 +1014,15 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
         tern_free(a, o->shift);
         tern_free(a, o->packed);
         tern_free(a, o->deq);
+        tern_free(a, o->pre_hist.count);
     }
-    for (int v = 0; q->values && v < q->nvalues; v++)
+    for (int v = 0; q->values && v < q->nvalues; v++) {
         tern_free(a, q->values[v].f);
+        tern_free(a, q->values[v].hist.count);
+        tern_free(a, q->values[v].fx);
+    }
+    tern_free(a, q->fws);
+    tern_pool_destroy(&q->pool);
     tern_free(a, q->ops);
     tern_free(a, q->values);
     tern_free(a, q->arena);
@@ -681,6 +1031,116 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
 }
 
 /* ---- inference --------------------------------------------------------------------------------- */
+
+/* ---- mixed precision -------------------------------------------------------------------------- */
+
+static void want_int8(tern_qmodel *q, qvalue *v, int n)
+{
+    if (!v->has_x) {
+        tern_quantize_array(v->x, v->fx, value_count(v, n), v->q, q->isa);
+        v->has_x = true;
+    }
+}
+
+static void want_float(qvalue *v, int n)
+{
+    if (!v->has_f) {
+        size_t count = value_count(v, n);
+        for (size_t i = 0; i < count; i++)
+            v->fx[i] = tern_dequantize(v->x[i], v->q);
+        v->has_f = true;
+    }
+}
+
+/* Float buffers of every value, the float ops' workspace and a one-thread pool. */
+static tern_status plan_mixed(tern_qmodel *q)
+{
+    const tern_allocator *a = qalloc(q);
+    if (q->mixed)
+        return TERN_OK;
+    tern_status s = tern_pool_create(1, TERN_ISA_AUTO, a, &q->pool);
+    if (s != TERN_OK)
+        return qfail(q, s, "cannot start the float ops' pool");
+    size_t ws = 1;
+    for (int i = 0; i < q->nops; i++) {
+        const qop *o = &q->ops[i];
+        if (o->kind == QOP_CONV1X1 || o->kind == QOP_DEPTHWISE || o->kind == QOP_CONV) {
+            tern_conv_params p = o->conv;
+            p.n = q->opt.max_batch;
+            size_t w = tern_conv2d_workspace_size(&p, 1);
+            ws = w > ws ? w : ws;
+        }
+    }
+    if (!(q->fws = tern_calloc(a, ws, sizeof(float))))
+        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+    for (int v = 0; v < q->nvalues; v++)
+        if (q->values[v].used &&
+            !(q->values[v].fx = tern_alloc(a, value_count(&q->values[v], q->opt.max_batch) *
+                                                  sizeof(float))))
+            return qfail(q, TERN_ERR_NOMEM, "out of memory");
+    q->mixed = true;
+    return TERN_OK;
+}
+
+/* A float op: as the calibration's, from the float forms of its inputs. */
+static void forward_float_op(tern_qmodel *q, qop *o, int n, float *logits)
+{
+    qvalue *in = &q->values[o->in], *out = &q->values[o->out];
+    qvalue *in2 = o->in2 >= 0 ? &q->values[o->in2] : NULL;
+    want_float(in, n);
+    if (in2)
+        want_float(in2, n);
+    size_t hw = (size_t)in->h * (size_t)in->w, count = value_count(out, n);
+    switch (o->kind) {
+    case QOP_CONV1X1:
+    case QOP_DEPTHWISE:
+    case QOP_CONV: {
+        tern_conv_params p = o->conv;
+        p.n = n;
+        tern_conv2d_forward(out->fx, q->fws, in->fx, o->wf, o->bf, TERN_ACT_NONE, &p, q->pool);
+        break;
+    }
+    case QOP_LINEAR:
+    case QOP_LOGITS:
+        tern_linear_forward(out->fx, in->fx, o->wf, o->bf, n, o->fin, o->fout, q->pool);
+        break;
+    case QOP_POOL: tern_avgpool_forward(out->fx, in->fx, n, hw, in->c, q->pool); break;
+    case QOP_GATE:
+        tern_scale_channels_forward(out->fx, in->fx, in2->fx, n, hw, in->c, q->pool);
+        break;
+    case QOP_ADD: tern_add_forward(out->fx, in->fx, in2->fx, count, q->pool); break;
+    }
+    if (o->act != TERN_ACT_NONE)
+        tern_act_forward(out->fx, out->fx, count, o->act, q->pool);
+    if (o->kind == QOP_LOGITS)
+        memcpy(logits, out->fx, count * sizeof(float));
+    out->has_f = true;
+    out->has_x = false;
+}
+
+static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits);
+
+static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int n)
+{
+    for (int v = 0; v < q->nvalues; v++)
+        q->values[v].has_x = q->values[v].has_f = false;
+    qvalue *x = &q->values[0];
+    memcpy(x->fx, input, value_count(x, n) * sizeof(float));
+    x->has_f = true;
+    for (int i = 0; i < q->nops; i++) {
+        qop *o = &q->ops[i];
+        if (o->fp32) {
+            forward_float_op(q, o, n, logits);
+            continue;
+        }
+        want_int8(q, &q->values[o->in], n);
+        if (o->in2 >= 0)
+            want_int8(q, &q->values[o->in2], n);
+        forward_op(q, o, n, logits);
+        q->values[o->out].has_x = true;
+        q->values[o->out].has_f = false;
+    }
+}
 
 static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
 {
@@ -737,6 +1197,10 @@ tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float 
         return qfail(q, TERN_ERR_INVALID, "NULL input or logits");
     if (batch < 1 || batch > q->opt.max_batch)
         return qfail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+    if (q->mixed) {
+        forward_mixed(q, logits, input, batch);
+        return TERN_OK;
+    }
     qvalue *x = &q->values[0];
     tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
     for (int i = 0; i < q->nops; i++)
@@ -759,6 +1223,12 @@ tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, cons
         return qfail(q, TERN_ERR_INVALID, "NULL input, logits or op_seconds");
     if (batch < 1 || batch > q->opt.max_batch)
         return qfail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+    if (q->mixed) { /* not profiled per op */
+        double t0 = seconds();
+        forward_mixed(q, logits, input, batch);
+        op_seconds[0] += seconds() - t0;
+        return TERN_OK;
+    }
     qvalue *x = &q->values[0];
     double t0 = seconds();
     tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
@@ -829,5 +1299,31 @@ tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_in
     info->out_c = out->c;
     info->k = conv ? o->conv.k : 0;
     info->stride = conv ? o->conv.stride : 0;
+    info->fp32 = o->fp32;
+    info->has_weights = has_weights(o);
+    info->sensitivity = qmodel->opt.sensitivity || qmodel->opt.fp32_layers > 0 ? o->sensitivity
+                                                                                : -1;
+    info->agreement = qmodel->opt.sensitivity || qmodel->opt.fp32_layers > 0 ? o->agreement
+                                                                              : -1;
     return TERN_OK;
+}
+
+const char *tern_quant_observer_name(tern_quant_observer observer)
+{
+    switch (observer) {
+    case TERN_QUANT_OBSERVER_MINMAX: return "minmax";
+    case TERN_QUANT_OBSERVER_PERCENTILE: return "percentile";
+    case TERN_QUANT_OBSERVER_ENTROPY: return "entropy";
+    }
+    return "?";
+}
+
+tern_status tern_quant_observer_parse(const char *name, tern_quant_observer *out)
+{
+    for (int o = TERN_QUANT_OBSERVER_MINMAX; name && o <= TERN_QUANT_OBSERVER_ENTROPY; o++)
+        if (!strcmp(name, tern_quant_observer_name((tern_quant_observer)o))) {
+            *out = (tern_quant_observer)o;
+            return TERN_OK;
+        }
+    return TERN_ERR_INVALID;
 }

@@ -26,6 +26,7 @@
 #ifndef TERN_QUANT_H
 #define TERN_QUANT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -86,18 +87,40 @@ tern_qisa tern_qisa_resolve(tern_qisa requested);
 
 /* ---- quantized model ------------------------------------------------------------------------ */
 
+/* How a tensor's range is chosen from the calibration data. The histogram observers make a
+ * second calibration pass: 2048 bins over the min/max range of each tensor. */
 typedef enum tern_quant_observer {
-    TERN_QUANT_OBSERVER_MINMAX, /* the smallest and largest value seen over all batches */
+    TERN_QUANT_OBSERVER_MINMAX,     /* the smallest and largest value seen over all batches */
+    TERN_QUANT_OBSERVER_PERCENTILE, /* the values at percentile p and 100 - p (0 kept inside) */
+    TERN_QUANT_OBSERVER_ENTROPY,    /* TensorRT's calibrator: the clipping threshold of the
+                                     * larger side that minimizes the KL divergence between the
+                                     * histogram and its quantized form (levels of that side);
+                                     * thresholds clipping more than 1% of a side are not tried */
 } tern_quant_observer;
+
+/* "minmax", "percentile", "entropy"; static storage, "?" for others. */
+const char *tern_quant_observer_name(tern_quant_observer observer);
+/* The inverse; TERN_ERR_INVALID for an unknown name. */
+tern_status tern_quant_observer_parse(const char *name, tern_quant_observer *out);
 
 typedef struct tern_qmodel_options {
     int height, width;  /* input size of calibration and inference, >= 32 */
     int max_batch;      /* largest batch tern_qmodel_forward takes, >= 1 */
     int calib_batch;    /* images per calibration forward; 0: 32 */
     tern_quant_observer observer;
+    double percentile;  /* PERCENTILE: p in (50, 100]; 0: 99.99 */
     int threads;        /* threads of the calibration (float) passes; 0: 1. The int8 forward
                          * runs on the calling thread. */
     tern_qisa isa;      /* TERN_QISA_AUTO (0) by default */
+    /* Mixed precision: the fp32_layers layers (convolutions, fully connected) whose
+     * quantization alone moves the logits most (sensitivity below) stay in float, with their
+     * inputs dequantized and their outputs quantized at the boundaries. 0: none. */
+    int fp32_layers;
+    /* Measure each layer's sensitivity (implied by fp32_layers > 0): the network in float with
+     * only that layer quantized, on up to 256 of the calibration images; the mean squared
+     * difference of its logits from the float network's, relative to the float logits' mean
+     * square, and the top-1 agreement. Read with tern_qmodel_op_info. */
+    bool sensitivity;
     const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the qmodel */
 } tern_qmodel_options;
 
@@ -150,6 +173,11 @@ typedef struct tern_qop_info {
     int out_h, out_w, out_c;  /* output */
     int k, stride;            /* convolutions; 0 otherwise */
     tern_qparams out;
+    bool fp32;                /* runs in float (mixed precision) */
+    bool has_weights;         /* a convolution or fully connected layer */
+    double sensitivity;       /* relative logit MSE with only this layer quantized; -1 if not
+                               * measured */
+    double agreement;         /* top-1 agreement with float then; -1 if not measured */
 } tern_qop_info;
 /* TERN_ERR_INVALID if i is out of range. */
 tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_info *info);
