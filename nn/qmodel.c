@@ -29,102 +29,16 @@
 #include "model_graph.h"
 #include "pool.h"
 #include "qkernels.h"
+#include "qmodel_internal.h"
 #include "util.h"
 
-typedef enum qop_kind {
-    QOP_CONV1X1,   /* pointwise convolution: GEMM over N*H*W rows */
-    QOP_DEPTHWISE, /* direct depthwise convolution */
-    QOP_CONV,      /* dense convolution (the stem): im2col, then GEMM */
-    QOP_LINEAR,    /* fully connected, int8 out (squeeze-and-excitation, classifier.0) */
-    QOP_LOGITS,    /* the last fully connected layer: int32 sums dequantized to float */
-    QOP_POOL,      /* global average pool */
-    QOP_GATE,      /* squeeze-and-excitation: x * gate broadcast over H, W */
-    QOP_ADD,       /* residual */
-} qop_kind;
-
-#define QHIST_BINS 2048
-
-/* Counts of values in QHIST_BINS equal bins over [lo, hi] (values outside go to the end bins). */
-typedef struct qhist {
-    float lo, hi;
-    double *count; /* (QHIST_BINS), or NULL */
-} qhist;
-
-typedef struct qvalue {
-    int c, h, w;
-    bool used;          /* read or written by some op (or the input) */
-    float min, max;     /* range observed in calibration */
-    qhist hist;         /* histogram observers' second pass */
-    tern_qparams q;
-    float *f;           /* calibration: (calib_batch, h, w, c) */
-    int8_t *x;          /* inference: (max_batch, h, w, c), in the arena */
-    float *fx;          /* mixed precision: the float form (max_batch, h, w, c), or NULL */
-    bool has_x, has_f;  /* which forms hold the current forward's value */
-} qvalue;
-
-typedef struct qop {
-    qop_kind kind;
-    char *name;             /* the float layer's weight name, or "" */
-    int in, in2, out;       /* values (in2: the gate of GATE, the other addend of ADD) */
-    tern_conv_params conv;  /* convolutions; n is set per call */
-    int fin, fout;          /* LINEAR, LOGITS */
-    tern_act act;           /* applied to the output: RELU as a clamp, others by table */
-    float *wf, *bf;         /* float weights (BatchNorm folded) and bias, until quantized */
-    float pre_min, pre_max; /* range before the activation */
-    qhist pre_hist;
-    tern_qparams pre;       /* parameters before a table activation */
-    /* integer form */
-    int32_t *bias, *mult, *shift; /* (cout) */
-    void *packed;           /* GEMM, DEPTHWISE: packed weights and corrected bias */
-    float *deq;             /* LOGITS: input scale * weight scale, per class */
-    int8_t lut[256];
-    tern_requant rq;
-    tern_qadd_params add;
-    tern_qgate_params gate;
-    bool fp32;              /* mixed precision: run in float from wf, bf */
-    double sensitivity, agreement; /* -1: not measured */
-} qop;
-
-struct tern_qmodel {
-    tern_qmodel_options opt;
-    tern_qisa isa;
-    char error[256];
-    int in_channels, num_classes;
-    qvalue *values;
-    qop *ops;
-    int nvalues, nops;
-    /* inference memory */
-    void *arena;
-    int8_t *col;       /* im2col rows of the stem */
-    void *workspace;   /* GEMM scratch */
-    int32_t *acc;      /* LOGITS sums (max_batch, classes) */
-    /* mixed precision (NULL when every op is int8) */
-    bool mixed;
-    tern_pool *pool;   /* one thread for the float ops */
-    float *fws;        /* their convolution workspace */
-};
-
-static tern_status qfail(tern_qmodel *q, tern_status s, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static tern_status qfail(tern_qmodel *q, tern_status s, const char *fmt, ...)
+tern_status tern_qmodel_fail(tern_qmodel *q, tern_status s, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(q->error, sizeof q->error, fmt, ap);
     va_end(ap);
     return s;
-}
-
-static const tern_allocator *qalloc(const tern_qmodel *q) { return q->opt.alloc; }
-
-static size_t value_count(const qvalue *v, int batch)
-{
-    return (size_t)batch * (size_t)v->h * (size_t)v->w * (size_t)v->c;
-}
-
-static bool is_table_act(tern_act act)
-{
-    return act == TERN_ACT_HARDSWISH || act == TERN_ACT_HARDSIGMOID;
 }
 
 /* ---- 1. translate ----------------------------------------------------------------------------- */
@@ -147,20 +61,20 @@ static tern_status add_op(tern_qmodel *q, const qop *o, const char *name)
 {
     qop *slot = &q->ops[q->nops];
     *slot = *o;
-    slot->name = tern_strdup(qalloc(q), name ? name : "");
+    slot->name = tern_strdup(tern_qmodel_alloc(q), name ? name : "");
     if (!slot->name)
-        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     q->nops++;
     return TERN_OK;
 }
 
 static tern_status translate(tern_qmodel *q, const tern_model *m)
 {
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     int nf = tern_model_graph_op_count(m), nv = tern_model_graph_value_count(m);
     int *alias = tern_calloc(a, (size_t)nv, sizeof *alias);
     if (!alias)
-        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     for (int v = 0; v < nv; v++)
         alias[v] = v;
     tern_status s = TERN_OK;
@@ -174,7 +88,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
         switch (g.kind) {
         case TERN_GRAPH_CONV: {
             if (!has_next || next.kind != TERN_GRAPH_BN || next.in != g.out) {
-                s = qfail(q, TERN_ERR_UNSUPPORTED,
+                s = tern_qmodel_fail(q, TERN_ERR_UNSUPPORTED,
                           "%s: only convolutions followed by BatchNorm are quantized", g.name);
                 break;
             }
@@ -186,7 +100,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
             else if (c->groups == 1)
                 o.kind = QOP_CONV;
             else {
-                s = qfail(q, TERN_ERR_UNSUPPORTED, "%s: grouped convolution", g.name);
+                s = tern_qmodel_fail(q, TERN_ERR_UNSUPPORTED, "%s: grouped convolution", g.name);
                 break;
             }
             o.conv = g.conv;
@@ -198,7 +112,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
             if (!o.wf || !o.bf) {
                 tern_free(a, o.wf);
                 tern_free(a, o.bf);
-                s = qfail(q, TERN_ERR_NOMEM, "out of memory");
+                s = tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
                 break;
             }
             fold_bn(o.wf, o.bf, &g, &next);
@@ -227,7 +141,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
             if (!o.wf || !o.bf) {
                 tern_free(a, o.wf);
                 tern_free(a, o.bf);
-                s = qfail(q, TERN_ERR_NOMEM, "out of memory");
+                s = tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
                 break;
             }
             memcpy(o.wf, g.w, nw * sizeof(float));
@@ -254,7 +168,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
         case TERN_GRAPH_BN:
         case TERN_GRAPH_GN:
         case TERN_GRAPH_ACT:
-            s = qfail(q, TERN_ERR_UNSUPPORTED,
+            s = tern_qmodel_fail(q, TERN_ERR_UNSUPPORTED,
                       "%s: %s outside a convolution or linear layer is not quantized",
                       g.name[0] ? g.name : "op",
                       g.kind == TERN_GRAPH_GN ? "GroupNorm" : g.kind == TERN_GRAPH_BN
@@ -268,7 +182,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
 }
 
 /* Spatial sizes of every value for the planned input; marks the values the ops use. */
-static void propagate_shapes(tern_qmodel *q)
+void tern_qmodel_propagate_shapes(tern_qmodel *q)
 {
     q->values[0].h = q->opt.height;
     q->values[0].w = q->opt.width;
@@ -328,7 +242,7 @@ static bool hist_start(qhist *h, const tern_allocator *a, float lo, float hi)
 
 static bool start_histograms(tern_qmodel *q)
 {
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     for (int v = 0; v < q->nvalues; v++)
         if (q->values[v].used &&
             !hist_start(&q->values[v].hist, a, q->values[v].min, q->values[v].max))
@@ -337,7 +251,7 @@ static bool start_histograms(tern_qmodel *q)
         qop *o = &q->ops[i];
         float lo, hi;
         pre_range(o, &lo, &hi);
-        if (is_table_act(o->act) && !hist_start(&o->pre_hist, a, lo, hi))
+        if (tern_qact_is_table(o->act) && !hist_start(&o->pre_hist, a, lo, hi))
             return false;
     }
     return true;
@@ -490,7 +404,7 @@ static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool 
 {
     qvalue *in = &q->values[o->in], *out = &q->values[o->out];
     const qvalue *in2 = o->in2 >= 0 ? &q->values[o->in2] : NULL;
-    size_t hw = (size_t)in->h * (size_t)in->w, count = value_count(out, n);
+    size_t hw = (size_t)in->h * (size_t)in->w, count = tern_qvalue_count(out, n);
     switch (o->kind) {
     case QOP_CONV1X1:
     case QOP_DEPTHWISE:
@@ -522,7 +436,7 @@ static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool 
 
 static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
 {
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     const int cb = q->opt.calib_batch > 0 ? q->opt.calib_batch : 32;
     const int batch = cb < ncalib ? cb : ncalib;
     const int threads = q->opt.threads > 0 ? q->opt.threads : 1;
@@ -530,7 +444,7 @@ static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
     float *workspace = NULL;
     tern_status s = tern_pool_create(threads, TERN_ISA_AUTO, a, &pool);
     if (s != TERN_OK)
-        return qfail(q, s, "cannot start %d calibration threads", threads);
+        return tern_qmodel_fail(q, s, "cannot start %d calibration threads", threads);
     size_t ws = 0;
     for (int i = 0; i < q->nops; i++) {
         tern_conv_params p = q->ops[i].conv;
@@ -550,11 +464,11 @@ static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
         qvalue *val = &q->values[v];
         val->min = INFINITY;
         val->max = -INFINITY;
-        if (val->used && !(val->f = tern_alloc(a, value_count(val, batch) * sizeof(float))))
+        if (val->used && !(val->f = tern_alloc(a, tern_qvalue_count(val, batch) * sizeof(float))))
             goto done;
     }
     qvalue *input = &q->values[0];
-    size_t image = value_count(input, 1);
+    size_t image = tern_qvalue_count(input, 1);
     const int passes = q->opt.observer == TERN_QUANT_OBSERVER_MINMAX ? 1 : 2;
     for (int pass = 0; pass < passes; pass++) {
         if (pass == 1 && !start_histograms(q)) {
@@ -580,7 +494,7 @@ done:
     }
     tern_free(a, workspace);
     tern_pool_destroy(&pool);
-    return s == TERN_OK ? s : qfail(q, s, "out of memory during calibration");
+    return s == TERN_OK ? s : tern_qmodel_fail(q, s, "out of memory during calibration");
 }
 
 /* ---- 3. parameters and 4. quantization ----------------------------------------------------------- */
@@ -597,7 +511,7 @@ static void choose_params(tern_qmodel *q)
         qop *o = &q->ops[i];
         if (o->kind == QOP_POOL) /* TFLite's average pool: the output keeps the input's */
             q->values[o->out].q = q->values[o->in].q;
-        if (is_table_act(o->act)) {
+        if (tern_qact_is_table(o->act)) {
             float lo, hi;
             pre_range(o, &lo, &hi);
             hist_range(&o->pre_hist, &q->opt, &lo, &hi);
@@ -609,11 +523,11 @@ static void choose_params(tern_qmodel *q)
 static void free_histograms(tern_qmodel *q)
 {
     for (int v = 0; v < q->nvalues; v++) {
-        tern_free(qalloc(q), q->values[v].hist.count);
+        tern_free(tern_qmodel_alloc(q), q->values[v].hist.count);
         q->values[v].hist.count = NULL;
     }
     for (int i = 0; i < q->nops; i++) {
-        tern_free(qalloc(q), q->ops[i].pre_hist.count);
+        tern_free(tern_qmodel_alloc(q), q->ops[i].pre_hist.count);
         q->ops[i].pre_hist.count = NULL;
     }
 }
@@ -625,65 +539,91 @@ static int32_t saturate_round32(double v)
 }
 
 /* Weights, bias and requantization of a convolution or fully connected op. */
-static tern_status quantize_layer(tern_qmodel *q, qop *o)
+/* Output channels, kernel size and inputs per output of a layer; per = weights per output. */
+static void layer_dims(const qop *o, int *cout, int *k, int *cin_g, size_t *per)
 {
-    const tern_allocator *a = qalloc(q);
     const bool linear = o->kind == QOP_LINEAR || o->kind == QOP_LOGITS;
-    const int cout = linear ? o->fout : o->conv.cout;
-    const int k = linear ? 1 : o->conv.k;
-    const int cin_g = linear ? o->fin : o->conv.cin / o->conv.groups;
-    const size_t per = (size_t)cin_g * (size_t)k * (size_t)k, nw = (size_t)cout * per;
-    const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
-    const tern_qparams target = is_table_act(o->act) ? o->pre : out;
-    int8_t *w = tern_alloc(a, nw), *wt = NULL;
+    *cout = linear ? o->fout : o->conv.cout;
+    *k = linear ? 1 : o->conv.k;
+    *cin_g = linear ? o->fin : o->conv.cin / o->conv.groups;
+    *per = (size_t)*cin_g * (size_t)*k * (size_t)*k;
+}
+
+/* Int8 weights with their per-channel scales and the int32 bias, from the float ones. */
+static tern_status quantize_weights(tern_qmodel *q, qop *o)
+{
+    const tern_allocator *a = tern_qmodel_alloc(q);
+    int cout, k, cin_g;
+    size_t per;
+    layer_dims(o, &cout, &k, &cin_g, &per);
+    const tern_qparams in = q->values[o->in].q;
+    o->wq = tern_alloc(a, (size_t)cout * per);
+    o->wscale = tern_alloc(a, (size_t)cout * sizeof(float));
     o->bias = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    o->mult = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    o->shift = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    if (o->kind == QOP_LOGITS)
-        o->deq = tern_alloc(a, (size_t)cout * sizeof(float));
-    if (!w || !o->bias || !o->mult || !o->shift || (o->kind == QOP_LOGITS && !o->deq))
-        goto nomem;
+    if (!o->wq || !o->wscale || !o->bias)
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     for (int c = 0; c < cout; c++) {
         const float *wc = o->wf + (size_t)c * per;
         float amax = 0;
         for (size_t j = 0; j < per; j++)
             amax = fabsf(wc[j]) > amax ? fabsf(wc[j]) : amax;
-        double ws = amax > 0 ? (double)amax / 127.0 : 1.0;
         /* Stored as float, as a TFLite file would; everything below derives from the float. */
-        float wsf = (float)ws;
+        float wsf = (float)(amax > 0 ? (double)amax / 127.0 : 1.0);
         for (size_t j = 0; j < per; j++) {
             double r = round(wc[j] / (double)wsf);
-            w[(size_t)c * per + j] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+            o->wq[(size_t)c * per + j] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
         }
-        double acc_scale = (double)in.scale * (double)wsf;
-        o->bias[c] = saturate_round32(o->bf[c] / acc_scale);
+        o->wscale[c] = wsf;
+        o->bias[c] = saturate_round32(o->bf[c] / ((double)in.scale * (double)wsf));
+    }
+    return TERN_OK;
+}
+
+/* Requantization, lookup table and packed weights of a layer, from wq, wscale, bias and the
+ * parameters of its tensors (what a quantized file holds). */
+static tern_status finish_layer(tern_qmodel *q, qop *o)
+{
+    const tern_allocator *a = tern_qmodel_alloc(q);
+    int cout, k, cin_g;
+    size_t per;
+    layer_dims(o, &cout, &k, &cin_g, &per);
+    const size_t nw = (size_t)cout * per;
+    const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
+    const tern_qparams target = tern_qact_is_table(o->act) ? o->pre : out;
+    int8_t *wt = NULL;
+    o->mult = tern_alloc(a, (size_t)cout * sizeof(int32_t));
+    o->shift = tern_alloc(a, (size_t)cout * sizeof(int32_t));
+    if (o->kind == QOP_LOGITS)
+        o->deq = tern_alloc(a, (size_t)cout * sizeof(float));
+    if (!o->mult || !o->shift || (o->kind == QOP_LOGITS && !o->deq))
+        goto nomem;
+    for (int c = 0; c < cout; c++) {
+        double acc_scale = (double)in.scale * (double)o->wscale[c];
         if (o->kind == QOP_LOGITS) {
             o->deq[c] = (float)acc_scale;
             o->mult[c] = o->shift[c] = 0;
             continue;
         }
         int sh;
-        if (tern_quant_multiplier(acc_scale / target.scale, &o->mult[c], &sh) != TERN_OK) {
-            tern_free(a, w);
-            return qfail(q, TERN_ERR_INVALID,
+        if (tern_quant_multiplier(acc_scale / target.scale, &o->mult[c], &sh) != TERN_OK)
+            return tern_qmodel_fail(q, TERN_ERR_INVALID,
                          "%s: requantization multiplier %g of channel %d is out of range",
                          o->name, acc_scale / target.scale, c);
-        }
         o->shift[c] = sh;
     }
     o->rq = (tern_requant){.mult = o->mult, .shift = o->shift, .out_zp = target.zero_point,
                            .qmin = o->act == TERN_ACT_RELU ? target.zero_point : -128,
                            .qmax = 127};
-    if (is_table_act(o->act)) {
+    if (tern_qact_is_table(o->act)) {
         tern_quant_lut(o->lut, o->act, o->pre, out);
         o->rq.lut = o->lut;
     }
     if (o->kind == QOP_DEPTHWISE) {
         if (!(o->packed = tern_alloc(a, tern_qdwconv_packed_size(cout, k, q->isa))))
             goto nomem;
-        tern_qdwconv_pack(o->packed, w, o->bias, in.zero_point, cout, k, q->isa);
+        tern_qdwconv_pack(o->packed, o->wq, o->bias, in.zero_point, cout, k, q->isa);
     } else {
-        const int8_t *wk = w;
+        const int8_t *wk = o->wq;
         if (o->kind == QOP_CONV) { /* (Cout, Cin, k, k) -> (Cout, k, k, Cin), im2col's order */
             if (!(wt = tern_alloc(a, nw)))
                 goto nomem;
@@ -691,59 +631,61 @@ static tern_status quantize_layer(tern_qmodel *q, qop *o)
                 for (int ci = 0; ci < cin_g; ci++)
                     for (int t = 0; t < k * k; t++)
                         wt[(size_t)c * per + (size_t)t * cin_g + ci] =
-                            w[(size_t)c * per + (size_t)ci * k * k + t];
+                            o->wq[(size_t)c * per + (size_t)ci * k * k + t];
             wk = wt;
         }
         if (!(o->packed = tern_alloc(a, tern_qgemm_packed_size((size_t)cout, per, q->isa))))
             goto nomem;
         tern_qgemm_pack(o->packed, wk, o->bias, in.zero_point, (size_t)cout, per, q->isa);
     }
-    tern_free(a, w);
     tern_free(a, wt);
     return TERN_OK;
 nomem:
-    tern_free(a, w);
     tern_free(a, wt);
-    return qfail(q, TERN_ERR_NOMEM, "out of memory");
+    return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
+}
+
+tern_status tern_qmodel_finish_op(tern_qmodel *q, int i)
+{
+    qop *o = &q->ops[i];
+    const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
+    switch (o->kind) {
+    case QOP_CONV1X1:
+    case QOP_DEPTHWISE:
+    case QOP_CONV:
+    case QOP_LINEAR:
+    case QOP_LOGITS:
+        return finish_layer(q, o);
+    case QOP_ADD:
+        if (tern_quant_add_params(&o->add, in, q->values[o->in2].q, out) != TERN_OK)
+            return tern_qmodel_fail(q, TERN_ERR_INVALID, "residual add %d: scales out of range", i);
+        return TERN_OK;
+    case QOP_GATE: {
+        const tern_qparams g = q->values[o->in2].q;
+        int sh;
+        o->gate = (tern_qgate_params){.x_zp = in.zero_point, .g_zp = g.zero_point,
+                                      .out_zp = out.zero_point};
+        if (tern_quant_multiplier((double)in.scale * g.scale / out.scale, &o->gate.mult, &sh) !=
+            TERN_OK)
+            return tern_qmodel_fail(q, TERN_ERR_INVALID, "gate %d: scales out of range", i);
+        o->gate.shift = sh;
+        return TERN_OK;
+    }
+    case QOP_POOL:
+        return TERN_OK;
+    }
+    return TERN_OK;
 }
 
 static tern_status quantize_ops(tern_qmodel *q)
 {
-    const tern_allocator *a = qalloc(q);
     for (int i = 0; i < q->nops; i++) {
-        qop *o = &q->ops[i];
         tern_status s = TERN_OK;
-        const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
-        switch (o->kind) {
-        case QOP_CONV1X1:
-        case QOP_DEPTHWISE:
-        case QOP_CONV:
-        case QOP_LINEAR:
-        case QOP_LOGITS:
-            s = quantize_layer(q, o);
-            break;
-        case QOP_ADD:
-            if (tern_quant_add_params(&o->add, in, q->values[o->in2].q, out) != TERN_OK)
-                s = qfail(q, TERN_ERR_INVALID, "residual add %d: scales out of range", i);
-            break;
-        case QOP_GATE: {
-            const tern_qparams g = q->values[o->in2].q;
-            int sh;
-            o->gate = (tern_qgate_params){.x_zp = in.zero_point, .g_zp = g.zero_point,
-                                   .out_zp = out.zero_point};
-            if (tern_quant_multiplier((double)in.scale * g.scale / out.scale, &o->gate.mult,
-                                      &sh) != TERN_OK)
-                s = qfail(q, TERN_ERR_INVALID, "gate %d: scales out of range", i);
-            o->gate.shift = sh;
-            break;
-        }
-        case QOP_POOL:
-            break;
-        }
-        if (s != TERN_OK)
+        if (tern_qop_has_weights(&q->ops[i]))
+            s = quantize_weights(q, &q->ops[i]);
+        if (s != TERN_OK || (s = tern_qmodel_finish_op(q, i)) != TERN_OK)
             return s;
     }
-    (void)a;
     return TERN_OK;
 }
 
@@ -752,20 +694,20 @@ static void drop_float_weights(tern_qmodel *q)
 {
     for (int i = 0; i < q->nops; i++)
         if (!q->ops[i].fp32) {
-            tern_free(qalloc(q), q->ops[i].wf);
-            tern_free(qalloc(q), q->ops[i].bf);
+            tern_free(tern_qmodel_alloc(q), q->ops[i].wf);
+            tern_free(tern_qmodel_alloc(q), q->ops[i].bf);
             q->ops[i].wf = q->ops[i].bf = NULL;
         }
 }
 
 /* Int8 buffers of every value, the stem's im2col rows, GEMM scratch, logits sums. */
-static tern_status plan_inference(tern_qmodel *q)
+tern_status tern_qmodel_plan_inference(tern_qmodel *q)
 {
     const int nb = q->opt.max_batch;
     size_t total = 0, col = 0, ws = 0, offsets[3];
     for (int v = 0; v < q->nvalues; v++)
         if (q->values[v].used)
-            total += (value_count(&q->values[v], nb) + 63) / 64 * 64;
+            total += (tern_qvalue_count(&q->values[v], nb) + 63) / 64 * 64;
     for (int i = 0; i < q->nops; i++) {
         const qop *o = &q->ops[i];
         size_t K = 0, N = 0, w = 0;
@@ -793,14 +735,14 @@ static tern_status plan_inference(tern_qmodel *q)
     total += (ws + 63) / 64 * 64;
     offsets[2] = total;
     total += (size_t)nb * (size_t)q->num_classes * sizeof(int32_t);
-    char *arena = tern_alloc(qalloc(q), total);
+    char *arena = tern_alloc(tern_qmodel_alloc(q), total);
     if (!arena)
-        return qfail(q, TERN_ERR_NOMEM, "cannot allocate %zu bytes of int8 activations", total);
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "cannot allocate %zu bytes of int8 activations", total);
     size_t at = 0;
     for (int v = 0; v < q->nvalues; v++)
         if (q->values[v].used) {
             q->values[v].x = (int8_t *)(arena + at);
-            at += (value_count(&q->values[v], nb) + 63) / 64 * 64;
+            at += (tern_qvalue_count(&q->values[v], nb) + 63) / 64 * 64;
         }
     q->arena = arena;
     q->col = (int8_t *)(arena + offsets[0]);
@@ -809,16 +751,9 @@ static tern_status plan_inference(tern_qmodel *q)
     return TERN_OK;
 }
 
-static tern_status plan_mixed(tern_qmodel *q);
 static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int n);
 
 /* ---- sensitivity and mixed precision -------------------------------------------------------------- */
-
-static bool has_weights(const qop *o)
-{
-    return o->kind == QOP_CONV1X1 || o->kind == QOP_DEPTHWISE || o->kind == QOP_CONV ||
-           o->kind == QOP_LINEAR || o->kind == QOP_LOGITS;
-}
 
 static int argmax_f(const float *x, int n)
 {
@@ -831,7 +766,7 @@ static int argmax_f(const float *x, int n)
 /* Float logits of nimg images with the ops' current fp32 flags. */
 static void run_mixed(tern_qmodel *q, float *logits, const float *x, int nimg)
 {
-    const size_t image = value_count(&q->values[0], 1);
+    const size_t image = tern_qvalue_count(&q->values[0], 1);
     for (int b0 = 0; b0 < nimg; b0 += q->opt.max_batch) {
         int n = nimg - b0 < q->opt.max_batch ? nimg - b0 : q->opt.max_batch;
         forward_mixed(q, logits + (size_t)b0 * q->num_classes, x + (size_t)b0 * image, n);
@@ -843,15 +778,15 @@ static tern_status measure_sensitivity(tern_qmodel *q, const float *calib, int n
     const int nimg = ncalib < 256 ? ncalib : 256, k = q->num_classes;
     for (int i = 0; i < q->nops; i++)
         q->ops[i].sensitivity = q->ops[i].agreement = -1;
-    tern_status s = plan_mixed(q);
+    tern_status s = tern_qmodel_plan_mixed(q);
     if (s != TERN_OK)
         return s;
-    float *ref = tern_alloc(qalloc(q), (size_t)nimg * k * sizeof(float));
-    float *got = tern_alloc(qalloc(q), (size_t)nimg * k * sizeof(float));
+    float *ref = tern_alloc(tern_qmodel_alloc(q), (size_t)nimg * k * sizeof(float));
+    float *got = tern_alloc(tern_qmodel_alloc(q), (size_t)nimg * k * sizeof(float));
     if (!ref || !got) {
-        tern_free(qalloc(q), ref);
-        tern_free(qalloc(q), got);
-        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+        tern_free(tern_qmodel_alloc(q), ref);
+        tern_free(tern_qmodel_alloc(q), got);
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     }
     for (int i = 0; i < q->nops; i++)
         q->ops[i].fp32 = true;
@@ -862,7 +797,7 @@ static tern_status measure_sensitivity(tern_qmodel *q, const float *calib, int n
     ref_ms = ref_ms > 0 ? ref_ms : 1;
     for (int i = 0; i < q->nops; i++) {
         qop *o = &q->ops[i];
-        if (!has_weights(o))
+        if (!tern_qop_has_weights(o))
             continue;
         o->fp32 = false;
         run_mixed(q, got, calib, nimg);
@@ -878,8 +813,8 @@ static tern_status measure_sensitivity(tern_qmodel *q, const float *calib, int n
     }
     for (int i = 0; i < q->nops; i++)
         q->ops[i].fp32 = false;
-    tern_free(qalloc(q), ref);
-    tern_free(qalloc(q), got);
+    tern_free(tern_qmodel_alloc(q), ref);
+    tern_free(tern_qmodel_alloc(q), got);
     return TERN_OK;
 }
 
@@ -889,7 +824,7 @@ static void keep_float(tern_qmodel *q, int count)
     for (int c = 0; c < count; c++) {
         int best = -1;
         for (int i = 0; i < q->nops; i++)
-            if (has_weights(&q->ops[i]) && !q->ops[i].fp32 &&
+            if (tern_qop_has_weights(&q->ops[i]) && !q->ops[i].fp32 &&
                 (best < 0 || q->ops[i].sensitivity > q->ops[best].sensitivity))
                 best = i;
         if (best < 0)
@@ -904,10 +839,10 @@ static void release_mixed_if_unused(tern_qmodel *q)
         if (q->ops[i].fp32)
             return;
     for (int v = 0; v < q->nvalues; v++) {
-        tern_free(qalloc(q), q->values[v].fx);
+        tern_free(tern_qmodel_alloc(q), q->values[v].fx);
         q->values[v].fx = NULL;
     }
-    tern_free(qalloc(q), q->fws);
+    tern_free(tern_qmodel_alloc(q), q->fws);
     q->fws = NULL;
     tern_pool_destroy(&q->pool);
     q->mixed = false;
@@ -962,6 +897,7 @@ tern_status tern_qmodel_create(const tern_model *model, const float *calib, int 
     q->opt = *opt;
     q->isa = tern_qisa_resolve(opt->isa);
     const tern_model_options *mo = tern_model_options_of(model);
+    q->mo = *mo;
     q->in_channels = mo->in_channels;
     q->num_classes = mo->num_classes;
     q->nvalues = tern_model_graph_value_count(model);
@@ -969,19 +905,19 @@ tern_status tern_qmodel_create(const tern_model *model, const float *calib, int 
     /* at most one integer op per float op */
     q->ops = tern_calloc(opt->alloc, (size_t)tern_model_graph_op_count(model), sizeof *q->ops);
     if (!q->values || !q->ops) {
-        s = qfail(q, TERN_ERR_NOMEM, "out of memory");
+        s = tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
         goto fail;
     }
     for (int v = 0; v < q->nvalues; v++)
         q->values[v].c = tern_model_graph_value_channels(model, v);
     if ((s = translate(q, model)) != TERN_OK)
         goto fail;
-    propagate_shapes(q);
+    tern_qmodel_propagate_shapes(q);
     if ((s = calibrate(q, calib, ncalib)) != TERN_OK)
         goto fail;
     choose_params(q);
     free_histograms(q);
-    if ((s = quantize_ops(q)) != TERN_OK || (s = plan_inference(q)) != TERN_OK)
+    if ((s = quantize_ops(q)) != TERN_OK || (s = tern_qmodel_plan_inference(q)) != TERN_OK)
         goto fail;
     if ((opt->sensitivity || opt->fp32_layers > 0) &&
         (s = measure_sensitivity(q, calib, ncalib)) != TERN_OK)
@@ -1003,7 +939,7 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
     if (!qmodel || !*qmodel)
         return;
     tern_qmodel *q = *qmodel;
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     for (int i = 0; q->ops && i < q->nops; i++) {
         qop *o = &q->ops[i];
         tern_free(a, o->name);
@@ -1014,6 +950,8 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
         tern_free(a, o->shift);
         tern_free(a, o->packed);
         tern_free(a, o->deq);
+        tern_free(a, o->wq);
+        tern_free(a, o->wscale);
         tern_free(a, o->pre_hist.count);
     }
     for (int v = 0; q->values && v < q->nvalues; v++) {
@@ -1037,7 +975,7 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
 static void want_int8(tern_qmodel *q, qvalue *v, int n)
 {
     if (!v->has_x) {
-        tern_quantize_array(v->x, v->fx, value_count(v, n), v->q, q->isa);
+        tern_quantize_array(v->x, v->fx, tern_qvalue_count(v, n), v->q, q->isa);
         v->has_x = true;
     }
 }
@@ -1045,7 +983,7 @@ static void want_int8(tern_qmodel *q, qvalue *v, int n)
 static void want_float(qvalue *v, int n)
 {
     if (!v->has_f) {
-        size_t count = value_count(v, n);
+        size_t count = tern_qvalue_count(v, n);
         for (size_t i = 0; i < count; i++)
             v->fx[i] = tern_dequantize(v->x[i], v->q);
         v->has_f = true;
@@ -1053,14 +991,14 @@ static void want_float(qvalue *v, int n)
 }
 
 /* Float buffers of every value, the float ops' workspace and a one-thread pool. */
-static tern_status plan_mixed(tern_qmodel *q)
+tern_status tern_qmodel_plan_mixed(tern_qmodel *q)
 {
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     if (q->mixed)
         return TERN_OK;
     tern_status s = tern_pool_create(1, TERN_ISA_AUTO, a, &q->pool);
     if (s != TERN_OK)
-        return qfail(q, s, "cannot start the float ops' pool");
+        return tern_qmodel_fail(q, s, "cannot start the float ops' pool");
     size_t ws = 1;
     for (int i = 0; i < q->nops; i++) {
         const qop *o = &q->ops[i];
@@ -1072,12 +1010,12 @@ static tern_status plan_mixed(tern_qmodel *q)
         }
     }
     if (!(q->fws = tern_calloc(a, ws, sizeof(float))))
-        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     for (int v = 0; v < q->nvalues; v++)
         if (q->values[v].used &&
-            !(q->values[v].fx = tern_alloc(a, value_count(&q->values[v], q->opt.max_batch) *
+            !(q->values[v].fx = tern_alloc(a, tern_qvalue_count(&q->values[v], q->opt.max_batch) *
                                                   sizeof(float))))
-            return qfail(q, TERN_ERR_NOMEM, "out of memory");
+            return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     q->mixed = true;
     return TERN_OK;
 }
@@ -1090,7 +1028,7 @@ static void forward_float_op(tern_qmodel *q, qop *o, int n, float *logits)
     want_float(in, n);
     if (in2)
         want_float(in2, n);
-    size_t hw = (size_t)in->h * (size_t)in->w, count = value_count(out, n);
+    size_t hw = (size_t)in->h * (size_t)in->w, count = tern_qvalue_count(out, n);
     switch (o->kind) {
     case QOP_CONV1X1:
     case QOP_DEPTHWISE:
@@ -1125,7 +1063,7 @@ static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int
     for (int v = 0; v < q->nvalues; v++)
         q->values[v].has_x = q->values[v].has_f = false;
     qvalue *x = &q->values[0];
-    memcpy(x->fx, input, value_count(x, n) * sizeof(float));
+    memcpy(x->fx, input, tern_qvalue_count(x, n) * sizeof(float));
     x->has_f = true;
     for (int i = 0; i < q->nops; i++) {
         qop *o = &q->ops[i];
@@ -1184,7 +1122,7 @@ static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
         tern_qgate(out->x, in->x, in2->x, n, hw, in->c, &o->gate, q->isa);
         break;
     case QOP_ADD:
-        tern_qadd(out->x, in->x, in2->x, value_count(out, n), &o->add, q->isa);
+        tern_qadd(out->x, in->x, in2->x, tern_qvalue_count(out, n), &o->add, q->isa);
         break;
     }
 }
@@ -1194,15 +1132,15 @@ tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float 
 {
     tern_qmodel *q = qmodel;
     if (!logits || !input)
-        return qfail(q, TERN_ERR_INVALID, "NULL input or logits");
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "NULL input or logits");
     if (batch < 1 || batch > q->opt.max_batch)
-        return qfail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
     if (q->mixed) {
         forward_mixed(q, logits, input, batch);
         return TERN_OK;
     }
     qvalue *x = &q->values[0];
-    tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
+    tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
     for (int i = 0; i < q->nops; i++)
         forward_op(q, &q->ops[i], batch, logits);
     return TERN_OK;
@@ -1220,9 +1158,9 @@ tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, cons
 {
     tern_qmodel *q = qmodel;
     if (!logits || !input || !op_seconds)
-        return qfail(q, TERN_ERR_INVALID, "NULL input, logits or op_seconds");
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "NULL input, logits or op_seconds");
     if (batch < 1 || batch > q->opt.max_batch)
-        return qfail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
     if (q->mixed) { /* not profiled per op */
         double t0 = seconds();
         forward_mixed(q, logits, input, batch);
@@ -1231,7 +1169,7 @@ tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, cons
     }
     qvalue *x = &q->values[0];
     double t0 = seconds();
-    tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
+    tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
     double t1 = seconds();
     op_seconds[0] += t1 - t0;
     for (int i = 0; i < q->nops; i++) {
@@ -1300,7 +1238,7 @@ tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_in
     info->k = conv ? o->conv.k : 0;
     info->stride = conv ? o->conv.stride : 0;
     info->fp32 = o->fp32;
-    info->has_weights = has_weights(o);
+    info->has_weights = tern_qop_has_weights(o);
     info->sensitivity = qmodel->opt.sensitivity || qmodel->opt.fp32_layers > 0 ? o->sensitivity
                                                                                 : -1;
     info->agreement = qmodel->opt.sensitivity || qmodel->opt.fp32_layers > 0 ? o->agreement

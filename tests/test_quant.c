@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "nn/qkernels.h"
 #include "tern.h"
@@ -736,6 +737,192 @@ static int argmax(const float *x, int n)
     return best;
 }
 
+/* ---- files ---------------------------------------------------------------------------------- */
+
+static tern_model *random_small_model(void)
+{
+    tern_model_options mo = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
+    mo.num_classes = 10;
+    mo.in_channels = 3;
+    mo.seed = 5;
+    tern_model *m = NULL;
+    tern_error err = {{0}};
+    assert_int_equal(tern_model_create(&mo, &m, &err), TERN_OK);
+    test_rng r = {23};
+    for (size_t i = 0; i < tern_model_tensor_count(m); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(m, i);
+        if (strstr(t->name, "running_mean"))
+            test_fill_uniform(&r, t->data, t->count, -0.2f, 0.2f);
+        else if (strstr(t->name, "running_var"))
+            test_fill_uniform(&r, t->data, t->count, 0.5f, 2.0f);
+    }
+    tern_model_invalidate(m);
+    return m;
+}
+
+/* A copy of the file at src written to dst with metadata key `key` replaced by `value` (NULL:
+ * unchanged) and tensor `drop` left out (NULL: none). */
+static void rewrite_file(const char *src, const char *dst, const char *key, const char *value,
+                         const char *drop)
+{
+    tern_error err = {{0}};
+    tern_safetensors *st = NULL;
+    tern_safetensors_writer *w = NULL;
+    assert_int_equal(tern_safetensors_open(src, NULL, &st, &err), TERN_OK);
+    assert_int_equal(tern_safetensors_writer_create(NULL, &w), TERN_OK);
+    for (size_t i = 0; i < tern_safetensors_metadata_count(st); i++) {
+        const char *k, *v;
+        assert_int_equal(tern_safetensors_metadata_at(st, i, &k, &v), TERN_OK);
+        assert_int_equal(tern_safetensors_writer_set_metadata(
+                             w, k, key && !strcmp(k, key) ? value : v),
+                         TERN_OK);
+    }
+    for (size_t i = 0; i < tern_safetensors_count(st); i++) {
+        tern_tensor_view t;
+        assert_int_equal(tern_safetensors_get(st, i, &t), TERN_OK);
+        if (drop && !strcmp(t.name, drop))
+            continue;
+        assert_int_equal(tern_safetensors_writer_add(w, t.name, t.dtype, t.ndim, t.shape, t.data),
+                         TERN_OK);
+    }
+    assert_int_equal(tern_safetensors_writer_write(w, dst, &err), TERN_OK);
+    tern_safetensors_writer_destroy(&w);
+    tern_safetensors_close(&st);
+}
+
+/* A string with the first occurrence of `from` in s replaced by `to` (malloc'd). */
+static char *replace_once(const char *s, const char *from, const char *to)
+{
+    const char *at = strstr(s, from);
+    assert_non_null(at);
+    size_t n = strlen(s) - strlen(from) + strlen(to) + 1;
+    char *out = xcalloc(n, 1);
+    memcpy(out, s, (size_t)(at - s));
+    strcat(out, to);
+    strcat(out, at + strlen(from));
+    return out;
+}
+
+static void qmodel_file_roundtrip(void **state)
+{
+    (void)state;
+    tern_model *m = random_small_model();
+    tern_error err = {{0}};
+    const int n = 8, size = 32;
+    size_t image = (size_t)size * size * 3;
+    test_rng r = {29};
+    float *x = xcalloc((size_t)n * image, sizeof(float));
+    test_fill_uniform(&r, x, (size_t)n * image, -2, 2);
+    char dir[] = "/tmp/tern_test_qfile.XXXXXX", path[128], bad[128], fpath[128];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/q.safetensors", dir);
+    snprintf(bad, sizeof bad, "%s/bad.safetensors", dir);
+    snprintf(fpath, sizeof fpath, "%s/f.safetensors", dir);
+    const struct {
+        tern_quant_observer observer;
+        int fp32_layers;
+        bool sensitivity;
+    } cases[] = {{TERN_QUANT_OBSERVER_MINMAX, 0, false},
+                 {TERN_QUANT_OBSERVER_ENTROPY, 3, false},
+                 {TERN_QUANT_OBSERVER_PERCENTILE, 0, true}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        tern_qmodel_options qo = {.height = size, .width = size, .max_batch = 4,
+                                  .observer = cases[c].observer,
+                                  .fp32_layers = cases[c].fp32_layers,
+                                  .sensitivity = cases[c].sensitivity};
+        tern_qmodel *q = NULL, *l = NULL;
+        assert_int_equal(tern_qmodel_create(m, x, n, &qo, &q, &err), TERN_OK);
+        int nfp32 = 0, measured = 0;
+        for (size_t i = 0; i < tern_qmodel_op_count(q); i++) {
+            tern_qop_info info;
+            assert_int_equal(tern_qmodel_op_info(q, i, &info), TERN_OK);
+            nfp32 += info.fp32;
+            measured += info.sensitivity >= 0;
+            if (info.sensitivity >= 0) {
+                assert_true(info.has_weights);
+                assert_true(info.agreement >= 0 && info.agreement <= 1);
+            }
+        }
+        assert_int_equal(nfp32, cases[c].fp32_layers);
+        if (cases[c].fp32_layers || cases[c].sensitivity)
+            assert_true(measured > 40);
+        else
+            assert_int_equal(measured, 0);
+        float ref[4 * 10], got[4 * 10];
+        assert_int_equal(tern_qmodel_forward(q, ref, x, 4), TERN_OK);
+        tern_model_info info = {.input_size = size, .mean = {0.5f, 0.5f, 0.5f},
+                                .std = {0.25f, 0.25f, 0.25f}};
+        assert_int_equal(tern_qmodel_save_file(q, &info, path, &err), TERN_OK);
+        tern_qmodel_load_options lo = {.max_batch = 4};
+        tern_status s = tern_qmodel_load_file(path, &lo, &l, &err);
+        if (s != TERN_OK)
+            print_error("%s\n", err.message);
+        assert_int_equal(s, TERN_OK);
+        assert_int_equal(tern_qmodel_forward(l, got, x, 4), TERN_OK);
+        assert_memory_equal(got, ref, sizeof ref); /* the same bits */
+        int h, w, ch, k;
+        tern_qmodel_shape(l, &h, &w, &ch, &k);
+        assert_true(h == size && w == size && ch == 3 && k == 10);
+        /* the float readers understand its metadata */
+        tern_safetensors *st = NULL;
+        assert_int_equal(tern_safetensors_open(path, NULL, &st, &err), TERN_OK);
+        assert_true(tern_qmodel_file_is_quantized(st));
+        tern_model_info back = {0};
+        assert_int_equal(tern_model_info_read(st, &back, &err), TERN_OK);
+        assert_int_equal(back.input_size, size);
+        tern_model_info_free(&back);
+        /* malformed graphs and tensors are refused with TERN_ERR_FORMAT */
+        const char *graph = tern_safetensors_metadata(st, "graph");
+        assert_non_null(graph);
+        const char *mutations[][2] = {{"\"in\":0", "\"in\":9999"}, {"\"in\":0", "\"in\":-1"},
+                                      {"\"kind\":\"conv\"", "\"kind\":\"deconv\""},
+                                      {"\"k\":3", "\"k\":5"}, {"\"version\":1", "\"version\":2"},
+                                      {"\"ops\":[", "\"ops\":[1,"}, {"\"height\":32", "\"height\":3"},
+                                      {"\"cout\":16", "\"cout\":17"}};
+        for (size_t i = 0; c == 0 && i < sizeof mutations / sizeof *mutations; i++) {
+            char *g = replace_once(graph, mutations[i][0], mutations[i][1]);
+            rewrite_file(path, bad, "graph", g, NULL);
+            tern_qmodel *b = NULL;
+            s = tern_qmodel_load_file(bad, &lo, &b, &err);
+            if (s != TERN_ERR_FORMAT)
+                print_error("mutation %s -> %s: %d\n", mutations[i][0], mutations[i][1], s);
+            assert_int_equal(s, TERN_ERR_FORMAT);
+            assert_null(b);
+            free(g);
+        }
+        if (c == 0) {
+            tern_qmodel *b = NULL;
+            rewrite_file(path, bad, NULL, NULL, "op.3.weight_scale");
+            assert_int_equal(tern_qmodel_load_file(bad, &lo, &b, &err), TERN_ERR_FORMAT);
+            rewrite_file(path, bad, NULL, NULL, "values.scale");
+            assert_int_equal(tern_qmodel_load_file(bad, &lo, &b, &err), TERN_ERR_FORMAT);
+            rewrite_file(path, bad, "format", "tern", NULL);
+            assert_int_equal(tern_qmodel_load_file(bad, &lo, &b, &err), TERN_ERR_FORMAT);
+            assert_null(b);
+            /* at least 3.5x smaller than the float file */
+            assert_int_equal(tern_model_save_file(m, NULL, fpath, &err), TERN_OK);
+            FILE *fq = fopen(path, "rb"), *ff = fopen(fpath, "rb");
+            assert_non_null(fq);
+            assert_non_null(ff);
+            fseek(fq, 0, SEEK_END);
+            fseek(ff, 0, SEEK_END);
+            long bq = ftell(fq), bf = ftell(ff);
+            fclose(fq);
+            fclose(ff);
+            assert_true((double)bf / (double)bq >= 3.5);
+        }
+        tern_safetensors_close(&st);
+        tern_qmodel_destroy(&q);
+        tern_qmodel_destroy(&l);
+    }
+    remove(path);
+    remove(bad);
+    remove(fpath);
+    rmdir(dir);
+    free(x);
+    tern_model_destroy(&m);
+}
+
 static void fashion_mnist_agreement(void **state)
 {
     (void)state;
@@ -827,6 +1014,7 @@ int main(void)
         cmocka_unit_test(qmodel_levels_agree),
         cmocka_unit_test(qmodel_rejects_bad_input),
         cmocka_unit_test(qmodel_allocation_failures),
+        cmocka_unit_test(qmodel_file_roundtrip),
         cmocka_unit_test(fashion_mnist_agreement),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -32,6 +32,8 @@
 
 #include "tern/alloc.h"
 #include "tern/model.h"
+#include "tern/model_io.h"
+#include "tern/safetensors.h"
 #include "tern/status.h"
 
 #ifdef __cplusplus
@@ -181,6 +183,35 @@ typedef struct tern_qop_info {
 } tern_qop_info;
 /* TERN_ERR_INVALID if i is out of range. */
 tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_info *info);
+
+/* ---- files ------------------------------------------------------------------------------------ */
+
+/* Save as safetensors (format "tern-int8": int8 weights, int32 biases, scales and zero points,
+ * the graph in the metadata; layers kept in float as F32; see nn/qmodel_io.c), atomically.
+ * info (may be NULL): the evaluation pipeline and class names to record, as
+ * tern_model_save_file. Errors: TERN_ERR_INVALID, TERN_ERR_NOMEM, TERN_ERR_IO (detail in err). */
+tern_status tern_qmodel_save_file(const tern_qmodel *qmodel, const tern_model_info *info,
+                                  const char *path, tern_error *err);
+/* true if st's metadata says it is a quantized model ("format": "tern-int8"). */
+bool tern_qmodel_file_is_quantized(const tern_safetensors *st);
+
+typedef struct tern_qmodel_load_options {
+    int max_batch;      /* largest batch for tern_qmodel_forward; 0: 1 */
+    tern_qisa isa;      /* TERN_QISA_AUTO (0) by default */
+    const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the qmodel */
+} tern_qmodel_load_options;
+
+/* Rebuild a quantized model from an open file (no float model needed). opt may be NULL. The
+ * qmodel keeps no reference to st. Errors: TERN_ERR_FORMAT (not a quantized model, or anything
+ * malformed: detail in err), TERN_ERR_INVALID, TERN_ERR_NOMEM. *out untouched on failure. */
+tern_status tern_qmodel_load(const tern_safetensors *st, const tern_qmodel_load_options *opt,
+                             tern_qmodel **out, tern_error *err);
+/* The same from a path (adds TERN_ERR_IO). */
+tern_status tern_qmodel_load_file(const char *path, const tern_qmodel_load_options *opt,
+                                  tern_qmodel **out, tern_error *err);
+/* Input size, input channels and classes (each pointer may be NULL). */
+void tern_qmodel_shape(const tern_qmodel *qmodel, int *height, int *width, int *in_channels,
+                       int *num_classes);
 
 #ifdef __cplusplus
 }
