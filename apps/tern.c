@@ -6,6 +6,7 @@
  *   tern info     metadata and tensors of a safetensors file
  *   tern train, eval, predict   (tern_train.c)
  *   tern add-class              (tern_add_class.c)
+ *   tern quantize               (tern_quant.c)
  *   tern store, category, model (tern_store.c)
  *
  * Tensor files use PyTorch's NCHW layout; the conversion to Tern's NHWC happens here. All
@@ -23,6 +24,7 @@
 
 #include "cli.h"
 #include "tern.h"
+#include "tern_quant.h"
 
 /* Opens --weights and builds the model it describes. */
 static int load_weights(const cli *c, tern_model **model)
@@ -415,6 +417,7 @@ static void usage(FILE *f)
             "  eval      accuracy, per-class metrics and confusion matrix of a model\n"
             "  predict   classify images with a trained model\n"
             "  add-class add a class to a trained model without forgetting the old ones\n"
+            "  quantize  INT8 post-training quantization of a model (eval/predict run it)\n"
             "  store     create, inspect, check, back up and restore the server's store\n"
             "  category  add, list, rename and remove object categories in the store\n"
             "  model     list, show, roll back, tag, prune and export stored model versions\n\n"
@@ -440,7 +443,7 @@ int main(int argc, char **argv)
         {"info", cmd_info},       {"train", tern_cmd_train}, {"eval", tern_cmd_eval},
         {"predict", tern_cmd_predict}, {"add-class", tern_cmd_add_class},
         {"store", tern_cmd_store},     {"category", tern_cmd_category},
-        {"model", tern_cmd_model}};
+        {"model", tern_cmd_model},     {"quantize", tern_cmd_quantize}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];
