@@ -156,12 +156,15 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
 {
     const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
     __m512i b[VNNI_NV];
+    _Pragma("GCC unroll 8")
     for (int v = 0; v < nv; v++)
         b[v] = _mm512_load_si512(wg + v * bstride);
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < mr; r++) {
         __m512i av = _mm512_xor_si512(bcast4(a + r * lda, nk), flip);
+        _Pragma("GCC unroll 8")
         for (int v = 0; v < nv; v++)
-            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], av, b[v]);
+            DPBUSD(acc[r][v], av, b[v]);
     }
 }
 
@@ -173,7 +176,9 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32
                              const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < mr; r++)
+        _Pragma("GCC unroll 8")
         for (int v = 0; v < nv; v++)
             acc[r][v] = _mm512_setzero_si512();
     const size_t full = K / 4;
@@ -181,15 +186,18 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32
         vnni_step(mr, nv, acc, a + 4 * g, lda, wb + g * 64, bstride, 4);
     if (K % 4)
         vnni_step(mr, nv, acc, a + 4 * full, lda, wb + full * 64, bstride, K % 4);
+    _Pragma("GCC unroll 8")
     for (int v = 0; v < nv; v++) {
         size_t n = n0 + 16 * (size_t)v;
         __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
         __m512i bv = _mm512_loadu_si512(bias + 16 * v);
         if (y32) {
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < mr; r++)
                 _mm512_mask_storeu_epi32(y32 + r * ldy + n, m, _mm512_add_epi32(acc[r][v], bv));
             continue;
         }
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < mr; r++)
             _mm_mask_storeu_epi8(y + r * ldy + n, m,
                                  requant16(_mm512_add_epi32(acc[r][v], bv), &rqv[v], lut));

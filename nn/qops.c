@@ -236,7 +236,7 @@ T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t 
             for (int ky = 0; ky < K; ky++)
                 for (int g = 0; g < G; g++) {
                     __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
-                    acc = _mm512_dpbusd_epi32(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
+                    DPBUSD(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
                 }
             _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requant16(acc, r, lut));
         }

@@ -77,6 +77,11 @@ T_VNNI QINLINE rq16 rq16_uniform(int32_t mult, int shift, int32_t zp, int32_t qm
     return rq16_make(_mm512_set1_epi32(mult), _mm512_set1_epi32(shift), zp, qmin, qmax);
 }
 
+/* acc += dot4(a as unsigned bytes, b as signed bytes) per 32-bit lane (vpdpbusd), updating
+ * the lvalue acc in place: with the intrinsic, which returns a new value, GCC 12 copies every
+ * accumulator of an unrolled tile to another register and back around each instruction. */
+#define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
+
 /* The constants of all C channels of rq, 16 per entry, computed once per kernel call (out:
  * ceil(C / 16) entries, 64-byte aligned) so that inner loops only load them. */
 T_VNNI static inline void rq16_prepare(rq16 *out, const tern_requant *rq, size_t C)
