@@ -11,9 +11,8 @@
  *   AVX-512 VNNI: weights packed in 16-column by 4-deep blocks (one zmm per block, the layout
  *     vpdpbusd reads); the microkernel holds a 6-row by 64-column tile in 24 accumulators, reads
  *     4 bytes of a row of A at a time (one broadcast, one XOR) and issues 4 vpdpbusd on it. The
- *     epilogue requantizes 16 columns per vector: the saturating left shift, the rounding
- *     doubling high multiply in 64-bit lanes ((x*m + 2^30) >> 31, exactly gemmlowp's), the
- *     rounding right shift, zero point, clamp, then the lookup table with two vpermi2b.
+ *     epilogue requantizes 16 columns per vector in single precision (convert, multiply,
+ *     clamp, convert, zero point), then the lookup table with two vpermi2b.
  *   AVX2: no byte dot product that cannot saturate (vpmaddubsw saturates its int16 pairs at
  *     255 * 127 * 2), so it widens: A rows are converted once per row block into int16 pairs of
  *     a + 128 (scratch), weights packed as int16 pairs, and vpmaddwd sums pairs into int32 without
@@ -60,8 +59,6 @@ size_t tern_qgemm_workspace_size(size_t N, size_t K, tern_qisa isa)
     switch (resolve(isa)) {
     /* AVX2: int16 copies of a row block of A, rounded to whole vectors of 16. */
     case TERN_QISA_AVX2: return AVX2_MR * round_up(K, 16) * sizeof(int16_t);
-    /* AVX-512: the requantization constants of every column, computed once per call */
-    case TERN_QISA_AVX512_VNNI: return round_up(N, 16) / 16 * sizeof(rq16);
     default: return 0;
     }
 }
@@ -169,11 +166,11 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
 }
 
 /* One mr x (16 nv) tile of C. wb: the packed weights of its first column block; bstride: bytes
- * between column blocks; rqv: the prepared requantization of the tile's first column block. */
+ * between column blocks; scale: the requantization scales of the tile's columns. */
 T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32, size_t ldy,
                              const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
-                             const int32_t *bias, size_t K, size_t ncols, const rq16 *rqv,
-                             const __m512i *lut, size_t n0)
+                             const int32_t *bias, size_t K, size_t ncols, const float *scale,
+                             const rqf16 *rf, const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
     _Pragma("GCC unroll 8")
@@ -197,20 +194,22 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32
                 _mm512_mask_storeu_epi32(y32 + r * ldy + n, m, _mm512_add_epi32(acc[r][v], bv));
             continue;
         }
+        const __m512 sv = _mm512_maskz_loadu_ps(m, scale + 16 * v);
         _Pragma("GCC unroll 8")
         for (int r = 0; r < mr; r++)
             _mm_mask_storeu_epi8(y + r * ldy + n, m,
-                                 requant16(_mm512_add_epi32(acc[r][v], bv), &rqv[v], lut));
+                                 requantf16(_mm512_add_epi32(acc[r][v], bv), sv, rf, lut));
     }
 }
 
 #define VNNI_TILE(MR, NV)                                                                       \
-    vnni_tile(MR, NV, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, rqv, lut, n0)
+    vnni_tile(MR, NV, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, scale, rf, lut, n0)
 
 T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t ldy,
                                  const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
-                                 const int32_t *bias, size_t K, size_t ncols, const rq16 *rqv,
-                                 const __m512i *lut, size_t n0)
+                                 const int32_t *bias, size_t K, size_t ncols,
+                                 const float *scale, const rqf16 *rf, const __m512i *lut,
+                                 size_t n0)
 {
 #define ROW(MR)                                                                                 \
     switch (nv) {                                                                               \
@@ -234,9 +233,8 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
                               const void *packed, void *workspace, size_t M, size_t N, size_t K,
                               const tern_requant *rq)
 {
-    rq16 *rqv = workspace;
-    if (!y32)
-        rq16_prepare(rqv, rq, N);
+    (void)workspace;
+    const rqf16 rf = y32 ? (rqf16){0} : rqf16_make(rq);
     const size_t np = padded_n(N, TERN_QISA_AVX512_VNNI), kp = round_up(K, 4);
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + np);
@@ -255,7 +253,7 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
             int nv = (int)((ncols + 15) / 16);
             vnni_tile_any(mr, nv, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
                           a + m0 * lda, lda, w + (n0 / 16) * bstride, bstride, bias + n0, K,
-                          ncols, rqv + n0 / 16, lut, n0);
+                          ncols, y32 ? NULL : rq->scale + n0, &rf, lut, n0);
         }
     }
 }

@@ -21,24 +21,33 @@
 #include "kernels.h"
 #include "tern/quant.h"
 
-/* Requantization of an int32 accumulator of output channel c:
- *   q = clamp(MultiplyByQuantizedMultiplier(acc, mult[c], shift[c]) + out_zp, qmin, qmax)
- * then, with a lookup table, q = lut[(uint8_t)q] (an activation between two parameter sets).
- * A fused ReLU is qmin = out_zp. mult[c] must be >= 0 (as tern_quant_multiplier gives). */
+/* Requantization of an int32 accumulator of output channel c, in single precision (the
+ * "fp32" requantization of XNNPACK, TFLite's default CPU path for int8 models):
+ *   q = clamp(round_even((float)acc * scale[c]), qmin - out_zp, qmax - out_zp) + out_zp
+ * with IEEE single-precision conversion and product, both rounded to nearest even, so that
+ * scalar and vector code give the same bits. Then, with a lookup table, q = lut[(uint8_t)q]
+ * (an activation between two parameter sets). A fused ReLU is qmin = out_zp. */
 typedef struct tern_requant {
-    const int32_t *mult;  /* (C) */
-    const int32_t *shift; /* (C), in [-31, 30] */
+    const float *scale;   /* (C): input scale * weight scale / output scale, finite, > 0 */
     int32_t out_zp;
     int32_t qmin, qmax;   /* -128 <= qmin <= qmax <= 127 */
     const int8_t *lut;    /* 256 entries indexed by (uint8_t)q, or NULL */
 } tern_requant;
 
+/* Round to nearest, ties to even, for |x| < 2^22: adding and subtracting 1.5 * 2^23 leaves the
+ * float's integer part, rounded by the FPU's default mode (what vcvtps2dq does). */
+static inline float tern_round_even(float x)
+{
+    const float big = 12582912.0f; /* IEEE arithmetic: without -ffast-math nothing folds this */
+    return (x + big) - big;
+}
+
 static inline int8_t tern_requant_one(int32_t acc, const tern_requant *rq, size_t c)
 {
-    /* clamp before adding the zero point: the same result as a saturating add */
-    int32_t q = tern_quant_mbqm(acc, rq->mult[c], (int)rq->shift[c]);
-    int32_t lo = rq->qmin - rq->out_zp, hi = rq->qmax - rq->out_zp;
-    q = (q < lo ? lo : q > hi ? hi : q) + rq->out_zp;
+    float r = (float)acc * rq->scale[c];
+    const float lo = (float)(rq->qmin - rq->out_zp), hi = (float)(rq->qmax - rq->out_zp);
+    r = r < lo ? lo : r > hi ? hi : r; /* integer bounds: clamping first rounds the same */
+    int32_t q = (int32_t)tern_round_even(r) + rq->out_zp;
     return rq->lut ? rq->lut[(uint8_t)q] : (int8_t)q;
 }
 

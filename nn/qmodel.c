@@ -11,7 +11,7 @@
  *      range of ops whose activation is a lookup table (hardswish, hardsigmoid).
  *   3. choose parameters: tern_quant_choose_params per tensor; the pool's output keeps its
  *      input's (TFLite's AVERAGE_POOL_2D); a ReLU is the clamp at the output zero point.
- *   4. quantize: weights per output channel, int32 biases, fixed-point multipliers, lookup
+ *   4. quantize: weights per output channel, int32 biases, requantization scales, lookup
  *      tables, and the packed forms the kernels read.
  * Inference (tern_qmodel_forward) quantizes the input and runs the integer ops in order; every
  * activation has its own int8 buffer (the whole set is a few MB at 224x224, batch 1).
@@ -591,27 +591,26 @@ static tern_status finish_layer(tern_qmodel *q, qop *o)
     const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
     const tern_qparams target = tern_qact_is_table(o->act) ? o->pre : out;
     int8_t *wt = NULL;
-    o->mult = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    o->shift = tern_alloc(a, (size_t)cout * sizeof(int32_t));
+    o->rqscale = tern_alloc(a, (size_t)cout * sizeof(float));
     if (o->kind == QOP_LOGITS)
         o->deq = tern_alloc(a, (size_t)cout * sizeof(float));
-    if (!o->mult || !o->shift || (o->kind == QOP_LOGITS && !o->deq))
+    if (!o->rqscale || (o->kind == QOP_LOGITS && !o->deq))
         goto nomem;
     for (int c = 0; c < cout; c++) {
         double acc_scale = (double)in.scale * (double)o->wscale[c];
         if (o->kind == QOP_LOGITS) {
             o->deq[c] = (float)acc_scale;
-            o->mult[c] = o->shift[c] = 0;
+            o->rqscale[c] = 1;
             continue;
         }
-        int sh;
-        if (tern_quant_multiplier(acc_scale / target.scale, &o->mult[c], &sh) != TERN_OK)
+        float sc = (float)(acc_scale / target.scale);
+        if (!isfinite(sc) || !(sc > 0))
             return tern_qmodel_fail(q, TERN_ERR_INVALID,
-                         "%s: requantization multiplier %g of channel %d is out of range",
-                         o->name, acc_scale / target.scale, c);
-        o->shift[c] = sh;
+                                    "%s: requantization scale %g of channel %d is out of range",
+                                    o->name, acc_scale / target.scale, c);
+        o->rqscale[c] = sc;
     }
-    o->rq = (tern_requant){.mult = o->mult, .shift = o->shift, .out_zp = target.zero_point,
+    o->rq = (tern_requant){.scale = o->rqscale, .out_zp = target.zero_point,
                            .qmin = o->act == TERN_ACT_RELU ? target.zero_point : -128,
                            .qmax = 127};
     if (tern_qact_is_table(o->act)) {
@@ -946,8 +945,7 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
         tern_free(a, o->wf);
         tern_free(a, o->bf);
         tern_free(a, o->bias);
-        tern_free(a, o->mult);
-        tern_free(a, o->shift);
+        tern_free(a, o->rqscale);
         tern_free(a, o->packed);
         tern_free(a, o->deq);
         tern_free(a, o->wq);

@@ -55,7 +55,8 @@ typedef struct qop {
     /* integer form */
     int8_t *wq;             /* weights as quantized, in the float layout (cout, cin/groups, k, k) */
     float *wscale;          /* (cout) their scales */
-    int32_t *bias, *mult, *shift; /* (cout) */
+    int32_t *bias;          /* (cout) */
+    float *rqscale;         /* (cout) requantization: input scale * weight scale / output */
     void *packed;           /* GEMM, DEPTHWISE: packed weights and corrected bias */
     float *deq;             /* LOGITS: input scale * weight scale, per class */
     int8_t lut[256];

@@ -93,7 +93,7 @@ size_t tern_qdwconv_workspace_size(const tern_conv_params *p, tern_qisa isa)
 {
     if (tern_qisa_resolve(isa) != TERN_QISA_AVX512_VNNI)
         return 0;
-    return round_up(dw_padded_size(p), 64) + round_up((size_t)p->cin, 16) / 16 * sizeof(rq16);
+    return round_up(dw_padded_size(p), 64);
 }
 
 void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
@@ -214,9 +214,11 @@ T_VNNI static void dw_pad_image(uint8_t *u, const int8_t *img, int32_t x_zp,
  * A 64-byte read at (iy, ix) holds pixels ix..ix+3 of the block; one byte permute turns it into
  * the channel-major quadruples vpdpbusd multiplies with the packed weights. */
 T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t *ub, size_t wpp,
-                             const int8_t *wb, const int32_t *bias, const rq16 *r,
-                             const __m512i *lut, __mmask16 m, const tern_conv_params *p)
+                             const int8_t *wb, const int32_t *bias, const float *scale,
+                             const rqf16 *r, const __m512i *lut, __mmask16 m,
+                             const tern_conv_params *p)
 {
+    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
     __m512i w[7][2];
     for (int ky = 0; ky < K; ky++)
         for (int g = 0; g < G; g++)
@@ -238,7 +240,7 @@ T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t 
                     __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
                     DPBUSD(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
                 }
-            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requant16(acc, r, lut));
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requantf16(acc, sv, r, lut));
         }
     }
 }
@@ -252,8 +254,7 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
     const size_t plane = (size_t)(p->h + 2 * p->pad) * wpp * 16;
     const int k = p->k, G = dw_groups(k);
     uint8_t *u = workspace;
-    rq16 *r = (rq16 *)((char *)workspace + round_up(dw_padded_size(p), 64));
-    rq16_prepare(r, rq, C);
+    const rqf16 r = rqf16_make(rq);
     __m512i tables[4];
     const __m512i *lut = NULL;
     if (rq->lut) {
@@ -275,11 +276,11 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             const int8_t *wb = w + b * wblock;
             const int32_t *bb = bias + 16 * b;
             if (k == 3)
-                dw_block(3, 1, yb, ub, wpp, wb, bb, &r[b], lut, m, p);
+                dw_block(3, 1, yb, ub, wpp, wb, bb, rq->scale + 16 * b, &r, lut, m, p);
             else if (k == 5)
-                dw_block(5, 2, yb, ub, wpp, wb, bb, &r[b], lut, m, p);
+                dw_block(5, 2, yb, ub, wpp, wb, bb, rq->scale + 16 * b, &r, lut, m, p);
             else
-                dw_block(k, G, yb, ub, wpp, wb, bb, &r[b], lut, m, p);
+                dw_block(k, G, yb, ub, wpp, wb, bb, rq->scale + 16 * b, &r, lut, m, p);
         }
     }
 }

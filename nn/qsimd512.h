@@ -1,6 +1,11 @@
-/* AVX-512 requantization shared by the integer kernels (nn/qgemm.c, nn/qops.c): TFLite's
- * MultiplyByQuantizedMultiplier on 16 int32 lanes, bit-identical to tern_quant_mbqm for
- * multipliers >= 0, then zero point, clamp, and an optional 256-entry table.
+/* AVX-512 requantization shared by the integer kernels (nn/qgemm.c, nn/qops.c).
+ *
+ * Convolutions and fully connected layers: the single-precision requantization of
+ * tern_requant (convert, multiply, clamp, convert with rounding to nearest even, zero point),
+ * then an optional 256-entry table.
+ *
+ * Residual add and gate (TFLite's ADD and MUL): MultiplyByQuantizedMultiplier on 16 int32
+ * lanes, bit-identical to tern_quant_mbqm for multipliers >= 0, then zero point and clamp.
  *
  * The two roundings of MultiplyByQuantizedMultiplier (the doubling high multiply's
  * (p + 2^30) >> 31 of the 64-bit product p, then the rounding right shift by rs, ties away from
@@ -63,14 +68,6 @@ T_VNNI QINLINE rq16 rq16_make(__m512i mult, __m512i shift, int32_t zp, int32_t q
     return r;
 }
 
-/* Constants of channels [c, c + 16) of rq (mask m: the valid ones). */
-T_VNNI QINLINE rq16 rq16_load(const tern_requant *rq, size_t c, __mmask16 m)
-{
-    return rq16_make(_mm512_maskz_loadu_epi32(m, rq->mult + c),
-                     _mm512_maskz_loadu_epi32(m, rq->shift + c), rq->out_zp, rq->qmin,
-                     rq->qmax);
-}
-
 /* One multiplier and shift for all lanes. */
 T_VNNI QINLINE rq16 rq16_uniform(int32_t mult, int shift, int32_t zp, int32_t qmin, int32_t qmax)
 {
@@ -82,12 +79,25 @@ T_VNNI QINLINE rq16 rq16_uniform(int32_t mult, int shift, int32_t zp, int32_t qm
  * accumulator of an unrolled tile to another register and back around each instruction. */
 #define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 
-/* The constants of all C channels of rq, 16 per entry, computed once per kernel call (out:
- * ceil(C / 16) entries, 64-byte aligned) so that inner loops only load them. */
-T_VNNI static inline void rq16_prepare(rq16 *out, const tern_requant *rq, size_t C)
+/* tern_requant's bounds and zero point as vectors. */
+typedef struct rqf16 {
+    __m512 lo, hi;
+    __m512i zp;
+} rqf16;
+
+T_VNNI QINLINE rqf16 rqf16_make(const tern_requant *rq)
 {
-    for (size_t c = 0; c < C; c += 16)
-        out[c / 16] = rq16_load(rq, c, q_tail_mask16(C - c));
+    return (rqf16){_mm512_set1_ps((float)(rq->qmin - rq->out_zp)),
+                   _mm512_set1_ps((float)(rq->qmax - rq->out_zp)), _mm512_set1_epi32(rq->out_zp)};
+}
+
+/* tern_requant_one on 16 accumulators with their channels' scales: int32 lanes. The
+ * conversions round to nearest even (the default MXCSR mode), as tern_requant_one does. */
+T_VNNI QINLINE __m512i requantf16_i32(__m512i acc, __m512 scale, const rqf16 *r)
+{
+    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+    x = _mm512_min_ps(_mm512_max_ps(x, r->lo), r->hi);
+    return _mm512_add_epi32(_mm512_cvtps_epi32(x), r->zp);
 }
 
 /* MultiplyByQuantizedMultiplier. */
@@ -131,9 +141,9 @@ T_VNNI QINLINE __m512i lut512_apply(__m512i idx, const __m512i *lut)
 }
 
 /* 16 accumulators to 16 int8 (through the table when lut is not NULL). */
-T_VNNI QINLINE __m128i requant16(__m512i acc, const rq16 *r, const __m512i *lut)
+T_VNNI QINLINE __m128i requantf16(__m512i acc, __m512 scale, const rqf16 *r, const __m512i *lut)
 {
-    __m128i b = _mm512_cvtepi32_epi8(requant16_i32(acc, r));
+    __m128i b = _mm512_cvtepi32_epi8(requantf16_i32(acc, scale, r));
     if (lut)
         b = _mm512_castsi512_si128(lut512_apply(_mm512_castsi128_si512(b), lut));
     return b;

@@ -238,30 +238,23 @@ static void lut_cases(void **state)
 
 /* ---- kernels: fast versions bit-identical to the references ----------------------------------- */
 
-/* Random requantization of n channels: realistic multipliers with occasional extreme shifts. */
+/* Random requantization of n channels: realistic scales with occasional extreme ones. */
 typedef struct rq_case {
-    int32_t *mult, *shift;
+    float *scale;
     int8_t lut[256];
     tern_requant rq;
 } rq_case;
 
 static void rq_case_init(rq_case *c, test_rng *r, size_t n)
 {
-    c->mult = xcalloc(n, sizeof(int32_t));
-    c->shift = xcalloc(n, sizeof(int32_t));
+    c->scale = xcalloc(n, sizeof(float));
     for (size_t i = 0; i < n; i++) {
-        int32_t m;
-        int s;
-        double real = ldexp(test_rng_uniform(r, 0.5f, 1.0f), test_rng_int(r, -14, 0));
-        assert_int_equal(tern_quant_multiplier(real, &m, &s), TERN_OK);
-        if (test_rng_int(r, 0, 20) == 0)
-            s = test_rng_int(r, 0, 3) ? test_rng_int(r, -31, -20) : test_rng_int(r, 1, 30);
-        c->mult[i] = test_rng_int(r, 0, 30) ? m : test_rng_int(r, 0, 1) ? INT32_MAX : 1 << 30;
-        c->shift[i] = s;
+        /* mostly what layers have; now and then tiny or large (saturating) scales */
+        int e = test_rng_int(r, 0, 20) == 0 ? test_rng_int(r, -40, 10) : test_rng_int(r, -14, 0);
+        c->scale[i] = ldexpf(test_rng_uniform(r, 0.5f, 1.0f), e);
     }
     int zp = test_rng_int(r, -128, 127);
-    c->rq = (tern_requant){.mult = c->mult, .shift = c->shift, .out_zp = zp, .qmin = -128,
-                           .qmax = 127};
+    c->rq = (tern_requant){.scale = c->scale, .out_zp = zp, .qmin = -128, .qmax = 127};
     int kind = test_rng_int(r, 0, 2);
     if (kind == 1) { /* fused ReLU */
         c->rq.qmin = zp;
@@ -276,8 +269,31 @@ static void rq_case_init(rq_case *c, test_rng *r, size_t n)
 
 static void rq_case_free(rq_case *c)
 {
-    free(c->mult);
-    free(c->shift);
+    free(c->scale);
+}
+
+/* Single-precision requantization: ties to even, clamps, zero point, fused ReLU. */
+static void requant_cases(void **state)
+{
+    (void)state;
+    float scale[1] = {0.5f};
+    tern_requant rq = {.scale = scale, .out_zp = 0, .qmin = -128, .qmax = 127};
+    assert_int_equal(tern_requant_one(3, &rq, 0), 2);   /* 1.5 -> 2 */
+    assert_int_equal(tern_requant_one(5, &rq, 0), 2);   /* 2.5 -> 2 */
+    assert_int_equal(tern_requant_one(-3, &rq, 0), -2); /* -1.5 -> -2 */
+    assert_int_equal(tern_requant_one(-5, &rq, 0), -2); /* -2.5 -> -2 */
+    assert_int_equal(tern_requant_one(7, &rq, 0), 4);   /* 3.5 -> 4 */
+    assert_int_equal(tern_requant_one(1000, &rq, 0), 127);
+    assert_int_equal(tern_requant_one(INT32_MIN, &rq, 0), -128);
+    assert_int_equal(tern_requant_one(INT32_MAX, &rq, 0), 127);
+    rq.out_zp = -100;
+    assert_int_equal(tern_requant_one(10, &rq, 0), -95);
+    assert_int_equal(tern_requant_one(-100, &rq, 0), -128); /* -150 clamps */
+    rq.qmin = -100;                                         /* fused ReLU */
+    assert_int_equal(tern_requant_one(-10, &rq, 0), -100);
+    scale[0] = 1.0f / 3;
+    rq = (tern_requant){.scale = scale, .out_zp = 5, .qmin = -128, .qmax = 127};
+    assert_int_equal(tern_requant_one(100, &rq, 0), 38); /* 33.33 + 5 */
 }
 
 static bool bytes_equal(const char *what, const int8_t *a, const int8_t *b, size_t n)
@@ -1003,6 +1019,7 @@ int main(void)
         cmocka_unit_test(srdhm_cases),
         cmocka_unit_test(rdivpot_cases),
         cmocka_unit_test(mbqm_cases),
+        cmocka_unit_test(requant_cases),
         cmocka_unit_test(multiplier_cases),
         cmocka_unit_test(choose_params_cases),
         cmocka_unit_test(lut_cases),
