@@ -12,7 +12,7 @@
  *             accuracy, top-1 agreement, and images/s of each at batch 100, 1 thread
  *   layers    with --layers: the int8 forward's time per op and per kind of op (mean of --iters
  *             profiled runs after the latency runs)
- * Options: --method minmax|percentile|entropy and --fp32-layers K (the fashion run's observer
+ * Options: --arch small|large (latency of one only), --method minmax|percentile|entropy and --fp32-layers K (the fashion run's observer
  *          and mixed precision), --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
  *          --weights PATH (default weights/fashion-mnist-small.safetensors),
  *          --data DIR (default /usr/share/datasets/fashion-mnist), --limit N. */
@@ -31,7 +31,7 @@ typedef struct config {
     bool layers;
     tern_qisa qisa;
     tern_quant_observer method;
-    const char *only, *weights, *data;
+    const char *only, *weights, *data, *arch;
 } config;
 
 static double now(void)
@@ -338,6 +338,8 @@ int main(int argc, char **argv)
             cfg.fp32_layers = atoi(argv[++i]);
         else if (!strcmp(a, "--layers"))
             cfg.layers = true;
+        else if (!strcmp(a, "--arch") && v)
+            cfg.arch = argv[++i];
         else if (!strcmp(a, "--only") && v)
             cfg.only = argv[++i];
         else if (!strcmp(a, "--weights") && v)
@@ -350,7 +352,7 @@ int main(int argc, char **argv)
                        : !strcmp(v, "avx2") ? TERN_QISA_AVX2
                                             : TERN_QISA_AVX512_VNNI;
         } else {
-            fprintf(stderr, "usage: bench_quant [--iters N] [--layers] "
+            fprintf(stderr, "usage: bench_quant [--iters N] [--layers] [--arch small|large] "
                             "[--method minmax|percentile|entropy] [--fp32-layers K] "
                             "[--qisa scalar|avx2|avx512vnni] [--only latency|fashion] [--weights PATH] [--data DIR] [--limit N]\n");
             return 2;
@@ -360,8 +362,10 @@ int main(int argc, char **argv)
         cfg.iters = 1;
     int rc = 0;
     if (!cfg.only || !strcmp(cfg.only, "latency")) {
-        rc |= latency(TERN_ARCH_MOBILENET_V3_SMALL, &cfg);
-        rc |= latency(TERN_ARCH_MOBILENET_V3_LARGE, &cfg);
+        if (!cfg.arch || !strcmp(cfg.arch, "small"))
+            rc |= latency(TERN_ARCH_MOBILENET_V3_SMALL, &cfg);
+        if (!cfg.arch || !strcmp(cfg.arch, "large"))
+            rc |= latency(TERN_ARCH_MOBILENET_V3_LARGE, &cfg);
     }
     if (!cfg.only || !strcmp(cfg.only, "fashion"))
         rc |= fashion(&cfg);

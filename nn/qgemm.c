@@ -425,3 +425,177 @@ void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
                 }
             }
 }
+
+/* ---- direct dense convolution ------------------------------------------------------------ */
+
+static size_t direct_groups(const tern_conv_params *p)
+{
+    return ((size_t)p->k * (size_t)p->cin + 3) / 4;
+}
+
+bool tern_qconv_direct_supported(const tern_conv_params *p)
+{
+    return p->groups == 1 && p->k * p->cin <= 64;
+}
+
+size_t tern_qconv_direct_packed_size(const tern_conv_params *p, tern_qisa isa)
+{
+    size_t np = round_up((size_t)p->cout, 16), kk = (size_t)p->k * p->k * p->cin;
+    if (resolve(isa) == TERN_QISA_AVX512_VNNI)
+        return np * sizeof(int32_t) + np * (size_t)p->k * direct_groups(p) * 4;
+    return np * sizeof(int32_t) + round_up((size_t)p->cout * kk, 64);
+}
+
+void tern_qconv_direct_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                            const tern_conv_params *p, tern_qisa isa)
+{
+    const size_t cout = (size_t)p->cout, cin = (size_t)p->cin, k = (size_t)p->k;
+    const size_t kk = k * k * cin, np = round_up(cout, 16);
+    int32_t *b = packed;
+    if (resolve(isa) != TERN_QISA_AVX512_VNNI) { /* bias, then the weights as given */
+        for (size_t n = 0; n < np; n++)
+            b[n] = n < cout && bias ? bias[n] : 0;
+        memcpy(b + np, w, cout * kk);
+        return;
+    }
+    const size_t G = direct_groups(p);
+    int8_t *out = (int8_t *)(b + np); /* [n / 16][ky][g][n % 16][4] */
+    for (size_t n = 0; n < np; n++) {
+        int64_t sum = 0;
+        for (size_t j = 0; n < cout && j < kk; j++)
+            sum += w[n * kk + j];
+        b[n] = n < cout ? wrap32((bias ? (int64_t)bias[n] : 0) - ((int64_t)x_zp + 128) * sum) : 0;
+        for (size_t ky = 0; ky < k; ky++)
+            for (size_t j = 0; j < 4 * G; j++) { /* byte j of the row: tap kx = j / cin, ci */
+                size_t kx = j / cin, ci = j % cin;
+                out[(((n / 16) * k + ky) * G + j / 4) * 64 + (n % 16) * 4 + j % 4] =
+                    n < cout && j < k * cin ? w[((n * cin + ci) * k + ky) * k + kx] : 0;
+            }
+    }
+}
+
+/* The padded image: (H + 2 pad) rows of (W + 2 pad) pixels, plus 64 spare bytes. */
+static size_t direct_padded_size(const tern_conv_params *p)
+{
+    return (size_t)(p->h + 2 * p->pad) * (size_t)(p->w + 2 * p->pad) * (size_t)p->cin + 64;
+}
+
+size_t tern_qconv_direct_workspace_size(const tern_conv_params *p, tern_qisa isa)
+{
+    return resolve(isa) == TERN_QISA_AVX512_VNNI ? round_up(direct_padded_size(p), 64) : 0;
+}
+
+static void direct_scalar(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                          const tern_conv_params *p, const tern_requant *rq)
+{
+    const int32_t *bias = packed;
+    const int8_t *w = (const int8_t *)(bias + round_up((size_t)p->cout, 16));
+    const size_t cin = (size_t)p->cin;
+    for (int n = 0; n < p->n; n++)
+        for (int oy = 0; oy < p->oh; oy++)
+            for (int ox = 0; ox < p->ow; ox++)
+                for (int co = 0; co < p->cout; co++) {
+                    uint32_t acc = (uint32_t)bias[co];
+                    for (int ky = 0; ky < p->k; ky++)
+                        for (int kx = 0; kx < p->k; kx++) {
+                            int iy = oy * p->stride - p->pad + ky, ix = ox * p->stride - p->pad + kx;
+                            if (iy < 0 || iy >= p->h || ix < 0 || ix >= p->w)
+                                continue;
+                            for (size_t ci = 0; ci < cin; ci++)
+                                acc += (uint32_t)(((int32_t)x[(((size_t)n * p->h + iy) * p->w + ix) * cin + ci] - x_zp) *
+                                                  w[(((size_t)co * cin + ci) * p->k + ky) * p->k + kx]);
+                        }
+                    y[(((size_t)n * p->oh + oy) * p->ow + ox) * p->cout + co] =
+                        tern_requant_one((int32_t)acc, rq, (size_t)co);
+                }
+}
+
+/* One block of 16 output channels over an image: K kernel rows of G groups. */
+T_VNNI INLINE void direct_block(const int K, const int G, int8_t *y, const uint8_t *u,
+                                size_t row, const int8_t *wb, const int32_t *bias,
+                                const float *scale, const rqf16 *rf, const __m512i *lut,
+                                __mmask16 m, const tern_conv_params *p)
+{
+    __m512i w[7][16];
+    for (int ky = 0; ky < K; ky++)
+        for (int g = 0; g < G; g++)
+            w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
+    const __m512i b = _mm512_maskz_loadu_epi32(m, bias);
+    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    const size_t cin = (size_t)p->cin, s = (size_t)p->stride, C = (size_t)p->cout;
+    for (int oy = 0; oy < p->oh; oy++) {
+        const uint8_t *top = u + (size_t)oy * s * row;
+        int8_t *out = y + (size_t)oy * p->ow * C;
+        for (int ox = 0; ox < p->ow; ox++) {
+            const uint8_t *at = top + (size_t)ox * s * cin;
+            __m512i acc = b;
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++) {
+                    int32_t four;
+                    memcpy(&four, at + (size_t)ky * row + 4 * (size_t)g, 4);
+                    DPBUSD(acc, _mm512_set1_epi32(four), w[ky][g]);
+                }
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requantf16(acc, sv, rf, lut));
+        }
+    }
+}
+
+T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                               void *workspace, const tern_conv_params *p,
+                               const tern_requant *rq)
+{
+    const size_t cin = (size_t)p->cin, C = (size_t)p->cout, np = round_up(C, 16);
+    const size_t wp = (size_t)(p->w + 2 * p->pad), row = wp * cin;
+    const int k = p->k, G = (int)direct_groups(p);
+    const int32_t *bias = packed;
+    const int8_t *w = (const int8_t *)(bias + np);
+    uint8_t *u = workspace;
+    const uint8_t fill = (uint8_t)(x_zp + 128);
+    const rqf16 rf = rqf16_make(rq);
+    __m512i tables[4];
+    const __m512i *lut = NULL;
+    if (rq->lut) {
+        for (int i = 0; i < 4; i++)
+            tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
+        lut = tables;
+    }
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int n = 0; n < p->n; n++) {
+        /* the padded unsigned copy */
+        memset(u, fill, direct_padded_size(p));
+        for (int iy = 0; iy < p->h; iy++) {
+            const int8_t *src = x + (((size_t)n * p->h + iy) * p->w) * cin;
+            uint8_t *dst = u + (size_t)(iy + p->pad) * row + (size_t)p->pad * cin;
+            size_t len = (size_t)p->w * cin;
+            for (size_t i = 0; i < len; i += 64) {
+                __mmask64 m = len - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (len - i)) - 1;
+                _mm512_mask_storeu_epi8(dst + i, m,
+                                        _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i), flip));
+            }
+        }
+        int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
+        for (size_t b = 0; b < np / 16; b++) {
+            __mmask16 m = q_tail_mask16(C - 16 * b);
+            const int8_t *wb = w + b * (size_t)k * G * 64;
+            if (k == 3 && G == 3)
+                direct_block(3, 3, yn + 16 * b, u, row, wb, bias + 16 * b, rq->scale + 16 * b,
+                             &rf, lut, m, p);
+            else if (k == 3 && G == 1)
+                direct_block(3, 1, yn + 16 * b, u, row, wb, bias + 16 * b, rq->scale + 16 * b,
+                             &rf, lut, m, p);
+            else
+                direct_block(k, G, yn + 16 * b, u, row, wb, bias + 16 * b, rq->scale + 16 * b,
+                             &rf, lut, m, p);
+        }
+    }
+}
+
+void tern_qconv_direct(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                       void *workspace, const tern_conv_params *p, const tern_requant *rq,
+                       tern_qisa isa)
+{
+    if (resolve(isa) == TERN_QISA_AVX512_VNNI)
+        direct_vnni(y, x, x_zp, packed, workspace, p, rq);
+    else
+        direct_scalar(y, x, x_zp, packed, p, rq);
+}

@@ -84,6 +84,24 @@ void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda
 void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
                   const tern_conv_params *p);
 
+/* ---- direct dense convolution (the stem) ----------------------------------------------------- */
+
+/* For a dense convolution whose kernel rows are short (k * cin <= 64 bytes: the stem's 3x3x3),
+ * without im2col: the input is copied once into a padded unsigned image (x + 128, border x_zp +
+ * 128) and each kernel row's k * cin bytes are read in place as groups of 4, the bytes past
+ * the row's end meeting zero weights.
+ *   supported: groups 1, k * cin <= 64. */
+bool tern_qconv_direct_supported(const tern_conv_params *p);
+/* Bytes of the packed form of (w (Cout, Cin, k, k), bias, x_zp) at isa (64-byte aligned). */
+size_t tern_qconv_direct_packed_size(const tern_conv_params *p, tern_qisa isa);
+void tern_qconv_direct_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                            const tern_conv_params *p, tern_qisa isa);
+size_t tern_qconv_direct_workspace_size(const tern_conv_params *p, tern_qisa isa);
+/* y (N, OH, OW, Cout) = requant(bias + sum (x - x_zp) * w), padding contributing 0. */
+void tern_qconv_direct(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                       void *workspace, const tern_conv_params *p, const tern_requant *rq,
+                       tern_qisa isa);
+
 /* ---- depthwise convolution ------------------------------------------------------------------ */
 
 /* Bytes of the packed form of (w, bias, x_zp) for isa: 64-byte aligned.

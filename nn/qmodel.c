@@ -621,6 +621,10 @@ static tern_status finish_layer(tern_qmodel *q, qop *o)
         if (!(o->packed = tern_alloc(a, tern_qdwconv_packed_size(cout, k, q->isa))))
             goto nomem;
         tern_qdwconv_pack(o->packed, o->wq, o->bias, in.zero_point, cout, k, q->isa);
+    } else if (o->kind == QOP_CONV && tern_qconv_direct_supported(&o->conv)) {
+        if (!(o->packed = tern_alloc(a, tern_qconv_direct_packed_size(&o->conv, q->isa))))
+            goto nomem;
+        tern_qconv_direct_pack(o->packed, o->wq, o->bias, in.zero_point, &o->conv, q->isa);
     } else {
         const int8_t *wk = o->wq;
         if (o->kind == QOP_CONV) { /* (Cout, Cin, k, k) -> (Cout, k, k, Cin), im2col's order */
@@ -710,7 +714,9 @@ tern_status tern_qmodel_plan_inference(tern_qmodel *q)
     for (int i = 0; i < q->nops; i++) {
         const qop *o = &q->ops[i];
         size_t K = 0, N = 0, w = 0;
-        if (o->kind == QOP_CONV) {
+        if (o->kind == QOP_CONV && tern_qconv_direct_supported(&o->conv)) {
+            w = tern_qconv_direct_workspace_size(&o->conv, q->isa);
+        } else if (o->kind == QOP_CONV) {
             K = (size_t)o->conv.cin * o->conv.k * o->conv.k;
             size_t c = (size_t)nb * o->conv.oh * o->conv.ow * K;
             col = c > col ? c : col;
@@ -1091,6 +1097,11 @@ static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
                    (size_t)n * hw, (size_t)p.cout, (size_t)p.cin, &o->rq, q->isa);
         break;
     case QOP_CONV: {
+        if (tern_qconv_direct_supported(&p)) {
+            tern_qconv_direct(out->x, in->x, in->q.zero_point, o->packed, q->workspace, &p,
+                              &o->rq, q->isa);
+            break;
+        }
         size_t K = (size_t)p.cin * p.k * p.k;
         tern_qim2col(q->col, K, in->x, in->q.zero_point, &p);
         tern_qgemm(out->x, NULL, (size_t)p.cout, q->col, K, o->packed, q->workspace,

@@ -13,7 +13,8 @@
 typedef enum qop_kind {
     QOP_CONV1X1,   /* pointwise convolution: GEMM over N*H*W rows */
     QOP_DEPTHWISE, /* direct depthwise convolution */
-    QOP_CONV,      /* dense convolution (the stem): im2col, then GEMM */
+    QOP_CONV,      /* dense convolution (the stem): direct for short kernel rows (k * cin
+                    * <= 64), else im2col and GEMM */
     QOP_LINEAR,    /* fully connected, int8 out (squeeze-and-excitation, classifier.0) */
     QOP_LOGITS,    /* the last fully connected layer: int32 sums dequantized to float */
     QOP_POOL,      /* global average pool */

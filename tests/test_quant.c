@@ -370,13 +370,15 @@ static void conv_im2col_matches_direct(void **state)
     tern_qisa isas[4];
     int nisa = levels(isas);
     test_rng r = {13};
-    for (int t = 0; t < 20; t++) {
-        tern_conv_params p = {.n = test_rng_int(&r, 1, 2), .h = test_rng_int(&r, 3, 17),
-                              .w = test_rng_int(&r, 3, 17), .cin = test_rng_int(&r, 1, 4),
-                              .cout = test_rng_int(&r, 1, 40), .k = 3,
-                              .stride = test_rng_int(&r, 1, 2), .pad = 1, .groups = 1};
+    for (int t = 0; t < 40; t++) {
+        const int k = t < 20 ? 3 : 2 * test_rng_int(&r, 0, 2) + 1, kk = k * k;
+        tern_conv_params p = {.n = test_rng_int(&r, 1, 2), .h = test_rng_int(&r, k, 17),
+                              .w = test_rng_int(&r, k, 17), .cin = test_rng_int(&r, 1, 7),
+                              .cout = test_rng_int(&r, 1, 40), .k = k,
+                              .stride = test_rng_int(&r, 1, 2),
+                              .pad = t < 20 ? 1 : test_rng_int(&r, 0, k / 2), .groups = 1};
         tern_conv_params_finish(&p);
-        size_t K = (size_t)p.cin * 9, rows = (size_t)p.n * p.oh * p.ow;
+        size_t K = (size_t)p.cin * kk, rows = (size_t)p.n * p.oh * p.ow;
         int32_t zp = test_rng_int(&r, -128, 127);
         int8_t *x = xcalloc((size_t)p.n * p.h * p.w * p.cin, 1);
         int8_t *w = xcalloc((size_t)p.cout * K, 1), *wt = xcalloc((size_t)p.cout * K, 1);
@@ -394,21 +396,22 @@ static void conv_im2col_matches_direct(void **state)
                     for (int co = 0; co < p.cout; co++) {
                         int32_t acc = bias[co];
                         for (int ci = 0; ci < p.cin; ci++)
-                            for (int ky = 0; ky < 3; ky++)
-                                for (int kx = 0; kx < 3; kx++) {
-                                    int iy = oy * p.stride - 1 + ky, ix = ox * p.stride - 1 + kx;
+                            for (int ky = 0; ky < k; ky++)
+                                for (int kx = 0; kx < k; kx++) {
+                                    int iy = oy * p.stride - p.pad + ky;
+                                    int ix = ox * p.stride - p.pad + kx;
                                     if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w)
                                         continue;
                                     acc += (x[(((size_t)n * p.h + iy) * p.w + ix) * p.cin + ci] - zp) *
-                                           w[(((size_t)co * p.cin + ci) * 3 + ky) * 3 + kx];
+                                           w[(((size_t)co * p.cin + ci) * k + ky) * k + kx];
                                 }
                         ref[(((size_t)n * p.oh + oy) * p.ow + ox) * p.cout + co] =
                             tern_requant_one(acc, &rq.rq, (size_t)co);
                     }
         for (int co = 0; co < p.cout; co++)
             for (int ci = 0; ci < p.cin; ci++)
-                for (int tap = 0; tap < 9; tap++)
-                    wt[(size_t)co * K + (size_t)tap * p.cin + ci] = w[(size_t)co * K + (size_t)ci * 9 + tap];
+                for (int tap = 0; tap < kk; tap++)
+                    wt[(size_t)co * K + (size_t)tap * p.cin + ci] = w[(size_t)co * K + (size_t)ci * kk + tap];
         int8_t *col = xcalloc(rows * K, 1);
         tern_qim2col(col, K, x, zp, &p);
         for (int l = 0; l < nisa; l++) {
@@ -420,6 +423,20 @@ static void conv_im2col_matches_direct(void **state)
             if (!bytes_equal("conv", got, ref, rows * p.cout))
                 print_error("conv %s: n %d %dx%dx%d -> %d stride %d\n", tern_qisa_name(isas[l]),
                             p.n, p.h, p.w, p.cin, p.cout, p.stride);
+            assert_memory_equal(got, ref, rows * p.cout);
+            free(packed);
+            free(ws);
+            /* the direct kernel of short kernel rows (the stem) */
+            assert_true(tern_qconv_direct_supported(&p));
+            packed = xaligned(tern_qconv_direct_packed_size(&p, isas[l]));
+            ws = xaligned(tern_qconv_direct_workspace_size(&p, isas[l]));
+            tern_qconv_direct_pack(packed, w, bias, zp, &p, isas[l]);
+            memset(got, 0x55, rows * p.cout);
+            tern_qconv_direct(got, x, zp, packed, ws, &p, &rq.rq, isas[l]);
+            if (!bytes_equal("direct conv", got, ref, rows * p.cout))
+                print_error("direct conv %s: n %d %dx%dx%d -> %d k %d stride %d pad %d\n",
+                            tern_qisa_name(isas[l]), p.n, p.h, p.w, p.cin, p.cout, k, p.stride,
+                            p.pad);
             assert_memory_equal(got, ref, rows * p.cout);
             free(packed);
             free(ws);
