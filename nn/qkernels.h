@@ -127,14 +127,16 @@ void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, 
 
 /* ---- elementwise and reductions --------------------------------------------------------------- */
 
-/* TFLite's int8 ADD, parameters from tern_quant_add_params:
- *   a' = MBQM((a - a_zp) << left_shift, a_mult, a_shift), b' likewise,
- *   y = clamp(MBQM(a' + b', out_mult, out_shift) + out_zp, qmin, qmax) */
+/* Residual add in single precision (as the convolutions' requantization; XNNPACK's fp32
+ * ADD), parameters from tern_quant_add_params:
+ *   r = fma(a, a_scale, fma(b, b_scale, bias))   (a, b the raw int8 values as floats)
+ *   y = clamp(round_even(r), qmin - out_zp, qmax - out_zp) + out_zp
+ * with a_scale = sa / so, b_scale = sb / so, bias = -(a_zp sa + b_zp sb) / so: the zero points
+ * folded into one constant, two fused multiply-adds per element, exactly rounded on every
+ * level (fmaf in the reference). */
 typedef struct tern_qadd_params {
-    int32_t a_zp, b_zp, out_zp;
-    int left_shift;
-    int32_t a_mult, b_mult, out_mult;
-    int a_shift, b_shift, out_shift;
+    float a_scale, b_scale, bias;
+    int32_t out_zp;
     int32_t qmin, qmax;
 } tern_qadd_params;
 tern_status tern_quant_add_params(tern_qadd_params *add, tern_qparams a, tern_qparams b,
@@ -144,13 +146,14 @@ void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
 void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p,
                tern_qisa isa);
 
-/* TFLite's int8 MUL for the squeeze-and-excitation gate, broadcast over H, W:
- *   y[n, i, c] = clamp(MBQM((x - x_zp) * (g[n, c] - g_zp), mult, shift) + out_zp, -128, 127)
+/* Squeeze-and-excitation gate in single precision, broadcast over H, W:
+ *   gf[n, c] = (float)(g[n, c] - g_zp) * scale           (scale = sx sg / so)
+ *   y[n, i, c] = clamp(round_even((float)(x - x_zp) * gf[n, c]), -128 - out_zp, 127 - out_zp)
+ *                + out_zp
  *   x (N, HW, C), g (N, C) */
 typedef struct tern_qgate_params {
     int32_t x_zp, g_zp, out_zp;
-    int32_t mult;
-    int shift;
+    float scale;
 } tern_qgate_params;
 void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
                     const tern_qgate_params *p);

@@ -665,13 +665,11 @@ tern_status tern_qmodel_finish_op(tern_qmodel *q, int i)
         return TERN_OK;
     case QOP_GATE: {
         const tern_qparams g = q->values[o->in2].q;
-        int sh;
         o->gate = (tern_qgate_params){.x_zp = in.zero_point, .g_zp = g.zero_point,
-                                      .out_zp = out.zero_point};
-        if (tern_quant_multiplier((double)in.scale * g.scale / out.scale, &o->gate.mult, &sh) !=
-            TERN_OK)
+                                      .out_zp = out.zero_point,
+                                      .scale = (float)((double)in.scale * g.scale / out.scale)};
+        if (!isfinite(o->gate.scale) || !(o->gate.scale > 0))
             return tern_qmodel_fail(q, TERN_ERR_INVALID, "gate %d: scales out of range", i);
-        o->gate.shift = sh;
         return TERN_OK;
     }
     case QOP_POOL:

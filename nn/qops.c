@@ -314,35 +314,36 @@ void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, 
 
 /* ---- residual add ----------------------------------------------------------------------------- */
 
-static inline int8_t add_one(int8_t a, int8_t b, const tern_qadd_params *p)
+static inline int8_t round_clamp_zp(float r, int32_t zp, int32_t qmin, int32_t qmax)
 {
-    int32_t sa = ((int32_t)a - p->a_zp) * (1 << p->left_shift);
-    int32_t sb = ((int32_t)b - p->b_zp) * (1 << p->left_shift);
-    int32_t s = tern_quant_mbqm(sa, p->a_mult, p->a_shift) + tern_quant_mbqm(sb, p->b_mult, p->b_shift);
-    return clamp_add8(tern_quant_mbqm(s, p->out_mult, p->out_shift), p->out_zp, p->qmin, p->qmax);
+    const float lo = (float)(qmin - zp), hi = (float)(qmax - zp);
+    r = r < lo ? lo : r > hi ? hi : r;
+    return (int8_t)((int32_t)tern_round_even(r) + zp);
 }
 
 void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p)
 {
-    for (size_t i = 0; i < count; i++)
-        y[i] = add_one(a[i], b[i], p);
+    for (size_t i = 0; i < count; i++) {
+        float r = fmaf((float)a[i], p->a_scale, fmaf((float)b[i], p->b_scale, p->bias));
+        y[i] = round_clamp_zp(r, p->out_zp, p->qmin, p->qmax);
+    }
 }
 
 T_VNNI static void qadd_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
                              const tern_qadd_params *p)
 {
-    const __m512i azp = _mm512_set1_epi32(p->a_zp), bzp = _mm512_set1_epi32(p->b_zp);
-    /* the inputs' multipliers only scale: no clamp (the bounds are the int32 range) */
-    const rq16 ra = rq16_uniform(p->a_mult, p->a_shift, 0, INT32_MIN, INT32_MAX);
-    const rq16 rb = rq16_uniform(p->b_mult, p->b_shift, 0, INT32_MIN, INT32_MAX);
-    const rq16 ro = rq16_uniform(p->out_mult, p->out_shift, p->out_zp, p->qmin, p->qmax);
+    const __m512 sa = _mm512_set1_ps(p->a_scale), sb = _mm512_set1_ps(p->b_scale);
+    const __m512 bias = _mm512_set1_ps(p->bias);
+    const __m512 lo = _mm512_set1_ps((float)(p->qmin - p->out_zp));
+    const __m512 hi = _mm512_set1_ps((float)(p->qmax - p->out_zp));
+    const __m512i zp = _mm512_set1_epi32(p->out_zp);
     for (size_t i = 0; i < count; i += 16) {
         __mmask16 m = q_tail_mask16(count - i);
-        __m512i va = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)), azp);
-        __m512i vb = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)), bzp);
-        va = mbqm16(_mm512_slli_epi32(va, (unsigned)p->left_shift), &ra);
-        vb = mbqm16(_mm512_slli_epi32(vb, (unsigned)p->left_shift), &rb);
-        __m512i q = requant16_i32(_mm512_add_epi32(va, vb), &ro);
+        __m512 va = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)));
+        __m512 vb = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)));
+        __m512 r = _mm512_fmadd_ps(va, sa, _mm512_fmadd_ps(vb, sb, bias));
+        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), zp);
         _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
     }
 }
@@ -362,28 +363,34 @@ void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t h
                     const tern_qgate_params *p)
 {
     for (int i = 0; i < n; i++)
-        for (size_t j = 0; j < hw; j++)
-            for (int k = 0; k < c; k++) {
+        for (int k = 0; k < c; k++) {
+            float gf = (float)((int32_t)g[(size_t)i * c + k] - p->g_zp) * p->scale;
+            for (size_t j = 0; j < hw; j++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
-                int32_t prod = ((int32_t)x[at] - p->x_zp) * ((int32_t)g[(size_t)i * c + k] - p->g_zp);
-                y[at] = clamp_add8(tern_quant_mbqm(prod, p->mult, p->shift), p->out_zp, -128, 127);
+                y[at] = round_clamp_zp((float)((int32_t)x[at] - p->x_zp) * gf, p->out_zp, -128, 127);
             }
+        }
 }
 
 T_VNNI static void qgate_vnni(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw,
                               int c, const tern_qgate_params *p)
 {
     const __m512i xzp = _mm512_set1_epi32(p->x_zp), gzp = _mm512_set1_epi32(p->g_zp);
-    const rq16 r = rq16_uniform(p->mult, p->shift, p->out_zp, -128, 127);
+    const __m512i zp = _mm512_set1_epi32(p->out_zp);
+    const __m512 scale = _mm512_set1_ps(p->scale);
+    const __m512 lo = _mm512_set1_ps((float)(-128 - p->out_zp));
+    const __m512 hi = _mm512_set1_ps((float)(127 - p->out_zp));
     for (int i = 0; i < n; i++)
         for (int k = 0; k < c; k += 16) {
             __mmask16 m = q_tail_mask16((size_t)(c - k));
-            __m512i gv = _mm512_sub_epi32(
-                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, g + (size_t)i * c + k)), gzp);
+            __m512i gi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, g + (size_t)i * c + k));
+            __m512 gf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(gi, gzp)), scale);
             for (size_t j = 0; j < hw; j++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
-                __m512i xv = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at)), xzp);
-                __m512i q = requant16_i32(_mm512_mullo_epi32(xv, gv), &r);
+                __m512i xi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at));
+                __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(xi, xzp)), gf);
+                r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+                __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), zp);
                 _mm_mask_storeu_epi8(y + at, m, _mm512_cvtepi32_epi8(q));
             }
         }

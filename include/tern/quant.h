@@ -16,12 +16,15 @@
  *     multiplier and shift, MultiplyByQuantizedMultiplier, 64-bit products) and differs from
  *     it only in rounding at the last bit. IEEE single precision makes it exact and the same on
  *     every instruction set;
- *   - residual add and gate keep TFLite's fixed-point arithmetic (below);
  *   - hardswish and hardsigmoid: 256-entry lookup tables built from the real-valued functions
  *     and the input and output quantization parameters;
- *   - residual add: TFLite's ADD (inputs shifted left by 20 bits, a multiplier per input, one for
- *     the output); squeeze-and-excitation gate: TFLite's MUL; global average pool: TFLite's
- *     AVERAGE_POOL_2D (output shares the input's parameters, sum divided with rounding).
+ *   - residual add and squeeze-and-excitation gate: the same single-precision arithmetic (the
+ *     real-valued sum or product, scaled and rounded to nearest even; see nn/qkernels.h)
+ *     rather than TFLite's fixed-point ADD and MUL, for the same reason; global average pool:
+ *     TFLite's AVERAGE_POOL_2D (output shares the input's parameters, sum divided with
+ *     rounding).
+ * tern_quant_srdhm, tern_quant_mbqm and tern_quant_multiplier below are TFLite's fixed-point
+ * arithmetic, kept for comparison and for files of that scheme; the kernels do not use them.
  *
  * A tern_qmodel is built from a float tern_model and calibration images: the float network is
  * run with BatchNorm folded, every activation tensor's range is observed (min/max), parameters
