@@ -213,16 +213,18 @@ T_VNNI static void dw_pad_image(uint8_t *u, const int8_t *img, int32_t x_zp,
 /* One block of 16 channels over all output pixels of an image, G groups of 4 taps per row.
  * A 64-byte read at (iy, ix) holds pixels ix..ix+3 of the block; one byte permute turns it into
  * the channel-major quadruples vpdpbusd multiplies with the packed weights. */
-T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t *ub, size_t wpp,
-                             const int8_t *wb, const int32_t *bias, const float *scale,
-                             const rqf16 *r, const __m512i *lut, __mmask16 m,
-                             const tern_conv_params *p)
+T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, int8_t *y,
+                             const uint8_t *ub, size_t wpp, const int8_t *wb,
+                             const int32_t *bias, const float *scale, const rqf16 *r,
+                             const int8_t *table, __mmask16 m, const tern_conv_params *p)
 {
     const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
-    __m512i w[7][2];
+    __m512i w[7][2], lut[4];
     for (int ky = 0; ky < K; ky++)
         for (int g = 0; g < G; g++)
             w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
+    for (int i = 0; has_lut && i < 4; i++)
+        lut[i] = _mm512_loadu_si512(table + 64 * i);
     const __m512i b = _mm512_loadu_si512(bias);
     const __m512i idx = _mm512_set_epi8(
         63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12, 59, 43, 27, 11, 58, 42, 26,
@@ -232,7 +234,22 @@ T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t 
     for (int oy = 0; oy < p->oh; oy++) {
         const uint8_t *top = ub + (size_t)oy * s * wpp * 16;
         int8_t *out = y + (size_t)oy * p->ow * C;
-        for (int ox = 0; ox < p->ow; ox++) {
+        int ox = 0;
+        /* four pixels at a time: four independent chains for the out-of-order core */
+        for (; ox + 4 <= p->ow; ox += 4) {
+            __m512i acc[4] = {b, b, b, b};
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t *at = top + (size_t)(ox + j) * s * 16;
+                        __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
+                        DPBUSD(acc[j], _mm512_permutexvar_epi8(idx, v), w[ky][g]);
+                    }
+            for (int j = 0; j < 4; j++)
+                _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
+                                     requantf16(acc[j], sv, r, has_lut ? lut : NULL));
+        }
+        for (; ox < p->ow; ox++) {
             const uint8_t *at = top + (size_t)ox * s * 16;
             __m512i acc = b;
             for (int ky = 0; ky < K; ky++)
@@ -240,7 +257,8 @@ T_VNNI QINLINE void dw_block(const int K, const int G, int8_t *y, const uint8_t 
                     __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
                     DPBUSD(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
                 }
-            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requantf16(acc, sv, r, lut));
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m,
+                                 requantf16(acc, sv, r, has_lut ? lut : NULL));
         }
     }
 }
@@ -255,13 +273,6 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
     const int k = p->k, G = dw_groups(k);
     uint8_t *u = workspace;
     const rqf16 r = rqf16_make(rq);
-    __m512i tables[4];
-    const __m512i *lut = NULL;
-    if (rq->lut) {
-        for (int i = 0; i < 4; i++)
-            tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
-        lut = tables;
-    }
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + 16 * nb);
     const size_t wblock = (size_t)k * (size_t)G * 64;
@@ -275,12 +286,16 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             int8_t *yb = yn + 16 * b;
             const int8_t *wb = w + b * wblock;
             const int32_t *bb = bias + 16 * b;
+            const float *sc = rq->scale + 16 * b;
+            const bool t = rq->lut != NULL;
+#define DW(K, G, L) dw_block(K, G, L, yb, ub, wpp, wb, bb, sc, &r, rq->lut, m, p)
             if (k == 3)
-                dw_block(3, 1, yb, ub, wpp, wb, bb, rq->scale + 16 * b, &r, lut, m, p);
+                t ? DW(3, 1, true) : DW(3, 1, false);
             else if (k == 5)
-                dw_block(5, 2, yb, ub, wpp, wb, bb, rq->scale + 16 * b, &r, lut, m, p);
+                t ? DW(5, 2, true) : DW(5, 2, false);
             else
-                dw_block(k, G, yb, ub, wpp, wb, bb, rq->scale + 16 * b, &r, lut, m, p);
+                t ? DW(k, G, true) : DW(k, G, false);
+#undef DW
         }
     }
 }
