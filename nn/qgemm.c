@@ -165,49 +165,84 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
     }
 }
 
+/* 64 int32 lanes (four vectors, already within [-128, 127]) to 64 bytes in order: the
+ * saturating packs interleave 128-bit lanes, one dword permute puts them back. */
+T_VNNI INLINE __m512i pack64(__m512i q0, __m512i q1, __m512i q2, __m512i q3)
+{
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(q0, q1), _mm512_packs_epi32(q2, q3));
+    return _mm512_permutexvar_epi32(order, b);
+}
+
 /* One mr x (16 nv) tile of C. wb: the packed weights of its first column block; bstride: bytes
- * between column blocks; scale: the requantization scales of the tile's columns. */
-T_VNNI INLINE void vnni_tile(const int mr, const int nv, int8_t *y, int32_t *y32, size_t ldy,
-                             const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
-                             const int32_t *bias, size_t K, size_t ncols, const float *scale,
-                             const rqf16 *rf, const __m512i *lut, size_t n0)
+ * between column blocks; scale: the requantization scales of the tile's columns; lut: the
+ * table as four zmm when has_lut. A full 64-column row is requantized into one zmm of bytes and
+ * goes through the table once. */
+T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int8_t *y,
+                             int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                             const int8_t *wb, size_t bstride, const int32_t *bias, size_t K,
+                             size_t ncols, const float *scale, const rqf16 *rf,
+                             const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < mr; r++)
+    for (int v = 0; v < nv; v++) {
+        const __m512i bv = _mm512_loadu_si512(bias + 16 * v); /* sums start at the bias */
         _Pragma("GCC unroll 8")
-        for (int v = 0; v < nv; v++)
-            acc[r][v] = _mm512_setzero_si512();
+        for (int r = 0; r < mr; r++)
+            acc[r][v] = bv;
+    }
     const size_t full = K / 4;
     for (size_t g = 0; g < full; g++) /* a constant 4 bytes: one broadcast load */
         vnni_step(mr, nv, acc, a + 4 * g, lda, wb + g * 64, bstride, 4);
     if (K % 4)
         vnni_step(mr, nv, acc, a + 4 * full, lda, wb + full * 64, bstride, K % 4);
+    if (y32) {
+        _Pragma("GCC unroll 8")
+        for (int v = 0; v < nv; v++) {
+            __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < mr; r++)
+                _mm512_mask_storeu_epi32(y32 + r * ldy + n0 + 16 * v, m, acc[r][v]);
+        }
+        return;
+    }
+    if (nv == VNNI_NV && ncols == 64) {
+        __m512 sv[VNNI_NV];
+        _Pragma("GCC unroll 8")
+        for (int v = 0; v < nv; v++)
+            sv[v] = _mm512_loadu_ps(scale + 16 * v);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < mr; r++) {
+            __m512i b = pack64(requantf16_i32(acc[r][0], sv[0], rf),
+                               requantf16_i32(acc[r][1], sv[1], rf),
+                               requantf16_i32(acc[r][2], sv[2], rf),
+                               requantf16_i32(acc[r][3], sv[3], rf));
+            if (has_lut)
+                b = lut512_apply(b, lut);
+            _mm512_storeu_si512(y + r * ldy + n0, b);
+        }
+        return;
+    }
     _Pragma("GCC unroll 8")
     for (int v = 0; v < nv; v++) {
         size_t n = n0 + 16 * (size_t)v;
         __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
-        __m512i bv = _mm512_loadu_si512(bias + 16 * v);
-        if (y32) {
-            _Pragma("GCC unroll 8")
-            for (int r = 0; r < mr; r++)
-                _mm512_mask_storeu_epi32(y32 + r * ldy + n, m, _mm512_add_epi32(acc[r][v], bv));
-            continue;
-        }
         const __m512 sv = _mm512_maskz_loadu_ps(m, scale + 16 * v);
         _Pragma("GCC unroll 8")
         for (int r = 0; r < mr; r++)
             _mm_mask_storeu_epi8(y + r * ldy + n, m,
-                                 requantf16(_mm512_add_epi32(acc[r][v], bv), sv, rf, lut));
+                                 requantf16(acc[r][v], sv, rf, has_lut ? lut : NULL));
     }
 }
 
 #define VNNI_TILE(MR, NV)                                                                       \
-    vnni_tile(MR, NV, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, scale, rf, lut, n0)
+    vnni_tile(MR, NV, LUT, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, scale, rf, lut, \
+              n0)
 
-T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t ldy,
-                                 const int8_t *a, size_t lda, const int8_t *wb, size_t bstride,
-                                 const int32_t *bias, size_t K, size_t ncols,
+T_VNNI static void vnni_tile_any(int mr, int nv, bool has_lut, int8_t *y, int32_t *y32,
+                                 size_t ldy, const int8_t *a, size_t lda, const int8_t *wb,
+                                 size_t bstride, const int32_t *bias, size_t K, size_t ncols,
                                  const float *scale, const rqf16 *rf, const __m512i *lut,
                                  size_t n0)
 {
@@ -218,14 +253,25 @@ T_VNNI static void vnni_tile_any(int mr, int nv, int8_t *y, int32_t *y32, size_t
     case 3: VNNI_TILE(MR, 3); break;                                                            \
     default: VNNI_TILE(MR, 4); break;                                                           \
     }
-    switch (mr) {
-    case 1: ROW(1) break;
-    case 2: ROW(2) break;
-    case 3: ROW(3) break;
-    case 4: ROW(4) break;
-    case 5: ROW(5) break;
-    default: ROW(6) break;
+#define ROWS                                                                                    \
+    switch (mr) {                                                                               \
+    case 1: ROW(1) break;                                                                       \
+    case 2: ROW(2) break;                                                                       \
+    case 3: ROW(3) break;                                                                       \
+    case 4: ROW(4) break;                                                                       \
+    case 5: ROW(5) break;                                                                       \
+    default: ROW(6) break;                                                                      \
     }
+    if (has_lut) {
+#define LUT true
+        ROWS
+#undef LUT
+    } else {
+#define LUT false
+        ROWS
+#undef LUT
+    }
+#undef ROWS
 #undef ROW
 }
 
@@ -251,7 +297,7 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
         for (size_t n0 = 0; n0 < N; n0 += 16 * VNNI_NV) {
             size_t ncols = min_size(16 * VNNI_NV, N - n0);
             int nv = (int)((ncols + 15) / 16);
-            vnni_tile_any(mr, nv, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
+            vnni_tile_any(mr, nv, lut != NULL, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
                           a + m0 * lda, lda, w + (n0 / 16) * bstride, bstride, bias + n0, K,
                           ncols, y32 ? NULL : rq->scale + n0, &rf, lut, n0);
         }
