@@ -89,11 +89,28 @@ static size_t dw_padded_size(const tern_conv_params *p)
            (size_t)(p->w + 2 * p->pad + 4);
 }
 
+/* Stride 1, 5x5 (dw_use_quads): one block's image of channel-interleaved quadruples, [H + 2 pad][wq][16][4] with
+ * wq = OW + 4 (groups - 1) (entry ix holds pixels ix..ix+3 of the padded row, permuted once
+ * for all the output pixels and rows that read it), plus one padded row of 16-byte pixels. */
+static size_t dw_quad_size(const tern_conv_params *p)
+{
+    size_t wq = (size_t)p->ow + 4 * (size_t)(dw_groups(p->k) - 1);
+    return (size_t)(p->h + 2 * p->pad) * wq * 64 + (size_t)(p->w + 2 * p->pad + 4) * 16 + 64;
+}
+
+/* The quadruple image pays off where it saves more than one permute per output: kernels of
+ * two or more groups per row (5x5) at stride 1. For 3x3 writing it costs more than the three
+ * permutes it saves. */
+static bool dw_use_quads(const tern_conv_params *p)
+{
+    return p->stride == 1 && dw_groups(p->k) > 1;
+}
+
 size_t tern_qdwconv_workspace_size(const tern_conv_params *p, tern_qisa isa)
 {
     if (tern_qisa_resolve(isa) != TERN_QISA_AVX512_VNNI)
         return 0;
-    return round_up(dw_padded_size(p), 64);
+    return round_up(dw_use_quads(p) ? dw_quad_size(p) : dw_padded_size(p), 64);
 }
 
 void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
@@ -263,6 +280,85 @@ T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, int8_
     }
 }
 
+static const int8_t dw_interleave[64] = {0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51,
+                                         4,  20, 36, 52, 5,  21, 37, 53, 6,  22, 38, 54, 7,  23, 39, 55,
+                                         8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+                                         12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
+/* Stride 1, block b of 16 channels: the quadruple image (dw_quad_size) of one image. */
+T_VNNI static void dw_build_quads(uint8_t *quad, uint8_t *row, const int8_t *img, size_t b,
+                                  int32_t x_zp, const tern_conv_params *p)
+{
+    const size_t C = (size_t)p->cin, hp = (size_t)(p->h + 2 * p->pad);
+    const size_t wpp = (size_t)(p->w + 2 * p->pad + 4);
+    const size_t wq = (size_t)p->ow + 4 * (size_t)(dw_groups(p->k) - 1);
+    const uint8_t fill = (uint8_t)(x_zp + 128);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    const __m512i idx = _mm512_loadu_si512(dw_interleave);
+    const __mmask16 m = q_tail_mask16(C - 16 * b);
+    for (size_t iy = 0; iy < hp; iy++) {
+        uint8_t *q = quad + iy * wq * 64;
+        int sy = (int)iy - p->pad;
+        if (sy < 0 || sy >= p->h) { /* a padding row: every byte the fill */
+            memset(q, fill, wq * 64);
+            continue;
+        }
+        const int8_t *src = img + (size_t)sy * p->w * C + 16 * b;
+        memset(row, fill, (size_t)p->pad * 16);
+        memset(row + (size_t)(p->pad + p->w) * 16, fill, (wpp - (size_t)(p->pad + p->w)) * 16);
+        uint8_t *dst = row + (size_t)p->pad * 16;
+        for (int ix = 0; ix < p->w; ix++) /* channels past C: any byte (zero weights) */
+            _mm_storeu_si128((__m128i *)(dst + 16 * (size_t)ix),
+                             _mm_xor_si128(_mm_maskz_loadu_epi8(m, src + (size_t)ix * C), flip));
+        for (size_t ix = 0; ix < wq; ix++)
+            _mm512_storeu_si512(q + 64 * ix, _mm512_permutexvar_epi8(
+                                                 idx, _mm512_loadu_si512(row + 16 * ix)));
+    }
+}
+
+/* Stride 1: one block over an image from its quadruple image, four output pixels per step. */
+T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut, int8_t *y,
+                                   const uint8_t *quad, const int8_t *wb, const int32_t *bias,
+                                   const float *scale, const rqf16 *r, const int8_t *table,
+                                   __mmask16 m, const tern_conv_params *p)
+{
+    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    __m512i w[7][2], lut[4];
+    for (int ky = 0; ky < K; ky++)
+        for (int g = 0; g < G; g++)
+            w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
+    for (int i = 0; has_lut && i < 4; i++)
+        lut[i] = _mm512_loadu_si512(table + 64 * i);
+    const __m512i b = _mm512_loadu_si512(bias);
+    const size_t C = (size_t)p->cin, wq = (size_t)p->ow + 4 * (size_t)(G - 1);
+    for (int oy = 0; oy < p->oh; oy++) {
+        const uint8_t *top = quad + (size_t)oy * wq * 64;
+        int8_t *out = y + (size_t)oy * p->ow * C;
+        int ox = 0;
+        for (; ox + 4 <= p->ow; ox += 4) {
+            __m512i acc[4] = {b, b, b, b};
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t *at = top + ((size_t)ky * wq + (size_t)(ox + j + 4 * g)) * 64;
+                        DPBUSD(acc[j], _mm512_loadu_si512(at), w[ky][g]);
+                    }
+            for (int j = 0; j < 4; j++)
+                _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
+                                     requantf16(acc[j], sv, r, has_lut ? lut : NULL));
+        }
+        for (; ox < p->ow; ox++) {
+            __m512i acc = b;
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++)
+                    DPBUSD(acc, _mm512_loadu_si512(top + ((size_t)ky * wq + (size_t)(ox + 4 * g)) * 64),
+                           w[ky][g]);
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m,
+                                 requantf16(acc, sv, r, has_lut ? lut : NULL));
+        }
+    }
+}
+
 T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
                                void *workspace, const tern_conv_params *p,
                                const tern_requant *rq)
@@ -276,6 +372,28 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + 16 * nb);
     const size_t wblock = (size_t)k * (size_t)G * 64;
+    const bool t = rq->lut != NULL;
+    if (dw_use_quads(p)) {
+        const size_t wq = (size_t)p->ow + 4 * (size_t)(G - 1);
+        uint8_t *row = u + (size_t)(p->h + 2 * p->pad) * wq * 64;
+        for (int n = 0; n < p->n; n++) {
+            const int8_t *img = x + (size_t)n * p->h * p->w * C;
+            int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
+            for (size_t b = 0; b < nb; b++) {
+                __mmask16 m = q_tail_mask16(C - 16 * b);
+                dw_build_quads(u, row, img, b, x_zp, p);
+#define DWQ(K, G, L)                                                                            \
+    dw_block_quads(K, G, L, yn + 16 * b, u, w + b * wblock, bias + 16 * b, rq->scale + 16 * b, \
+                   &r, rq->lut, m, p)
+                if (k == 5)
+                    t ? DWQ(5, 2, true) : DWQ(5, 2, false);
+                else
+                    t ? DWQ(k, G, true) : DWQ(k, G, false);
+#undef DWQ
+            }
+        }
+        return;
+    }
     for (int n = 0; n < p->n; n++) {
         const int8_t *img = x + (size_t)n * p->h * p->w * C;
         int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
@@ -287,7 +405,6 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             const int8_t *wb = w + b * wblock;
             const int32_t *bb = bias + 16 * b;
             const float *sc = rq->scale + 16 * b;
-            const bool t = rq->lut != NULL;
 #define DW(K, G, L) dw_block(K, G, L, yb, ub, wpp, wb, bb, sc, &r, rq->lut, m, p)
             if (k == 3)
                 t ? DW(3, 1, true) : DW(3, 1, false);
