@@ -586,9 +586,45 @@ T_VNNI INLINE void direct_block(const int K, const int G, int8_t *y, const uint8
     }
 }
 
-T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
-                               void *workspace, const tern_conv_params *p,
-                               const tern_requant *rq)
+/* The padded unsigned copy of image n: borders x_zp + 128, then each row from x (int8) or xf
+ * (float, quantized with xp). */
+T_VNNI static void direct_pad(uint8_t *u, const int8_t *x, const float *xf, tern_qparams xp,
+                              int32_t x_zp, int n, const tern_conv_params *p)
+{
+    const size_t cin = (size_t)p->cin, wp = (size_t)(p->w + 2 * p->pad), row = wp * cin;
+    const size_t hp = (size_t)(p->h + 2 * p->pad), len = (size_t)p->w * cin;
+    const size_t left = (size_t)p->pad * cin;
+    const uint8_t fill = (uint8_t)(x_zp + 128);
+    memset(u, fill, (size_t)p->pad * row);
+    memset(u + (size_t)(p->pad + p->h) * row, fill, (hp - (size_t)(p->pad + p->h)) * row + 64);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i flip32 = _mm512_set1_epi32(128);
+    const q16 c = q16_make(xp);
+    for (int iy = 0; iy < p->h; iy++) {
+        uint8_t *dst = u + (size_t)(iy + p->pad) * row;
+        memset(dst, fill, left);
+        memset(dst + left + len, fill, row - left - len);
+        dst += left;
+        size_t at = ((size_t)n * p->h + iy) * len;
+        if (xf) {
+            for (size_t i = 0; i < len; i += 16) {
+                __mmask16 m = q_tail_mask16(len - i);
+                __m512i q = quantize16(_mm512_maskz_loadu_ps(m, xf + at + i), &c);
+                _mm_mask_storeu_epi8(dst + i, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, flip32)));
+            }
+            continue;
+        }
+        for (size_t i = 0; i < len; i += 64) {
+            __mmask64 m = len - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (len - i)) - 1;
+            _mm512_mask_storeu_epi8(dst + i, m,
+                                    _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + at + i), flip));
+        }
+    }
+}
+
+T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, const float *xf, tern_qparams xp,
+                               int32_t x_zp, const void *packed, void *workspace,
+                               const tern_conv_params *p, const tern_requant *rq)
 {
     const size_t cin = (size_t)p->cin, C = (size_t)p->cout, np = round_up(C, 16);
     const size_t wp = (size_t)(p->w + 2 * p->pad), row = wp * cin;
@@ -596,7 +632,6 @@ T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + np);
     uint8_t *u = workspace;
-    const uint8_t fill = (uint8_t)(x_zp + 128);
     const rqf16 rf = rqf16_make(rq);
     __m512i tables[4];
     const __m512i *lut = NULL;
@@ -605,20 +640,8 @@ T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
         lut = tables;
     }
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int n = 0; n < p->n; n++) {
-        /* the padded unsigned copy */
-        memset(u, fill, direct_padded_size(p));
-        for (int iy = 0; iy < p->h; iy++) {
-            const int8_t *src = x + (((size_t)n * p->h + iy) * p->w) * cin;
-            uint8_t *dst = u + (size_t)(iy + p->pad) * row + (size_t)p->pad * cin;
-            size_t len = (size_t)p->w * cin;
-            for (size_t i = 0; i < len; i += 64) {
-                __mmask64 m = len - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (len - i)) - 1;
-                _mm512_mask_storeu_epi8(dst + i, m,
-                                        _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + i), flip));
-            }
-        }
+        direct_pad(u, x, xf, xp, x_zp, n, p);
         int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
         for (size_t b = 0; b < np / 16; b++) {
             __mmask16 m = q_tail_mask16(C - 16 * b);
@@ -641,7 +664,19 @@ void tern_qconv_direct(int8_t *y, const int8_t *x, int32_t x_zp, const void *pac
                        tern_qisa isa)
 {
     if (resolve(isa) == TERN_QISA_AVX512_VNNI)
-        direct_vnni(y, x, x_zp, packed, workspace, p, rq);
+        direct_vnni(y, x, NULL, (tern_qparams){1, 0}, x_zp, packed, workspace, p, rq);
     else
         direct_scalar(y, x, x_zp, packed, p, rq);
+}
+
+void tern_qconv_direct_f32(int8_t *y, int8_t *xq_scratch, const float *x, tern_qparams xp,
+                           const void *packed, void *workspace, const tern_conv_params *p,
+                           const tern_requant *rq, tern_qisa isa)
+{
+    if (resolve(isa) == TERN_QISA_AVX512_VNNI) {
+        direct_vnni(y, NULL, x, xp, xp.zero_point, packed, workspace, p, rq);
+        return;
+    }
+    tern_quantize_array(xq_scratch, x, (size_t)p->n * p->h * p->w * p->cin, xp, isa);
+    direct_scalar(y, xq_scratch, xp.zero_point, packed, p, rq);
 }

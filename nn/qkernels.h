@@ -102,6 +102,13 @@ void tern_qconv_direct(int8_t *y, const int8_t *x, int32_t x_zp, const void *pac
                        void *workspace, const tern_conv_params *p, const tern_requant *rq,
                        tern_qisa isa);
 
+/* The same from the float input x (N, H, W, Cin), quantized with xp on the way into the padded
+ * copy (no int8 image in between); bit-identical to tern_quantize_array into xq_scratch
+ * (N*H*W*Cin bytes, used only at the levels without a fused path) then tern_qconv_direct. */
+void tern_qconv_direct_f32(int8_t *y, int8_t *xq_scratch, const float *x, tern_qparams xp,
+                           const void *packed, void *workspace, const tern_conv_params *p,
+                           const tern_requant *rq, tern_qisa isa);
+
 /* ---- depthwise convolution ------------------------------------------------------------------ */
 
 /* Bytes of the packed form of (w, bias, x_zp) for isa: 64-byte aligned.

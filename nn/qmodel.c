@@ -1082,6 +1082,18 @@ static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int
     }
 }
 
+/* The first op is a direct convolution reading the input, which nothing else reads. */
+static bool fused_stem(const tern_qmodel *q)
+{
+    const qop *o = &q->ops[0];
+    if (o->kind != QOP_CONV || o->in != 0 || o->fp32 || !tern_qconv_direct_supported(&o->conv))
+        return false;
+    for (int i = 1; i < q->nops; i++)
+        if (q->ops[i].in == 0 || q->ops[i].in2 == 0)
+            return false;
+    return true;
+}
+
 static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
 {
     const qvalue *in = &q->values[o->in], *out = &q->values[o->out];
@@ -1147,8 +1159,18 @@ tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float 
         return TERN_OK;
     }
     qvalue *x = &q->values[0];
-    tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
-    for (int i = 0; i < q->nops; i++)
+    int first = 0;
+    if (fused_stem(q)) { /* the input quantized straight into the stem's padded copy */
+        const qop *o = &q->ops[0];
+        tern_conv_params p = o->conv;
+        p.n = batch;
+        tern_qconv_direct_f32(q->values[o->out].x, x->x, input, x->q, o->packed, q->workspace,
+                              &p, &o->rq, q->isa);
+        first = 1;
+    } else {
+        tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
+    }
+    for (int i = first; i < q->nops; i++)
         forward_op(q, &q->ops[i], batch, logits);
     return TERN_OK;
 }
@@ -1176,10 +1198,20 @@ tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, cons
     }
     qvalue *x = &q->values[0];
     double t0 = seconds();
-    tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
+    int first = 0;
+    if (fused_stem(q)) { /* the input's quantization is inside op 0, and timed with it */
+        const qop *o = &q->ops[0];
+        tern_conv_params p = o->conv;
+        p.n = batch;
+        tern_qconv_direct_f32(q->values[o->out].x, x->x, input, x->q, o->packed, q->workspace,
+                              &p, &o->rq, q->isa);
+        first = 1;
+    } else {
+        tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
+    }
     double t1 = seconds();
-    op_seconds[0] += t1 - t0;
-    for (int i = 0; i < q->nops; i++) {
+    op_seconds[first] += t1 - t0;
+    for (int i = first; i < q->nops; i++) {
         forward_op(q, &q->ops[i], batch, logits);
         t0 = t1;
         t1 = seconds();

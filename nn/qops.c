@@ -589,27 +589,12 @@ void tern_quantize_ref(int8_t *y, const float *x, size_t count, tern_qparams p)
         y[i] = tern_quantize(x[i], p);
 }
 
-/* roundf(x / scale) as truncation plus a correction when the (exact) fraction is >= 1/2. */
 T_VNNI static void quantize_vnni(int8_t *y, const float *x, size_t count, tern_qparams p)
 {
-    const __m512 scale = _mm512_set1_ps(p.scale), half = _mm512_set1_ps(0.5f);
-    const __m512 lo = _mm512_set1_ps(-128.0f - (float)p.zero_point);
-    const __m512 hi = _mm512_set1_ps(127.0f - (float)p.zero_point);
-    const __m512i zp = _mm512_set1_epi32(p.zero_point);
+    const q16 c = q16_make(p);
     for (size_t i = 0; i < count; i += 16) {
         __mmask16 m = q_tail_mask16(count - i);
-        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), scale);
-        __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
-        __mmask16 up = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
-        /* t +- 1, toward v's sign (a zero t with frac >= 1/2 has v's sign too) */
-        __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f),
-                                  _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
-        __m512 r = _mm512_mask_add_ps(t, up, t, one);
-        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_setzero_ps());
-        __m512i q = _mm512_add_epi32(_mm512_cvttps_epi32(r), zp);
-        _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
+        _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(quantize16(_mm512_maskz_loadu_ps(m, x + i), &c)));
     }
 }
 

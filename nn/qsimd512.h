@@ -61,4 +61,33 @@ T_VNNI QINLINE __m128i requantf16(__m512i acc, __m512 scale, const rqf16 *r, con
     return b;
 }
 
+/* tern_quantize's constants as vectors. */
+typedef struct q16 {
+    __m512 scale, half, lo, hi;
+    __m512i zp;
+} q16;
+
+T_VNNI QINLINE q16 q16_make(tern_qparams p)
+{
+    return (q16){_mm512_set1_ps(p.scale), _mm512_set1_ps(0.5f),
+                 _mm512_set1_ps(-128.0f - (float)p.zero_point),
+                 _mm512_set1_ps(127.0f - (float)p.zero_point), _mm512_set1_epi32(p.zero_point)};
+}
+
+/* tern_quantize on 16 floats: int32 lanes in [-128, 127]. roundf(x / scale) is truncation
+ * plus a correction when the (exact) fraction is >= 1/2. */
+T_VNNI QINLINE __m512i quantize16(__m512 x, const q16 *c)
+{
+    __m512 v = _mm512_div_ps(x, c->scale);
+    __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+    __mmask16 up = _mm512_cmp_ps_mask(frac, c->half, _CMP_GE_OQ);
+    /* t +- 1, toward v's sign (a zero t with frac >= 1/2 has v's sign too) */
+    __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
+    __m512 r = _mm512_mask_add_ps(t, up, t, one);
+    r = _mm512_min_ps(_mm512_max_ps(r, c->lo), c->hi);
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_setzero_ps());
+    return _mm512_add_epi32(_mm512_cvttps_epi32(r), c->zp);
+}
+
 #endif

@@ -438,6 +438,21 @@ static void conv_im2col_matches_direct(void **state)
                             tern_qisa_name(isas[l]), p.n, p.h, p.w, p.cin, p.cout, k, p.stride,
                             p.pad);
             assert_memory_equal(got, ref, rows * p.cout);
+            /* the same from float input quantized on the way in */
+            size_t nx = (size_t)p.n * p.h * p.w * p.cin;
+            float *xf = xcalloc(nx, sizeof(float));
+            int8_t *x8 = xcalloc(nx, 1), *scratch = xcalloc(nx, 1), *ref8 = xcalloc(rows * p.cout, 1);
+            tern_qparams xp = {test_rng_uniform(&r, 0.01f, 0.1f), zp};
+            test_fill_uniform(&r, xf, nx, -12, 12);
+            tern_quantize_ref(x8, xf, nx, xp);
+            tern_qconv_direct(ref8, x8, zp, packed, ws, &p, &rq.rq, isas[l]);
+            memset(got, 0x55, rows * p.cout);
+            tern_qconv_direct_f32(got, scratch, xf, xp, packed, ws, &p, &rq.rq, isas[l]);
+            assert_memory_equal(got, ref8, rows * p.cout);
+            free(xf);
+            free(x8);
+            free(scratch);
+            free(ref8);
             free(packed);
             free(ws);
         }

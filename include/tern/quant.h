@@ -159,7 +159,8 @@ tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float 
                                 int batch);
 /* tern_qmodel_forward, timing each step: op_seconds (1 + op count) gets the wall-clock
  * seconds of the input's quantization added to [0] and of op i to [1 + i] (accumulated, so
- * repeated calls sum). Same errors as tern_qmodel_forward. */
+ * repeated calls sum); when the stem quantizes the input itself, [0] stays 0 and [1] has both.
+ * A model with float layers is timed as a whole, in [0]. Same errors as tern_qmodel_forward. */
 tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, const float *input,
                                         int batch, double *op_seconds);
 /* Detail of the qmodel's last failed call ("" if none). Borrowed until the next call. */
