@@ -1,16 +1,19 @@
 /* Integer GEMM of the INT8 model: y = requant(bias + (a - a_zp) w^T), int8 activations (M, K)
  * times int8 weights (N, K), int32 accumulation.
  *
- * Zero points. The vector instructions multiply unsigned by signed bytes (vpdpbusd), so the
- * activations are read as a + 128 (a XOR 0x80, an unsigned byte) and the weights stay signed;
- * then sum (a - a_zp) w = sum (a + 128) w - (a_zp + 128) sum_k w, and the last term, constant
- * per output column, is folded into the bias when the weights are packed. All of it is exact
- * int32 arithmetic, so the result is bit-identical to the reference's direct sum.
+ * Zero points. The vector instructions multiply unsigned by signed bytes (vpdpbusd). At the
+ * AVX-512 level the weights are packed as the unsigned operand, w + 128 in [1, 255], and the
+ * activations stay signed, so that a row's 4 bytes go straight from a broadcast load into
+ * vpdpbusd: sum (a - a_zp) w = sum a (w + 128) - 128 sum_k a - a_zp sum_k w, the last term
+ * (per output column) folded into the bias when the weights are packed, the middle one (per
+ * row) computed once per row block with vpsadbw. The scalar level reads the activations as
+ * a + 128 instead: sum (a + 128) w - (a_zp + 128) sum_k w. All of it is exact int32
+ * arithmetic, so the result is bit-identical to the reference's direct sum.
  *
  * Levels:
  *   AVX-512 VNNI: weights packed in 16-column by 4-deep blocks (one zmm per block, the layout
  *     vpdpbusd reads); the microkernel holds a 6-row by 64-column tile in 24 accumulators, reads
- *     4 bytes of a row of A at a time (one broadcast, one XOR) and issues 4 vpdpbusd on it. The
+ *     4 bytes of a row of A at a time (one broadcast load) and issues 4 vpdpbusd on it. The
  *     epilogue requantizes 16 columns per vector in single precision (convert, multiply,
  *     clamp, convert, zero point), then the lookup table with two vpermi2b.
  *   AVX2: no byte dot product that cannot saturate (vpmaddubsw saturates its int16 pairs at
@@ -72,20 +75,23 @@ void tern_qgemm_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t
     isa = resolve(isa);
     size_t np = padded_n(N, isa);
     int32_t *b = packed;
+    /* VNNI: sum (w + 128) a - 128 sum_k a (per row, at run time) - a_zp sum_k w; the other
+     * levels: sum (a + 128) w - (a_zp + 128) sum_k w */
+    const int64_t zfold = isa == TERN_QISA_AVX512_VNNI ? a_zp : (int64_t)a_zp + 128;
     for (size_t n = 0; n < np; n++) {
         int64_t colsum = 0;
         for (size_t k = 0; n < N && k < K; k++)
             colsum += w[n * K + k];
-        b[n] = n < N ? wrap32((bias ? (int64_t)bias[n] : 0) - ((int64_t)a_zp + 128) * colsum) : 0;
+        b[n] = n < N ? wrap32((bias ? (int64_t)bias[n] : 0) - zfold * colsum) : 0;
     }
     char *wp = (char *)packed + np * sizeof(int32_t);
     if (isa == TERN_QISA_AVX512_VNNI) {
         size_t kp = round_up(K, 4);
-        int8_t *out = (int8_t *)wp; /* [n / 16][k / 4][n % 16][k % 4] */
+        uint8_t *out = (uint8_t *)wp; /* [n / 16][k / 4][n % 16][k % 4], w + 128, padding 0 */
         for (size_t n = 0; n < np; n++)
             for (size_t k = 0; k < kp; k++)
                 out[(n / 16) * kp * 16 + (k / 4) * 64 + (n % 16) * 4 + k % 4] =
-                    n < N && k < K ? w[n * K + k] : 0;
+                    n < N && k < K ? (uint8_t)(w[n * K + k] + 128) : 0;
     } else if (isa == TERN_QISA_AVX2) {
         size_t kp = round_up(K, 2);
         int16_t *out = (int16_t *)wp; /* [n / 8][k / 2][n % 8][k % 2] */
@@ -151,17 +157,17 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
                              const int8_t *a, size_t lda, const int8_t *wg, size_t bstride,
                              size_t nk)
 {
-    const __m512i flip = _mm512_set1_epi32((int32_t)0x80808080u);
     __m512i b[VNNI_NV];
     _Pragma("GCC unroll 8")
     for (int v = 0; v < nv; v++)
         b[v] = _mm512_load_si512(wg + v * bstride);
     _Pragma("GCC unroll 8")
     for (int r = 0; r < mr; r++) {
-        __m512i av = _mm512_xor_si512(bcast4(a + r * lda, nk), flip);
+        /* the activations are the signed operand: a broadcast load, no ALU work */
+        __m512i av = bcast4(a + r * lda, nk);
         _Pragma("GCC unroll 8")
         for (int v = 0; v < nv; v++)
-            DPBUSD(acc[r][v], av, b[v]);
+            DPBUSD(acc[r][v], b[v], av);
     }
 }
 
@@ -180,6 +186,7 @@ T_VNNI INLINE __m512i pack64(__m512i q0, __m512i q1, __m512i q2, __m512i q3)
  * goes through the table once. */
 T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int8_t *y,
                              int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
+                             const int32_t *rowsum128,
                              const int8_t *wb, size_t bstride, const int32_t *bias, size_t K,
                              size_t ncols, const float *scale, const rqf16 *rf,
                              const __m512i *lut, size_t n0)
@@ -187,10 +194,11 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
     __m512i acc[VNNI_MR][VNNI_NV];
     _Pragma("GCC unroll 8")
     for (int v = 0; v < nv; v++) {
-        const __m512i bv = _mm512_loadu_si512(bias + 16 * v); /* sums start at the bias */
+        /* sums start at the bias less 128 times the row's sum (the weights' +128) */
+        const __m512i bv = _mm512_loadu_si512(bias + 16 * v);
         _Pragma("GCC unroll 8")
         for (int r = 0; r < mr; r++)
-            acc[r][v] = bv;
+            acc[r][v] = _mm512_sub_epi32(bv, _mm512_set1_epi32(rowsum128[r]));
     }
     const size_t full = K / 4;
     for (size_t g = 0; g < full; g++) /* a constant 4 bytes: one broadcast load */
@@ -237,11 +245,12 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
 }
 
 #define VNNI_TILE(MR, NV)                                                                       \
-    vnni_tile(MR, NV, LUT, y, y32, ldy, a, lda, wb, bstride, bias, K, ncols, scale, rf, lut, \
-              n0)
+    vnni_tile(MR, NV, LUT, y, y32, ldy, a, lda, rowsum128, wb, bstride, bias, K, ncols, scale, \
+              rf, lut, n0)
 
 T_VNNI static void vnni_tile_any(int mr, int nv, bool has_lut, int8_t *y, int32_t *y32,
-                                 size_t ldy, const int8_t *a, size_t lda, const int8_t *wb,
+                                 size_t ldy, const int8_t *a, size_t lda,
+                                 const int32_t *rowsum128, const int8_t *wb,
                                  size_t bstride, const int32_t *bias, size_t K, size_t ncols,
                                  const float *scale, const rqf16 *rf, const __m512i *lut,
                                  size_t n0)
@@ -292,13 +301,27 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
             tables[i] = _mm512_loadu_si512(rq->lut + 64 * i);
         lut = tables;
     }
+    const __m512i zero = _mm512_setzero_si512(), flip = _mm512_set1_epi8((char)0x80);
     for (size_t m0 = 0; m0 < M; m0 += VNNI_MR) {
         int mr = (int)min_size(VNNI_MR, M - m0);
+        int32_t rowsum128[VNNI_MR]; /* 128 sum_k a of each row: sums of (a + 128) less 128 K */
+        for (int r = 0; r < mr; r++) {
+            const int8_t *row = a + (m0 + (size_t)r) * lda;
+            __m512i acc = zero;
+            for (size_t k = 0; k < K; k += 64) {
+                __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (K - k)) - 1;
+                __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row + k), flip);
+                acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_maskz_mov_epi8(m, u), zero));
+            }
+            int64_t sum = _mm512_reduce_add_epi64(acc) - 128 * (int64_t)K;
+            rowsum128[r] = (int32_t)(uint32_t)((uint64_t)sum * 128);
+        }
         for (size_t n0 = 0; n0 < N; n0 += 16 * VNNI_NV) {
             size_t ncols = min_size(16 * VNNI_NV, N - n0);
             int nv = (int)((ncols + 15) / 16);
             vnni_tile_any(mr, nv, lut != NULL, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
-                          a + m0 * lda, lda, w + (n0 / 16) * bstride, bstride, bias + n0, K,
+                          a + m0 * lda, lda, rowsum128, w + (n0 / 16) * bstride, bstride,
+                          bias + n0, K,
                           ncols, y32 ? NULL : rq->scale + n0, &rf, lut, n0);
         }
     }
