@@ -1,7 +1,9 @@
 /* End-to-end: `tern quantize` on the shipped Fashion-MNIST model, then `tern info`, `tern eval`
- * and `tern predict` on the quantized file, and the errors a person can make. Needs Debian's
+ * and `tern predict` on the quantized file, the embedding example (apps/examples/classify.c,
+ * through tern_predictor) on it, and the errors a person can make. Needs Debian's
  * dataset-fashion-mnist and weights/fashion-mnist-small.safetensors (found from
- * $TERN_FIXTURES/../../weights); the tern binary comes from $TERN_BIN (set by CTest). */
+ * $TERN_FIXTURES/../../weights); binaries come from $TERN_BIN and $TERN_EXAMPLE (set by
+ * CTest). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -126,6 +128,17 @@ static void quantize_then_use(void **state)
     assert_int_equal(run(e, "predict --model %s --top 2 %s", e->qmodel, e->image), 0);
     expect_log(e, "test0.png: ");
     expect_log(e, "%");
+
+    /* the C API's predictor runs the quantized file as it runs a float one */
+    const char *example = getenv("TERN_EXAMPLE");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "'%s' '%s' '%s' > '%s' 2>&1",
+             example && *example ? example : "./example_classify", e->qmodel, e->image, e->log);
+    assert_int_equal(system(cmd), 0);
+    char *pred = slurp(e->log);
+    assert_non_null(pred);
+    assert_true(strlen(pred) > 2);
+    free(pred);
 
     /* errors a person can make */
     assert_int_equal(run(e, "eval --model %s --data fashion-mnist --size 64 --limit 10",

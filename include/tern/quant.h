@@ -222,6 +222,39 @@ tern_status tern_qmodel_load_file(const char *path, const tern_qmodel_load_optio
 void tern_qmodel_shape(const tern_qmodel *qmodel, int *height, int *width, int *in_channels,
                        int *num_classes);
 
+/* ---- inference on either kind of model file --------------------------------------------------- */
+
+/* A classifier opened from a model file, float ("tern") or quantized ("tern-int8"), run the
+ * same way: what C API users who do not care which kind they were given call. */
+typedef struct tern_predictor tern_predictor;
+
+typedef struct tern_predictor_options {
+    int max_batch;      /* largest batch for tern_predictor_forward; 0: 1 */
+    int size;           /* float models: input size; 0: the file's input_size, else 224.
+                         * Quantized models run at the size they were quantized for. */
+    const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the predictor */
+} tern_predictor_options;
+
+/* Open path. opt may be NULL. Errors: TERN_ERR_IO, TERN_ERR_FORMAT, TERN_ERR_INVALID (a size
+ * a quantized model was not made for, options out of range), TERN_ERR_NOMEM; detail in err.
+ * *out untouched on failure. */
+tern_status tern_predictor_open(const char *path, const tern_predictor_options *opt,
+                                tern_predictor **out, tern_error *err);
+/* Close; *p becomes NULL. Accepts NULL. */
+void tern_predictor_close(tern_predictor **p);
+/* logits (batch, num_classes) of input (batch, size, size, in_channels) NHWC float32,
+ * normalized as the file's metadata says. TERN_ERR_INVALID for NULL pointers or a batch
+ * outside [1, max_batch]. Not thread-safe. */
+tern_status tern_predictor_forward(tern_predictor *p, float *logits, const float *input,
+                                   int batch);
+/* The file's evaluation pipeline and class names (input_size is the size the predictor runs
+ * at); borrowed, valid until close. */
+const tern_model_info *tern_predictor_info(const tern_predictor *p);
+int tern_predictor_num_classes(const tern_predictor *p);
+int tern_predictor_in_channels(const tern_predictor *p);
+/* true for a quantized file. */
+bool tern_predictor_is_quantized(const tern_predictor *p);
+
 #ifdef __cplusplus
 }
 #endif
