@@ -63,22 +63,22 @@ T_VNNI QINLINE __m128i requantf16(__m512i acc, __m512 scale, const rqf16 *r, con
 
 /* tern_quantize's constants as vectors. */
 typedef struct q16 {
-    __m512 scale, half, lo, hi;
+    __m512 inv, half, lo, hi;
     __m512i zp;
 } q16;
 
 T_VNNI QINLINE q16 q16_make(tern_qparams p)
 {
-    return (q16){_mm512_set1_ps(p.scale), _mm512_set1_ps(0.5f),
+    return (q16){_mm512_set1_ps(1.0f / p.scale), _mm512_set1_ps(0.5f),
                  _mm512_set1_ps(-128.0f - (float)p.zero_point),
                  _mm512_set1_ps(127.0f - (float)p.zero_point), _mm512_set1_epi32(p.zero_point)};
 }
 
-/* tern_quantize on 16 floats: int32 lanes in [-128, 127]. roundf(x / scale) is truncation
- * plus a correction when the (exact) fraction is >= 1/2. */
+/* tern_quantize on 16 floats: int32 lanes in [-128, 127]. roundf(x * inv) is truncation plus
+ * a correction when the (exact) fraction is >= 1/2. */
 T_VNNI QINLINE __m512i quantize16(__m512 x, const q16 *c)
 {
-    __m512 v = _mm512_div_ps(x, c->scale);
+    __m512 v = _mm512_mul_ps(x, c->inv);
     __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
     __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
     __mmask16 up = _mm512_cmp_ps_mask(frac, c->half, _CMP_GE_OQ);

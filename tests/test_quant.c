@@ -728,24 +728,47 @@ static void qmodel_allocation_failures(void **state)
     float x[2 * 32 * 32 * 3];
     test_rng r = {29};
     test_fill_uniform(&r, x, sizeof x / sizeof *x, -1, 1);
-    long total = 0;
-    for (long fail = 1;; fail++) {
-        test_alloc_state st = {.fail_at = fail};
-        tern_allocator a = test_failing_allocator(&st);
-        tern_qmodel_options qo = {.height = 32, .width = 32, .max_batch = 2, .alloc = &a};
-        tern_qmodel *q = NULL;
-        tern_status s = tern_qmodel_create(m, x, 2, &qo, &q, &err);
-        if (s == TERN_OK) {
-            tern_qmodel_destroy(&q);
+    /* plain; histograms, sensitivity and float layers; then loading the file it writes */
+    char dir[] = "/tmp/tern_test_qalloc.XXXXXX", path[96];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/q.safetensors", dir);
+    for (int mode = 0; mode < 3; mode++) {
+        long total = 0;
+        for (long fail = 1;; fail++) {
+            test_alloc_state st = {.fail_at = fail};
+            tern_allocator a = test_failing_allocator(&st);
+            tern_qmodel_options qo = {.height = 32, .width = 32, .max_batch = 2, .alloc = &a};
+            if (mode > 0) {
+                qo.observer = TERN_QUANT_OBSERVER_ENTROPY;
+                qo.fp32_layers = 2;
+            }
+            tern_qmodel *q = NULL;
+            tern_status s;
+            if (mode == 2) {
+                tern_qmodel_load_options lo = {.max_batch = 2, .alloc = &a};
+                s = tern_qmodel_load_file(path, &lo, &q, &err);
+            } else {
+                s = tern_qmodel_create(m, x, 2, &qo, &q, &err);
+            }
+            if (s == TERN_OK) {
+                st.fail_at = 0; /* what follows is not under test */
+                if (mode == 1)
+                    assert_int_equal(tern_qmodel_save_file(q, NULL, path, &err), TERN_OK);
+                float logits[2 * 3];
+                assert_int_equal(tern_qmodel_forward(q, logits, x, 2), TERN_OK);
+                tern_qmodel_destroy(&q);
+                assert_int_equal(st.live, 0);
+                total = fail;
+                break;
+            }
+            assert_true(s == TERN_ERR_NOMEM || s == TERN_ERR_THREAD);
+            assert_null(q);
             assert_int_equal(st.live, 0);
-            total = fail;
-            break;
         }
-        assert_true(s == TERN_ERR_NOMEM || s == TERN_ERR_THREAD);
-        assert_null(q);
-        assert_int_equal(st.live, 0);
+        assert_true(total > 10);
     }
-    assert_true(total > 10);
+    remove(path);
+    rmdir(dir);
     tern_model_destroy(&m);
 }
 

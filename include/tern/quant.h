@@ -76,7 +76,8 @@ tern_status tern_quant_multiplier(double real, int32_t *multiplier, int *shift);
  * 1e-8 is widened to that (an all-zero tensor gets a tiny scale, not a zero one). min and max
  * must be finite with min <= max; otherwise the result is {1, 0}. */
 tern_qparams tern_quant_choose_params(float min, float max);
-/* round(x / scale) + zero_point (ties away from zero), saturated to [-128, 127]. */
+/* round(x * (1 / scale)) + zero_point (ties away from zero, the reciprocal rounded to float
+ * first, as XNNPACK's and TFLite's optimized kernels compute it), saturated to [-128, 127]. */
 int8_t tern_quantize(float x, tern_qparams p);
 float tern_dequantize(int8_t q, tern_qparams p);
 
