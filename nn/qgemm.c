@@ -171,15 +171,6 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
     }
 }
 
-/* 64 int32 lanes (four vectors, already within [-128, 127]) to 64 bytes in order: the
- * saturating packs interleave 128-bit lanes, one dword permute puts them back. */
-T_VNNI INLINE __m512i pack64(__m512i q0, __m512i q1, __m512i q2, __m512i q3)
-{
-    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-    __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(q0, q1), _mm512_packs_epi32(q2, q3));
-    return _mm512_permutexvar_epi32(order, b);
-}
-
 /* One mr x (16 nv) tile of C. wb: the packed weights of its first column block; bstride: bytes
  * between column blocks; scale: the requantization scales of the tile's columns; lut: the
  * table as four zmm when has_lut. A full 64-column row is requantized into one zmm of bytes and
@@ -222,10 +213,7 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
             sv[v] = _mm512_loadu_ps(scale + 16 * v);
         _Pragma("GCC unroll 8")
         for (int r = 0; r < mr; r++) {
-            __m512i b = pack64(requantf16_i32(acc[r][0], sv[0], rf),
-                               requantf16_i32(acc[r][1], sv[1], rf),
-                               requantf16_i32(acc[r][2], sv[2], rf),
-                               requantf16_i32(acc[r][3], sv[3], rf));
+            __m512i b = requantf64(acc[r], sv, rf);
             if (has_lut)
                 b = lut512_apply(b, lut);
             _mm512_storeu_si512(y + r * ldy + n0, b);

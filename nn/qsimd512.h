@@ -26,12 +26,14 @@ static inline __mmask16 q_tail_mask16(size_t n)
 typedef struct rqf16 {
     __m512 lo, hi;
     __m512i zp;
+    __m512i zp16, qmin16; /* for requantf64: the zero point and lower bound as int16 */
 } rqf16;
 
 T_VNNI QINLINE rqf16 rqf16_make(const tern_requant *rq)
 {
     return (rqf16){_mm512_set1_ps((float)(rq->qmin - rq->out_zp)),
-                   _mm512_set1_ps((float)(rq->qmax - rq->out_zp)), _mm512_set1_epi32(rq->out_zp)};
+                   _mm512_set1_ps((float)(rq->qmax - rq->out_zp)), _mm512_set1_epi32(rq->out_zp),
+                   _mm512_set1_epi16((int16_t)rq->out_zp), _mm512_set1_epi16((int16_t)rq->qmin)};
 }
 
 /* tern_requant_one on 16 accumulators with their channels' scales: int32 lanes. The
@@ -41,6 +43,26 @@ T_VNNI QINLINE __m512i requantf16_i32(__m512i acc, __m512 scale, const rqf16 *r)
     __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
     x = _mm512_min_ps(_mm512_max_ps(x, r->lo), r->hi);
     return _mm512_add_epi32(_mm512_cvtps_epi32(x), r->zp);
+}
+
+/* tern_requant_one on 64 accumulators (four vectors of 16 channels, their scales in sv) into
+ * 64 bytes in channel order. The saturating packs do the clamping: in float only the upper
+ * bound (so that the conversion cannot overflow), then int32 -> int16 saturating, the zero
+ * point added with int16 saturation, the lower bound (a fused ReLU's) as an int16 max, and
+ * int16 -> int8 saturating; the packs interleave 128-bit lanes, one dword permute puts them
+ * back. The same bits as clamping first: the bounds are integers and every step is monotonic. */
+T_VNNI QINLINE __m512i requantf64(const __m512i acc[4], const __m512 sv[4], const rqf16 *r)
+{
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    __m512i q[4];
+    for (int v = 0; v < 4; v++)
+        q[v] = _mm512_cvtps_epi32(
+            _mm512_min_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[v]), sv[v]), r->hi));
+    __m512i h0 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), r->zp16);
+    __m512i h1 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), r->zp16);
+    h0 = _mm512_max_epi16(h0, r->qmin16);
+    h1 = _mm512_max_epi16(h1, r->qmin16);
+    return _mm512_permutexvar_epi32(order, _mm512_packs_epi16(h0, h1));
 }
 
 /* lut[(uint8_t)b] for each byte: vpermi2b picks among 128 bytes by bits 0-6, bit 7 the half.
