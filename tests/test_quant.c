@@ -1,13 +1,18 @@
-/* Tests for INT8 quantization (tern/quant.h, nn/quant.c, nn/qgemm.c, nn/qops.c, nn/qmodel.c):
- *   - the fixed-point arithmetic on hand-checked cases (ties, negatives, saturation, multiplier
- *     edge cases) and the choice of activation parameters;
- *   - every integer kernel at every instruction-set level the CPU has, bit-identical to its
- *     scalar reference on random shapes (the failing shape is printed);
- *   - a quantized model bit-identical across levels;
+/* Tests for INT8 quantization (tern/quant.h, nn/quant.c, nn/qgemm.c, nn/qops.c, nn/qmodel.c,
+ * nn/qmodel_io.c):
+ *   - the fixed-point helpers and the single-precision requantization on hand-checked cases
+ *     (ties, negatives, saturation, ReLU bound) and the choice of activation parameters;
+ *   - every integer kernel (GEMM, im2col, direct stem convolution from int8 and from float,
+ *     depthwise, add, gate, pool, quantize) at every instruction-set level the CPU has,
+ *     bit-identical to its scalar reference on random shapes (the failing shape is printed);
+ *   - a quantized model bit-identical across levels, and after a save/load round trip (every
+ *     observer, sensitivity, float layers); malformed files refused; the file at least 3.5x
+ *     smaller than the float one; allocation failures at every point of building and loading;
  *   - the shipped Fashion-MNIST MobileNetV3-Small quantized with 256 training images (min/max
  *     observer): top-1 agreement with the fp32 model on 1,000 test images of at least 94% (seen:
- *     95.9%), and int8 accuracy within 2.5 points of fp32 (seen: 93.0% fp32, 91.6% int8). Needs Debian's dataset-fashion-mnist and
- *     weights/fashion-mnist-small.safetensors (found from $TERN_FIXTURES/../../weights). */
+ *     96.4%), and int8 accuracy within 2.5 points of fp32 (seen: 93.0% fp32, 91.7% int8). Needs
+ *     Debian's dataset-fashion-mnist and weights/fashion-mnist-small.safetensors (found from
+ *     $TERN_FIXTURES/../../weights). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
