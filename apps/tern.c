@@ -6,6 +6,7 @@
  *   tern info     metadata and tensors of a safetensors file
  *   tern train, eval, predict   (tern_train.c)
  *   tern add-class              (tern_add_class.c)
+ *   tern quantize               (tern_quant.c)
  *   tern store, category, model (tern_store.c)
  *   tern server, client, sim    (tern_server.c, tern_client.c, tern_sim.c)
  *   tern dp                     (tern_dp.c)
@@ -25,6 +26,7 @@
 
 #include "cli.h"
 #include "tern.h"
+#include "tern_quant.h"
 
 /* Opens --weights and builds the model it describes. */
 static int load_weights(const cli *c, tern_model **model)
@@ -417,6 +419,7 @@ static void usage(FILE *f)
             "  eval      accuracy, per-class metrics and confusion matrix of a model\n"
             "  predict   classify images with a trained model\n"
             "  add-class add a class to a trained model without forgetting the old ones\n"
+            "  quantize  INT8 post-training quantization of a model (eval/predict run it)\n"
             "  store     create, inspect, check, back up and restore the server's store\n"
             "  category  add, list, rename and remove object categories in the store\n"
             "  model     list, show, roll back, tag, prune and export stored model versions\n"
@@ -448,7 +451,7 @@ int main(int argc, char **argv)
         {"store", tern_cmd_store},     {"category", tern_cmd_category},
         {"model", tern_cmd_model},     {"server", tern_cmd_server},
         {"client", tern_cmd_client},   {"sim", tern_cmd_sim},
-        {"dp", tern_cmd_dp}};
+        {"dp", tern_cmd_dp},           {"quantize", tern_cmd_quantize}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "tern_quant.h"
 #include "train_common.h"
 #include "tern.h"
 #include "tern/checkpoint.h"
@@ -219,10 +220,14 @@ static void progress_update(progress *p, const char *what, size_t done, double l
 /* ---- evaluation ------------------------------------------------------------------------------ */
 
 /* Runs the model in eval mode over a loader's epoch into metrics. */
-static int evaluate(tern_model *m, tern_loader *loader, tern_metrics *metrics, float *logits,
-                    const cli *c, const char *what, bool quiet_log)
+static int evaluate(tern_model *m, tern_qmodel *q, tern_loader *loader, tern_metrics *metrics,
+                    float *logits, const cli *c, const char *what, bool quiet_log)
 {
-    const tern_model_options *o = tern_model_options_of(m);
+    int num_classes = 0; /* from the quantized model q when m is NULL */
+    if (q)
+        tern_qmodel_shape(q, NULL, NULL, NULL, &num_classes);
+    else
+        num_classes = tern_model_options_of(m)->num_classes;
     tern_metrics_reset(metrics);
     tern_error err = {{0}};
     progress p;
@@ -238,11 +243,12 @@ static int evaluate(tern_model *m, tern_loader *loader, tern_metrics *metrics, f
             break;
         if (s != TERN_OK)
             return die("%s", err.message);
-        if (tern_model_forward(m, logits, x, n, false) != TERN_OK)
-            return die("%s", tern_model_last_error(m));
+        if (q ? tern_qmodel_forward(q, logits, x, n) != TERN_OK
+              : tern_model_forward(m, logits, x, n, false) != TERN_OK)
+            return die("%s", q ? tern_qmodel_last_error(q) : tern_model_last_error(m));
         float loss;
-        if (tern_cross_entropy_loss(&loss, NULL, logits, y, n, o->num_classes, 0.0f) != TERN_OK)
-            return die("a label outside [0, %d) reached the loss", o->num_classes);
+        if (tern_cross_entropy_loss(&loss, NULL, logits, y, n, num_classes, 0.0f) != TERN_OK)
+            return die("a label outside [0, %d) reached the loss", num_classes);
         tern_metrics_add(metrics, logits, y, n, loss);
         images += (size_t)n;
         progress_update(&p, what, ++batches, tern_metrics_loss(metrics), images);
@@ -513,7 +519,7 @@ static int cmd_train(int argc, char **argv)
             progress_update(&p, what, batches, loss_sum / (double)batches, images);
         }
         double train_s = cli_now() - start;
-        if ((rc = evaluate(m, val, metrics, logits, &c, "  validating", true)))
+        if ((rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
             goto done;
         fprintf(stderr, "epoch %d/%d: train loss %.4f, %.0f img/s, %.1f s | val loss %.4f, accuracy %.2f%%\n",
                 epoch + 1, c.epochs, loss_sum / (double)(batches ? batches : 1),
@@ -525,7 +531,7 @@ static int cmd_train(int argc, char **argv)
             goto done;
         }
     }
-    if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, val, metrics, logits, &c, "  validating", true)))
+    if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
         goto done;
     printf("trained in %.1f s\n", cli_now() - run_start);
     print_metrics(metrics, classes, &d, 5);
@@ -591,9 +597,11 @@ static int cmd_eval(int argc, char **argv)
     if (!c.model)
         return die("--model is required");
     tern_model *m = NULL;
+    tern_qmodel *q = NULL; /* a quantized file runs as such (tern_quant.c) */
     tern_model_info info = {0};
-    if ((rc = cli_load_model(&c, c.model, &m, &info)))
-        return rc;
+    int qrc = tern_quant_open_model(c.model, c.batch, &q, &info);
+    if (qrc > 0 || (qrc < 0 && (rc = cli_load_model(&c, c.model, &m, &info))))
+        return qrc > 0 ? qrc : rc;
     data d;
     tern_loader *loader = NULL;
     tern_metrics *metrics = NULL;
@@ -601,10 +609,16 @@ static int cmd_eval(int argc, char **argv)
     tern_error err = {{0}};
     if ((rc = open_data(&c, false, &d)))
         goto done;
-    const tern_model_options *o = tern_model_options_of(m);
+    int model_classes, channels;
+    if (q) {
+        tern_qmodel_shape(q, NULL, NULL, &channels, &model_classes);
+    } else {
+        model_classes = tern_model_options_of(m)->num_classes;
+        channels = tern_model_options_of(m)->in_channels;
+    }
     int classes = tern_dataset_num_classes(d.val);
-    if (classes != o->num_classes) {
-        rc = die("the model has %d classes, the data %d", o->num_classes, classes);
+    if (classes != model_classes) {
+        rc = die("the model has %d classes, the data %d", model_classes, classes);
         goto done;
     }
     for (int k = 0; k < info.nclasses; k++)
@@ -613,7 +627,9 @@ static int cmd_eval(int argc, char **argv)
                      class_name(&d, k));
             goto done;
         }
-    tern_transform t = model_eval_transform(&info, c.size, tern_model_options_of(m)->in_channels);
+    tern_transform t = model_eval_transform(&info, c.size, channels);
+    if (q && (rc = tern_quant_check_size(q, t.size)))
+        goto done;
     tern_loader_options lo = {.batch = c.batch, .indices = d.val_idx, .nindices = d.nval,
                               .cache_dir = c.cache};
     if (tern_loader_create(d.val, &t, &lo, NULL, &loader, &err) != TERN_OK) {
@@ -626,12 +642,12 @@ static int cmd_eval(int argc, char **argv)
         rc = die("out of memory");
         goto done;
     }
-    if (tern_model_plan(m, c.batch, t.size, t.size, false) != TERN_OK) {
+    if (!q && tern_model_plan(m, c.batch, t.size, t.size, false) != TERN_OK) {
         rc = die("%s", tern_model_last_error(m));
         goto done;
     }
     double start = cli_now();
-    if ((rc = evaluate(m, loader, metrics, logits, &c, "evaluating", false)))
+    if ((rc = evaluate(m, q, loader, metrics, logits, &c, "evaluating", false)))
         goto done;
     double secs = cli_now() - start;
     print_metrics(metrics, classes, &d, top);
@@ -648,6 +664,7 @@ done:
     data_close(&d);
     tern_model_info_free(&info);
     tern_model_destroy(&m);
+    tern_qmodel_destroy(&q);
     return rc;
 }
 
@@ -668,12 +685,20 @@ static int cmd_predict(int argc, char **argv)
     if (c.nargs == 0)
         return die("no images given (see --help)");
     tern_model *m = NULL;
+    tern_qmodel *q = NULL; /* a quantized file runs as such (tern_quant.c) */
     tern_model_info info = {0};
-    if ((rc = cli_load_model(&c, c.model, &m, &info)))
-        return rc;
-    const tern_model_options *o = tern_model_options_of(m);
-    tern_transform t = model_eval_transform(&info, c.size, tern_model_options_of(m)->in_channels);
-    int k = o->num_classes, top = c.top < k ? c.top : k;
+    int qrc = tern_quant_open_model(c.model, 1, &q, &info);
+    if (qrc > 0 || (qrc < 0 && (rc = cli_load_model(&c, c.model, &m, &info))))
+        return qrc > 0 ? qrc : rc;
+    int k, channels;
+    if (q) {
+        tern_qmodel_shape(q, NULL, NULL, &channels, &k);
+    } else {
+        k = tern_model_options_of(m)->num_classes;
+        channels = tern_model_options_of(m)->in_channels;
+    }
+    tern_transform t = model_eval_transform(&info, c.size, channels);
+    int top = c.top < k ? c.top : k;
     float *x = malloc(sizeof(float) * (size_t)t.size * (size_t)t.size * (size_t)t.channels);
     float *logits = malloc(sizeof(float) * (size_t)k);
     int *order = malloc(sizeof(int) * (size_t)k);
@@ -681,8 +706,9 @@ static int cmd_predict(int argc, char **argv)
         rc = die("out of memory");
         goto done;
     }
-    if (tern_model_plan(m, 1, t.size, t.size, false) != TERN_OK) {
-        rc = die("%s", tern_model_last_error(m));
+    if (q ? (rc = tern_quant_check_size(q, t.size)) != 0
+          : tern_model_plan(m, 1, t.size, t.size, false) != TERN_OK) {
+        rc = q ? rc : die("%s", tern_model_last_error(m));
         goto done;
     }
     for (int i = 0; i < c.nargs; i++) {
@@ -696,7 +722,8 @@ static int cmd_predict(int argc, char **argv)
         }
         tern_status s = tern_transform_apply(&t, &img, NULL, x);
         tern_image_free(NULL, &img);
-        if (s != TERN_OK || tern_model_forward(m, logits, x, 1, false) != TERN_OK) {
+        if (s != TERN_OK || (q ? tern_qmodel_forward(q, logits, x, 1)
+                               : tern_model_forward(m, logits, x, 1, false)) != TERN_OK) {
             rc = die("%s: cannot classify", c.args[i]);
             continue;
         }
@@ -730,6 +757,7 @@ done:
     free(order);
     tern_model_info_free(&info);
     tern_model_destroy(&m);
+    tern_qmodel_destroy(&q);
     return rc;
 }
 

@@ -5,15 +5,20 @@
  *             initialisation, BatchNorm statistics perturbed so that folding is not trivial,
  *             calibrated on 4 random images): median of --iters runs of each after warm-up,
  *             the fp32 and int8 runs interleaved so that both see the same machine load;
- *             speedup = fp32 median / int8 median
+ *             int8_over_fp32 = int8 median / fp32 median (wall clock), and the same from the
+ *             thread's CPU time (steadier on a shared machine)
  *   fashion   the shipped Fashion-MNIST model (--weights), calibrated on 256 training images,
  *             evaluated on the whole test set (10,000 images, or --limit): fp32 and int8
  *             accuracy, top-1 agreement, and images/s of each at batch 100, 1 thread
- * Options: --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
+ *   layers    with --layers: the int8 forward's time per op and per kind of op (mean of --iters
+ *             profiled runs after the latency runs)
+ * Options: --arch small|large (latency of one only), --method minmax|percentile|entropy and --fp32-layers K (the fashion run's observer
+ *          and mixed precision), --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
  *          --weights PATH (default weights/fashion-mnist-small.safetensors),
  *          --data DIR (default /usr/share/datasets/fashion-mnist), --limit N. */
 #include <jansson.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,15 +27,26 @@
 #include "tern.h"
 
 typedef struct config {
-    int iters, limit;
+    int iters, limit, fp32_layers;
+    bool layers;
     tern_qisa qisa;
-    const char *only, *weights, *data;
+    tern_quant_observer method;
+    const char *only, *weights, *data, *arch;
 } config;
 
 static double now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* CPU time of the calling thread: on a loaded machine it leaves out the time the thread waited
+ * for a core, which wall-clock time cannot. */
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -56,6 +72,53 @@ static void emit(json_t *obj)
     json_decref(obj);
 }
 
+/* Per-op time of the int8 forward: the median over iters profiled runs (a preempted run does
+ * not move it), one JSON line per op, then the sums per kind of op. */
+static int profile(tern_qmodel *q, float *logits, const float *x, int iters, const char *arch)
+{
+    size_t nops = tern_qmodel_op_count(q), n = nops + 1;
+    double *t = calloc(n * (size_t)iters, sizeof *t), *med = calloc(n, sizeof *med);
+    double *col = calloc((size_t)iters, sizeof *col), total = 0;
+    if (!t || !med || !col) {
+        free(t);
+        free(med);
+        free(col);
+        return 1;
+    }
+    for (int r = 0; r < iters; r++)
+        tern_qmodel_forward_profile(q, logits, x, 1, t + (size_t)r * n);
+    for (size_t i = 0; i < n; i++) {
+        for (int r = 0; r < iters; r++)
+            col[r] = t[(size_t)r * n + i];
+        med[i] = median(col, iters);
+        total += med[i];
+    }
+    const char *kinds[] = {"quantize", "conv", "conv1x1", "depthwise", "linear", "logits",
+                           "avgpool", "se_gate", "add"};
+    double by_kind[sizeof kinds / sizeof *kinds] = {0};
+    for (size_t i = 0; i < n; i++) {
+        tern_qop_info info = {.kind = "quantize", .name = ""};
+        if (i > 0)
+            tern_qmodel_op_info(q, i - 1, &info);
+        for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++)
+            by_kind[k] += strcmp(info.kind, kinds[k]) ? 0 : med[i];
+        emit(json_pack("{s:s,s:s,s:i,s:s,s:s,s:[iii],s:[iii],s:i,s:i,s:f,s:f}", "bench",
+                       "quant_layer", "arch", arch, "op", (int)i - 1, "kind", info.kind, "name",
+                       info.name, "in", info.in_h, info.in_w, info.in_c, "out", info.out_h,
+                       info.out_w, info.out_c, "k", info.k, "stride", info.stride, "ms",
+                       1e3 * med[i], "share", med[i] / total));
+    }
+    json_t *sum = json_object();
+    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++)
+        json_object_set_new(sum, kinds[k], json_real(1e3 * by_kind[k]));
+    emit(json_pack("{s:s,s:s,s:f,s:o}", "bench", "quant_layer_kinds", "arch", arch,
+                   "sum_of_medians_ms", 1e3 * total, "ms", sum));
+    free(t);
+    free(med);
+    free(col);
+    return 0;
+}
+
 static int latency(tern_arch arch, const config *cfg)
 {
     const int size = 224, ncalib = 4;
@@ -70,7 +133,9 @@ static int latency(tern_arch arch, const config *cfg)
     float *logits = malloc(sizeof(float) * (size_t)opt.num_classes);
     double *tf = malloc(sizeof(double) * (size_t)cfg->iters);
     double *tq = malloc(sizeof(double) * (size_t)cfg->iters);
-    if (!x || !logits || !tf || !tq || tern_model_create(&opt, &m, &err) != TERN_OK) {
+    double *cf = malloc(sizeof(double) * (size_t)cfg->iters);
+    double *cq = malloc(sizeof(double) * (size_t)cfg->iters);
+    if (!x || !logits || !tf || !tq || !cf || !cq || tern_model_create(&opt, &m, &err) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", err.message[0] ? err.message : "out of memory");
         goto done;
     }
@@ -99,21 +164,29 @@ static int latency(tern_arch arch, const config *cfg)
     }
     for (int r = -3; r < cfg->iters; r++) {
         t0 = now();
+        double c0 = cpu_now();
         tern_model_forward(m, logits, x, 1, false);
-        double t1 = now();
+        double t1 = now(), c1 = cpu_now();
         tern_qmodel_forward(q, logits, x, 1);
-        double t2 = now();
+        double t2 = now(), c2 = cpu_now();
         if (r >= 0) {
             tf[r] = t1 - t0;
             tq[r] = t2 - t1;
+            cf[r] = c1 - c0;
+            cq[r] = c2 - c1;
         }
     }
     double mf = median(tf, cfg->iters), mq = median(tq, cfg->iters);
-    emit(json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:s,s:f,s:f,s:f,s:f}", "bench", "quant_latency",
-                   "arch", tern_arch_name(arch), "size", size, "batch", 1, "threads", 1, "iters",
-                   cfg->iters, "fp32_isa", tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)),
-                   "int8_isa", tern_qisa_name(tern_qmodel_isa(q)), "fp32_ms", 1e3 * mf, "int8_ms",
-                   1e3 * mq, "speedup", mf / mq, "quantize_s", build_s));
+    double mcf = median(cf, cfg->iters), mcq = median(cq, cfg->iters);
+    emit(json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "bench",
+                   "quant_latency", "arch", tern_arch_name(arch), "size", size, "batch", 1,
+                   "threads", 1, "iters", cfg->iters, "fp32_isa",
+                   tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)), "int8_isa",
+                   tern_qisa_name(tern_qmodel_isa(q)), "fp32_ms", 1e3 * mf, "int8_ms", 1e3 * mq,
+                   "int8_over_fp32", mq / mf, "fp32_cpu_ms", 1e3 * mcf, "int8_cpu_ms", 1e3 * mcq,
+                   "int8_over_fp32_cpu", mcq / mcf, "quantize_s", build_s));
+    if (cfg->layers && profile(q, logits, x, cfg->iters, tern_arch_name(arch)) != 0)
+        goto done;
     rc = 0;
 done:
     tern_qmodel_destroy(&q);
@@ -122,6 +195,8 @@ done:
     free(logits);
     free(tf);
     free(tq);
+    free(cf);
+    free(cq);
     return rc;
 }
 
@@ -198,7 +273,8 @@ static int fashion(const config *cfg)
         !(x = load_images(test, &t, 0, 1, n, labels)))
         goto done;
     tern_qmodel_options qo = {.height = t.size, .width = t.size, .max_batch = batch,
-                              .calib_batch = 64, .isa = cfg->qisa};
+                              .calib_batch = 64, .isa = cfg->qisa, .observer = cfg->method,
+                              .fp32_layers = cfg->fp32_layers};
     if (tern_qmodel_create(m, calib, calib_n, &qo, &q, &err) != TERN_OK ||
         tern_model_plan(m, batch, t.size, t.size, false) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", err.message);
@@ -221,7 +297,8 @@ static int fashion(const config *cfg)
             right_q += pq == labels[b + i];
         }
     }
-    emit(json_pack("{s:s,s:i,s:i,s:i,s:s,s:f,s:f,s:f,s:f,s:f}", "bench", "quant_fashion",
+    emit(json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:f,s:f,s:f,s:f,s:f}", "bench", "quant_fashion",
+                   "method", tern_quant_observer_name(cfg->method), "fp32_layers", cfg->fp32_layers,
                    "images", n, "calib_images", calib_n, "batch", batch, "int8_isa",
                    tern_qisa_name(tern_qmodel_isa(q)), "fp32_accuracy", (double)right_f / n,
                    "int8_accuracy", (double)right_q / n, "agreement", (double)agree / n,
@@ -252,6 +329,17 @@ int main(int argc, char **argv)
             cfg.iters = atoi(argv[++i]);
         else if (!strcmp(a, "--limit") && v)
             cfg.limit = atoi(argv[++i]);
+        else if (!strcmp(a, "--method") && v) {
+            if (tern_quant_observer_parse(argv[++i], &cfg.method) != TERN_OK) {
+                fprintf(stderr, "bench_quant: unknown method %s\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--fp32-layers") && v)
+            cfg.fp32_layers = atoi(argv[++i]);
+        else if (!strcmp(a, "--layers"))
+            cfg.layers = true;
+        else if (!strcmp(a, "--arch") && v)
+            cfg.arch = argv[++i];
         else if (!strcmp(a, "--only") && v)
             cfg.only = argv[++i];
         else if (!strcmp(a, "--weights") && v)
@@ -264,8 +352,9 @@ int main(int argc, char **argv)
                        : !strcmp(v, "avx2") ? TERN_QISA_AVX2
                                             : TERN_QISA_AVX512_VNNI;
         } else {
-            fprintf(stderr, "usage: bench_quant [--iters N] [--qisa scalar|avx2|avx512vnni] "
-                            "[--only latency|fashion] [--weights PATH] [--data DIR] [--limit N]\n");
+            fprintf(stderr, "usage: bench_quant [--iters N] [--layers] [--arch small|large] "
+                            "[--method minmax|percentile|entropy] [--fp32-layers K] "
+                            "[--qisa scalar|avx2|avx512vnni] [--only latency|fashion] [--weights PATH] [--data DIR] [--limit N]\n");
             return 2;
         }
     }
@@ -273,8 +362,10 @@ int main(int argc, char **argv)
         cfg.iters = 1;
     int rc = 0;
     if (!cfg.only || !strcmp(cfg.only, "latency")) {
-        rc |= latency(TERN_ARCH_MOBILENET_V3_SMALL, &cfg);
-        rc |= latency(TERN_ARCH_MOBILENET_V3_LARGE, &cfg);
+        if (!cfg.arch || !strcmp(cfg.arch, "small"))
+            rc |= latency(TERN_ARCH_MOBILENET_V3_SMALL, &cfg);
+        if (!cfg.arch || !strcmp(cfg.arch, "large"))
+            rc |= latency(TERN_ARCH_MOBILENET_V3_LARGE, &cfg);
     }
     if (!cfg.only || !strcmp(cfg.only, "fashion"))
         rc |= fashion(&cfg);

@@ -21,24 +21,33 @@
 #include "kernels.h"
 #include "tern/quant.h"
 
-/* Requantization of an int32 accumulator of output channel c:
- *   q = clamp(MultiplyByQuantizedMultiplier(acc, mult[c], shift[c]) + out_zp, qmin, qmax)
- * then, with a lookup table, q = lut[(uint8_t)q] (an activation between two parameter sets).
- * A fused ReLU is qmin = out_zp. mult[c] must be >= 0 (as tern_quant_multiplier gives). */
+/* Requantization of an int32 accumulator of output channel c, in single precision (the
+ * "fp32" requantization of XNNPACK, TFLite's default CPU path for int8 models):
+ *   q = clamp(round_even((float)acc * scale[c]), qmin - out_zp, qmax - out_zp) + out_zp
+ * with IEEE single-precision conversion and product, both rounded to nearest even, so that
+ * scalar and vector code give the same bits. Then, with a lookup table, q = lut[(uint8_t)q]
+ * (an activation between two parameter sets). A fused ReLU is qmin = out_zp. */
 typedef struct tern_requant {
-    const int32_t *mult;  /* (C) */
-    const int32_t *shift; /* (C), in [-31, 30] */
+    const float *scale;   /* (C): input scale * weight scale / output scale, finite, > 0 */
     int32_t out_zp;
     int32_t qmin, qmax;   /* -128 <= qmin <= qmax <= 127 */
     const int8_t *lut;    /* 256 entries indexed by (uint8_t)q, or NULL */
 } tern_requant;
 
+/* Round to nearest, ties to even, for |x| < 2^22: adding and subtracting 1.5 * 2^23 leaves the
+ * float's integer part, rounded by the FPU's default mode (what vcvtps2dq does). */
+static inline float tern_round_even(float x)
+{
+    const float big = 12582912.0f; /* IEEE arithmetic: without -ffast-math nothing folds this */
+    return (x + big) - big;
+}
+
 static inline int8_t tern_requant_one(int32_t acc, const tern_requant *rq, size_t c)
 {
-    /* clamp before adding the zero point: the same result as a saturating add */
-    int32_t q = tern_quant_mbqm(acc, rq->mult[c], (int)rq->shift[c]);
-    int32_t lo = rq->qmin - rq->out_zp, hi = rq->qmax - rq->out_zp;
-    q = (q < lo ? lo : q > hi ? hi : q) + rq->out_zp;
+    float r = (float)acc * rq->scale[c];
+    const float lo = (float)(rq->qmin - rq->out_zp), hi = (float)(rq->qmax - rq->out_zp);
+    r = r < lo ? lo : r > hi ? hi : r; /* integer bounds: clamping first rounds the same */
+    int32_t q = (int32_t)tern_round_even(r) + rq->out_zp;
     return rq->lut ? rq->lut[(uint8_t)q] : (int8_t)q;
 }
 
@@ -62,8 +71,8 @@ size_t tern_qgemm_packed_size(size_t N, size_t K, tern_qisa isa);
 /* packed: 64-byte aligned, tern_qgemm_packed_size(N, K, isa) bytes. bias may be NULL. */
 void tern_qgemm_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t a_zp, size_t N,
                      size_t K, tern_qisa isa);
-/* Bytes of scratch tern_qgemm needs for K at isa (0 for some levels); 64-byte aligned. */
-size_t tern_qgemm_workspace_size(size_t K, tern_qisa isa);
+/* Bytes of scratch tern_qgemm needs for N, K at isa (64-byte aligned). */
+size_t tern_qgemm_workspace_size(size_t N, size_t K, tern_qisa isa);
 /* tern_qgemm_ref's result from weights packed for isa (same N, K). */
 void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
                 const void *packed, void *workspace, size_t M, size_t N, size_t K,
@@ -75,30 +84,66 @@ void tern_qgemm(int8_t *y, int32_t *y32, size_t ldy, const int8_t *a, size_t lda
 void tern_qim2col(int8_t *col, size_t ldc, const int8_t *x, int32_t x_zp,
                   const tern_conv_params *p);
 
+/* ---- direct dense convolution (the stem) ----------------------------------------------------- */
+
+/* For a dense convolution whose kernel rows are short (k * cin <= 64 bytes: the stem's 3x3x3),
+ * without im2col: the input is copied once into a padded unsigned image (x + 128, border x_zp +
+ * 128) and each kernel row's k * cin bytes are read in place as groups of 4, the bytes past
+ * the row's end meeting zero weights.
+ *   supported: groups 1, k * cin <= 64. */
+bool tern_qconv_direct_supported(const tern_conv_params *p);
+/* Bytes of the packed form of (w (Cout, Cin, k, k), bias, x_zp) at isa (64-byte aligned). */
+size_t tern_qconv_direct_packed_size(const tern_conv_params *p, tern_qisa isa);
+void tern_qconv_direct_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                            const tern_conv_params *p, tern_qisa isa);
+size_t tern_qconv_direct_workspace_size(const tern_conv_params *p, tern_qisa isa);
+/* y (N, OH, OW, Cout) = requant(bias + sum (x - x_zp) * w), padding contributing 0. */
+void tern_qconv_direct(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                       void *workspace, const tern_conv_params *p, const tern_requant *rq,
+                       tern_qisa isa);
+
+/* The same from the float input x (N, H, W, Cin), quantized with xp on the way into the padded
+ * copy (no int8 image in between); bit-identical to tern_quantize_array into xq_scratch
+ * (N*H*W*Cin bytes, used only at the levels without a fused path) then tern_qconv_direct. */
+void tern_qconv_direct_f32(int8_t *y, int8_t *xq_scratch, const float *x, tern_qparams xp,
+                           const void *packed, void *workspace, const tern_conv_params *p,
+                           const tern_requant *rq, tern_qisa isa);
+
 /* ---- depthwise convolution ------------------------------------------------------------------ */
 
-/* Weights packed for the direct kernel: (k*k, C) taps-major, widened to int32 (so a vector of
- * channels of one tap is one load). packed holds k*k*C int32. */
-void tern_qdwconv_pack(int32_t *packed, const int8_t *w, int channels, int k);
+/* Bytes of the packed form of (w, bias, x_zp) for isa: 64-byte aligned.
+ *   scalar, AVX2: bias (C) int32, then taps (k*k, C) taps-major widened to int32 (a vector of
+ *     channels of one tap is one load).
+ *   AVX-512 VNNI: bias' (C rounded to 16) = bias - (x_zp + 128) * sum_taps w, then per block of
+ *     16 channels, per kernel row, per group of 4 taps of the row: 16 x 4 bytes, channel-major
+ *     (the layout vpdpbusd reads), taps past k zero. The kernel reads the input as unsigned
+ *     x + 128 from a padded copy whose border holds x_zp, so every tap counts and the zero
+ *     point's correction is the constant folded into bias'. */
+size_t tern_qdwconv_packed_size(int channels, int k, tern_qisa isa);
+void tern_qdwconv_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                       int channels, int k, tern_qisa isa);
+/* Bytes of scratch tern_qdwconv needs for p at isa (64-byte aligned; 0 for some levels). */
+size_t tern_qdwconv_workspace_size(const tern_conv_params *p, tern_qisa isa);
 /* y (N, OH, OW, C) = requant(bias[c] + sum_taps (x - x_zp) * w), padding taps contributing 0.
  *   x (N, H, W, C), w (C, 1, k, k) int8, bias (C) or NULL. p: groups == cin == cout. */
 void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
                       const int32_t *bias, const tern_conv_params *p, const tern_requant *rq);
-/* The same from tern_qdwconv_pack's weights, vectorized over channels. */
-void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpacked,
-                  const int32_t *bias, const tern_conv_params *p, const tern_requant *rq,
-                  tern_qisa isa);
+/* The same from tern_qdwconv_pack's weights (packed for the same isa and x_zp). */
+void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, void *workspace,
+                  const tern_conv_params *p, const tern_requant *rq, tern_qisa isa);
 
 /* ---- elementwise and reductions --------------------------------------------------------------- */
 
-/* TFLite's int8 ADD, parameters from tern_quant_add_params:
- *   a' = MBQM((a - a_zp) << left_shift, a_mult, a_shift), b' likewise,
- *   y = clamp(MBQM(a' + b', out_mult, out_shift) + out_zp, qmin, qmax) */
+/* Residual add in single precision (as the convolutions' requantization; XNNPACK's fp32
+ * ADD), parameters from tern_quant_add_params:
+ *   r = fma(a, a_scale, fma(b, b_scale, bias))   (a, b the raw int8 values as floats)
+ *   y = clamp(round_even(r), qmin - out_zp, qmax - out_zp) + out_zp
+ * with a_scale = sa / so, b_scale = sb / so, bias = -(a_zp sa + b_zp sb) / so: the zero points
+ * folded into one constant, two fused multiply-adds per element, exactly rounded on every
+ * level (fmaf in the reference). */
 typedef struct tern_qadd_params {
-    int32_t a_zp, b_zp, out_zp;
-    int left_shift;
-    int32_t a_mult, b_mult, out_mult;
-    int a_shift, b_shift, out_shift;
+    float a_scale, b_scale, bias;
+    int32_t out_zp;
     int32_t qmin, qmax;
 } tern_qadd_params;
 tern_status tern_quant_add_params(tern_qadd_params *add, tern_qparams a, tern_qparams b,
@@ -108,13 +153,14 @@ void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
 void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p,
                tern_qisa isa);
 
-/* TFLite's int8 MUL for the squeeze-and-excitation gate, broadcast over H, W:
- *   y[n, i, c] = clamp(MBQM((x - x_zp) * (g[n, c] - g_zp), mult, shift) + out_zp, -128, 127)
+/* Squeeze-and-excitation gate in single precision, broadcast over H, W:
+ *   gf[n, c] = (float)(g[n, c] - g_zp) * scale           (scale = sx sg / so)
+ *   y[n, i, c] = clamp(round_even((float)(x - x_zp) * gf[n, c]), -128 - out_zp, 127 - out_zp)
+ *                + out_zp
  *   x (N, HW, C), g (N, C) */
 typedef struct tern_qgate_params {
     int32_t x_zp, g_zp, out_zp;
-    int32_t mult;
-    int shift;
+    float scale;
 } tern_qgate_params;
 void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
                     const tern_qgate_params *p);

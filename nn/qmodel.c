@@ -11,7 +11,7 @@
  *      range of ops whose activation is a lookup table (hardswish, hardsigmoid).
  *   3. choose parameters: tern_quant_choose_params per tensor; the pool's output keeps its
  *      input's (TFLite's AVERAGE_POOL_2D); a ReLU is the clamp at the output zero point.
- *   4. quantize: weights per output channel, int32 biases, fixed-point multipliers, lookup
+ *   4. quantize: weights per output channel, int32 biases, requantization scales, lookup
  *      tables, and the packed forms the kernels read.
  * Inference (tern_qmodel_forward) quantizes the input and runs the integer ops in order; every
  * activation has its own int8 buffer (the whole set is a few MB at 224x224, batch 1).
@@ -23,90 +23,22 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 #include "model_graph.h"
 #include "pool.h"
 #include "qkernels.h"
+#include "qmodel_internal.h"
 #include "util.h"
 
-typedef enum qop_kind {
-    QOP_CONV1X1,   /* pointwise convolution: GEMM over N*H*W rows */
-    QOP_DEPTHWISE, /* direct depthwise convolution */
-    QOP_CONV,      /* dense convolution (the stem): im2col, then GEMM */
-    QOP_LINEAR,    /* fully connected, int8 out (squeeze-and-excitation, classifier.0) */
-    QOP_LOGITS,    /* the last fully connected layer: int32 sums dequantized to float */
-    QOP_POOL,      /* global average pool */
-    QOP_GATE,      /* squeeze-and-excitation: x * gate broadcast over H, W */
-    QOP_ADD,       /* residual */
-} qop_kind;
-
-typedef struct qvalue {
-    int c, h, w;
-    bool used;          /* read or written by some op (or the input) */
-    float min, max;     /* range observed in calibration */
-    tern_qparams q;
-    float *f;           /* calibration: (calib_batch, h, w, c) */
-    int8_t *x;          /* inference: (max_batch, h, w, c), in the arena */
-} qvalue;
-
-typedef struct qop {
-    qop_kind kind;
-    char *name;             /* the float layer's weight name, or "" */
-    int in, in2, out;       /* values (in2: the gate of GATE, the other addend of ADD) */
-    tern_conv_params conv;  /* convolutions; n is set per call */
-    int fin, fout;          /* LINEAR, LOGITS */
-    tern_act act;           /* applied to the output: RELU as a clamp, others by table */
-    float *wf, *bf;         /* float weights (BatchNorm folded) and bias, until quantized */
-    float pre_min, pre_max; /* range before the activation */
-    tern_qparams pre;       /* parameters before a table activation */
-    /* integer form */
-    int32_t *bias, *mult, *shift; /* (cout) */
-    void *packed;           /* GEMM: packed weights and corrected bias */
-    int32_t *dw;            /* DEPTHWISE: taps (k*k, C) */
-    float *deq;             /* LOGITS: input scale * weight scale, per class */
-    int8_t lut[256];
-    tern_requant rq;
-    tern_qadd_params add;
-    tern_qgate_params gate;
-} qop;
-
-struct tern_qmodel {
-    tern_qmodel_options opt;
-    tern_qisa isa;
-    char error[256];
-    int in_channels, num_classes;
-    qvalue *values;
-    qop *ops;
-    int nvalues, nops;
-    /* inference memory */
-    void *arena;
-    int8_t *col;       /* im2col rows of the stem */
-    void *workspace;   /* GEMM scratch */
-    int32_t *acc;      /* LOGITS sums (max_batch, classes) */
-};
-
-static tern_status qfail(tern_qmodel *q, tern_status s, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static tern_status qfail(tern_qmodel *q, tern_status s, const char *fmt, ...)
+tern_status tern_qmodel_fail(tern_qmodel *q, tern_status s, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(q->error, sizeof q->error, fmt, ap);
     va_end(ap);
     return s;
-}
-
-static const tern_allocator *qalloc(const tern_qmodel *q) { return q->opt.alloc; }
-
-static size_t value_count(const qvalue *v, int batch)
-{
-    return (size_t)batch * (size_t)v->h * (size_t)v->w * (size_t)v->c;
-}
-
-static bool is_table_act(tern_act act)
-{
-    return act == TERN_ACT_HARDSWISH || act == TERN_ACT_HARDSIGMOID;
 }
 
 /* ---- 1. translate ----------------------------------------------------------------------------- */
@@ -129,20 +61,20 @@ static tern_status add_op(tern_qmodel *q, const qop *o, const char *name)
 {
     qop *slot = &q->ops[q->nops];
     *slot = *o;
-    slot->name = tern_strdup(qalloc(q), name ? name : "");
+    slot->name = tern_strdup(tern_qmodel_alloc(q), name ? name : "");
     if (!slot->name)
-        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     q->nops++;
     return TERN_OK;
 }
 
 static tern_status translate(tern_qmodel *q, const tern_model *m)
 {
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     int nf = tern_model_graph_op_count(m), nv = tern_model_graph_value_count(m);
     int *alias = tern_calloc(a, (size_t)nv, sizeof *alias);
     if (!alias)
-        return qfail(q, TERN_ERR_NOMEM, "out of memory");
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     for (int v = 0; v < nv; v++)
         alias[v] = v;
     tern_status s = TERN_OK;
@@ -156,7 +88,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
         switch (g.kind) {
         case TERN_GRAPH_CONV: {
             if (!has_next || next.kind != TERN_GRAPH_BN || next.in != g.out) {
-                s = qfail(q, TERN_ERR_UNSUPPORTED,
+                s = tern_qmodel_fail(q, TERN_ERR_UNSUPPORTED,
                           "%s: only convolutions followed by BatchNorm are quantized", g.name);
                 break;
             }
@@ -168,7 +100,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
             else if (c->groups == 1)
                 o.kind = QOP_CONV;
             else {
-                s = qfail(q, TERN_ERR_UNSUPPORTED, "%s: grouped convolution", g.name);
+                s = tern_qmodel_fail(q, TERN_ERR_UNSUPPORTED, "%s: grouped convolution", g.name);
                 break;
             }
             o.conv = g.conv;
@@ -180,7 +112,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
             if (!o.wf || !o.bf) {
                 tern_free(a, o.wf);
                 tern_free(a, o.bf);
-                s = qfail(q, TERN_ERR_NOMEM, "out of memory");
+                s = tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
                 break;
             }
             fold_bn(o.wf, o.bf, &g, &next);
@@ -209,7 +141,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
             if (!o.wf || !o.bf) {
                 tern_free(a, o.wf);
                 tern_free(a, o.bf);
-                s = qfail(q, TERN_ERR_NOMEM, "out of memory");
+                s = tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
                 break;
             }
             memcpy(o.wf, g.w, nw * sizeof(float));
@@ -236,7 +168,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
         case TERN_GRAPH_BN:
         case TERN_GRAPH_GN:
         case TERN_GRAPH_ACT:
-            s = qfail(q, TERN_ERR_UNSUPPORTED,
+            s = tern_qmodel_fail(q, TERN_ERR_UNSUPPORTED,
                       "%s: %s outside a convolution or linear layer is not quantized",
                       g.name[0] ? g.name : "op",
                       g.kind == TERN_GRAPH_GN ? "GroupNorm" : g.kind == TERN_GRAPH_BN
@@ -250,7 +182,7 @@ static tern_status translate(tern_qmodel *q, const tern_model *m)
 }
 
 /* Spatial sizes of every value for the planned input; marks the values the ops use. */
-static void propagate_shapes(tern_qmodel *q)
+void tern_qmodel_propagate_shapes(tern_qmodel *q)
 {
     q->values[0].h = q->opt.height;
     q->values[0].w = q->opt.width;
@@ -286,6 +218,165 @@ static void propagate_shapes(tern_qmodel *q)
 
 /* ---- 2. calibrate ------------------------------------------------------------------------- */
 
+/* The ranges a pre-activation's parameters are chosen from: values below -3 (and, for
+ * hardsigmoid, above 3) all map to the same output, so the range is clipped there and the steps
+ * that matter are finer (at no cost beyond the nudged end point's rounding). */
+static void pre_range(const qop *o, float *lo, float *hi)
+{
+    float a = o->pre_min > -3 ? o->pre_min : -3, b = o->pre_max;
+    if (o->act == TERN_ACT_HARDSIGMOID)
+        b = b < 3 ? b : 3;
+    *lo = a;
+    *hi = b > a ? b : a;
+}
+
+static bool hist_start(qhist *h, const tern_allocator *a, float lo, float hi)
+{
+    h->lo = lo < 0 ? lo : 0;
+    h->hi = hi > 0 ? hi : 0;
+    if (!(h->hi - h->lo > 1e-12f) || !isfinite(h->lo) || !isfinite(h->hi))
+        return true; /* a constant (or unseen) tensor: min/max is all there is */
+    h->count = tern_calloc(a, QHIST_BINS, sizeof(double));
+    return h->count != NULL;
+}
+
+static bool start_histograms(tern_qmodel *q)
+{
+    const tern_allocator *a = tern_qmodel_alloc(q);
+    for (int v = 0; v < q->nvalues; v++)
+        if (q->values[v].used &&
+            !hist_start(&q->values[v].hist, a, q->values[v].min, q->values[v].max))
+            return false;
+    for (int i = 0; i < q->nops; i++) {
+        qop *o = &q->ops[i];
+        float lo, hi;
+        pre_range(o, &lo, &hi);
+        if (tern_qact_is_table(o->act) && !hist_start(&o->pre_hist, a, lo, hi))
+            return false;
+    }
+    return true;
+}
+
+/* KL divergence between the histogram clipped to its first i bins (outliers added to the last)
+ * and that clipped histogram quantized to `levels` levels (each level's count spread evenly
+ * over its non-empty bins), as TensorRT's entropy calibrator. */
+static double clip_kl(const double *h, int nb, int i, int levels)
+{
+    double outliers = 0, psum = 0, qsum = 0, kl = 0;
+    for (int j = i; j < nb; j++)
+        outliers += h[j];
+    for (int j = 0; j < i; j++)
+        psum += h[j];
+    psum += outliers;
+    if (psum <= 0)
+        return 0;
+    /* Q: per level, the sum and non-empty count of its bins */
+    double qv[256];
+    for (int l = 0; l < levels; l++) {
+        int j0 = (int)((long)l * i / levels), j1 = (int)((long)(l + 1) * i / levels);
+        double sum = 0;
+        int nz = 0;
+        for (int j = j0; j < j1; j++) {
+            sum += h[j];
+            nz += h[j] > 0;
+        }
+        qv[l] = nz ? sum / nz : 0;
+        qsum += sum;
+    }
+    if (qsum <= 0)
+        return INFINITY;
+    for (int j = 0; j < i; j++) {
+        double pj = h[j] + (j == i - 1 ? outliers : 0);
+        if (pj <= 0)
+            continue;
+        int l = (int)((long)j * levels / i);
+        double qj = h[j] > 0 ? qv[l] : 0;
+        /* a bin Q leaves empty that P fills: TensorRT smooths with a small epsilon */
+        double pn = pj / psum, qn = qj > 0 ? qj / qsum : 1e-4 / qsum;
+        kl += pn * log(pn / qn);
+    }
+    return kl;
+}
+
+/* The range an observer picks from a histogram (min/max when there is none). */
+static void hist_range(const qhist *h, const tern_qmodel_options *opt, float *lo, float *hi)
+{
+    if (!h->count)
+        return;
+    const double bw = ((double)h->hi - h->lo) / QHIST_BINS;
+    double total = 0;
+    for (int j = 0; j < QHIST_BINS; j++)
+        total += h->count[j];
+    if (total <= 0)
+        return;
+    if (opt->observer == TERN_QUANT_OBSERVER_PERCENTILE) {
+        double p = (opt->percentile > 0 ? opt->percentile : 99.99) / 100;
+        double below = 0;
+        int jl = 0, jh = QHIST_BINS - 1;
+        for (int j = 0; j < QHIST_BINS; j++) { /* lowest bin with more than 1 - p below it */
+            below += h->count[j];
+            if (below > (1 - p) * total) {
+                jl = j;
+                break;
+            }
+        }
+        below = 0;
+        for (int j = QHIST_BINS - 1; j >= 0; j--) {
+            below += h->count[j];
+            if (below > (1 - p) * total) {
+                jh = j;
+                break;
+            }
+        }
+        float l = (float)fmin(h->lo + jl * bw, 0), u = (float)fmax(h->lo + (jh + 1) * bw, 0);
+        *lo = l > *lo ? l : *lo; /* only ever narrower than min/max */
+        *hi = u < *hi ? u : *hi;
+        return;
+    }
+    /* entropy: the larger side, folded at zero into its own histogram */
+    const bool pos = h->hi >= -h->lo;
+    const double extent = pos ? h->hi : -h->lo;
+    const int z = (int)lround(-h->lo / bw); /* bins below zero */
+    const int nb = pos ? QHIST_BINS - z : z;
+    if (nb < 16)
+        return;
+    double side[QHIST_BINS];
+    for (int j = 0; j < nb; j++)
+        side[j] = pos ? h->count[z + j] : h->count[z - 1 - j];
+    int levels = (int)lround(255.0 * extent / ((double)h->hi - h->lo));
+    levels = levels < 8 ? 8 : levels > 255 ? 255 : levels;
+    if (nb <= levels)
+        return;
+    /* Thresholds that clip more than 1% of the side are not tried: where all the mass sits far
+     * from zero (a sigmoid's output) or there are few samples (a squeeze-and-excitation
+     * vector), a threshold that folds everything into one bin has a KL divergence of zero. */
+    double mass = 0, seen = 0;
+    for (int j = 0; j < nb; j++)
+        mass += side[j];
+    int first = levels;
+    for (int j = 0; j < nb; j++) {
+        seen += side[j];
+        if (seen >= 0.99 * mass) {
+            first = j + 1 > levels ? j + 1 : levels;
+            break;
+        }
+    }
+    int best = nb;
+    double best_kl = INFINITY;
+    for (int i = first; i <= nb; i += i < nb - 4 ? 4 : 1) {
+        double kl = clip_kl(side, nb, i, levels);
+        if (kl < best_kl) {
+            best_kl = kl;
+            best = i;
+        }
+    }
+    /* the threshold clips the larger side, and the other one if it reaches that far */
+    float t = (float)(best * bw);
+    *hi = t < *hi ? t : *hi;
+    *lo = -t > *lo ? -t : *lo;
+}
+
+
 static void observe(float *lo, float *hi, const float *x, size_t n)
 {
     float a = *lo, b = *hi;
@@ -297,11 +388,23 @@ static void observe(float *lo, float *hi, const float *x, size_t n)
     *hi = b;
 }
 
-static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool *pool)
+static void hist_add(qhist *h, const float *x, size_t n)
+{
+    if (!h->count)
+        return;
+    const double scale = QHIST_BINS / ((double)h->hi - (double)h->lo);
+    for (size_t i = 0; i < n; i++) {
+        double b = ((double)x[i] - h->lo) * scale;
+        int j = b < 0 ? 0 : b >= QHIST_BINS ? QHIST_BINS - 1 : (int)b;
+        h->count[j] += 1;
+    }
+}
+
+static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool *pool, int pass)
 {
     qvalue *in = &q->values[o->in], *out = &q->values[o->out];
     const qvalue *in2 = o->in2 >= 0 ? &q->values[o->in2] : NULL;
-    size_t hw = (size_t)in->h * (size_t)in->w, count = value_count(out, n);
+    size_t hw = (size_t)in->h * (size_t)in->w, count = tern_qvalue_count(out, n);
     switch (o->kind) {
     case QOP_CONV1X1:
     case QOP_DEPTHWISE:
@@ -319,15 +422,21 @@ static void calib_op(tern_qmodel *q, qop *o, int n, float *workspace, tern_pool 
     case QOP_GATE: tern_scale_channels_forward(out->f, in->f, in2->f, n, hw, in->c, pool); break;
     case QOP_ADD: tern_add_forward(out->f, in->f, in2->f, count, pool); break;
     }
-    observe(&o->pre_min, &o->pre_max, out->f, count);
+    if (pass == 0)
+        observe(&o->pre_min, &o->pre_max, out->f, count);
+    else
+        hist_add(&o->pre_hist, out->f, count);
     if (o->act != TERN_ACT_NONE)
         tern_act_forward(out->f, out->f, count, o->act, pool);
-    observe(&out->min, &out->max, out->f, count);
+    if (pass == 0)
+        observe(&out->min, &out->max, out->f, count);
+    else
+        hist_add(&out->hist, out->f, count);
 }
 
 static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
 {
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     const int cb = q->opt.calib_batch > 0 ? q->opt.calib_batch : 32;
     const int batch = cb < ncalib ? cb : ncalib;
     const int threads = q->opt.threads > 0 ? q->opt.threads : 1;
@@ -335,7 +444,7 @@ static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
     float *workspace = NULL;
     tern_status s = tern_pool_create(threads, TERN_ISA_AUTO, a, &pool);
     if (s != TERN_OK)
-        return qfail(q, s, "cannot start %d calibration threads", threads);
+        return tern_qmodel_fail(q, s, "cannot start %d calibration threads", threads);
     size_t ws = 0;
     for (int i = 0; i < q->nops; i++) {
         tern_conv_params p = q->ops[i].conv;
@@ -355,17 +464,27 @@ static tern_status calibrate(tern_qmodel *q, const float *calib, int ncalib)
         qvalue *val = &q->values[v];
         val->min = INFINITY;
         val->max = -INFINITY;
-        if (val->used && !(val->f = tern_alloc(a, value_count(val, batch) * sizeof(float))))
+        if (val->used && !(val->f = tern_alloc(a, tern_qvalue_count(val, batch) * sizeof(float))))
             goto done;
     }
     qvalue *input = &q->values[0];
-    size_t image = value_count(input, 1);
-    for (int b0 = 0; b0 < ncalib; b0 += batch) {
-        int n = ncalib - b0 < batch ? ncalib - b0 : batch;
-        memcpy(input->f, calib + (size_t)b0 * image, (size_t)n * image * sizeof(float));
-        observe(&input->min, &input->max, input->f, (size_t)n * image);
-        for (int i = 0; i < q->nops; i++)
-            calib_op(q, &q->ops[i], n, workspace, pool);
+    size_t image = tern_qvalue_count(input, 1);
+    const int passes = q->opt.observer == TERN_QUANT_OBSERVER_MINMAX ? 1 : 2;
+    for (int pass = 0; pass < passes; pass++) {
+        if (pass == 1 && !start_histograms(q)) {
+            s = TERN_ERR_NOMEM;
+            goto done;
+        }
+        for (int b0 = 0; b0 < ncalib; b0 += batch) {
+            int n = ncalib - b0 < batch ? ncalib - b0 : batch;
+            memcpy(input->f, calib + (size_t)b0 * image, (size_t)n * image * sizeof(float));
+            if (pass == 0)
+                observe(&input->min, &input->max, input->f, (size_t)n * image);
+            else
+                hist_add(&input->hist, input->f, (size_t)n * image);
+            for (int i = 0; i < q->nops; i++)
+                calib_op(q, &q->ops[i], n, workspace, pool, pass);
+        }
     }
     s = TERN_OK;
 done:
@@ -375,7 +494,7 @@ done:
     }
     tern_free(a, workspace);
     tern_pool_destroy(&pool);
-    return s == TERN_OK ? s : qfail(q, s, "out of memory during calibration");
+    return s == TERN_OK ? s : tern_qmodel_fail(q, s, "out of memory during calibration");
 }
 
 /* ---- 3. parameters and 4. quantization ----------------------------------------------------------- */
@@ -383,21 +502,33 @@ done:
 static void choose_params(tern_qmodel *q)
 {
     for (int v = 0; v < q->nvalues; v++)
-        if (q->values[v].used)
-            q->values[v].q = tern_quant_choose_params(q->values[v].min, q->values[v].max);
+        if (q->values[v].used) {
+            float lo = q->values[v].min, hi = q->values[v].max;
+            hist_range(&q->values[v].hist, &q->opt, &lo, &hi);
+            q->values[v].q = tern_quant_choose_params(lo, hi);
+        }
     for (int i = 0; i < q->nops; i++) {
         qop *o = &q->ops[i];
         if (o->kind == QOP_POOL) /* TFLite's average pool: the output keeps the input's */
             q->values[o->out].q = q->values[o->in].q;
-        if (is_table_act(o->act)) {
-            /* Before a hardswish or hardsigmoid, values below -3 (and, for hardsigmoid, above
-             * 3) all map to the same output: the range is clipped there, so the steps that
-             * matter are finer (at no cost beyond the nudged end point's rounding). */
-            float lo = o->pre_min > -3 ? o->pre_min : -3, hi = o->pre_max;
-            if (o->act == TERN_ACT_HARDSIGMOID)
-                hi = hi < 3 ? hi : 3;
-            o->pre = tern_quant_choose_params(lo, hi > lo ? hi : lo);
+        if (tern_qact_is_table(o->act)) {
+            float lo, hi;
+            pre_range(o, &lo, &hi);
+            hist_range(&o->pre_hist, &q->opt, &lo, &hi);
+            o->pre = tern_quant_choose_params(lo, hi);
         }
+    }
+}
+
+static void free_histograms(tern_qmodel *q)
+{
+    for (int v = 0; v < q->nvalues; v++) {
+        tern_free(tern_qmodel_alloc(q), q->values[v].hist.count);
+        q->values[v].hist.count = NULL;
+    }
+    for (int i = 0; i < q->nops; i++) {
+        tern_free(tern_qmodel_alloc(q), q->ops[i].pre_hist.count);
+        q->ops[i].pre_hist.count = NULL;
     }
 }
 
@@ -408,65 +539,94 @@ static int32_t saturate_round32(double v)
 }
 
 /* Weights, bias and requantization of a convolution or fully connected op. */
-static tern_status quantize_layer(tern_qmodel *q, qop *o)
+/* Output channels, kernel size and inputs per output of a layer; per = weights per output. */
+static void layer_dims(const qop *o, int *cout, int *k, int *cin_g, size_t *per)
 {
-    const tern_allocator *a = qalloc(q);
     const bool linear = o->kind == QOP_LINEAR || o->kind == QOP_LOGITS;
-    const int cout = linear ? o->fout : o->conv.cout;
-    const int k = linear ? 1 : o->conv.k;
-    const int cin_g = linear ? o->fin : o->conv.cin / o->conv.groups;
-    const size_t per = (size_t)cin_g * (size_t)k * (size_t)k, nw = (size_t)cout * per;
-    const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
-    const tern_qparams target = is_table_act(o->act) ? o->pre : out;
-    int8_t *w = tern_alloc(a, nw), *wt = NULL;
+    *cout = linear ? o->fout : o->conv.cout;
+    *k = linear ? 1 : o->conv.k;
+    *cin_g = linear ? o->fin : o->conv.cin / o->conv.groups;
+    *per = (size_t)*cin_g * (size_t)*k * (size_t)*k;
+}
+
+/* Int8 weights with their per-channel scales and the int32 bias, from the float ones. */
+static tern_status quantize_weights(tern_qmodel *q, qop *o)
+{
+    const tern_allocator *a = tern_qmodel_alloc(q);
+    int cout, k, cin_g;
+    size_t per;
+    layer_dims(o, &cout, &k, &cin_g, &per);
+    const tern_qparams in = q->values[o->in].q;
+    o->wq = tern_alloc(a, (size_t)cout * per);
+    o->wscale = tern_alloc(a, (size_t)cout * sizeof(float));
     o->bias = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    o->mult = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    o->shift = tern_alloc(a, (size_t)cout * sizeof(int32_t));
-    if (o->kind == QOP_LOGITS)
-        o->deq = tern_alloc(a, (size_t)cout * sizeof(float));
-    if (!w || !o->bias || !o->mult || !o->shift || (o->kind == QOP_LOGITS && !o->deq))
-        goto nomem;
+    if (!o->wq || !o->wscale || !o->bias)
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
     for (int c = 0; c < cout; c++) {
         const float *wc = o->wf + (size_t)c * per;
         float amax = 0;
         for (size_t j = 0; j < per; j++)
             amax = fabsf(wc[j]) > amax ? fabsf(wc[j]) : amax;
-        double ws = amax > 0 ? (double)amax / 127.0 : 1.0;
         /* Stored as float, as a TFLite file would; everything below derives from the float. */
-        float wsf = (float)ws;
+        float wsf = (float)(amax > 0 ? (double)amax / 127.0 : 1.0);
         for (size_t j = 0; j < per; j++) {
             double r = round(wc[j] / (double)wsf);
-            w[(size_t)c * per + j] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+            o->wq[(size_t)c * per + j] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
         }
-        double acc_scale = (double)in.scale * (double)wsf;
-        o->bias[c] = saturate_round32(o->bf[c] / acc_scale);
+        o->wscale[c] = wsf;
+        o->bias[c] = saturate_round32(o->bf[c] / ((double)in.scale * (double)wsf));
+    }
+    return TERN_OK;
+}
+
+/* Requantization, lookup table and packed weights of a layer, from wq, wscale, bias and the
+ * parameters of its tensors (what a quantized file holds). */
+static tern_status finish_layer(tern_qmodel *q, qop *o)
+{
+    const tern_allocator *a = tern_qmodel_alloc(q);
+    int cout, k, cin_g;
+    size_t per;
+    layer_dims(o, &cout, &k, &cin_g, &per);
+    const size_t nw = (size_t)cout * per;
+    const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
+    const tern_qparams target = tern_qact_is_table(o->act) ? o->pre : out;
+    int8_t *wt = NULL;
+    o->rqscale = tern_alloc(a, (size_t)cout * sizeof(float));
+    if (o->kind == QOP_LOGITS)
+        o->deq = tern_alloc(a, (size_t)cout * sizeof(float));
+    if (!o->rqscale || (o->kind == QOP_LOGITS && !o->deq))
+        goto nomem;
+    for (int c = 0; c < cout; c++) {
+        double acc_scale = (double)in.scale * (double)o->wscale[c];
         if (o->kind == QOP_LOGITS) {
             o->deq[c] = (float)acc_scale;
-            o->mult[c] = o->shift[c] = 0;
+            o->rqscale[c] = 1;
             continue;
         }
-        int sh;
-        if (tern_quant_multiplier(acc_scale / target.scale, &o->mult[c], &sh) != TERN_OK) {
-            tern_free(a, w);
-            return qfail(q, TERN_ERR_INVALID,
-                         "%s: requantization multiplier %g of channel %d is out of range",
-                         o->name, acc_scale / target.scale, c);
-        }
-        o->shift[c] = sh;
+        float sc = (float)(acc_scale / target.scale);
+        if (!isfinite(sc) || !(sc > 0))
+            return tern_qmodel_fail(q, TERN_ERR_INVALID,
+                                    "%s: requantization scale %g of channel %d is out of range",
+                                    o->name, acc_scale / target.scale, c);
+        o->rqscale[c] = sc;
     }
-    o->rq = (tern_requant){.mult = o->mult, .shift = o->shift, .out_zp = target.zero_point,
+    o->rq = (tern_requant){.scale = o->rqscale, .out_zp = target.zero_point,
                            .qmin = o->act == TERN_ACT_RELU ? target.zero_point : -128,
                            .qmax = 127};
-    if (is_table_act(o->act)) {
+    if (tern_qact_is_table(o->act)) {
         tern_quant_lut(o->lut, o->act, o->pre, out);
         o->rq.lut = o->lut;
     }
     if (o->kind == QOP_DEPTHWISE) {
-        if (!(o->dw = tern_alloc(a, nw * sizeof(int32_t))))
+        if (!(o->packed = tern_alloc(a, tern_qdwconv_packed_size(cout, k, q->isa))))
             goto nomem;
-        tern_qdwconv_pack(o->dw, w, cout, k);
+        tern_qdwconv_pack(o->packed, o->wq, o->bias, in.zero_point, cout, k, q->isa);
+    } else if (o->kind == QOP_CONV && tern_qconv_direct_supported(&o->conv)) {
+        if (!(o->packed = tern_alloc(a, tern_qconv_direct_packed_size(&o->conv, q->isa))))
+            goto nomem;
+        tern_qconv_direct_pack(o->packed, o->wq, o->bias, in.zero_point, &o->conv, q->isa);
     } else {
-        const int8_t *wk = w;
+        const int8_t *wk = o->wq;
         if (o->kind == QOP_CONV) { /* (Cout, Cin, k, k) -> (Cout, k, k, Cin), im2col's order */
             if (!(wt = tern_alloc(a, nw)))
                 goto nomem;
@@ -474,85 +634,102 @@ static tern_status quantize_layer(tern_qmodel *q, qop *o)
                 for (int ci = 0; ci < cin_g; ci++)
                     for (int t = 0; t < k * k; t++)
                         wt[(size_t)c * per + (size_t)t * cin_g + ci] =
-                            w[(size_t)c * per + (size_t)ci * k * k + t];
+                            o->wq[(size_t)c * per + (size_t)ci * k * k + t];
             wk = wt;
         }
         if (!(o->packed = tern_alloc(a, tern_qgemm_packed_size((size_t)cout, per, q->isa))))
             goto nomem;
         tern_qgemm_pack(o->packed, wk, o->bias, in.zero_point, (size_t)cout, per, q->isa);
     }
-    tern_free(a, w);
     tern_free(a, wt);
     return TERN_OK;
 nomem:
-    tern_free(a, w);
     tern_free(a, wt);
-    return qfail(q, TERN_ERR_NOMEM, "out of memory");
+    return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
 }
 
-static tern_status quantize_ops(tern_qmodel *q)
+tern_status tern_qmodel_finish_op(tern_qmodel *q, int i)
 {
-    const tern_allocator *a = qalloc(q);
-    for (int i = 0; i < q->nops; i++) {
-        qop *o = &q->ops[i];
-        tern_status s = TERN_OK;
-        const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
-        switch (o->kind) {
-        case QOP_CONV1X1:
-        case QOP_DEPTHWISE:
-        case QOP_CONV:
-        case QOP_LINEAR:
-        case QOP_LOGITS:
-            s = quantize_layer(q, o);
-            break;
-        case QOP_ADD:
-            if (tern_quant_add_params(&o->add, in, q->values[o->in2].q, out) != TERN_OK)
-                s = qfail(q, TERN_ERR_INVALID, "residual add %d: scales out of range", i);
-            break;
-        case QOP_GATE: {
-            const tern_qparams g = q->values[o->in2].q;
-            int sh;
-            o->gate = (tern_qgate_params){.x_zp = in.zero_point, .g_zp = g.zero_point,
-                                   .out_zp = out.zero_point};
-            if (tern_quant_multiplier((double)in.scale * g.scale / out.scale, &o->gate.mult,
-                                      &sh) != TERN_OK)
-                s = qfail(q, TERN_ERR_INVALID, "gate %d: scales out of range", i);
-            o->gate.shift = sh;
-            break;
-        }
-        case QOP_POOL:
-            break;
-        }
-        if (s != TERN_OK)
-            return s;
-        tern_free(a, o->wf);
-        tern_free(a, o->bf);
-        o->wf = o->bf = NULL;
+    qop *o = &q->ops[i];
+    const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
+    switch (o->kind) {
+    case QOP_CONV1X1:
+    case QOP_DEPTHWISE:
+    case QOP_CONV:
+    case QOP_LINEAR:
+    case QOP_LOGITS:
+        return finish_layer(q, o);
+    case QOP_ADD:
+        if (tern_quant_add_params(&o->add, in, q->values[o->in2].q, out) != TERN_OK)
+            return tern_qmodel_fail(q, TERN_ERR_INVALID, "residual add %d: scales out of range", i);
+        return TERN_OK;
+    case QOP_GATE: {
+        const tern_qparams g = q->values[o->in2].q;
+        o->gate = (tern_qgate_params){.x_zp = in.zero_point, .g_zp = g.zero_point,
+                                      .out_zp = out.zero_point,
+                                      .scale = (float)((double)in.scale * g.scale / out.scale)};
+        if (!isfinite(o->gate.scale) || !(o->gate.scale > 0))
+            return tern_qmodel_fail(q, TERN_ERR_INVALID, "gate %d: scales out of range", i);
+        return TERN_OK;
+    }
+    case QOP_POOL:
+        return TERN_OK;
     }
     return TERN_OK;
 }
 
+static tern_status quantize_ops(tern_qmodel *q)
+{
+    for (int i = 0; i < q->nops; i++) {
+        tern_status s = TERN_OK;
+        if (tern_qop_has_weights(&q->ops[i]))
+            s = quantize_weights(q, &q->ops[i]);
+        if (s != TERN_OK || (s = tern_qmodel_finish_op(q, i)) != TERN_OK)
+            return s;
+    }
+    return TERN_OK;
+}
+
+/* Float weights are kept only for the ops that run in float. */
+static void drop_float_weights(tern_qmodel *q)
+{
+    for (int i = 0; i < q->nops; i++)
+        if (!q->ops[i].fp32) {
+            tern_free(tern_qmodel_alloc(q), q->ops[i].wf);
+            tern_free(tern_qmodel_alloc(q), q->ops[i].bf);
+            q->ops[i].wf = q->ops[i].bf = NULL;
+        }
+}
+
 /* Int8 buffers of every value, the stem's im2col rows, GEMM scratch, logits sums. */
-static tern_status plan_inference(tern_qmodel *q)
+tern_status tern_qmodel_plan_inference(tern_qmodel *q)
 {
     const int nb = q->opt.max_batch;
     size_t total = 0, col = 0, ws = 0, offsets[3];
     for (int v = 0; v < q->nvalues; v++)
         if (q->values[v].used)
-            total += (value_count(&q->values[v], nb) + 63) / 64 * 64;
+            total += (tern_qvalue_count(&q->values[v], nb) + 63) / 64 * 64;
     for (int i = 0; i < q->nops; i++) {
         const qop *o = &q->ops[i];
-        size_t K = 0;
-        if (o->kind == QOP_CONV) {
+        size_t K = 0, N = 0, w = 0;
+        if (o->kind == QOP_CONV && tern_qconv_direct_supported(&o->conv)) {
+            w = tern_qconv_direct_workspace_size(&o->conv, q->isa);
+        } else if (o->kind == QOP_CONV) {
             K = (size_t)o->conv.cin * o->conv.k * o->conv.k;
             size_t c = (size_t)nb * o->conv.oh * o->conv.ow * K;
             col = c > col ? c : col;
+            N = (size_t)o->conv.cout;
         } else if (o->kind == QOP_CONV1X1) {
             K = (size_t)o->conv.cin;
+            N = (size_t)o->conv.cout;
         } else if (o->kind == QOP_LINEAR || o->kind == QOP_LOGITS) {
             K = (size_t)o->fin;
+            N = (size_t)o->fout;
         }
-        size_t w = tern_qgemm_workspace_size(K, q->isa);
+        if (o->kind == QOP_DEPTHWISE)
+            w = tern_qdwconv_workspace_size(&o->conv, q->isa);
+        else if (K)
+            w = tern_qgemm_workspace_size(N, K, q->isa);
         ws = w > ws ? w : ws;
     }
     offsets[0] = total;
@@ -561,20 +738,117 @@ static tern_status plan_inference(tern_qmodel *q)
     total += (ws + 63) / 64 * 64;
     offsets[2] = total;
     total += (size_t)nb * (size_t)q->num_classes * sizeof(int32_t);
-    char *arena = tern_alloc(qalloc(q), total);
+    char *arena = tern_alloc(tern_qmodel_alloc(q), total);
     if (!arena)
-        return qfail(q, TERN_ERR_NOMEM, "cannot allocate %zu bytes of int8 activations", total);
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "cannot allocate %zu bytes of int8 activations", total);
     size_t at = 0;
     for (int v = 0; v < q->nvalues; v++)
         if (q->values[v].used) {
             q->values[v].x = (int8_t *)(arena + at);
-            at += (value_count(&q->values[v], nb) + 63) / 64 * 64;
+            at += (tern_qvalue_count(&q->values[v], nb) + 63) / 64 * 64;
         }
     q->arena = arena;
     q->col = (int8_t *)(arena + offsets[0]);
     q->workspace = arena + offsets[1];
     q->acc = (int32_t *)(arena + offsets[2]);
     return TERN_OK;
+}
+
+static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int n);
+
+/* ---- sensitivity and mixed precision -------------------------------------------------------------- */
+
+static int argmax_f(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        best = x[i] > x[best] ? i : best;
+    return best;
+}
+
+/* Float logits of nimg images with the ops' current fp32 flags. */
+static void run_mixed(tern_qmodel *q, float *logits, const float *x, int nimg)
+{
+    const size_t image = tern_qvalue_count(&q->values[0], 1);
+    for (int b0 = 0; b0 < nimg; b0 += q->opt.max_batch) {
+        int n = nimg - b0 < q->opt.max_batch ? nimg - b0 : q->opt.max_batch;
+        forward_mixed(q, logits + (size_t)b0 * q->num_classes, x + (size_t)b0 * image, n);
+    }
+}
+
+static tern_status measure_sensitivity(tern_qmodel *q, const float *calib, int ncalib)
+{
+    const int nimg = ncalib < 256 ? ncalib : 256, k = q->num_classes;
+    for (int i = 0; i < q->nops; i++)
+        q->ops[i].sensitivity = q->ops[i].agreement = -1;
+    tern_status s = tern_qmodel_plan_mixed(q);
+    if (s != TERN_OK)
+        return s;
+    float *ref = tern_alloc(tern_qmodel_alloc(q), (size_t)nimg * k * sizeof(float));
+    float *got = tern_alloc(tern_qmodel_alloc(q), (size_t)nimg * k * sizeof(float));
+    if (!ref || !got) {
+        tern_free(tern_qmodel_alloc(q), ref);
+        tern_free(tern_qmodel_alloc(q), got);
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
+    }
+    for (int i = 0; i < q->nops; i++)
+        q->ops[i].fp32 = true;
+    run_mixed(q, ref, calib, nimg);
+    double ref_ms = 0;
+    for (size_t j = 0; j < (size_t)nimg * k; j++)
+        ref_ms += (double)ref[j] * ref[j];
+    ref_ms = ref_ms > 0 ? ref_ms : 1;
+    for (int i = 0; i < q->nops; i++) {
+        qop *o = &q->ops[i];
+        if (!tern_qop_has_weights(o))
+            continue;
+        o->fp32 = false;
+        run_mixed(q, got, calib, nimg);
+        o->fp32 = true;
+        double se = 0;
+        int agree = 0;
+        for (size_t j = 0; j < (size_t)nimg * k; j++)
+            se += ((double)got[j] - ref[j]) * ((double)got[j] - ref[j]);
+        for (int m = 0; m < nimg; m++)
+            agree += argmax_f(got + (size_t)m * k, k) == argmax_f(ref + (size_t)m * k, k);
+        o->sensitivity = se / ref_ms;
+        o->agreement = (double)agree / nimg;
+    }
+    for (int i = 0; i < q->nops; i++)
+        q->ops[i].fp32 = false;
+    tern_free(tern_qmodel_alloc(q), ref);
+    tern_free(tern_qmodel_alloc(q), got);
+    return TERN_OK;
+}
+
+/* The count most sensitive layers run in float; with none left, the float machinery goes. */
+static void keep_float(tern_qmodel *q, int count)
+{
+    for (int c = 0; c < count; c++) {
+        int best = -1;
+        for (int i = 0; i < q->nops; i++)
+            if (tern_qop_has_weights(&q->ops[i]) && !q->ops[i].fp32 &&
+                (best < 0 || q->ops[i].sensitivity > q->ops[best].sensitivity))
+                best = i;
+        if (best < 0)
+            break;
+        q->ops[best].fp32 = true;
+    }
+}
+
+static void release_mixed_if_unused(tern_qmodel *q)
+{
+    for (int i = 0; i < q->nops; i++)
+        if (q->ops[i].fp32)
+            return;
+    for (int v = 0; v < q->nvalues; v++) {
+        tern_free(tern_qmodel_alloc(q), q->values[v].fx);
+        q->values[v].fx = NULL;
+    }
+    tern_free(tern_qmodel_alloc(q), q->fws);
+    q->fws = NULL;
+    tern_pool_destroy(&q->pool);
+    q->mixed = false;
 }
 
 /* ---- life cycle --------------------------------------------------------------------------------- */
@@ -593,8 +867,14 @@ static tern_status check_options(const tern_model *model, const tern_qmodel_opti
                               o->calib_batch);
     if (o->threads < 0 || o->threads > 256)
         return tern_set_error(err, TERN_ERR_INVALID, "threads %d outside [0, 256]", o->threads);
-    if (o->observer != TERN_QUANT_OBSERVER_MINMAX)
+    if (o->observer < TERN_QUANT_OBSERVER_MINMAX || o->observer > TERN_QUANT_OBSERVER_ENTROPY)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown observer %d", (int)o->observer);
+    if (o->percentile != 0 && !(o->percentile > 50 && o->percentile <= 100))
+        return tern_set_error(err, TERN_ERR_INVALID, "percentile %g outside (50, 100]",
+                              o->percentile);
+    if (o->fp32_layers < 0 || o->fp32_layers > 100000)
+        return tern_set_error(err, TERN_ERR_INVALID, "fp32_layers %d out of range",
+                              o->fp32_layers);
     if (o->isa < TERN_QISA_AUTO || o->isa > TERN_QISA_AVX512_VNNI)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown instruction set %d", (int)o->isa);
     if (tern_model_options_of(model)->norm != TERN_NORM_BATCH)
@@ -620,6 +900,7 @@ tern_status tern_qmodel_create(const tern_model *model, const float *calib, int 
     q->opt = *opt;
     q->isa = tern_qisa_resolve(opt->isa);
     const tern_model_options *mo = tern_model_options_of(model);
+    q->mo = *mo;
     q->in_channels = mo->in_channels;
     q->num_classes = mo->num_classes;
     q->nvalues = tern_model_graph_value_count(model);
@@ -627,19 +908,27 @@ tern_status tern_qmodel_create(const tern_model *model, const float *calib, int 
     /* at most one integer op per float op */
     q->ops = tern_calloc(opt->alloc, (size_t)tern_model_graph_op_count(model), sizeof *q->ops);
     if (!q->values || !q->ops) {
-        s = qfail(q, TERN_ERR_NOMEM, "out of memory");
+        s = tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
         goto fail;
     }
     for (int v = 0; v < q->nvalues; v++)
         q->values[v].c = tern_model_graph_value_channels(model, v);
     if ((s = translate(q, model)) != TERN_OK)
         goto fail;
-    propagate_shapes(q);
+    tern_qmodel_propagate_shapes(q);
     if ((s = calibrate(q, calib, ncalib)) != TERN_OK)
         goto fail;
     choose_params(q);
-    if ((s = quantize_ops(q)) != TERN_OK || (s = plan_inference(q)) != TERN_OK)
+    free_histograms(q);
+    if ((s = quantize_ops(q)) != TERN_OK || (s = tern_qmodel_plan_inference(q)) != TERN_OK)
         goto fail;
+    if ((opt->sensitivity || opt->fp32_layers > 0) &&
+        (s = measure_sensitivity(q, calib, ncalib)) != TERN_OK)
+        goto fail;
+    if (opt->fp32_layers > 0)
+        keep_float(q, opt->fp32_layers);
+    drop_float_weights(q);
+    release_mixed_if_unused(q);
     *out = q;
     return TERN_OK;
 fail:
@@ -653,21 +942,27 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
     if (!qmodel || !*qmodel)
         return;
     tern_qmodel *q = *qmodel;
-    const tern_allocator *a = qalloc(q);
+    const tern_allocator *a = tern_qmodel_alloc(q);
     for (int i = 0; q->ops && i < q->nops; i++) {
         qop *o = &q->ops[i];
         tern_free(a, o->name);
         tern_free(a, o->wf);
         tern_free(a, o->bf);
         tern_free(a, o->bias);
-        tern_free(a, o->mult);
-        tern_free(a, o->shift);
+        tern_free(a, o->rqscale);
         tern_free(a, o->packed);
-        tern_free(a, o->dw);
         tern_free(a, o->deq);
+        tern_free(a, o->wq);
+        tern_free(a, o->wscale);
+        tern_free(a, o->pre_hist.count);
     }
-    for (int v = 0; q->values && v < q->nvalues; v++)
+    for (int v = 0; q->values && v < q->nvalues; v++) {
         tern_free(a, q->values[v].f);
+        tern_free(a, q->values[v].hist.count);
+        tern_free(a, q->values[v].fx);
+    }
+    tern_free(a, q->fws);
+    tern_pool_destroy(&q->pool);
     tern_free(a, q->ops);
     tern_free(a, q->values);
     tern_free(a, q->arena);
@@ -676,6 +971,128 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
 }
 
 /* ---- inference --------------------------------------------------------------------------------- */
+
+/* ---- mixed precision -------------------------------------------------------------------------- */
+
+static void want_int8(tern_qmodel *q, qvalue *v, int n)
+{
+    if (!v->has_x) {
+        tern_quantize_array(v->x, v->fx, tern_qvalue_count(v, n), v->q, q->isa);
+        v->has_x = true;
+    }
+}
+
+static void want_float(qvalue *v, int n)
+{
+    if (!v->has_f) {
+        size_t count = tern_qvalue_count(v, n);
+        for (size_t i = 0; i < count; i++)
+            v->fx[i] = tern_dequantize(v->x[i], v->q);
+        v->has_f = true;
+    }
+}
+
+/* Float buffers of every value, the float ops' workspace and a one-thread pool. */
+tern_status tern_qmodel_plan_mixed(tern_qmodel *q)
+{
+    const tern_allocator *a = tern_qmodel_alloc(q);
+    if (q->mixed)
+        return TERN_OK;
+    tern_status s = tern_pool_create(1, TERN_ISA_AUTO, a, &q->pool);
+    if (s != TERN_OK)
+        return tern_qmodel_fail(q, s, "cannot start the float ops' pool");
+    size_t ws = 1;
+    for (int i = 0; i < q->nops; i++) {
+        const qop *o = &q->ops[i];
+        if (o->kind == QOP_CONV1X1 || o->kind == QOP_DEPTHWISE || o->kind == QOP_CONV) {
+            tern_conv_params p = o->conv;
+            p.n = q->opt.max_batch;
+            size_t w = tern_conv2d_workspace_size(&p, 1);
+            ws = w > ws ? w : ws;
+        }
+    }
+    if (!(q->fws = tern_calloc(a, ws, sizeof(float))))
+        return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
+    for (int v = 0; v < q->nvalues; v++)
+        if (q->values[v].used &&
+            !(q->values[v].fx = tern_alloc(a, tern_qvalue_count(&q->values[v], q->opt.max_batch) *
+                                                  sizeof(float))))
+            return tern_qmodel_fail(q, TERN_ERR_NOMEM, "out of memory");
+    q->mixed = true;
+    return TERN_OK;
+}
+
+/* A float op: as the calibration's, from the float forms of its inputs. */
+static void forward_float_op(tern_qmodel *q, qop *o, int n, float *logits)
+{
+    qvalue *in = &q->values[o->in], *out = &q->values[o->out];
+    qvalue *in2 = o->in2 >= 0 ? &q->values[o->in2] : NULL;
+    want_float(in, n);
+    if (in2)
+        want_float(in2, n);
+    size_t hw = (size_t)in->h * (size_t)in->w, count = tern_qvalue_count(out, n);
+    switch (o->kind) {
+    case QOP_CONV1X1:
+    case QOP_DEPTHWISE:
+    case QOP_CONV: {
+        tern_conv_params p = o->conv;
+        p.n = n;
+        tern_conv2d_forward(out->fx, q->fws, in->fx, o->wf, o->bf, TERN_ACT_NONE, &p, q->pool);
+        break;
+    }
+    case QOP_LINEAR:
+    case QOP_LOGITS:
+        tern_linear_forward(out->fx, in->fx, o->wf, o->bf, n, o->fin, o->fout, q->pool);
+        break;
+    case QOP_POOL: tern_avgpool_forward(out->fx, in->fx, n, hw, in->c, q->pool); break;
+    case QOP_GATE:
+        tern_scale_channels_forward(out->fx, in->fx, in2->fx, n, hw, in->c, q->pool);
+        break;
+    case QOP_ADD: tern_add_forward(out->fx, in->fx, in2->fx, count, q->pool); break;
+    }
+    if (o->act != TERN_ACT_NONE)
+        tern_act_forward(out->fx, out->fx, count, o->act, q->pool);
+    if (o->kind == QOP_LOGITS)
+        memcpy(logits, out->fx, count * sizeof(float));
+    out->has_f = true;
+    out->has_x = false;
+}
+
+static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits);
+
+static void forward_mixed(tern_qmodel *q, float *logits, const float *input, int n)
+{
+    for (int v = 0; v < q->nvalues; v++)
+        q->values[v].has_x = q->values[v].has_f = false;
+    qvalue *x = &q->values[0];
+    memcpy(x->fx, input, tern_qvalue_count(x, n) * sizeof(float));
+    x->has_f = true;
+    for (int i = 0; i < q->nops; i++) {
+        qop *o = &q->ops[i];
+        if (o->fp32) {
+            forward_float_op(q, o, n, logits);
+            continue;
+        }
+        want_int8(q, &q->values[o->in], n);
+        if (o->in2 >= 0)
+            want_int8(q, &q->values[o->in2], n);
+        forward_op(q, o, n, logits);
+        q->values[o->out].has_x = true;
+        q->values[o->out].has_f = false;
+    }
+}
+
+/* The first op is a direct convolution reading the input, which nothing else reads. */
+static bool fused_stem(const tern_qmodel *q)
+{
+    const qop *o = &q->ops[0];
+    if (o->kind != QOP_CONV || o->in != 0 || o->fp32 || !tern_qconv_direct_supported(&o->conv))
+        return false;
+    for (int i = 1; i < q->nops; i++)
+        if (q->ops[i].in == 0 || q->ops[i].in2 == 0)
+            return false;
+    return true;
+}
 
 static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
 {
@@ -690,6 +1107,11 @@ static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
                    (size_t)n * hw, (size_t)p.cout, (size_t)p.cin, &o->rq, q->isa);
         break;
     case QOP_CONV: {
+        if (tern_qconv_direct_supported(&p)) {
+            tern_qconv_direct(out->x, in->x, in->q.zero_point, o->packed, q->workspace, &p,
+                              &o->rq, q->isa);
+            break;
+        }
         size_t K = (size_t)p.cin * p.k * p.k;
         tern_qim2col(q->col, K, in->x, in->q.zero_point, &p);
         tern_qgemm(out->x, NULL, (size_t)p.cout, q->col, K, o->packed, q->workspace,
@@ -697,7 +1119,8 @@ static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
         break;
     }
     case QOP_DEPTHWISE:
-        tern_qdwconv(out->x, in->x, in->q.zero_point, o->dw, o->bias, &p, &o->rq, q->isa);
+        tern_qdwconv(out->x, in->x, in->q.zero_point, o->packed, q->workspace, &p, &o->rq,
+                     q->isa);
         break;
     case QOP_LINEAR:
         tern_qgemm(out->x, NULL, (size_t)o->fout, in->x, (size_t)o->fin, o->packed, q->workspace,
@@ -718,7 +1141,7 @@ static void forward_op(tern_qmodel *q, const qop *o, int n, float *logits)
         tern_qgate(out->x, in->x, in2->x, n, hw, in->c, &o->gate, q->isa);
         break;
     case QOP_ADD:
-        tern_qadd(out->x, in->x, in2->x, value_count(out, n), &o->add, q->isa);
+        tern_qadd(out->x, in->x, in2->x, tern_qvalue_count(out, n), &o->add, q->isa);
         break;
     }
 }
@@ -728,13 +1151,72 @@ tern_status tern_qmodel_forward(tern_qmodel *qmodel, float *logits, const float 
 {
     tern_qmodel *q = qmodel;
     if (!logits || !input)
-        return qfail(q, TERN_ERR_INVALID, "NULL input or logits");
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "NULL input or logits");
     if (batch < 1 || batch > q->opt.max_batch)
-        return qfail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+    if (q->mixed) {
+        forward_mixed(q, logits, input, batch);
+        return TERN_OK;
+    }
     qvalue *x = &q->values[0];
-    tern_quantize_array(x->x, input, value_count(x, batch), x->q, q->isa);
-    for (int i = 0; i < q->nops; i++)
+    int first = 0;
+    if (fused_stem(q)) { /* the input quantized straight into the stem's padded copy */
+        const qop *o = &q->ops[0];
+        tern_conv_params p = o->conv;
+        p.n = batch;
+        tern_qconv_direct_f32(q->values[o->out].x, x->x, input, x->q, o->packed, q->workspace,
+                              &p, &o->rq, q->isa);
+        first = 1;
+    } else {
+        tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
+    }
+    for (int i = first; i < q->nops; i++)
         forward_op(q, &q->ops[i], batch, logits);
+    return TERN_OK;
+}
+
+static double seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, const float *input,
+                                        int batch, double *op_seconds)
+{
+    tern_qmodel *q = qmodel;
+    if (!logits || !input || !op_seconds)
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "NULL input, logits or op_seconds");
+    if (batch < 1 || batch > q->opt.max_batch)
+        return tern_qmodel_fail(q, TERN_ERR_INVALID, "batch %d outside [1, %d]", batch, q->opt.max_batch);
+    if (q->mixed) { /* not profiled per op */
+        double t0 = seconds();
+        forward_mixed(q, logits, input, batch);
+        op_seconds[0] += seconds() - t0;
+        return TERN_OK;
+    }
+    qvalue *x = &q->values[0];
+    double t0 = seconds();
+    int first = 0;
+    if (fused_stem(q)) { /* the input's quantization is inside op 0, and timed with it */
+        const qop *o = &q->ops[0];
+        tern_conv_params p = o->conv;
+        p.n = batch;
+        tern_qconv_direct_f32(q->values[o->out].x, x->x, input, x->q, o->packed, q->workspace,
+                              &p, &o->rq, q->isa);
+        first = 1;
+    } else {
+        tern_quantize_array(x->x, input, tern_qvalue_count(x, batch), x->q, q->isa);
+    }
+    double t1 = seconds();
+    op_seconds[first] += t1 - t0;
+    for (int i = first; i < q->nops; i++) {
+        forward_op(q, &q->ops[i], batch, logits);
+        t0 = t1;
+        t1 = seconds();
+        op_seconds[i + 1] += t1 - t0;
+    }
     return TERN_OK;
 }
 
@@ -777,4 +1259,48 @@ tern_status tern_qmodel_op_at(const tern_qmodel *qmodel, size_t i, const char **
     if (out)
         *out = qmodel->values[o->out].q;
     return TERN_OK;
+}
+
+tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_info *info)
+{
+    if (!info || tern_qmodel_op_at(qmodel, i, &info->kind, &info->name, &info->out) != TERN_OK)
+        return TERN_ERR_INVALID;
+    const qop *o = &qmodel->ops[i];
+    const qvalue *in = &qmodel->values[o->in], *out = &qmodel->values[o->out];
+    bool conv = o->kind == QOP_CONV1X1 || o->kind == QOP_DEPTHWISE || o->kind == QOP_CONV;
+    info->in_h = in->h;
+    info->in_w = in->w;
+    info->in_c = in->c;
+    info->out_h = out->h;
+    info->out_w = out->w;
+    info->out_c = out->c;
+    info->k = conv ? o->conv.k : 0;
+    info->stride = conv ? o->conv.stride : 0;
+    info->fp32 = o->fp32;
+    info->has_weights = tern_qop_has_weights(o);
+    info->sensitivity = qmodel->opt.sensitivity || qmodel->opt.fp32_layers > 0 ? o->sensitivity
+                                                                                : -1;
+    info->agreement = qmodel->opt.sensitivity || qmodel->opt.fp32_layers > 0 ? o->agreement
+                                                                              : -1;
+    return TERN_OK;
+}
+
+const char *tern_quant_observer_name(tern_quant_observer observer)
+{
+    switch (observer) {
+    case TERN_QUANT_OBSERVER_MINMAX: return "minmax";
+    case TERN_QUANT_OBSERVER_PERCENTILE: return "percentile";
+    case TERN_QUANT_OBSERVER_ENTROPY: return "entropy";
+    }
+    return "?";
+}
+
+tern_status tern_quant_observer_parse(const char *name, tern_quant_observer *out)
+{
+    for (int o = TERN_QUANT_OBSERVER_MINMAX; name && o <= TERN_QUANT_OBSERVER_ENTROPY; o++)
+        if (!strcmp(name, tern_quant_observer_name((tern_quant_observer)o))) {
+            *out = (tern_quant_observer)o;
+            return TERN_OK;
+        }
+    return TERN_ERR_INVALID;
 }

@@ -33,11 +33,84 @@ static inline int32_t wrap_add(int32_t a, int32_t b)
 
 /* ---- depthwise ------------------------------------------------------------------------------ */
 
-void tern_qdwconv_pack(int32_t *packed, const int8_t *w, int channels, int k)
+static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+/* VNNI geometry: groups of 4 taps per kernel row, padded input width (4 spare columns so that
+ * the last group's 64-byte read stays inside). */
+static int dw_groups(int k) { return (k + 3) / 4; }
+
+size_t tern_qdwconv_packed_size(int channels, int k, tern_qisa isa)
 {
-    for (int t = 0; t < k * k; t++)
-        for (int c = 0; c < channels; c++)
-            packed[(size_t)t * channels + c] = w[(size_t)c * k * k + t];
+    size_t C = (size_t)channels, kk = (size_t)k * (size_t)k;
+    if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI) {
+        size_t cp = round_up(C, 16);
+        return cp * sizeof(int32_t) + cp * (size_t)k * (size_t)dw_groups(k) * 4;
+    }
+    return round_up(C * sizeof(int32_t), 64) + kk * C * sizeof(int32_t);
+}
+
+void tern_qdwconv_pack(void *packed, const int8_t *w, const int32_t *bias, int32_t x_zp,
+                       int channels, int k, tern_qisa isa)
+{
+    const size_t C = (size_t)channels, kk = (size_t)k * (size_t)k;
+    int32_t *b = packed;
+    if (tern_qisa_resolve(isa) != TERN_QISA_AVX512_VNNI) {
+        int32_t *taps = (int32_t *)((char *)packed + round_up(C * sizeof(int32_t), 64));
+        for (size_t c = 0; c < C; c++)
+            b[c] = bias ? bias[c] : 0;
+        for (size_t t = 0; t < kk; t++)
+            for (size_t c = 0; c < C; c++)
+                taps[t * C + c] = w[c * kk + t];
+        return;
+    }
+    const size_t cp = round_up(C, 16), G = (size_t)dw_groups(k);
+    int8_t *out = (int8_t *)(b + cp); /* [c / 16][ky][g][c % 16][4] */
+    for (size_t c = 0; c < cp; c++) {
+        int64_t sum = 0;
+        for (size_t t = 0; c < C && t < kk; t++)
+            sum += w[c * kk + t];
+        b[c] = c < C ? (int32_t)(uint32_t)(uint64_t)((bias ? (int64_t)bias[c] : 0) -
+                                                      ((int64_t)x_zp + 128) * sum)
+                     : 0;
+        for (size_t ky = 0; ky < (size_t)k; ky++)
+            for (size_t g = 0; g < G; g++)
+                for (size_t j = 0; j < 4; j++) {
+                    size_t kx = 4 * g + j;
+                    out[(((c / 16) * (size_t)k + ky) * G + g) * 64 + (c % 16) * 4 + j] =
+                        c < C && kx < (size_t)k ? w[c * kk + ky * (size_t)k + kx] : 0;
+                }
+    }
+}
+
+/* The padded copy of one image: [C / 16][H + 2 pad][W + 2 pad + 4][16] bytes of x + 128. */
+static size_t dw_padded_size(const tern_conv_params *p)
+{
+    return round_up((size_t)p->cin, 16) * (size_t)(p->h + 2 * p->pad) *
+           (size_t)(p->w + 2 * p->pad + 4);
+}
+
+/* Stride 1, 5x5 (dw_use_quads): one block's image of channel-interleaved quadruples, [H + 2 pad][wq][16][4] with
+ * wq = OW + 4 (groups - 1) (entry ix holds pixels ix..ix+3 of the padded row, permuted once
+ * for all the output pixels and rows that read it), plus one padded row of 16-byte pixels. */
+static size_t dw_quad_size(const tern_conv_params *p)
+{
+    size_t wq = (size_t)p->ow + 4 * (size_t)(dw_groups(p->k) - 1);
+    return (size_t)(p->h + 2 * p->pad) * wq * 64 + (size_t)(p->w + 2 * p->pad + 4) * 16 + 64;
+}
+
+/* The quadruple image pays off where it saves more than one permute per output: kernels of
+ * two or more groups per row (5x5) at stride 1. For 3x3 writing it costs more than the three
+ * permutes it saves. */
+static bool dw_use_quads(const tern_conv_params *p)
+{
+    return p->stride == 1 && dw_groups(p->k) > 1;
+}
+
+size_t tern_qdwconv_workspace_size(const tern_conv_params *p, tern_qisa isa)
+{
+    if (tern_qisa_resolve(isa) != TERN_QISA_AVX512_VNNI)
+        return 0;
+    return round_up(dw_use_quads(p) ? dw_quad_size(p) : dw_padded_size(p), 64);
 }
 
 void tern_qdwconv_ref(int8_t *y, const int8_t *x, int32_t x_zp, const int8_t *w,
@@ -83,53 +156,6 @@ static int valid_taps(int *tap, size_t *off, const tern_conv_params *p, int oy, 
     return n;
 }
 
-/* nv vectors of 16 channels from c0 of one output pixel (nv a constant after inlining, so the
- * accumulators stay in registers). */
-T_VNNI QINLINE void dw_chunk(const int nv, int8_t *y, const int8_t *img, int C, int c0,
-                             const int *tap, const size_t *off, int ntaps, const int32_t *w,
-                             const int32_t *bias, __m512i zp, const tern_requant *rq,
-                             const __m512i *lut)
-{
-    __m512i acc[4];
-    __mmask16 m[4];
-    for (int v = 0; v < nv; v++) {
-        m[v] = q_tail_mask16((size_t)(C - c0 - 16 * v));
-        acc[v] = bias ? _mm512_maskz_loadu_epi32(m[v], bias + c0 + 16 * v) : _mm512_setzero_si512();
-    }
-    for (int t = 0; t < ntaps; t++) {
-        const int8_t *xp = img + off[t] * (size_t)C + c0;
-        const int32_t *wp = w + (size_t)tap[t] * C + c0;
-        for (int v = 0; v < nv; v++) {
-            __m512i xv = _mm512_sub_epi32(
-                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[v], xp + 16 * v)), zp);
-            __m512i wv = _mm512_maskz_loadu_epi32(m[v], wp + 16 * v);
-            acc[v] = _mm512_add_epi32(acc[v], _mm512_mullo_epi32(xv, wv));
-        }
-    }
-    for (int v = 0; v < nv; v++) {
-        rq16 r = rq16_load(rq, (size_t)c0 + 16 * v, m[v]);
-        _mm_mask_storeu_epi8(y + c0 + 16 * v, m[v], requant16(acc[v], &r, lut));
-    }
-}
-
-/* One output pixel, all channels, 64 at a time (four independent accumulator chains). */
-T_VNNI static void dw_pixel_vnni(int8_t *y, const int8_t *img, int C, const int *tap,
-                                 const size_t *off, int ntaps, const int32_t *w,
-                                 const int32_t *bias, __m512i zp, const tern_requant *rq,
-                                 const __m512i *lut)
-{
-    int c0 = 0;
-    for (; c0 + 64 <= C; c0 += 64)
-        dw_chunk(4, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut);
-    switch ((C - c0 + 15) / 16) {
-    case 1: dw_chunk(1, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    case 2: dw_chunk(2, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    case 3: dw_chunk(3, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    case 4: dw_chunk(4, y, img, C, c0, tap, off, ntaps, w, bias, zp, rq, lut); break;
-    default: break; /* nothing left */
-    }
-}
-
 T_AVX2 static void dw_pixel_avx2(int8_t *y, const int8_t *img, int C, const int *tap,
                                  const size_t *off, int ntaps, const int32_t *w,
                                  const int32_t *bias, int32_t x_zp, const tern_requant *rq)
@@ -171,38 +197,237 @@ static void dw_pixel_scalar(int8_t *y, const int8_t *img, int C, const int *tap,
     }
 }
 
-T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *w,
-                               const int32_t *bias, const tern_conv_params *p,
-                               const tern_requant *rq)
+/* One image's padded copy (see dw_padded_size): border bytes x_zp + 128, so that they add
+ * nothing once the folded correction is applied. */
+T_VNNI static void dw_pad_image(uint8_t *u, const int8_t *img, int32_t x_zp,
+                                const tern_conv_params *p)
 {
-    __m512i lut[4];
-    if (rq->lut)
-        for (int i = 0; i < 4; i++)
-            lut[i] = _mm512_loadu_si512(rq->lut + 64 * i);
-    const __m512i zp = _mm512_set1_epi32(x_zp);
-    int tap[TERN_DW_TAPS_MAX];
-    size_t off[TERN_DW_TAPS_MAX];
-    for (int n = 0; n < p->n; n++) {
-        const int8_t *img = x + (size_t)n * p->h * p->w * p->cin;
-        for (int oy = 0; oy < p->oh; oy++)
-            for (int ox = 0; ox < p->ow; ox++) {
-                int nt = valid_taps(tap, off, p, oy, ox);
-                int8_t *out = y + (((size_t)n * p->oh + oy) * p->ow + ox) * p->cin;
-                dw_pixel_vnni(out, img, p->cin, tap, off, nt, w, bias, zp, rq,
-                              rq->lut ? lut : NULL);
+    const size_t C = (size_t)p->cin, nb = round_up(C, 16) / 16;
+    const size_t hp = (size_t)(p->h + 2 * p->pad), wpp = (size_t)(p->w + 2 * p->pad + 4);
+    const size_t plane = hp * wpp * 16;
+    const uint8_t fill = (uint8_t)(x_zp + 128);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    for (size_t b = 0; b < nb; b++) {
+        uint8_t *ub = u + b * plane;
+        memset(ub, fill, (size_t)p->pad * wpp * 16);
+        memset(ub + (size_t)(p->pad + p->h) * wpp * 16, fill, (size_t)p->pad * wpp * 16);
+        __mmask16 m = q_tail_mask16(C - 16 * b);
+        for (int iy = 0; iy < p->h; iy++) {
+            uint8_t *row = ub + (size_t)(iy + p->pad) * wpp * 16;
+            const int8_t *src = img + (size_t)iy * p->w * C + 16 * b;
+            memset(row, fill, (size_t)p->pad * 16);
+            memset(row + (size_t)(p->pad + p->w) * 16, fill, (wpp - (size_t)(p->pad + p->w)) * 16);
+            uint8_t *dst = row + (size_t)p->pad * 16;
+            for (int ix = 0; ix < p->w; ix++) {
+                /* channels past C: any byte (their weights are zero) */
+                __m128i v = _mm_maskz_loadu_epi8(m, src + (size_t)ix * C);
+                _mm_storeu_si128((__m128i *)(dst + 16 * (size_t)ix), _mm_xor_si128(v, flip));
             }
+        }
     }
 }
 
-void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpacked,
-                  const int32_t *bias, const tern_conv_params *p, const tern_requant *rq,
-                  tern_qisa isa)
+/* One block of 16 channels over all output pixels of an image, G groups of 4 taps per row.
+ * A 64-byte read at (iy, ix) holds pixels ix..ix+3 of the block; one byte permute turns it into
+ * the channel-major quadruples vpdpbusd multiplies with the packed weights. */
+T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, int8_t *y,
+                             const uint8_t *ub, size_t wpp, const int8_t *wb,
+                             const int32_t *bias, const float *scale, const rqf16 *r,
+                             const int8_t *table, __mmask16 m, const tern_conv_params *p)
+{
+    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    __m512i w[7][2], lut[4];
+    for (int ky = 0; ky < K; ky++)
+        for (int g = 0; g < G; g++)
+            w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
+    for (int i = 0; has_lut && i < 4; i++)
+        lut[i] = _mm512_loadu_si512(table + 64 * i);
+    const __m512i b = _mm512_loadu_si512(bias);
+    const __m512i idx = _mm512_set_epi8(
+        63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12, 59, 43, 27, 11, 58, 42, 26,
+        10, 57, 41, 25, 9, 56, 40, 24, 8, 55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20,
+        4, 51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
+    const size_t C = (size_t)p->cin, s = (size_t)p->stride;
+    for (int oy = 0; oy < p->oh; oy++) {
+        const uint8_t *top = ub + (size_t)oy * s * wpp * 16;
+        int8_t *out = y + (size_t)oy * p->ow * C;
+        int ox = 0;
+        /* four pixels at a time: four independent chains for the out-of-order core */
+        for (; ox + 4 <= p->ow; ox += 4) {
+            __m512i acc[4] = {b, b, b, b};
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t *at = top + (size_t)(ox + j) * s * 16;
+                        __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
+                        DPBUSD(acc[j], _mm512_permutexvar_epi8(idx, v), w[ky][g]);
+                    }
+            for (int j = 0; j < 4; j++)
+                _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
+                                     requantf16(acc[j], sv, r, has_lut ? lut : NULL));
+        }
+        for (; ox < p->ow; ox++) {
+            const uint8_t *at = top + (size_t)ox * s * 16;
+            __m512i acc = b;
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++) {
+                    __m512i v = _mm512_loadu_si512(at + (size_t)ky * wpp * 16 + 64 * g);
+                    DPBUSD(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
+                }
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m,
+                                 requantf16(acc, sv, r, has_lut ? lut : NULL));
+        }
+    }
+}
+
+static const int8_t dw_interleave[64] = {0,  16, 32, 48, 1,  17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51,
+                                         4,  20, 36, 52, 5,  21, 37, 53, 6,  22, 38, 54, 7,  23, 39, 55,
+                                         8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+                                         12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
+/* Stride 1, block b of 16 channels: the quadruple image (dw_quad_size) of one image. */
+T_VNNI static void dw_build_quads(uint8_t *quad, uint8_t *row, const int8_t *img, size_t b,
+                                  int32_t x_zp, const tern_conv_params *p)
+{
+    const size_t C = (size_t)p->cin, hp = (size_t)(p->h + 2 * p->pad);
+    const size_t wpp = (size_t)(p->w + 2 * p->pad + 4);
+    const size_t wq = (size_t)p->ow + 4 * (size_t)(dw_groups(p->k) - 1);
+    const uint8_t fill = (uint8_t)(x_zp + 128);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    const __m512i idx = _mm512_loadu_si512(dw_interleave);
+    const __mmask16 m = q_tail_mask16(C - 16 * b);
+    for (size_t iy = 0; iy < hp; iy++) {
+        uint8_t *q = quad + iy * wq * 64;
+        int sy = (int)iy - p->pad;
+        if (sy < 0 || sy >= p->h) { /* a padding row: every byte the fill */
+            memset(q, fill, wq * 64);
+            continue;
+        }
+        const int8_t *src = img + (size_t)sy * p->w * C + 16 * b;
+        memset(row, fill, (size_t)p->pad * 16);
+        memset(row + (size_t)(p->pad + p->w) * 16, fill, (wpp - (size_t)(p->pad + p->w)) * 16);
+        uint8_t *dst = row + (size_t)p->pad * 16;
+        for (int ix = 0; ix < p->w; ix++) /* channels past C: any byte (zero weights) */
+            _mm_storeu_si128((__m128i *)(dst + 16 * (size_t)ix),
+                             _mm_xor_si128(_mm_maskz_loadu_epi8(m, src + (size_t)ix * C), flip));
+        for (size_t ix = 0; ix < wq; ix++)
+            _mm512_storeu_si512(q + 64 * ix, _mm512_permutexvar_epi8(
+                                                 idx, _mm512_loadu_si512(row + 16 * ix)));
+    }
+}
+
+/* Stride 1: one block over an image from its quadruple image, four output pixels per step. */
+T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut, int8_t *y,
+                                   const uint8_t *quad, const int8_t *wb, const int32_t *bias,
+                                   const float *scale, const rqf16 *r, const int8_t *table,
+                                   __mmask16 m, const tern_conv_params *p)
+{
+    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    __m512i w[7][2], lut[4];
+    for (int ky = 0; ky < K; ky++)
+        for (int g = 0; g < G; g++)
+            w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
+    for (int i = 0; has_lut && i < 4; i++)
+        lut[i] = _mm512_loadu_si512(table + 64 * i);
+    const __m512i b = _mm512_loadu_si512(bias);
+    const size_t C = (size_t)p->cin, wq = (size_t)p->ow + 4 * (size_t)(G - 1);
+    for (int oy = 0; oy < p->oh; oy++) {
+        const uint8_t *top = quad + (size_t)oy * wq * 64;
+        int8_t *out = y + (size_t)oy * p->ow * C;
+        int ox = 0;
+        for (; ox + 4 <= p->ow; ox += 4) {
+            __m512i acc[4] = {b, b, b, b};
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t *at = top + ((size_t)ky * wq + (size_t)(ox + j + 4 * g)) * 64;
+                        DPBUSD(acc[j], _mm512_loadu_si512(at), w[ky][g]);
+                    }
+            for (int j = 0; j < 4; j++)
+                _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
+                                     requantf16(acc[j], sv, r, has_lut ? lut : NULL));
+        }
+        for (; ox < p->ow; ox++) {
+            __m512i acc = b;
+            for (int ky = 0; ky < K; ky++)
+                for (int g = 0; g < G; g++)
+                    DPBUSD(acc, _mm512_loadu_si512(top + ((size_t)ky * wq + (size_t)(ox + 4 * g)) * 64),
+                           w[ky][g]);
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m,
+                                 requantf16(acc, sv, r, has_lut ? lut : NULL));
+        }
+    }
+}
+
+T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed,
+                               void *workspace, const tern_conv_params *p,
+                               const tern_requant *rq)
+{
+    const size_t C = (size_t)p->cin, nb = round_up(C, 16) / 16;
+    const size_t wpp = (size_t)(p->w + 2 * p->pad + 4);
+    const size_t plane = (size_t)(p->h + 2 * p->pad) * wpp * 16;
+    const int k = p->k, G = dw_groups(k);
+    uint8_t *u = workspace;
+    const rqf16 r = rqf16_make(rq);
+    const int32_t *bias = packed;
+    const int8_t *w = (const int8_t *)(bias + 16 * nb);
+    const size_t wblock = (size_t)k * (size_t)G * 64;
+    const bool t = rq->lut != NULL;
+    if (dw_use_quads(p)) {
+        const size_t wq = (size_t)p->ow + 4 * (size_t)(G - 1);
+        uint8_t *row = u + (size_t)(p->h + 2 * p->pad) * wq * 64;
+        for (int n = 0; n < p->n; n++) {
+            const int8_t *img = x + (size_t)n * p->h * p->w * C;
+            int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
+            for (size_t b = 0; b < nb; b++) {
+                __mmask16 m = q_tail_mask16(C - 16 * b);
+                dw_build_quads(u, row, img, b, x_zp, p);
+#define DWQ(K, G, L)                                                                            \
+    dw_block_quads(K, G, L, yn + 16 * b, u, w + b * wblock, bias + 16 * b, rq->scale + 16 * b, \
+                   &r, rq->lut, m, p)
+                if (k == 5)
+                    t ? DWQ(5, 2, true) : DWQ(5, 2, false);
+                else
+                    t ? DWQ(k, G, true) : DWQ(k, G, false);
+#undef DWQ
+            }
+        }
+        return;
+    }
+    for (int n = 0; n < p->n; n++) {
+        const int8_t *img = x + (size_t)n * p->h * p->w * C;
+        int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
+        dw_pad_image(u, img, x_zp, p);
+        for (size_t b = 0; b < nb; b++) {
+            __mmask16 m = q_tail_mask16(C - 16 * b);
+            const uint8_t *ub = u + b * plane;
+            int8_t *yb = yn + 16 * b;
+            const int8_t *wb = w + b * wblock;
+            const int32_t *bb = bias + 16 * b;
+            const float *sc = rq->scale + 16 * b;
+#define DW(K, G, L) dw_block(K, G, L, yb, ub, wpp, wb, bb, sc, &r, rq->lut, m, p)
+            if (k == 3)
+                t ? DW(3, 1, true) : DW(3, 1, false);
+            else if (k == 5)
+                t ? DW(5, 2, true) : DW(5, 2, false);
+            else
+                t ? DW(k, G, true) : DW(k, G, false);
+#undef DW
+        }
+    }
+}
+
+void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, void *workspace,
+                  const tern_conv_params *p, const tern_requant *rq, tern_qisa isa)
 {
     isa = tern_qisa_resolve(isa);
     if (isa == TERN_QISA_AVX512_VNNI) {
-        dwconv_vnni(y, x, x_zp, wpacked, bias, p, rq);
+        dwconv_vnni(y, x, x_zp, packed, workspace, p, rq);
         return;
     }
+    const int32_t *bias = packed;
+    const int32_t *w = (const int32_t *)((const char *)packed +
+                                         round_up((size_t)p->cin * sizeof(int32_t), 64));
     int tap[TERN_DW_TAPS_MAX];
     size_t off[TERN_DW_TAPS_MAX];
     for (int n = 0; n < p->n; n++) {
@@ -212,44 +437,45 @@ void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const int32_t *wpack
                 int nt = valid_taps(tap, off, p, oy, ox);
                 int8_t *out = y + (((size_t)n * p->oh + oy) * p->ow + ox) * p->cin;
                 if (isa == TERN_QISA_AVX2)
-                    dw_pixel_avx2(out, img, p->cin, tap, off, nt, wpacked, bias, x_zp, rq);
+                    dw_pixel_avx2(out, img, p->cin, tap, off, nt, w, bias, x_zp, rq);
                 else
-                    dw_pixel_scalar(out, img, p->cin, tap, off, nt, wpacked, bias, x_zp, rq);
+                    dw_pixel_scalar(out, img, p->cin, tap, off, nt, w, bias, x_zp, rq);
             }
     }
 }
 
 /* ---- residual add ----------------------------------------------------------------------------- */
 
-static inline int8_t add_one(int8_t a, int8_t b, const tern_qadd_params *p)
+static inline int8_t round_clamp_zp(float r, int32_t zp, int32_t qmin, int32_t qmax)
 {
-    int32_t sa = ((int32_t)a - p->a_zp) * (1 << p->left_shift);
-    int32_t sb = ((int32_t)b - p->b_zp) * (1 << p->left_shift);
-    int32_t s = tern_quant_mbqm(sa, p->a_mult, p->a_shift) + tern_quant_mbqm(sb, p->b_mult, p->b_shift);
-    return clamp_add8(tern_quant_mbqm(s, p->out_mult, p->out_shift), p->out_zp, p->qmin, p->qmax);
+    const float lo = (float)(qmin - zp), hi = (float)(qmax - zp);
+    r = r < lo ? lo : r > hi ? hi : r;
+    return (int8_t)((int32_t)tern_round_even(r) + zp);
 }
 
 void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p)
 {
-    for (size_t i = 0; i < count; i++)
-        y[i] = add_one(a[i], b[i], p);
+    for (size_t i = 0; i < count; i++) {
+        float r = fmaf((float)a[i], p->a_scale, fmaf((float)b[i], p->b_scale, p->bias));
+        y[i] = round_clamp_zp(r, p->out_zp, p->qmin, p->qmax);
+    }
 }
 
 T_VNNI static void qadd_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
                              const tern_qadd_params *p)
 {
-    const __m512i azp = _mm512_set1_epi32(p->a_zp), bzp = _mm512_set1_epi32(p->b_zp);
-    /* the inputs' multipliers only scale: no clamp (the bounds are the int32 range) */
-    const rq16 ra = rq16_uniform(p->a_mult, p->a_shift, 0, INT32_MIN, INT32_MAX);
-    const rq16 rb = rq16_uniform(p->b_mult, p->b_shift, 0, INT32_MIN, INT32_MAX);
-    const rq16 ro = rq16_uniform(p->out_mult, p->out_shift, p->out_zp, p->qmin, p->qmax);
+    const __m512 sa = _mm512_set1_ps(p->a_scale), sb = _mm512_set1_ps(p->b_scale);
+    const __m512 bias = _mm512_set1_ps(p->bias);
+    const __m512 lo = _mm512_set1_ps((float)(p->qmin - p->out_zp));
+    const __m512 hi = _mm512_set1_ps((float)(p->qmax - p->out_zp));
+    const __m512i zp = _mm512_set1_epi32(p->out_zp);
     for (size_t i = 0; i < count; i += 16) {
         __mmask16 m = q_tail_mask16(count - i);
-        __m512i va = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)), azp);
-        __m512i vb = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)), bzp);
-        va = mbqm16(_mm512_slli_epi32(va, (unsigned)p->left_shift), &ra);
-        vb = mbqm16(_mm512_slli_epi32(vb, (unsigned)p->left_shift), &rb);
-        __m512i q = requant16_i32(_mm512_add_epi32(va, vb), &ro);
+        __m512 va = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)));
+        __m512 vb = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)));
+        __m512 r = _mm512_fmadd_ps(va, sa, _mm512_fmadd_ps(vb, sb, bias));
+        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), zp);
         _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
     }
 }
@@ -269,28 +495,34 @@ void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t h
                     const tern_qgate_params *p)
 {
     for (int i = 0; i < n; i++)
-        for (size_t j = 0; j < hw; j++)
-            for (int k = 0; k < c; k++) {
+        for (int k = 0; k < c; k++) {
+            float gf = (float)((int32_t)g[(size_t)i * c + k] - p->g_zp) * p->scale;
+            for (size_t j = 0; j < hw; j++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
-                int32_t prod = ((int32_t)x[at] - p->x_zp) * ((int32_t)g[(size_t)i * c + k] - p->g_zp);
-                y[at] = clamp_add8(tern_quant_mbqm(prod, p->mult, p->shift), p->out_zp, -128, 127);
+                y[at] = round_clamp_zp((float)((int32_t)x[at] - p->x_zp) * gf, p->out_zp, -128, 127);
             }
+        }
 }
 
 T_VNNI static void qgate_vnni(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw,
                               int c, const tern_qgate_params *p)
 {
     const __m512i xzp = _mm512_set1_epi32(p->x_zp), gzp = _mm512_set1_epi32(p->g_zp);
-    const rq16 r = rq16_uniform(p->mult, p->shift, p->out_zp, -128, 127);
+    const __m512i zp = _mm512_set1_epi32(p->out_zp);
+    const __m512 scale = _mm512_set1_ps(p->scale);
+    const __m512 lo = _mm512_set1_ps((float)(-128 - p->out_zp));
+    const __m512 hi = _mm512_set1_ps((float)(127 - p->out_zp));
     for (int i = 0; i < n; i++)
         for (int k = 0; k < c; k += 16) {
             __mmask16 m = q_tail_mask16((size_t)(c - k));
-            __m512i gv = _mm512_sub_epi32(
-                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, g + (size_t)i * c + k)), gzp);
+            __m512i gi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, g + (size_t)i * c + k));
+            __m512 gf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(gi, gzp)), scale);
             for (size_t j = 0; j < hw; j++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
-                __m512i xv = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at)), xzp);
-                __m512i q = requant16_i32(_mm512_mullo_epi32(xv, gv), &r);
+                __m512i xi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at));
+                __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(xi, xzp)), gf);
+                r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+                __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), zp);
                 _mm_mask_storeu_epi8(y + at, m, _mm512_cvtepi32_epi8(q));
             }
         }
@@ -357,27 +589,12 @@ void tern_quantize_ref(int8_t *y, const float *x, size_t count, tern_qparams p)
         y[i] = tern_quantize(x[i], p);
 }
 
-/* roundf(x / scale) as truncation plus a correction when the (exact) fraction is >= 1/2. */
 T_VNNI static void quantize_vnni(int8_t *y, const float *x, size_t count, tern_qparams p)
 {
-    const __m512 scale = _mm512_set1_ps(p.scale), half = _mm512_set1_ps(0.5f);
-    const __m512 lo = _mm512_set1_ps(-128.0f - (float)p.zero_point);
-    const __m512 hi = _mm512_set1_ps(127.0f - (float)p.zero_point);
-    const __m512i zp = _mm512_set1_epi32(p.zero_point);
+    const q16 c = q16_make(p);
     for (size_t i = 0; i < count; i += 16) {
         __mmask16 m = q_tail_mask16(count - i);
-        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), scale);
-        __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
-        __mmask16 up = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
-        /* t +- 1, toward v's sign (a zero t with frac >= 1/2 has v's sign too) */
-        __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f),
-                                  _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
-        __m512 r = _mm512_mask_add_ps(t, up, t, one);
-        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-        r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_setzero_ps());
-        __m512i q = _mm512_add_epi32(_mm512_cvttps_epi32(r), zp);
-        _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
+        _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(quantize16(_mm512_maskz_loadu_ps(m, x + i), &c)));
     }
 }
 

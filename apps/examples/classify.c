@@ -3,8 +3,9 @@
  *   classify MODEL.safetensors IMAGE
  *
  * prints "<class name> <probability>" for the most likely class. Everything a program needs is
- * here: open the model file, build the network it describes, read what its metadata says about
- * the input (size, normalization, class names), decode and transform the image, run it. */
+ * here: open the model file (float, or quantized by `tern quantize`: the predictor runs either),
+ * read what its metadata says about the input (size, normalization, class names), decode and
+ * transform the image, run it. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,35 +19,31 @@ int main(int argc, char **argv)
         return 2;
     }
     tern_error err = {{0}};
-    tern_safetensors *file = NULL;
-    tern_model *model = NULL;
-    tern_model_info info = {0};
+    tern_predictor *model = NULL;
     tern_image image = {0};
     float *input = NULL, *logits = NULL;
     int rc = 1;
 
-    /* 1. The model: options and weights from the file. */
-    tern_model_options opt = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
-    if (tern_safetensors_open(argv[1], NULL, &file, &err) != TERN_OK ||
-        tern_model_options_from_metadata(file, &opt, &err) != TERN_OK ||
-        tern_model_info_read(file, &info, &err) != TERN_OK ||
-        tern_model_create(&opt, &model, &err) != TERN_OK ||
-        tern_model_load_state(model, file, "", &err) != TERN_OK) {
+    /* 1. The model, with the input size and normalization its file records. */
+    if (tern_predictor_open(argv[1], NULL, &model, &err) != TERN_OK) {
         fprintf(stderr, "%s: %s\n", argv[1], err.message);
         goto done;
     }
+    const tern_model_info *info = tern_predictor_info(model);
+    const int classes = tern_predictor_num_classes(model);
+    const int channels = tern_predictor_in_channels(model);
 
     /* 2. The input: decoded, resized and center-cropped as in evaluation, normalized as the
      * model was trained. */
-    int size = info.input_size > 0 ? info.input_size : 224;
-    tern_transform t = {.size = size, .channels = opt.in_channels,
-                        .resize = info.resize > 0 ? info.resize : size * 256 / 224};
+    int size = info->input_size;
+    tern_transform t = {.size = size, .channels = channels,
+                        .resize = info->resize > 0 ? info->resize : size * 256 / 224};
     for (int c = 0; c < 3; c++) {
-        t.mean[c] = info.mean[c];
-        t.std[c] = info.std[c] != 0 ? info.std[c] : 1;
+        t.mean[c] = info->mean[c];
+        t.std[c] = info->std[c] != 0 ? info->std[c] : 1;
     }
-    input = malloc(sizeof(float) * (size_t)size * (size_t)size * (size_t)opt.in_channels);
-    logits = malloc(sizeof(float) * (size_t)opt.num_classes);
+    input = malloc(sizeof(float) * (size_t)size * (size_t)size * (size_t)channels);
+    logits = malloc(sizeof(float) * (size_t)classes);
     if (!input || !logits) {
         fprintf(stderr, "out of memory\n");
         goto done;
@@ -60,21 +57,20 @@ int main(int argc, char **argv)
         goto done;
     }
 
-    /* 3. Inference: plan memory for one image, run, take the softmax's best class. */
-    if (tern_model_plan(model, 1, size, size, false) != TERN_OK ||
-        tern_model_forward(model, logits, input, 1, false) != TERN_OK) {
-        fprintf(stderr, "%s\n", tern_model_last_error(model));
+    /* 3. Inference on one image, then the softmax's best class. */
+    if (tern_predictor_forward(model, logits, input, 1) != TERN_OK) {
+        fprintf(stderr, "inference failed\n");
         goto done;
     }
     int best = 0;
-    for (int k = 1; k < opt.num_classes; k++)
+    for (int k = 1; k < classes; k++)
         if (logits[k] > logits[best])
             best = k;
     double sum = 0;
-    for (int k = 0; k < opt.num_classes; k++)
+    for (int k = 0; k < classes; k++)
         sum += exp((double)logits[k] - logits[best]);
-    if (best < info.nclasses)
-        printf("%s %.4f\n", info.class_names[best], 1.0 / sum);
+    if (best < info->nclasses)
+        printf("%s %.4f\n", info->class_names[best], 1.0 / sum);
     else
         printf("class_%d %.4f\n", best, 1.0 / sum);
     rc = 0;
@@ -82,8 +78,6 @@ done:
     free(input);
     free(logits);
     tern_image_free(NULL, &image);
-    tern_model_info_free(&info);
-    tern_model_destroy(&model);
-    tern_safetensors_close(&file);
+    tern_predictor_close(&model);
     return rc;
 }
