@@ -6,6 +6,7 @@
 #include "tern/alloc.h"
 #include "tern/checkpoint.h"
 #include "tern/data.h"
+#include "tern/dpsgd.h"
 #include "tern/image.h"
 #include "tern/metrics.h"
 #include "tern/model.h"
