@@ -1,7 +1,9 @@
 /* DP-SGD over a tern_model (include/tern/dpsgd.h): per-sample gradient norms per layer from
  * the saved inputs and output gradients of one ordinary forward and backward, clip factors,
- * then the clipped sum as one weight-gradient pass with each sample's output gradients scaled
- * by its factor; Gaussian noise; division by the expected batch; accounting.
+ * then the clipped sum: a weighted sum of the per-sample gradients kept for the small layers
+ * (depthwise, stem, GroupNorm), and for the GEMM layers (pointwise, linear) one weight-gradient
+ * pass with each sample's output gradients scaled by its factor; Gaussian noise; division by
+ * the expected batch; accounting.
  *
  * Why the weight-gradient pass is enough: every op of a GroupNorm MobileNetV3 acts on each
  * sample alone, so sample n's output gradient at any layer is linear in its dlogits. Scaling
@@ -47,7 +49,16 @@ typedef struct dp_op {
     tern_graph_train_op t;
     size_t hw;        /* positions per sample at the op's input */
     size_t wcount;    /* CONV: weight floats */
+    /* CONV, GN: each sample's gradient (CONV: weights; GN: d gamma then d beta) is kept at
+     * store + store_base + n * store_per, so the clipped sum is a weighted sum of them. */
+    size_t store_base, store_per;
 } dp_op;
+
+/* Ziggurat tables for normal deviates (Marsaglia and Tsang 2000 with Doornik's 2005 choice of
+ * independent bits for the layer and the abscissa): 128 layers. */
+#define ZIG_LAYERS 128
+#define ZIG_R 3.442619855899
+#define ZIG_V 9.91256303526217e-3
 
 struct tern_dp {
     tern_model *model;
@@ -73,6 +84,8 @@ struct tern_dp {
     float *scratch;          /* per thread: scratch_floats */
     size_t scratch_floats;
     float *workspace;        /* conv weight-gradient workspace for the whole batch */
+    float *store;            /* per-sample gradients of the CONV and GN ops */
+    double zig_x[ZIG_LAYERS + 1], zig_r[ZIG_LAYERS];
 };
 
 static tern_status dp_fail(tern_dp *dp, tern_status s, const char *fmt, ...)
@@ -94,6 +107,59 @@ static bool is_pointwise(const tern_conv_params *p)
 static size_t round16(size_t n)
 {
     return (n + 15) & ~(size_t)15;
+}
+
+/* ---- normal deviates ------------------------------------------------------------------------ */
+
+/* Layer boundaries x[0] = V / f(R) (the base layer's equal-area width), x[1] = R, ...,
+ * x[128] = 0, with f(x) = exp(-x^2 / 2); r[i] = x[i + 1] / x[i]. */
+static void zig_init(double *x, double *r)
+{
+    double f = exp(-0.5 * ZIG_R * ZIG_R);
+    x[0] = ZIG_V / f;
+    x[1] = ZIG_R;
+    x[ZIG_LAYERS] = 0;
+    for (int i = 2; i < ZIG_LAYERS; i++) {
+        x[i] = sqrt(-2 * log(ZIG_V / x[i - 1] + f));
+        f = exp(-0.5 * x[i] * x[i]);
+    }
+    for (int i = 0; i < ZIG_LAYERS; i++)
+        r[i] = x[i + 1] / x[i];
+}
+
+/* Uniform in (0, 1]. */
+static double uniform_open0(tern_rng *rng)
+{
+    return 1.0 - tern_rng_uniform_double(rng);
+}
+
+/* A standard normal deviate, exactly (no approximation beyond double rounding). One 64-bit draw
+ * gives a 53-bit abscissa (high bits) and the layer (low 7 bits); 98.8% of calls end at the
+ * first comparison. */
+static double zig_normal(const tern_dp *dp, tern_rng *rng)
+{
+    const double *x = dp->zig_x, *r = dp->zig_r;
+    for (;;) {
+        uint64_t bits = tern_rng_next(rng);
+        double u = 2.0 * ((double)(bits >> 11) * 0x1.0p-53) - 1.0;
+        unsigned i = (unsigned)(bits & (ZIG_LAYERS - 1));
+        if (fabs(u) < r[i])
+            return u * x[i];
+        if (i == 0) { /* the tail beyond R (Marsaglia 1964) */
+            double t, y;
+            do {
+                t = log(uniform_open0(rng)) / ZIG_R;
+                y = log(uniform_open0(rng));
+            } while (-2 * y < t * t);
+            return u < 0 ? t - ZIG_R : ZIG_R - t;
+        }
+        /* A wedge: accept x with probability (f(x) - f(x_i)) / (f(x_i+1) - f(x_i)). */
+        double v = u * x[i];
+        double f0 = exp(-0.5 * (x[i] * x[i] - v * v));
+        double f1 = exp(-0.5 * (x[i + 1] * x[i + 1] - v * v));
+        if (f1 + tern_rng_uniform_double(rng) * (f0 - f1) < 1.0)
+            return v;
+    }
 }
 
 /* ---- creation ---------------------------------------------------------------------------- */
@@ -153,6 +219,7 @@ tern_status tern_dp_create(tern_model *model, const tern_dp_options *options, te
     dp->nparams = tern_model_param_count(model);
     dp->classes = mo->num_classes;
     tern_rng_seed(&dp->rng, o->seed);
+    zig_init(dp->zig_x, dp->zig_r);
     for (size_t i = 0; i < tern_model_tensor_count(model); i++)
         dp->ntensors += tern_model_tensor_at(model, i)->kind == TERN_TENSOR_PARAM;
     tern_status s = tern_accountant_create(&o->accountant, &dp->acc, err);
@@ -199,7 +266,9 @@ static void free_plan_buffers(tern_dp *dp)
     tern_free(a, dp->sum);
     tern_free(a, dp->scratch);
     tern_free(a, dp->workspace);
+    tern_free(a, dp->store);
     dp->logits = dp->dlogits = dp->factors = dp->sum = dp->scratch = dp->workspace = NULL;
+    dp->store = NULL;
     dp->sq = NULL;
     dp->max_batch = dp->height = dp->width = 0;
     dp->nfactors = 0;
@@ -232,7 +301,7 @@ static tern_status prepare(tern_dp *dp)
                                            "training = true)");
     tern_pool *pool = tern_model_graph_pool(m);
     int nth = tern_pool_size(pool);
-    size_t scratch = 0, workspace = 0;
+    size_t scratch = 0, workspace = 0, store = 0;
     for (int i = 0; i < dp->nops; i++) {
         dp_op *d = &dp->ops[i];
         tern_model_graph_op_at(m, d->index, &d->g);
@@ -240,6 +309,7 @@ static tern_status prepare(tern_dp *dp)
         tern_model_graph_value_at(m, d->g.in, &d->in);
         tern_model_graph_value_at(m, d->g.out, &d->out);
         d->hw = (size_t)d->in.h * (size_t)d->in.w;
+        d->store_per = 0;
         size_t need = 0;
         if (d->g.kind == TERN_GRAPH_CONV) {
             tern_conv_params p = d->g.conv;
@@ -257,14 +327,18 @@ static tern_status prepare(tern_dp *dp)
                 d->kind = DP_CONV;
                 tern_conv_params p1 = p;
                 p1.n = 1;
-                need = round16(d->wcount) + round16(tern_conv2d_workspace_size(&p1, 1));
+                need = round16(tern_conv2d_workspace_size(&p1, 1));
+                d->store_per = d->wcount;
             }
             p.n = max_batch;
             size_t ws = tern_conv2d_workspace_size(&p, nth);
             workspace = ws > workspace ? ws : workspace;
         } else if (d->g.kind == TERN_GRAPH_GN) {
-            need = 4 * round16((size_t)d->in.c);
+            need = 2 * round16((size_t)d->in.c);
+            d->store_per = 2 * (size_t)d->in.c;
         }
+        d->store_base = store;
+        store += d->store_per * (size_t)max_batch;
         scratch = need > scratch ? need : scratch;
     }
     if (max_batch == dp->max_batch && height == dp->height && width == dp->width)
@@ -281,8 +355,9 @@ static tern_status prepare(tern_dp *dp)
     dp->sum = tern_calloc(a, dp->nparams, sizeof(float));
     dp->scratch = tern_calloc(a, scratch_total ? scratch_total : 1, sizeof(float));
     dp->workspace = tern_calloc(a, workspace ? workspace : 1, sizeof(float));
+    dp->store = tern_calloc(a, store ? store : 1, sizeof(float));
     if (!dp->logits || !dp->dlogits || !dp->sq || !dp->factors || !dp->sum || !dp->scratch ||
-        !dp->workspace) {
+        !dp->workspace || !dp->store) {
         free_plan_buffers(dp);
         return dp_fail(dp, TERN_ERR_NOMEM, "cannot allocate DP-SGD buffers for batch %d",
                        max_batch);
@@ -356,16 +431,17 @@ static void sample_norms(const tern_dp *dp, int s, double *sq, float *scratch, f
         case DP_CONV: {
             tern_conv_params p = d->g.conv;
             p.n = 1;
-            memset(scratch, 0, d->wcount * sizeof(float));
-            tern_conv2d_backward(NULL, scratch, NULL, scratch + round16(d->wcount), dy, x,
-                                 d->g.w, &p, NULL);
-            sq[d->tw] += dot(scratch, scratch, d->wcount);
+            float *g = dp->store + d->store_base + (size_t)s * d->store_per;
+            memset(g, 0, d->wcount * sizeof(float));
+            tern_conv2d_backward(NULL, g, NULL, scratch, dy, x, d->g.w, &p, NULL);
+            sq[d->tw] += dot(g, g, d->wcount);
             break;
         }
         case DP_GN: {
             /* d gamma_c = sum_p dy_pc (x_pc - mean_g) invstd_g, d beta_c = sum_p dy_pc */
             const size_t c = cin, cg = c / (size_t)d->t.groups, pad = round16(c);
-            float *dg = scratch, *db = scratch + pad, *mean = db + pad, *inv = mean + pad;
+            float *dg = dp->store + d->store_base + (size_t)s * d->store_per, *db = dg + c;
+            float *mean = scratch, *inv = scratch + pad;
             const float *sm = d->t.save_mean + (size_t)s * (size_t)d->t.groups;
             const float *si = d->t.save_invstd + (size_t)s * (size_t)d->t.groups;
             for (size_t j = 0; j < c; j++) {
@@ -417,7 +493,7 @@ typedef struct scale_task {
     int n;
 } scale_task;
 
-/* dy_n *= f_n at the output of every parameterized op. */
+/* dy_n *= f_n at the output of every op whose clipped sum is a GEMM (linear, pointwise). */
 static void scale_fn(void *arg, int ith, int nth)
 {
     const scale_task *t = arg;
@@ -426,12 +502,51 @@ static void scale_fn(void *arg, int ith, int nth)
     tern_split((size_t)t->n, ith, nth, &s0, &s1);
     for (int i = 0; i < dp->nops; i++) {
         const dp_op *d = &dp->ops[i];
+        if (d->store_per) /* summed from the stored per-sample gradients instead */
+            continue;
         const size_t per = (size_t)d->out.h * (size_t)d->out.w * (size_t)d->out.c;
         for (size_t s = s0; s < s1; s++) {
             float *dy = d->out.dx + s * per, f = dp->factors[s];
             if (f != 1.0f)
                 for (size_t j = 0; j < per; j++)
                     dy[j] *= f;
+        }
+    }
+}
+
+/* out[j] = sum over samples n of f_n g[n * stride + j], j in [0, count), in a fixed order. */
+static void weighted_sum(float *out, const float *g, size_t stride, size_t count,
+                         const float *f, int n)
+{
+    memset(out, 0, count * sizeof(float));
+    for (int s = 0; s < n; s++) {
+        const float *gs = g + (size_t)s * stride, fs = f[s];
+        for (size_t j = 0; j < count; j++)
+            out[j] += fs * gs[j];
+    }
+}
+
+/* The gradients of CONV and GN ops from their stored per-sample gradients; each op's
+ * coordinates are split over threads (each summed over samples in order by one thread). */
+static void stored_sum_fn(void *arg, int ith, int nth)
+{
+    const scale_task *t = arg;
+    const tern_dp *dp = t->dp;
+    for (int i = 0; i < dp->nops; i++) {
+        const dp_op *d = &dp->ops[i];
+        if (!d->store_per)
+            continue;
+        const float *g = dp->store + d->store_base;
+        size_t j0, j1;
+        tern_split(d->store_per, ith, nth, &j0, &j1);
+        if (d->kind == DP_GN) { /* d gamma in [0, c), d beta in [c, 2c) */
+            const size_t c = d->store_per / 2;
+            size_t a0 = j0 < c ? j0 : c, a1 = j1 < c ? j1 : c;
+            size_t b0 = j0 > c ? j0 : c, b1 = j1 > c ? j1 : c;
+            weighted_sum(d->t.dw + a0, g + a0, d->store_per, a1 - a0, dp->factors, t->n);
+            weighted_sum(d->t.db + (b0 - c), g + b0, d->store_per, b1 - b0, dp->factors, t->n);
+        } else {
+            weighted_sum(d->t.dw + j0, g + j0, d->store_per, j1 - j0, dp->factors, t->n);
         }
     }
 }
@@ -482,6 +597,7 @@ static void clipped_sum(tern_dp *dp, int n)
     scale_task st = {.dp = dp, .n = n};
     tern_pool_run(pool, scale_fn, &st);
     tern_model_zero_grad(m);
+    tern_pool_run(pool, stored_sum_fn, &st);
     for (int i = 0; i < dp->nops; i++) {
         const dp_op *d = &dp->ops[i];
         switch (d->kind) {
@@ -489,20 +605,17 @@ static void clipped_sum(tern_dp *dp, int n)
             tern_linear_backward(NULL, d->t.dw, d->t.db, d->out.dx, d->in.x, d->g.w, n, d->g.fin,
                                  d->g.fout, pool);
             break;
+        case DP_CONV:
+        case DP_GN:
+            break; /* done by stored_sum_fn */
         case DP_PW_GHOST:
-        case DP_PW_GEMM:
-        case DP_CONV: {
+        case DP_PW_GEMM: {
             tern_conv_params p = d->g.conv;
             p.n = n;
             tern_conv2d_backward(NULL, d->t.dw, NULL, dp->workspace, d->out.dx, d->in.x, d->g.w,
                                  &p, pool);
             break;
         }
-        case DP_GN:
-            tern_groupnorm_backward(NULL, d->t.dw, d->t.db, d->out.dx, d->in.x, d->t.save_mean,
-                                    d->t.save_invstd, d->g.w, n, d->hw, d->in.c, d->t.groups,
-                                    pool);
-            break;
         }
     }
 }
@@ -550,19 +663,13 @@ tern_status tern_dp_sample_norms(tern_dp *dp, const float *input, const int32_t 
     return TERN_OK;
 }
 
-/* Box-Muller with both outputs: z0 = r cos(t), z1 = r sin(t), in double. */
-static void add_noise(tern_rng *rng, float *g, size_t n, double std, double scale)
+/* g = (g + std z) * scale with z standard normal per coordinate (std 0: no draws). */
+static void add_noise(tern_dp *dp, float *g, size_t n, double std, double scale)
 {
-    size_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-        double u1 = 1.0 - tern_rng_uniform_double(rng); /* (0, 1]: log is finite */
-        double u2 = tern_rng_uniform_double(rng);
-        double r = std * sqrt(-2.0 * log(u1)), t = 6.283185307179586476925 * u2;
-        g[i] = (float)(((double)g[i] + r * cos(t)) * scale);
-        g[i + 1] = (float)(((double)g[i + 1] + r * sin(t)) * scale);
+    for (size_t i = 0; i < n; i++) {
+        double z = std > 0 ? std * zig_normal(dp, &dp->rng) : 0.0;
+        g[i] = (float)(((double)g[i] + z) * scale);
     }
-    if (i < n)
-        g[i] = (float)(((double)g[i] + std * tern_rng_normal(rng)) * scale);
 }
 
 tern_status tern_dp_step_grads(tern_dp *dp, const float *input, const int32_t *labels, int batch,
@@ -599,10 +706,7 @@ tern_status tern_dp_step_grads(tern_dp *dp, const float *input, const int32_t *l
     else if (chunks > 1)
         memcpy(grads, dp->sum, dp->nparams * sizeof(float));
     const double sigma = dp->opt.noise_multiplier;
-    add_noise(&dp->rng, grads, sigma > 0 ? dp->nparams : 0, sigma * dp->opt.max_grad_norm, 1.0);
-    const float scale = (float)(1.0 / dp->opt.expected_batch);
-    for (size_t i = 0; i < dp->nparams; i++)
-        grads[i] *= scale;
+    add_noise(dp, grads, dp->nparams, sigma * dp->opt.max_grad_norm, 1.0 / dp->opt.expected_batch);
     if (sigma > 0) {
         if ((s = tern_accountant_step(dp->acc, sigma, dp->opt.sample_rate)) != TERN_OK)
             return dp_fail(dp, s, "%s", tern_accountant_last_error(dp->acc));

@@ -336,7 +336,7 @@ static void noise_statistics(void **state)
     const size_t np = tern_model_param_count(m);
     const double std = sigma * c / e;
     double sum = 0, sum2 = 0, sum4 = 0;
-    size_t within1 = 0, count = 0;
+    size_t within1 = 0, beyond3 = 0, tail = 0, count = 0;
     int steps = 0;
     while (count < 400000) {
         float loss = -1;
@@ -350,13 +350,16 @@ static void noise_statistics(void **state)
             sum2 += z * z;
             sum4 += z * z * z * z;
             within1 += fabs(z) < 1;
+            beyond3 += fabs(z) > 3;
+            tail += fabs(z) > 3.442619855899; /* the ziggurat's tail region */
         }
         count += np;
     }
     double n = (double)count, mean = sum / n, var = sum2 / n - mean * mean;
     /* Mean: standard error 1/sqrt(n). Variance: n var ~ chi-square(n - 1), standard error
      * sqrt(2 / n). Kurtosis 3 (standard error sqrt(24 / n)), P(|z| < 1) = 0.682689 (binomial).
-     * Five standard errors each. */
+     * Five standard errors each, and the same for the tails beyond 3 and beyond the ziggurat's
+     * R = 3.4426. */
     if (!(fabs(mean) < 5 / sqrt(n)))
         fail_msg("noise mean %g (in units of sigma C / E), bound %g", mean, 5 / sqrt(n));
     if (!(fabs(var - 1) < 5 * sqrt(2 / n)))
@@ -366,6 +369,11 @@ static void noise_statistics(void **state)
     double p1 = 0.682689492137, frac = (double)within1 / n;
     if (!(fabs(frac - p1) < 5 * sqrt(p1 * (1 - p1) / n)))
         fail_msg("P(|z| < 1) = %g", frac);
+    double p3 = 0.002699796063, pt = 2 * 0.5 * erfc(3.442619855899 / sqrt(2.0));
+    if (!(fabs((double)beyond3 / n - p3) < 5 * sqrt(p3 / n)))
+        fail_msg("P(|z| > 3) = %g, expected %g", (double)beyond3 / n, p3);
+    if (!(fabs((double)tail / n - pt) < 5 * sqrt(pt / n)))
+        fail_msg("P(|z| > R) = %g, expected %g", (double)tail / n, pt);
     /* Every step was recorded, and the epsilon is the accountant's for that history. */
     assert_int_equal(tern_dp_steps(dp), steps);
     tern_dp_entry entry;

@@ -16,13 +16,15 @@
  *     when H*W is small, else the per-sample weight gradient dy_n^T x_n, materialized by a GEMM
  *     and squared, whichever costs less for the layer's shape;
  *   depthwise and stem convolutions: the per-sample weight gradient, materialized (C k k
- *     floats) by the convolution's own backward kernel;
- *   GroupNorm: per-sample d gamma and d beta, materialized (2 C floats).
- * Because every op of the network is per-sample (GroupNorm, not BatchNorm), scaling sample n's
- * output gradients by its clip factor f_n scales its whole gradient by f_n: the clipped sum is
- * then one weight-gradient pass per layer over the batch with dy scaled per sample (no second
- * input-gradient pass). Cost: one forward, one backward, the norms and one weight-gradient
- * pass. Work is split over the model's threads by samples; results are bitwise reproducible
+ *     floats) by the convolution's own backward kernel, and kept;
+ *   GroupNorm: per-sample d gamma and d beta, materialized (2 C floats) and kept.
+ * The clipped sum sum_n f_n g_n (f_n = min(1, C / (|g_n| + 1e-6))) is then, for the kept
+ * per-sample gradients, their weighted sum; for linear and pointwise layers, one
+ * weight-gradient GEMM over the batch with dy_n scaled by f_n. That is exact because every op
+ * of the network acts on each sample alone (GroupNorm, not BatchNorm): scaling sample n's
+ * dlogits by f_n would scale its dy at every layer by f_n, so no second backward through the
+ * network is needed. Cost: one forward, one backward, the norms and one weight-gradient pass
+ * of the GEMM layers. Work is split over the model's threads; results are bitwise reproducible
  * for a given thread count and seed.
  *
  * BatchNorm mixes samples through its batch statistics, so DP-SGD refuses models built with
@@ -30,8 +32,9 @@
  * Opacus's replacement).
  *
  * Randomness (the Poisson sampling of batches and the noise) comes from the handle's own
- * xoshiro256** generator seeded through splitmix64 from options.seed; normal deviates by
- * Box-Muller in double precision. It is not a cryptographically secure generator: seed it
+ * xoshiro256** generator seeded through splitmix64 from options.seed; normal deviates by the
+ * ziggurat method (Marsaglia and Tsang 2000, 128 layers, Doornik's 2005 independent layer
+ * bits, 53-bit abscissas, exact tail) in double precision, added to the float gradients. It is not a cryptographically secure generator: seed it
  * from a secret source (the tern tool reads /dev/urandom), and see docs/privacy.md.
  *
  * Not thread-safe: one caller at a time per handle, and the model must not be used by anyone
