@@ -146,11 +146,14 @@ static const opt_spec OPTIONS[] = {
     {"limit-per-client", T_LONG, O(limit_per_client), 1, 1e12, CMD_SIM},
     {"keep", T_FLAG, O(keep_store), 0, 0, CMD_SIM},
     /* differential privacy accounting */
-    {"accountant", T_STR, O(accountant), 0, 0, CMD_DP},
-    {"sample-rate", T_DOUBLE, O(sample_rate), 1e-300, 1, CMD_DP},
-    {"noise-multiplier", T_DOUBLE, O(noise_multiplier), 1e-300, 1e300, CMD_DP},
-    {"delta", T_DOUBLE, O(delta), 1e-300, 0.999999999999, CMD_DP},
-    {"target-epsilon", T_DOUBLE, O(target_epsilon), 1e-300, 1e300, CMD_DP},
+    {"accountant", T_STR, O(accountant), 0, 0, CMD_DP | CMD_TRAIN},
+    {"sample-rate", T_DOUBLE, O(sample_rate), 1e-300, 1, CMD_DP | CMD_TRAIN},
+    {"noise-multiplier", T_DOUBLE, O(noise_multiplier), 1e-300, 1e300, CMD_DP | CMD_TRAIN},
+    {"delta", T_DOUBLE, O(delta), 1e-300, 0.999999999999, CMD_DP | CMD_TRAIN},
+    {"target-epsilon", T_DOUBLE, O(target_epsilon), 1e-300, 1e300, CMD_DP | CMD_TRAIN},
+    /* DP-SGD training */
+    {"dp", T_FLAG, O(dp), 0, 0, CMD_TRAIN},
+    {"max-grad-norm", T_DOUBLE, O(max_grad_norm), 1e-300, 1e300, CMD_TRAIN},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 

@@ -59,9 +59,10 @@ typedef struct cli {
         eval_fraction, fit_delay;
     float proximal_mu, lr_min;
     long long test_limit, partition_seed, limit_per_client;
-    /* differential privacy accounting (tern_dp.c) */
+    /* differential privacy accounting (tern_dp.c) and DP-SGD training (tern train --dp) */
     const char *accountant;
-    double sample_rate, noise_multiplier, delta, target_epsilon;
+    double sample_rate, noise_multiplier, delta, target_epsilon, max_grad_norm;
+    bool dp;
     /* positional arguments (predict) */
     char **args;
     int nargs;

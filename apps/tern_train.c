@@ -331,6 +331,17 @@ static const char TRAIN_HELP[] =
     "  --dropout P            classifier dropout (default 0.2)\n"
     "  --bn-momentum F        BatchNorm running-statistics momentum (default 0.01, torchvision's)\n"
     "  --seed S               initialisation, data order and augmentation (default 0)\n"
+    "Differential privacy (DP-SGD as Opacus: Poisson-sampled batches, per-sample clipping,\n"
+    "Gaussian noise; needs --norm group, the default with --dp):\n"
+    "  --dp                   train with DP-SGD; epsilon is reported after every epoch\n"
+    "  --target-epsilon E     the budget: the noise multiplier is found for it (at --delta,\n"
+    "                         over all --epochs)\n"
+    "  --noise-multiplier S   or this noise (std S * C), epsilon following from it\n"
+    "  --max-grad-norm C      per-sample clipping norm (default 1.0)\n"
+    "  --delta D              (default 1e-5)\n"
+    "  --sample-rate Q        Poisson rate (default: 1 / ceil(N / batch); the expected batch is\n"
+    "                         Q * N, and an epoch is 1 / Q steps)\n"
+    "  --accountant rdp|prv   (default rdp)\n"
     "Model:\n"
     "  --arch A, --width-mult F, --norm batch|group, --threads N, --isa I  (see tern forward)\n"
     "  --init W.safetensors   start from these weights (e.g. torchvision's, saved as safetensors)\n"
@@ -395,6 +406,139 @@ static int make_model(const cli *c, int classes, int channels, tern_model **m)
     return rc;
 }
 
+/* ---- DP-SGD -------------------------------------------------------------------------------- */
+
+typedef struct dp_run {
+    tern_dp *dp;
+    double delta;
+    long steps_per_epoch;
+    size_t *picked;   /* (ntrain) positions in d->train_idx of a Poisson sample */
+    float *x;         /* (cap, size, size, channels) */
+    int32_t *y;       /* (cap) */
+    size_t cap, per;  /* capacity in images, floats per image */
+    tern_rng augment; /* random transforms (not secret: they do not touch privacy) */
+} dp_run;
+
+static void dp_run_free(dp_run *r)
+{
+    tern_dp_destroy(&r->dp);
+    free(r->picked);
+    free(r->x);
+    free(r->y);
+    memset(r, 0, sizeof *r);
+}
+
+/* The noise and the batch sampling must be unpredictable: seeded from the kernel, never from
+ * --seed. */
+static int secret_seed(uint64_t *seed)
+{
+    FILE *f = fopen("/dev/urandom", "rb");
+    size_t got = f ? fread(seed, sizeof *seed, 1, f) : 0;
+    if (f)
+        fclose(f);
+    return got == 1 ? 0 : die("cannot read /dev/urandom for the DP noise seed");
+}
+
+static int dp_setup(const cli *c, const data *d, tern_model *m, int size, int channels,
+                    dp_run *r)
+{
+    memset(r, 0, sizeof *r);
+    if (c->clip > 0)
+        return die("--clip-grad-norm does not apply with --dp (per-sample clipping is "
+                   "--max-grad-norm)");
+    if (c->resume)
+        return die("--resume is not supported with --dp yet: checkpoints do not carry the "
+                   "privacy ledger");
+    if ((c->noise_multiplier > 0) == (c->target_epsilon > 0))
+        return die("--dp needs one of --target-epsilon and --noise-multiplier");
+    const double n = (double)d->ntrain;
+    double q;
+    if (c->sample_rate > 0) {
+        q = c->sample_rate;
+        r->steps_per_epoch = (long)ceil(1.0 / q);
+    } else {
+        r->steps_per_epoch = (long)((d->ntrain + (size_t)c->batch - 1) / (size_t)c->batch);
+        q = 1.0 / (double)r->steps_per_epoch;
+    }
+    r->delta = c->delta > 0 ? c->delta : 1e-5;
+    if (r->delta >= 1.0 / n)
+        fprintf(stderr, "warning: --delta %g is not below 1 / %zu training images\n", r->delta,
+                d->ntrain);
+    tern_accountant_options ao = {0};
+    if (c->accountant && tern_accountant_kind_parse(c->accountant, &ao.kind) != TERN_OK)
+        return die("unknown --accountant '%s' (rdp or prv)", c->accountant);
+    const int64_t steps = (int64_t)r->steps_per_epoch * c->epochs;
+    double sigma = c->noise_multiplier;
+    tern_error err = {{0}};
+    if (c->target_epsilon > 0) {
+        tern_noise_query nq = {.sample_rate = q, .steps = steps, .delta = r->delta,
+                               .target_epsilon = c->target_epsilon};
+        if (tern_accountant_noise_multiplier(&sigma, &ao, &nq, &err) != TERN_OK)
+            return die("%s", err.message);
+    }
+    tern_dp_options o = {.max_grad_norm = c->max_grad_norm > 0 ? c->max_grad_norm : 1.0,
+                         .noise_multiplier = sigma, .sample_rate = q, .expected_batch = q * n,
+                         .label_smoothing = c->smoothing, .accountant = ao};
+    if (secret_seed(&o.seed))
+        return 1;
+    if (tern_dp_create(m, &o, &r->dp, &err) != TERN_OK)
+        return die("%s", err.message);
+    r->per = (size_t)size * (size_t)size * (size_t)channels;
+    r->cap = (size_t)c->batch;
+    r->picked = malloc(sizeof *r->picked * (d->ntrain ? d->ntrain : 1));
+    r->x = malloc(sizeof *r->x * r->cap * r->per);
+    r->y = malloc(sizeof *r->y * r->cap);
+    if (!r->picked || !r->x || !r->y) {
+        dp_run_free(r);
+        return die("out of memory");
+    }
+    tern_rng_seed(&r->augment, (uint64_t)c->seed ^ 0xa46e);
+    fprintf(stderr, "DP-SGD: sample rate %.6g (expected batch %.1f), noise multiplier %.6g, "
+                    "max grad norm %g, %lld steps, delta %g%s%.4g\n",
+            q, q * n, sigma, o.max_grad_norm, (long long)steps, r->delta,
+            c->target_epsilon > 0 ? ", target epsilon " : "",
+            c->target_epsilon > 0 ? c->target_epsilon : 0.0);
+    return 0;
+}
+
+/* One Poisson-sampled batch, decoded and transformed into r->x, r->y; *n gets its size. */
+static int dp_batch(const cli *c, const data *d, dp_run *r, int *n)
+{
+    size_t k;
+    if (tern_dp_sample(r->dp, d->ntrain, r->picked, &k) != TERN_OK)
+        return die("Poisson sampling failed");
+    if (k > r->cap) {
+        float *x = realloc(r->x, sizeof *x * k * r->per);
+        if (x)
+            r->x = x;
+        int32_t *y = realloc(r->y, sizeof *y * k);
+        if (y)
+            r->y = y;
+        if (!x || !y)
+            return die("out of memory");
+        r->cap = k;
+    }
+    tern_error err = {{0}};
+    size_t used = 0;
+    for (size_t i = 0; i < k; i++) {
+        size_t idx = d->train_idx[r->picked[i]];
+        tern_image img = {0};
+        if (tern_dataset_image(d->train, idx, NULL, &img, &err) != TERN_OK) {
+            if (c->strict)
+                return die("%s", err.message);
+            fprintf(stderr, "warning: %s (skipped)\n", err.message);
+            continue;
+        }
+        tern_status s = tern_transform_apply(&d->train_t, &img, &r->augment, r->x + used * r->per);
+        tern_image_free(NULL, &img);
+        if (s != TERN_OK)
+            return die("cannot transform training image %zu", idx);
+        r->y[used++] = tern_dataset_label(d->train, idx);
+    }
+    *n = (int)used;
+    return 0;
+}
+
 static int cmd_train(int argc, char **argv)
 {
     cli c = {.epochs = 30, .batch = 128, .dropout = 0.2f, .smoothing = 0.1f, .momentum = -1,
@@ -410,6 +554,14 @@ static int cmd_train(int argc, char **argv)
         return die("--reset-head needs --init");
     if (c.resume && c.init)
         return die("--resume and --init exclude each other");
+    if (!c.dp && (c.max_grad_norm > 0 || c.noise_multiplier > 0 || c.target_epsilon > 0 ||
+                  c.delta > 0 || c.sample_rate > 0 || c.accountant))
+        return die("the differential-privacy options need --dp");
+    if (c.dp && c.norm && strcmp(c.norm, "group") != 0)
+        return die("--dp needs --norm group: BatchNorm mixes the samples of a batch through its "
+                   "statistics, so per-sample gradients (and their clipping) are not defined");
+    if (c.dp && !c.norm)
+        c.norm = "group";
     data d;
     if (open_data(&c, true, &d))
         return 1;
@@ -423,8 +575,11 @@ static int cmd_train(int argc, char **argv)
     tern_loader *train = NULL, *val = NULL;
     tern_metrics *metrics = NULL;
     float *logits = NULL, *dlogits = NULL;
+    dp_run dpr = {0};
     tern_error err = {{0}};
     if ((rc = make_model(&c, classes, channels, &m)) || (rc = make_optimizer(&c, m, 0.1f, 1e-3f, &opt)))
+        goto done;
+    if (c.dp && (rc = dp_setup(&c, &d, m, size, channels, &dpr)))
         goto done;
     /* One LMDB environment per loader (LMDB allows one per process), holding decoded images
      * as they are, so that results do not depend on the cache. */
@@ -435,16 +590,16 @@ static int cmd_train(int argc, char **argv)
                               .nindices = d.ntrain, .cache_dir = c.cache ? train_cache : NULL};
     tern_loader_options vo = {.batch = c.batch, .seed = (uint64_t)c.seed, .indices = d.val_idx,
                               .nindices = d.nval, .cache_dir = c.cache ? val_cache : NULL};
-    if (d.ntrain < (size_t)c.batch) {
+    if (!c.dp && d.ntrain < (size_t)c.batch) {
         rc = die("%zu training images are fewer than one batch of %d", d.ntrain, c.batch);
         goto done;
     }
-    if (tern_loader_create(d.train, &d.train_t, &lo, NULL, &train, &err) != TERN_OK ||
+    if ((!c.dp && tern_loader_create(d.train, &d.train_t, &lo, NULL, &train, &err) != TERN_OK) ||
         tern_loader_create(d.val, &d.eval_t, &vo, NULL, &val, &err) != TERN_OK) {
         rc = die("%s", err.message);
         goto done;
     }
-    long steps_per_epoch = (long)tern_loader_batches(train);
+    long steps_per_epoch = c.dp ? dpr.steps_per_epoch : (long)tern_loader_batches(train);
     tern_schedule sched;
     if ((rc = make_schedule(&c, tern_optimizer_lr(opt), steps_per_epoch, &sched)))
         goto done;
@@ -464,7 +619,8 @@ static int cmd_train(int argc, char **argv)
             rc = die("%s", err.message);
             goto done;
         }
-        tern_loader_set_epoch(train, info.epoch);
+        if (train)
+            tern_loader_set_epoch(train, info.epoch);
         fprintf(stderr, "resuming %s after epoch %llu\n", c.resume, (unsigned long long)info.epoch);
     }
     const tern_model_options *mo = tern_model_options_of(m);
@@ -481,7 +637,29 @@ static int cmd_train(int argc, char **argv)
         progress_start(&p, &c, (size_t)steps_per_epoch);
         double loss_sum = 0, start = cli_now();
         size_t batches = 0, images = 0;
-        for (;;) {
+        for (long step = 0; c.dp && step < steps_per_epoch; step++) {
+            int n = 0;
+            if ((rc = dp_batch(&c, &d, &dpr, &n)))
+                goto done;
+            tern_optimizer_set_lr(opt, tern_schedule_lr(&sched, (long)info.global_step));
+            float loss;
+            if (tern_dp_step_grads(dpr.dp, dpr.x, dpr.y, n, &loss) != TERN_OK) {
+                rc = die("%s", tern_dp_last_error(dpr.dp));
+                goto done;
+            }
+            if (!isfinite(loss)) {
+                rc = die("loss is %f at epoch %d step %ld: lower --lr", (double)loss, epoch + 1,
+                         step + 1);
+                goto done;
+            }
+            tern_optimizer_step(opt);
+            info.global_step++;
+            loss_sum += (double)loss * n;
+            images += (size_t)n;
+            batches++;
+            progress_update(&p, what, batches, images ? loss_sum / (double)images : 0, images);
+        }
+        for (; !c.dp;) {
             const float *x;
             const int32_t *y;
             int n;
@@ -521,10 +699,20 @@ static int cmd_train(int argc, char **argv)
         double train_s = cli_now() - start;
         if ((rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
             goto done;
+        double train_loss = c.dp ? loss_sum / (double)(images ? images : 1)
+                                 : loss_sum / (double)(batches ? batches : 1);
         fprintf(stderr, "epoch %d/%d: train loss %.4f, %.0f img/s, %.1f s | val loss %.4f, accuracy %.2f%%\n",
-                epoch + 1, c.epochs, loss_sum / (double)(batches ? batches : 1),
-                (double)images / train_s, train_s, tern_metrics_loss(metrics),
-                100 * tern_metrics_accuracy(metrics));
+                epoch + 1, c.epochs, train_loss, (double)images / train_s, train_s,
+                tern_metrics_loss(metrics), 100 * tern_metrics_accuracy(metrics));
+        if (c.dp) {
+            double eps;
+            if (tern_dp_epsilon(dpr.dp, dpr.delta, &eps) != TERN_OK) {
+                rc = die("%s", tern_dp_last_error(dpr.dp));
+                goto done;
+            }
+            fprintf(stderr, "epoch %d/%d: privacy spent epsilon %.4f at delta %g (%lld steps)\n",
+                    epoch + 1, c.epochs, eps, dpr.delta, (long long)tern_dp_steps(dpr.dp));
+        }
         info.epoch = (uint64_t)epoch + 1;
         if (c.checkpoint && tern_checkpoint_save(m, opt, &info, c.checkpoint, &err) != TERN_OK) {
             rc = die("%s", err.message);
@@ -534,10 +722,23 @@ static int cmd_train(int argc, char **argv)
     if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
         goto done;
     printf("trained in %.1f s\n", cli_now() - run_start);
+    if (c.dp) {
+        double eps;
+        if (tern_dp_epsilon(dpr.dp, dpr.delta, &eps) != TERN_OK) {
+            rc = die("%s", tern_dp_last_error(dpr.dp));
+            goto done;
+        }
+        printf("differential privacy: epsilon %.4f at delta %g (%s accountant, noise multiplier "
+               "%.6g, sample rate %.6g, max grad norm %g, %lld steps)\n",
+               eps, dpr.delta, c.accountant ? c.accountant : "rdp",
+               tern_dp_options_of(dpr.dp)->noise_multiplier,
+               tern_dp_options_of(dpr.dp)->sample_rate, tern_dp_options_of(dpr.dp)->max_grad_norm,
+               (long long)tern_dp_steps(dpr.dp));
+    }
     print_metrics(metrics, classes, &d, 5);
-    if (tern_loader_skipped(train) + tern_loader_skipped(val) > 0)
-        fprintf(stderr, "%zu images could not be decoded and were skipped\n",
-                tern_loader_skipped(train) + tern_loader_skipped(val));
+    size_t skipped = (train ? tern_loader_skipped(train) : 0) + tern_loader_skipped(val);
+    if (skipped > 0)
+        fprintf(stderr, "%zu images could not be decoded and were skipped\n", skipped);
     const char *out = c.output ? c.output : "model.safetensors";
     char **names = malloc(sizeof *names * (size_t)classes);
     if (!names) {
@@ -562,6 +763,7 @@ static int cmd_train(int argc, char **argv)
     if (c.metrics_json)
         rc = write_metrics_json(c.metrics_json, metrics, &d, classes);
 done:
+    dp_run_free(&dpr);
     tern_loader_destroy(&train);
     tern_loader_destroy(&val);
     tern_metrics_destroy(&metrics);

@@ -7,6 +7,7 @@
 #include "tern/checkpoint.h"
 #include "tern/client.h"
 #include "tern/data.h"
+#include "tern/dpsgd.h"
 #include "tern/image.h"
 #include "tern/local.h"
 #include "tern/metrics.h"

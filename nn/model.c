@@ -1255,3 +1255,35 @@ void tern_model_graph_op_at(const tern_model *model, int i, tern_graph_op *out)
         out->var = model->buffers + o->run_var;
     }
 }
+
+/* ---- training state for per-sample gradients (nn/model_graph.h) ---------------------------- */
+
+void tern_model_graph_value_at(tern_model *model, int v, tern_graph_value *out)
+{
+    const value *x = &model->values[v];
+    *out = (tern_graph_value){.h = x->h, .w = x->w, .c = x->c, .x = x->x, .dx = x->dx};
+}
+
+void tern_model_graph_train_op_at(tern_model *model, int i, tern_graph_train_op *out)
+{
+    const op *o = &model->ops[i];
+    *out = (tern_graph_train_op){.dw = grad_or_null(model, o->w), .db = grad_or_null(model, o->b)};
+    if (o->kind == OP_GN) {
+        out->save_mean = o->save_mean;
+        out->save_invstd = o->save_invstd;
+        out->groups = o->groups;
+    }
+}
+
+tern_pool *tern_model_graph_pool(tern_model *model)
+{
+    return model->pool;
+}
+
+int tern_model_graph_plan(const tern_model *model, int *height, int *width, bool *training)
+{
+    *height = model->height;
+    *width = model->width;
+    *training = model->plan_training;
+    return model->arena ? model->max_batch : 0;
+}

@@ -40,4 +40,27 @@ int tern_model_graph_op_count(const tern_model *model);
 /* Op i (0 <= i < count). */
 void tern_model_graph_op_at(const tern_model *model, int i, tern_graph_op *out);
 
+/* ---- training state, for per-sample gradients (DP-SGD, nn/dpsgd.c) ---------------------------
+ * After tern_model_plan, an op's conv params (tern_graph_op.conv) carry the planned spatial
+ * sizes (h, w, oh, ow); n is left for the caller. */
+
+typedef struct tern_graph_value {
+    int h, w, c;   /* planned spatial size (0 without a plan) and channels */
+    float *x;      /* (max_batch, h, w, c): values of the last forward */
+    float *dx;     /* gradients of the last backward; NULL outside a training plan */
+} tern_graph_value;
+
+typedef struct tern_graph_train_op {
+    float *dw, *db; /* gradients of the op's w and b inside tern_model_grads, or NULL */
+    const float *save_mean, *save_invstd; /* GN: (batch, groups) of the last forward */
+    int groups;                           /* GN */
+} tern_graph_train_op;
+
+void tern_model_graph_value_at(tern_model *model, int v, tern_graph_value *out);
+void tern_model_graph_train_op_at(tern_model *model, int i, tern_graph_train_op *out);
+/* The model's thread pool (borrowed, valid for the model's life). */
+tern_pool *tern_model_graph_pool(tern_model *model);
+/* Planned batch (0 without a plan), with the plan's height, width and whether it trains. */
+int tern_model_graph_plan(const tern_model *model, int *height, int *width, bool *training);
+
 #endif

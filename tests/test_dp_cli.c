@@ -1,6 +1,6 @@
 /* End-to-end tests of `tern dp epsilon` and `tern dp noise`, run from $TERN_BIN (set by CTest):
  * Opacus's reference case printed to the digits the library computes, the noise search, help
- * and the errors a person can make. */
+ * and the errors a person can make; and a short `tern train --dp` run with its refusals. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -142,12 +142,47 @@ static void help_and_errors(void **state)
     expect_log(e, "--lr does not apply");
 }
 
+/* DP-SGD training on a sliver of Fashion-MNIST (skipped without the dataset). */
+static void train_dp(void **state)
+{
+    env *e = *state;
+    const char *dir = getenv("TERN_FASHION_MNIST");
+    char probe[1024];
+    snprintf(probe, sizeof probe, "%s/train-images-idx3-ubyte.gz",
+             dir && *dir ? dir : "/usr/share/datasets/fashion-mnist");
+    if (access(probe, R_OK) != 0)
+        skip();
+    const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 1 "
+                         "--width-mult 0.25 --batch 32 --no-progress";
+    assert_int_equal(run(e, "%s --dp --norm batch --noise-multiplier 1", common), 1);
+    expect_log(e, "--dp needs --norm group");
+    assert_int_equal(run(e, "%s --dp", common), 1);
+    expect_log(e, "--dp needs one of --target-epsilon and --noise-multiplier");
+    assert_int_equal(run(e, "%s --max-grad-norm 1", common), 1);
+    expect_log(e, "need --dp");
+    assert_int_equal(run(e, "%s --dp --noise-multiplier 1 --clip-grad-norm 1", common), 1);
+    expect_log(e, "--clip-grad-norm does not apply with --dp");
+
+    char out[128];
+    snprintf(out, sizeof out, "%s/m.safetensors", e->dir);
+    assert_int_equal(run(e, "%s --dp --target-epsilon 8 --delta 1e-3 --max-grad-norm 1.5 --out '%s'",
+                         common, out),
+                     0);
+    expect_log(e, "DP-SGD: sample rate 0.333333 (expected batch 32.0)");
+    expect_log(e, "max grad norm 1.5, 3 steps");
+    expect_log(e, "epoch 1/1: privacy spent epsilon ");
+    expect_log(e, "differential privacy: epsilon ");
+    expect_log(e, "at delta 0.001 (rdp accountant");
+    assert_int_equal(unlink(out), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(epsilon_reference),
         cmocka_unit_test(noise_reference),
         cmocka_unit_test(help_and_errors),
+        cmocka_unit_test(train_dp),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
