@@ -34,29 +34,6 @@
 
 #define KILLS 40
 
-static void rm_tree(const char *path)
-{
-    struct stat sb;
-    if (lstat(path, &sb) != 0)
-        return;
-    if (S_ISDIR(sb.st_mode)) {
-        DIR *d = opendir(path);
-        if (d) {
-            struct dirent *e;
-            char child[1024];
-            while ((e = readdir(d)))
-                if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                    snprintf(child, sizeof child, "%s/%s", path, e->d_name);
-                    rm_tree(child);
-                }
-            closedir(d);
-        }
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
-
 static int setup(void **state)
 {
     char *dir = malloc(64);
@@ -73,7 +50,7 @@ static int setup(void **state)
 
 static int teardown(void **state)
 {
-    rm_tree(*state);
+    test_rm_tree(*state);
     free(*state);
     return 0;
 }

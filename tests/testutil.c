@@ -1,8 +1,12 @@
 #include "testutil.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 uint64_t test_rng_next(test_rng *r)
 {
@@ -80,4 +84,27 @@ const char *test_fixture_dir(void)
 {
     const char *d = getenv("TERN_FIXTURES");
     return d && *d ? d : "tests/golden";
+}
+
+void test_rm_tree(const char *path)
+{
+    struct stat sb;
+    if (lstat(path, &sb) != 0)
+        return;
+    if (S_ISDIR(sb.st_mode)) {
+        DIR *d = opendir(path);
+        if (d) {
+            struct dirent *e;
+            char child[1024];
+            while ((e = readdir(d)))
+                if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+                    snprintf(child, sizeof child, "%s/%s", path, e->d_name);
+                    test_rm_tree(child);
+                }
+            closedir(d);
+        }
+        rmdir(path);
+    } else {
+        unlink(path);
+    }
 }

@@ -29,6 +29,9 @@ typedef struct {
 } test_alloc_state;
 tern_allocator test_failing_allocator(test_alloc_state *state);
 
+/* Remove a file or a directory tree (a test's scratch directory); missing paths are ignored. */
+void test_rm_tree(const char *path);
+
 /* Directory holding golden fixtures ($TERN_FIXTURES, else tests/golden). */
 const char *test_fixture_dir(void);
 
