@@ -465,17 +465,25 @@ void tern_client_stats_get(const tern_client *c, tern_client_stats *out)
 static bool send_msg(tern_client *c, session *ss, tern_msg *m)
 {
     m->seq = tern_seq_next(&ss->tx_seq);
-    void *bytes = NULL;
     size_t len = 0;
     tern_error e = {{0}};
-    tern_status s = tern_msg_encode(m, &ss->send_limits, NULL, &bytes, &len, &e);
+    /* Encoded straight into the ZeroMQ message (one copy of a chunk's bytes; libzmq owns it). */
+    zmq_msg_t frame;
+    tern_status s = tern_msg_encoded_size(m, &ss->send_limits, &len, &e);
+    if (s == TERN_OK && zmq_msg_init_size(&frame, len) != 0)
+        s = tern_set_error(&e, TERN_ERR_NOMEM, "no memory for %zu bytes", len);
+    else if (s == TERN_OK &&
+             (s = tern_msg_encode_into(m, &ss->send_limits, zmq_msg_data(&frame), len, &len,
+                                       &e)) != TERN_OK)
+        zmq_msg_close(&frame);
     if (s != TERN_OK) {
         logf_(c, TERN_LOG_ERROR, "client: cannot encode %s: %s", tern_msg_type_name(m->type),
               e.message);
         return s != TERN_ERR_NOMEM;
     }
-    int rc = zmq_send(ss->zsock, bytes, len, 0);
-    tern_proto_free(NULL, bytes);
+    int rc = zmq_msg_send(&frame, ss->zsock, 0);
+    if (rc < 0)
+        zmq_msg_close(&frame);
     if (rc < 0) {
         logf_(c, TERN_LOG_WARN, "client: sending %s failed: %s", tern_msg_type_name(m->type),
               zmq_strerror(zmq_errno()));
@@ -775,17 +783,15 @@ static bool on_chunk(tern_client *c, session *ss, const tern_msg *m)
     memcpy(sha, tern_transfer_info(w->transfer)->sha256, 32);
     s = tern_transfer_take(w->transfer, &data, &len);
     tern_transfer_destroy(&w->transfer);
-    void *copy = s == TERN_OK ? malloc(len) : NULL; /* the transfer's bytes are aligned blocks */
-    if (copy)
-        memcpy(copy, data, len);
-    tern_proto_free(NULL, data);
-    if (!copy) {
+    if (s != TERN_OK) {
         uint32_t round = w->round;
         work_reset(w);
         return send_error(c, ss, TERN_PROTO_E_INTERNAL, m->seq, round,
-                          "client: out of memory for the model");
+                          "client: the model cannot be taken from its transfer");
     }
-    cache_store(c, copy, len, sha, w->model_version);
+    /* A transfer made without an allocator holds C library memory (aligned_alloc): the cache
+     * keeps the bytes as they are and frees them with free(). */
+    cache_store(c, data, len, sha, w->model_version);
     stats_add(c, &c->stats.downloads, 1);
     if (!send_msg(c, ss, &ack))
         return false;

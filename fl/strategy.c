@@ -61,6 +61,8 @@ struct tern_strategy {
     const char *state_names[2];
     double *acc;        /* averaging kinds: 3 bins of stride doubles */
     uint64_t rounds;
+    tern_isa isa;       /* resolved opt.isa */
+    double last_norm;   /* of the last accepted result */
 
     /* fit round */
     bool fit_open;
@@ -259,6 +261,8 @@ tern_status tern_strategy_create(const tern_strategy_options *opt, const float *
     s->opt = *opt;
     s->n = n;
     s->stride = stride;
+    s->isa = tern_isa_resolve(opt->isa);
+    s->last_norm = NAN;
     if (opt->kind == TERN_STRATEGY_FEDAVGM && opt->server_momentum > 0.0f)
         s->state_names[s->nstate++] = "momentum";
     if (is_fedopt(opt->kind)) {
@@ -693,7 +697,7 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
 
     const bool is_delta = s->opt.update == TERN_UPDATE_DELTA;
     update_stats stats;
-    strategy_update_stats(r->update, s->global, s->n, is_delta, &stats);
+    strategy_update_stats(r->update, s->global, s->n, is_delta, &stats, s->isa);
     if (!stats.finite)
         return reject(s, slot, tern_set_error(&s->err, TERN_ERR_INVALID,
                                               "client %llu: update value %zu is not finite", id,
@@ -730,7 +734,8 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
                                                   "per round)", id, range));
         double *bins[3] = {s->acc, s->acc + s->stride, s->acc + 2 * s->stride};
         acc_mode mode = is_delta ? ACC_DELTA : scale < 1.0 ? ACC_WEIGHTS_CLIP : ACC_WEIGHTS;
-        strategy_acc_add(bins, r->update, s->global, s->n, (double)r->num_examples, scale, mode);
+        strategy_acc_add(bins, r->update, s->global, s->n, (double)r->num_examples, scale, mode,
+                         s->isa);
         s->range_used += range;
     } else {
         float *row = s->plan.rows + at * s->stride;
@@ -747,6 +752,7 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
     }
 
     slot->state = SLOT_ACCEPTED;
+    s->last_norm = stats.norm;
     slot->examples = r->num_examples;
     slot->num_metrics = r->num_metrics;
     for (size_t i = 0; i < r->num_metrics; i++) {
@@ -758,6 +764,11 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
     if (scale < 1.0)
         s->num_clipped++;
     return TERN_OK;
+}
+
+double tern_strategy_last_update_norm(const tern_strategy *s)
+{
+    return s ? s->last_norm : NAN;
 }
 
 tern_status tern_strategy_add_fit_failure(tern_strategy *s, uint64_t client_id)

@@ -27,9 +27,10 @@ typedef enum acc_mode {
     ACC_WEIGHTS_CLIP, /* v = g + scale * (u - g) */
 } acc_mode;
 
-/* bins[0..2]: n doubles each. Adds weight * v(u, g) for every coordinate. */
+/* bins[0..2]: n doubles each. Adds weight * v(u, g) for every coordinate. Every isa gives
+ * bitwise the same bins (the same IEEE operations per coordinate, no contraction). */
 void strategy_acc_add(double *const bins[3], const float *u, const float *g, size_t n,
-                      double weight, double scale, acc_mode mode);
+                      double weight, double scale, acc_mode mode, tern_isa isa);
 /* The weighted sum at coordinate i, divided by total. */
 static inline double strategy_acc_value(double *const bins[3], size_t i, double total)
 {
@@ -46,7 +47,7 @@ typedef struct update_stats {
 } update_stats;
 
 void strategy_update_stats(const float *u, const float *g, size_t n, bool is_delta,
-                           update_stats *out);
+                           update_stats *out, tern_isa isa);
 
 /* ---- robust aggregation ---------------------------------------------------------------------- */
 

@@ -52,6 +52,7 @@
 #include <stdint.h>
 
 #include "tern/alloc.h"
+#include "tern/model.h" /* tern_isa */
 #include "tern/status.h"
 
 #ifdef __cplusplus
@@ -131,6 +132,9 @@ typedef struct tern_strategy_options {
     size_t num_clients_to_keep;    /* KRUM: 0 = Krum, m > 0 = Multi-Krum (default 0) */
 
     const tern_allocator *alloc;   /* NULL: the C library; borrowed, must outlive the strategy */
+    /* Kernels for the per-parameter loops (validation, exact accumulation): TERN_ISA_AUTO (0,
+     * default) picks the best this CPU runs; every level gives bitwise the same results. */
+    tern_isa isa;
 } tern_strategy_options;
 
 /* Flower's defaults for kind (listed above), num_params 0 (the caller must set it), updates as
@@ -224,6 +228,10 @@ typedef struct tern_fit_result {
  * length), TERN_ERR_INVALID (NULL, non-finite value, norm above the bound, bad metric, zero
  * examples, out of accumulator range). Detail in last_error. */
 tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result *result);
+/* The L2 norm of the change of the result that add_fit_result accepted last (u - global for
+ * weights, u for deltas; before any clipping), so that callers need no pass of their own; NaN
+ * before the first accepted result. */
+double tern_strategy_last_update_norm(const tern_strategy *s);
 /* Record that a selected client failed (vanished, timed out) this round. TERN_ERR_STATE if no
  * fit round is open. */
 tern_status tern_strategy_add_fit_failure(tern_strategy *s, uint64_t client_id);
