@@ -12,6 +12,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,9 +23,18 @@
 #include "tern_fl.h"
 #include "train_common.h"
 
+/* --echo: where the nudged float sits, for the safetensors header it was found in. Every model
+ * the server sends has the same header, so the JSON is parsed once, not every round. */
+typedef struct echo_spot {
+    unsigned char *header; /* the 8-byte length and the JSON header; NULL: none yet */
+    size_t header_len;
+    size_t at;             /* byte offset of the float in the file */
+} echo_spot;
+
 typedef struct client_ctx {
     tern_local *local;
     bool echo;
+    echo_spot spot;
     double fit_delay;
     fl_logger lg;
 } client_ctx;
@@ -42,8 +52,9 @@ static bool delay(double seconds, const volatile bool *cancel)
 }
 
 /* Adds 1e-3 to the first element of the first F32 tensor of a safetensors file, in place
- * (layout: u64 header length N, N bytes of JSON, then the data). Leaves anything else alone. */
-static void nudge_first_f32(void *bytes, size_t len)
+ * (layout: u64 header length N, N bytes of JSON, then the data). Leaves anything else alone.
+ * The offset is looked up in the JSON only when the header differs from the last one. */
+static void nudge_first_f32(echo_spot *spot, void *bytes, size_t len)
 {
     unsigned char *b = bytes;
     if (len < 8)
@@ -53,23 +64,37 @@ static void nudge_first_f32(void *bytes, size_t len)
         n = (n << 8) | b[i];
     if (n > len - 8)
         return;
-    json_t *h = json_loadb((const char *)b + 8, (size_t)n, 0, NULL);
-    const char *key;
-    json_t *t;
-    json_object_foreach(h, key, t) {
-        json_t *off = json_object_get(t, "data_offsets");
-        const char *dtype = json_string_value(json_object_get(t, "dtype"));
-        json_int_t begin = json_integer_value(json_array_get(off, 0));
-        if (strcmp(key, "__metadata__") == 0 || !dtype || strcmp(dtype, "F32") != 0 ||
-            begin < 0 || 8 + n + (uint64_t)begin + sizeof(float) > len)
-            continue;
-        float x;
-        memcpy(&x, b + 8 + n + begin, sizeof x);
-        x += 1e-3f;
-        memcpy(b + 8 + n + begin, &x, sizeof x);
-        break;
+    size_t hl = (size_t)n + 8, at = spot->at;
+    if (!spot->header || spot->header_len != hl || memcmp(spot->header, b, hl) != 0) {
+        free(spot->header);
+        spot->header = NULL;
+        at = SIZE_MAX;
+        json_t *h = json_loadb((const char *)b + 8, (size_t)n, 0, NULL);
+        const char *key;
+        json_t *t;
+        json_object_foreach(h, key, t) {
+            json_t *off = json_object_get(t, "data_offsets");
+            const char *dtype = json_string_value(json_object_get(t, "dtype"));
+            json_int_t begin = json_integer_value(json_array_get(off, 0));
+            if (strcmp(key, "__metadata__") == 0 || !dtype || strcmp(dtype, "F32") != 0 ||
+                begin < 0 || hl + (uint64_t)begin + sizeof(float) > len)
+                continue;
+            at = hl + (size_t)begin;
+            if ((spot->header = malloc(hl))) { /* else found again next round */
+                memcpy(spot->header, b, hl);
+                spot->header_len = hl;
+                spot->at = at;
+            }
+            break;
+        }
+        json_decref(h);
     }
-    json_decref(h);
+    if (at == SIZE_MAX || at + sizeof(float) > len)
+        return;
+    float x;
+    memcpy(&x, b + at, sizeof x);
+    x += 1e-3f;
+    memcpy(b + at, &x, sizeof x);
 }
 
 static tern_status fit(void *user, const tern_fit_task *task, const volatile bool *cancel,
@@ -94,7 +119,7 @@ static tern_status fit(void *user, const tern_fit_task *task, const volatile boo
         out->num_examples = 1;
         /* One weight nudged: the next global model is new, as after training, so the next
          * round downloads it again instead of hitting the client's model cache. */
-        nudge_first_f32(out->update, out->update_size);
+        nudge_first_f32(&ctx->spot, out->update, out->update_size);
         return TERN_OK;
     }
     tern_local_result r = {0};
@@ -319,6 +344,7 @@ static int client_run(const cli *c)
     if (c->echo && (c->data || c->partition || c->limit))
         return die("--echo takes no data options");
 
+    fl_tune_malloc();
     client_ctx ctx = {.echo = c->echo, .fit_delay = c->fit_delay,
                       .lg = {.min_level = fl_log_level(c), .who = c->name}};
     share sh = {0};
@@ -396,6 +422,7 @@ static int client_run(const cli *c)
 done:
     tern_client_destroy(&client);
     tern_local_destroy(&ctx.local);
+    free(ctx.spot.header);
     share_close(&sh);
     return rc;
 }

@@ -10,6 +10,9 @@
  * registration and the run loop. */
 #include <errno.h>
 #include <jansson.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <limits.h>
 #include <math.h>
 #include <openssl/rand.h>
@@ -654,6 +657,16 @@ static void settings_text(char *out, size_t cap, const cli *c, const tern_server
     }
 }
 
+void fl_tune_malloc(void)
+{
+#ifdef __GLIBC__
+    /* Blocks up to 32 MiB (glibc's ceiling for this setting) come from the heap, and the heap
+     * keeps up to 512 MiB of free space at its top instead of trimming it. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
+#endif
+}
+
 int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_run_result *res)
 {
     fl_run_result local_res;
@@ -745,6 +758,7 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     struct sigaction old_int, old_term;
     bool signals = false;
 
+    fl_tune_malloc();
     if ((rc = open_store_sync(dir, true, c->no_sync, &store)))
         return rc;
     struct stat sb;

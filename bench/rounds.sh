@@ -25,7 +25,7 @@ build=${1:-$root/build}
 work=${2:-/tmp/tern-bench-rounds}
 tern=$build/tern
 clients_list=${CLIENTS:-2 10 30 100}
-rounds=${ROUNDS:-4}        # 1 warm-up + ROUNDS-1 measured
+rounds=${ROUNDS:-6}        # 1 warm-up + ROUNDS-1 measured
 modes=${MODES:-curve plain}
 server_args=${SERVER_ARGS:-}
 label=${LABEL:-}
@@ -73,7 +73,7 @@ for n in $clients_list; do
     load=$(cut -d' ' -f1 /proc/loadavg)
     echo "== $n clients, $mode: $rounds rounds (load $load)" >&2
     # shellcheck disable=SC2086
-    "$gnutime" -o "$dir/server.time" -f '%e %U %S %M' \
+    "$gnutime" -o "$dir/server.time" -f '%e %U %S %M %R' \
       "$tern" server run --store "$dir" --endpoint "$endpoint" "${sec[@]}" --rounds "$rounds" \
       --min-available-clients "$n" --min-fit-clients "$n" --fraction-evaluate 0 \
       --round-timeout 600 --wait-timeout 600 --json-log "$dir/rounds.jsonl" --quiet \
@@ -83,7 +83,7 @@ for n in $clients_list; do
     ckey=()
     [ "$mode" = curve ] && ckey=(--server-key "$dir/keys/server.pub")
     for i in $(seq 1 "$n"); do
-      TERN_API_KEY=$(cat "$dir/key-$i") "$gnutime" -o "$dir/client-$i.time" -f '%e %U %S %M' \
+      TERN_API_KEY=$(cat "$dir/key-$i") "$gnutime" -o "$dir/client-$i.time" -f '%e %U %S %M %R' \
         "$tern" client run --endpoint "$endpoint" \
         --name "echo-$i" --echo --quiet "${sec[@]}" "${ckey[@]}" >"$dir/client-$i.log" 2>&1 &
       pids+=("$!")
@@ -102,10 +102,13 @@ import glob, json, os, statistics, sys
 path, n, mode, d, model, load, label = (sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4],
                                         sys.argv[5], float(sys.argv[6]), sys.argv[7])
 def gnutime(p):
-    f = open(p).read().split()[-4:]  # elapsed, user, system seconds, max RSS KiB
-    return float(f[0]), float(f[1]) + float(f[2]), int(f[3])
-_, server_cpu, hwm_kib = gnutime(d + "/server.time")
-clients_cpu = sum(gnutime(p)[1] for p in glob.glob(d + "/client-*.time"))
+    # elapsed, user, system seconds, max RSS KiB, minor page faults
+    f = open(p).read().split()[-5:]
+    return float(f[0]), float(f[1]) + float(f[2]), int(f[3]), int(f[4])
+_, server_cpu, hwm_kib, server_faults = gnutime(d + "/server.time")
+clients = [gnutime(p) for p in glob.glob(d + "/client-*.time")]
+clients_cpu = sum(c[1] for c in clients)
+clients_faults = sum(c[3] for c in clients)
 rows = [json.loads(l) for l in open(path) if l.strip()]
 done = [r for r in rows if r["completed"]]
 measured = done[1:]  # the first round is the warm-up
@@ -126,6 +129,8 @@ out = {
     "load_1min_at_start": load,
     "server_cpu_seconds_run": round(server_cpu, 2),
     "clients_cpu_seconds_run": round(clients_cpu, 2),
+    "server_page_faults_run": server_faults,
+    "clients_page_faults_run": clients_faults,
     "breakdown_median_seconds": {
         k: round(statistics.median([r[k] for r in measured if r.get(k) is not None]), 4)
         for k in ("fit_seconds", "eval_seconds", "commit_seconds", "idle_seconds",

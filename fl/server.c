@@ -507,6 +507,13 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
     }
     s->num_params = tern_model_param_count(model);
     s->num_bn = count_bn(model);
+    size_t nupd;
+    if (!tern_mul_size(SRV_PENDING * sizeof(float), s->num_params, &nupd) ||
+        !(s->updates = tern_alloc(NULL, nupd))) {
+        st = tern_set_error(err, TERN_ERR_NOMEM, "server_create: %d update vectors",
+                            SRV_PENDING);
+        goto fail;
+    }
 
     if ((st = bind_socket(s, err)) != TERN_OK)
         goto fail;
@@ -570,6 +577,7 @@ void tern_server_destroy(tern_server **server)
     tern_strategy_destroy(&s->bn);
     tern_model_destroy(&s->scratch);
     srv_layout_clear(&s->layout);
+    tern_free(NULL, s->updates);
     free(s->bn_values);
     free(s->sessions);
     free(s->avail);

@@ -115,11 +115,15 @@ static inline int64_t srv_clock_ns(clockid_t clock)
  * serializes the same model with the same writer, so updates share their header byte for byte:
  * an update whose header (and length) equals the one that went through the full parse and the
  * model's checks loads by copying these ranges, with no parse and no copy of the whole file. */
+#define SRV_PENDING 4
+
 typedef struct srv_layout {
     uint8_t *header;           /* the 8-byte length and the JSON header; NULL: no layout yet */
     size_t header_len;         /* 8 + N */
     size_t total;              /* the payload's length */
     size_t *offset;            /* per model tensor: offset of its bytes in the payload */
+    size_t *param_at;          /* per model tensor: its index in the flat parameter vector,
+                                  SIZE_MAX for buffers and counters */
 } srv_layout;
 
 /* A verified API key, so that a reconnect costs one SHA-256 instead of PBKDF2. */
@@ -135,8 +139,12 @@ struct tern_server {
     tern_proto_limits limits;  /* resolved */
     tern_store *store;
     tern_model *model;         /* the global model (borrowed) */
-    tern_model *scratch;       /* updates are loaded here */
+    tern_model *scratch;       /* updates' buffers and counters are loaded here */
     srv_layout layout;         /* of the last update loaded through the full parse */
+    /* Updates' parameters, SRV_PENDING vectors of num_params floats: the strategy folds them
+     * in SRV_PENDING at a time (tern_strategy_add_fit_result_deferred); vector i is borrowed
+     * by the strategy while i < tern_strategy_pending. */
+    float *updates;
     tern_strategy *strategy;   /* parameters */
     tern_strategy *bn;         /* BatchNorm running statistics; NULL if the model has none */
     size_t num_params, num_bn;
@@ -252,7 +260,8 @@ void srv_part_failed(tern_server *s, srv_session *ss, const char *why);
 bool srv_fit_result(tern_server *s, srv_session *ss, const tern_msg *msg);
 /* Load a verified update's safetensors bytes into the scratch model: through the layout of
  * an earlier update with the same header, else the full parse (which records the layout). */
-tern_status srv_load_update(tern_server *s, const void *data, size_t len, tern_error *err);
+tern_status srv_load_update(tern_server *s, const void *data, size_t len, float *params,
+                            tern_error *err);
 void srv_layout_clear(srv_layout *l);
 /* The upload of ss completed: fold the update into the round. */
 void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t len);

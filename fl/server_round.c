@@ -659,6 +659,7 @@ void srv_layout_clear(srv_layout *l)
 {
     free(l->header);
     free(l->offset);
+    free(l->param_at);
     memset(l, 0, sizeof *l);
 }
 
@@ -690,10 +691,17 @@ static void layout_record(tern_server *s, const uint8_t *b, size_t len, const te
         return;
     json_t *h = json_loadb((const char *)b + 8, hl - 8, 0, NULL);
     l->offset = malloc((n ? n : 1) * sizeof *l->offset);
+    l->param_at = malloc((n ? n : 1) * sizeof *l->param_at);
     l->header = malloc(hl);
-    bool ok = h && l->offset && l->header;
+    bool ok = h && l->offset && l->param_at && l->header;
+    const float *params = tern_model_params(s->scratch);
     for (size_t i = 0; ok && i < n; i++) {
         const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
+        l->param_at[i] = SIZE_MAX;
+        if (t->kind == TERN_TENSOR_PARAM) { /* a view into the flat parameter block */
+            ok = t->data >= params && t->data + t->count <= params + s->num_params;
+            l->param_at[i] = ok ? (size_t)(t->data - params) : SIZE_MAX;
+        }
         json_t *off = json_object_get(json_object_get(h, t->name), "data_offsets");
         json_t *first = json_array_get(off, 0), *last = json_array_get(off, 1);
         tern_tensor_view v;
@@ -717,7 +725,8 @@ static void layout_record(tern_server *s, const uint8_t *b, size_t len, const te
     l->total = len;
 }
 
-tern_status srv_load_update(tern_server *s, const void *data, size_t len, tern_error *err)
+tern_status srv_load_update(tern_server *s, const void *data, size_t len, float *params,
+                            tern_error *err)
 {
     const uint8_t *b = data;
     const srv_layout *l = &s->layout;
@@ -726,7 +735,9 @@ tern_status srv_load_update(tern_server *s, const void *data, size_t len, tern_e
          * the same tensors at the same offsets, so the same bytes would be loaded. */
         for (size_t i = 0; i < tern_model_tensor_count(s->scratch); i++) {
             const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
-            void *dst = t->kind == TERN_TENSOR_COUNTER ? (void *)t->counter : (void *)t->data;
+            void *dst = l->param_at[i] != SIZE_MAX ? (void *)(params + l->param_at[i])
+                        : t->kind == TERN_TENSOR_COUNTER ? (void *)t->counter
+                                                         : (void *)t->data;
             memcpy(dst, b + l->offset[i], tensor_bytes(t));
         }
         tern_model_invalidate(s->scratch);
@@ -736,8 +747,10 @@ tern_status srv_load_update(tern_server *s, const void *data, size_t len, tern_e
     tern_status st = tern_safetensors_parse(data, len, NULL, &sf, err);
     if (st == TERN_OK)
         st = tern_model_load_state(s->scratch, sf, "", err);
-    if (st == TERN_OK)
+    if (st == TERN_OK) {
+        memcpy(params, tern_model_params(s->scratch), s->num_params * sizeof(float));
         layout_record(s, b, len, sf);
+    }
     tern_safetensors_close(&sf);
     return st;
 }
@@ -757,15 +770,19 @@ void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t 
 static void fold_update(tern_server *s, srv_session *ss, srv_part *p, const void *data,
                         size_t len, int64_t t0)
 {
+    /* Parameters go to the first free update vector; when all are pending, they are folded in
+     * first (one pass over the accumulator for SRV_PENDING updates). */
+    if (tern_strategy_pending(s->strategy) == SRV_PENDING)
+        tern_strategy_flush(s->strategy);
+    float *upd = s->updates + tern_strategy_pending(s->strategy) * s->num_params;
     tern_error e = {{0}};
-    tern_status st = srv_load_update(s, data, len, &e);
+    tern_status st = srv_load_update(s, data, len, upd, &e);
     int64_t loaded = srv_clock_ns(CLOCK_MONOTONIC) - t0;
     s->timers[SRV_T_LOAD] += loaded;
     s->timers[SRV_T_FOLD] -= loaded;
     if (st != TERN_OK)
         return reject_update(s, p, false, "%s", e.message);
 
-    const float *upd = tern_model_params(s->scratch);
     size_t k = 0;
     for (size_t i = 0; s->bn && i < tern_model_tensor_count(s->scratch); i++) {
         const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
@@ -786,7 +803,7 @@ static void fold_update(tern_server *s, srv_session *ss, srv_part *p, const void
     tern_fit_result fr = {.client_id = p->cid, .update = upd, .num_params = s->num_params,
                           .num_examples = ss->up_examples, .metrics = metrics,
                           .num_metrics = nm};
-    st = tern_strategy_add_fit_result(s->strategy, &fr);
+    st = tern_strategy_add_fit_result_deferred(s->strategy, &fr);
     if (st != TERN_OK)
         return reject_update(s, p, true, "%s", tern_strategy_last_error(s->strategy));
     if (s->bn) {

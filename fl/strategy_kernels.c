@@ -215,6 +215,20 @@ void strategy_acc_add(double *const bins[3], const float *u, const float *g, siz
     }
 }
 
+#define ACC_BLOCK 2048 /* coordinates: 3 x 16 KiB of bins */
+
+void strategy_acc_add_many(double *const bins[3], const acc_item *items, size_t k,
+                           const float *g, size_t n, tern_isa isa)
+{
+    for (size_t start = 0; start < n; start += ACC_BLOCK) {
+        size_t len = n - start < ACC_BLOCK ? n - start : ACC_BLOCK;
+        double *const b[3] = {bins[0] + start, bins[1] + start, bins[2] + start};
+        for (size_t j = 0; j < k; j++)
+            strategy_acc_add(b, items[j].u + start, g + start, len, items[j].weight,
+                             items[j].scale, items[j].mode, isa);
+    }
+}
+
 /* ---- sorting ------------------------------------------------------------------------------ */
 
 /* Quicksort (median of three, smaller side first) finished by insertion sort. Values are

@@ -742,7 +742,7 @@ static void test_arrival_order_bitwise(void **state)
 
 /* The SIMD kernels (validation sums, exact accumulation) against the scalar reference, bitwise:
  * weights, deltas and clipped weights, lengths that leave tails, several rounds, and the norm
- * reported for each result. On a CPU without SIMD kernels both sides run the scalar code. */
+ * reported for each result; and deferred accumulation (several updates per pass) likewise. On a CPU without SIMD kernels both sides run the scalar code. */
 static void test_simd_kernels_bitwise(void **state)
 {
     (void)state;
@@ -766,6 +766,7 @@ static void test_simd_kernels_bitwise(void **state)
             tern_strategy *ref = make(&o, g);
             o.isa = TERN_ISA_AUTO;
             tern_strategy *fast = make(&o, g);
+            tern_strategy *later = make(&o, g); /* add_fit_result_deferred, flushed now and then */
             uint64_t ids[k];
             for (int c = 0; c < k; c++)
                 ids[c] = 10 + (uint64_t)c;
@@ -779,9 +780,17 @@ static void test_simd_kernels_bitwise(void **state)
                 }
                 open_all(ref, round, ids, k);
                 open_all(fast, round, ids, k);
+                open_all(later, round, ids, k);
                 for (int c = 0; c < k; c++) {
                     add(ref, ids[c], rows + c * n, n, ex[c]);
                     add(fast, ids[c], rows + c * n, n, ex[c]);
+                    tern_fit_result fr = {.client_id = ids[c], .update = rows + c * n,
+                                          .num_params = n, .num_examples = ex[c]};
+                    if (tern_strategy_add_fit_result_deferred(later, &fr) != TERN_OK)
+                        fail_msg("deferred: %s", tern_strategy_last_error(later));
+                    assert_int_equal(tern_strategy_pending(later), (size_t)(c % 3) + 1);
+                    if (c % 3 == 2)
+                        tern_strategy_flush(later);
                     double a = tern_strategy_last_update_norm(ref);
                     double b = tern_strategy_last_update_norm(fast);
                     if (memcmp(&a, &b, sizeof a) != 0)
@@ -790,13 +799,20 @@ static void test_simd_kernels_bitwise(void **state)
                 }
                 aggregate(ref);
                 aggregate(fast);
+                aggregate(later);
+                assert_int_equal(tern_strategy_pending(later), 0);
                 if (memcmp(tern_strategy_global(ref), tern_strategy_global(fast),
                            sizeof(float) * n) != 0)
                     fail_msg("n %zu mode %d round %d: %s kernels differ from scalar", n, mode,
                              (int)round, tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)));
+                if (memcmp(tern_strategy_global(ref), tern_strategy_global(later),
+                           sizeof(float) * n) != 0)
+                    fail_msg("n %zu mode %d round %d: deferred accumulation differs", n, mode,
+                             (int)round);
             }
             tern_strategy_destroy(&ref);
             tern_strategy_destroy(&fast);
+            tern_strategy_destroy(&later);
             free(g);
             free(rows);
         }
