@@ -699,8 +699,11 @@ static void layout_record(tern_server *s, const uint8_t *b, size_t len, const te
         const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
         l->param_at[i] = SIZE_MAX;
         if (t->kind == TERN_TENSOR_PARAM) { /* a view into the flat parameter block */
-            ok = t->data >= params && t->data + t->count <= params + s->num_params;
-            l->param_at[i] = ok ? (size_t)(t->data - params) : SIZE_MAX;
+            if (!(t->data >= params && t->data + t->count <= params + s->num_params)) {
+                ok = false;
+                break;
+            }
+            l->param_at[i] = (size_t)(t->data - params);
         }
         json_t *off = json_object_get(json_object_get(h, t->name), "data_offsets");
         json_t *first = json_array_get(off, 0), *last = json_array_get(off, 1);
