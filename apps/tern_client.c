@@ -6,11 +6,13 @@
  * client); this client takes partition --partition-index, shuffles it (seeded), keeps --limit
  * images and holds --eval-fraction of them out for evaluation. --echo skips all of that: the
  * client sends back the model it receives, one weight nudged so that each round's global
- * model is new and downloaded again (for measuring the server's round overhead). */
+ * model is new and downloaded again (for measuring the server's round overhead), and passes
+ * the update's SHA-256 along, computed from a kept hash state so that it costs a few bytes. */
 #include <czmq.h>
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
+#include <openssl/evp.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,12 +25,17 @@
 #include "tern_fl.h"
 #include "train_common.h"
 
-/* --echo: where the nudged float sits, for the safetensors header it was found in. Every model
- * the server sends has the same header, so the JSON is parsed once, not every round. */
+/* --echo: where the nudged float sits, for the safetensors header it was found in (every model
+ * the server sends has the same header, so the JSON is parsed once, not every round), and the
+ * SHA-256 state over the bytes before it. The float is the last one of the file's data, so the
+ * update differs from the model only in the few bytes after that state: its hash costs a short
+ * tail instead of a pass over the whole model. */
 typedef struct echo_spot {
     unsigned char *header; /* the 8-byte length and the JSON header; NULL: none yet */
     size_t header_len;
     size_t at;             /* byte offset of the float in the file */
+    EVP_MD_CTX *prefix;    /* SHA-256 over bytes [0, prefix_at) of a model of prefix_len bytes */
+    size_t prefix_at, prefix_len;
 } echo_spot;
 
 typedef struct client_ctx {
@@ -51,24 +58,26 @@ static bool delay(double seconds, const volatile bool *cancel)
     return !(cancel && *cancel);
 }
 
-/* Adds 1e-3 to the first element of the first F32 tensor of a safetensors file, in place
- * (layout: u64 header length N, N bytes of JSON, then the data). Leaves anything else alone.
- * The offset is looked up in the JSON only when the header differs from the last one. */
-static void nudge_first_f32(echo_spot *spot, void *bytes, size_t len)
+/* Adds 1e-3 to the last float of a safetensors file's data (the last element of the F32 tensor
+ * that ends last), in place (layout: u64 header length N, N bytes of JSON, then the data).
+ * Returns its offset, or SIZE_MAX when there is none (nothing changed). The offset is looked up
+ * in the JSON only when the header differs from the last one. */
+static size_t nudge_last_f32(echo_spot *spot, void *bytes, size_t len)
 {
     unsigned char *b = bytes;
     if (len < 8)
-        return;
+        return SIZE_MAX;
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--)
         n = (n << 8) | b[i];
     if (n > len - 8)
-        return;
+        return SIZE_MAX;
     size_t hl = (size_t)n + 8, at = spot->at;
     if (!spot->header || spot->header_len != hl || memcmp(spot->header, b, hl) != 0) {
         free(spot->header);
         spot->header = NULL;
         at = SIZE_MAX;
+        json_int_t last = -1;
         json_t *h = json_loadb((const char *)b + 8, (size_t)n, 0, NULL);
         const char *key;
         json_t *t;
@@ -76,25 +85,66 @@ static void nudge_first_f32(echo_spot *spot, void *bytes, size_t len)
             json_t *off = json_object_get(t, "data_offsets");
             const char *dtype = json_string_value(json_object_get(t, "dtype"));
             json_int_t begin = json_integer_value(json_array_get(off, 0));
+            json_int_t end = json_integer_value(json_array_get(off, 1));
             if (strcmp(key, "__metadata__") == 0 || !dtype || strcmp(dtype, "F32") != 0 ||
-                begin < 0 || hl + (uint64_t)begin + sizeof(float) > len)
+                begin < 0 || end - begin < (json_int_t)sizeof(float) || end <= last ||
+                hl + (uint64_t)end > len)
                 continue;
-            at = hl + (size_t)begin;
-            if ((spot->header = malloc(hl))) { /* else found again next round */
-                memcpy(spot->header, b, hl);
-                spot->header_len = hl;
-                spot->at = at;
-            }
-            break;
+            last = end;
+            at = hl + (size_t)end - sizeof(float);
         }
         json_decref(h);
+        if (at != SIZE_MAX && (spot->header = malloc(hl))) { /* else found again next round */
+            memcpy(spot->header, b, hl);
+            spot->header_len = hl;
+            spot->at = at;
+        }
     }
     if (at == SIZE_MAX || at + sizeof(float) > len)
-        return;
+        return SIZE_MAX;
     float x;
     memcpy(&x, b + at, sizeof x);
     x += 1e-3f;
     memcpy(b + at, &x, sizeof x);
+    return at;
+}
+
+/* SHA-256 of the state `from` continued over tail[0..n). */
+static bool sha256_finish(const EVP_MD_CTX *from, const void *tail, size_t n, uint8_t out[32])
+{
+    EVP_MD_CTX *c = EVP_MD_CTX_new();
+    unsigned int got = 0;
+    bool ok = c && EVP_MD_CTX_copy_ex(c, from) == 1 && EVP_DigestUpdate(c, tail, n) == 1 &&
+              EVP_DigestFinal_ex(c, out, &got) == 1 && got == 32;
+    EVP_MD_CTX_free(c);
+    return ok;
+}
+
+/* The SHA-256 of the update, which equals the model except in bytes at and after `at`. The
+ * state over the model's bytes before `at` is kept from an earlier round; it still applies when
+ * finishing it over this model's tail gives this model's (verified) hash, else it is computed
+ * again from this model. false: no hash (the client library then hashes the update itself). */
+static bool echo_update_sha256(echo_spot *spot, const tern_fit_task *task, const void *update,
+                               size_t at, uint8_t out[32])
+{
+    const unsigned char *model = task->model;
+    size_t len = task->model_size;
+    uint8_t h[32];
+    if (!task->model_sha256 || at >= len)
+        return false;
+    if (!spot->prefix || spot->prefix_at != at || spot->prefix_len != len ||
+        !sha256_finish(spot->prefix, model + at, len - at, h) ||
+        memcmp(h, task->model_sha256, 32) != 0) {
+        if (!spot->prefix && !(spot->prefix = EVP_MD_CTX_new()))
+            return false;
+        spot->prefix_len = 0;
+        if (EVP_DigestInit_ex(spot->prefix, EVP_sha256(), NULL) != 1 ||
+            EVP_DigestUpdate(spot->prefix, model, at) != 1)
+            return false;
+        spot->prefix_at = at;
+        spot->prefix_len = len;
+    }
+    return sha256_finish(spot->prefix, (const unsigned char *)update + at, len - at, out);
 }
 
 static tern_status fit(void *user, const tern_fit_task *task, const volatile bool *cancel,
@@ -119,7 +169,9 @@ static tern_status fit(void *user, const tern_fit_task *task, const volatile boo
         out->num_examples = 1;
         /* One weight nudged: the next global model is new, as after training, so the next
          * round downloads it again instead of hitting the client's model cache. */
-        nudge_first_f32(&ctx->spot, out->update, out->update_size);
+        size_t at = nudge_last_f32(&ctx->spot, out->update, out->update_size);
+        out->has_sha256 = at != SIZE_MAX &&
+                          echo_update_sha256(&ctx->spot, task, out->update, at, out->sha256);
         return TERN_OK;
     }
     tern_local_result r = {0};
@@ -423,6 +475,7 @@ done:
     tern_client_destroy(&client);
     tern_local_destroy(&ctx.local);
     free(ctx.spot.header);
+    EVP_MD_CTX_free(ctx.spot.prefix);
     share_close(&sh);
     return rc;
 }

@@ -569,7 +569,7 @@ static bool start_worker(tern_client *c, session *ss)
     work *w = &ss->w;
     w->task = (tern_fit_task){.round = w->round, .model_version = w->model_version,
                               .model = c->model, .model_size = c->model_size,
-                              .config = &w->config};
+                              .model_sha256 = c->model_sha, .config = &w->config};
     w->cancel = false;
     atomic_store(&w->finished, false);
     memset(&w->fit_out, 0, sizeof w->fit_out);
@@ -650,7 +650,12 @@ static bool finish_worker(tern_client *c, session *ss)
     w->update = w->fit_out.update;
     w->update_size = w->fit_out.update_size;
     tern_status s = TERN_ERR_INVALID;
-    if (w->update && w->update_size > 0)
+    if (w->update && w->update_size > 0 && w->fit_out.has_sha256)
+        s = tern_payload_describe_hashed(w->fit_out.sha256, w->update_size,
+                                         ++ss->next_transfer_id, ss->welcome.chunk_size,
+                                         TERN_PAYLOAD_SAFETENSORS, &ss->send_limits,
+                                         &m.fit_res.payload, &e);
+    else if (w->update && w->update_size > 0)
         s = tern_payload_describe(w->update, w->update_size, ++ss->next_transfer_id,
                                   ss->welcome.chunk_size, TERN_PAYLOAD_SAFETENSORS,
                                   &ss->send_limits, &m.fit_res.payload, &e);
