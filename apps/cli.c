@@ -128,6 +128,7 @@ static const opt_spec OPTIONS[] = {
     {"test-data", T_STR, O(test_data), 0, 0, CMD_SERVER_RUN},
     {"test-limit", T_LONG, O(test_limit), 1, 1e12, FL_RUN},
     {"json-log", T_STR, O(json_log), 0, 0, FL_RUN},
+    {"no-sync", T_FLAG, O(no_sync), 0, 0, FL_RUN},
     {"verbose", T_FLAG, O(verbose), 0, 0, FL_RUN | CMD_CLIENT},
     {"quiet", T_FLAG, O(quiet), 0, 0, FL_RUN | CMD_CLIENT},
     {"name", T_STR, O(name), 0, 0, CMD_CLIENT},

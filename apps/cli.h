@@ -52,7 +52,7 @@ typedef struct cli {
     /* federated (tern_server.c, tern_client.c, tern_sim.c) */
     const char *endpoint, *strategy, *policy, *test_data, *json_log, *name, *key, *server_key,
         *partition, *cache_dir, *device_type, *reason;
-    bool insecure, fedbn, verbose, quiet, echo, keep_store;
+    bool insecure, fedbn, verbose, quiet, echo, keep_store, no_sync;
     int rounds, min_fit_clients, min_available_clients, local_epochs, patience, heartbeat_ms,
         max_steps, num_partitions, partition_index, clients, max_rounds;
     double fraction_fit, fraction_evaluate, min_completion, round_timeout, wait_timeout,

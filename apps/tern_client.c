@@ -6,12 +6,15 @@
  * client); this client takes partition --partition-index, shuffles it (seeded), keeps --limit
  * images and holds --eval-fraction of them out for evaluation. --echo skips all of that: the
  * client sends back the model it receives, one weight nudged so that each round's global
- * model is new and downloaded again (for measuring the server's round overhead). */
+ * model is new and downloaded again (for measuring the server's round overhead), and passes
+ * the update's SHA-256 along, computed from a kept hash state so that it costs a few bytes. */
 #include <czmq.h>
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
+#include <openssl/evp.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,9 +25,23 @@
 #include "tern_fl.h"
 #include "train_common.h"
 
+/* --echo: where the nudged float sits, for the safetensors header it was found in (every model
+ * the server sends has the same header, so the JSON is parsed once, not every round), and the
+ * SHA-256 state over the bytes before it. The float is the last one of the file's data, so the
+ * update differs from the model only in the few bytes after that state: its hash costs a short
+ * tail instead of a pass over the whole model. */
+typedef struct echo_spot {
+    unsigned char *header; /* the 8-byte length and the JSON header; NULL: none yet */
+    size_t header_len;
+    size_t at;             /* byte offset of the float in the file */
+    EVP_MD_CTX *prefix;    /* SHA-256 over bytes [0, prefix_at) of a model of prefix_len bytes */
+    size_t prefix_at, prefix_len;
+} echo_spot;
+
 typedef struct client_ctx {
     tern_local *local;
     bool echo;
+    echo_spot spot;
     double fit_delay;
     fl_logger lg;
 } client_ctx;
@@ -41,35 +58,93 @@ static bool delay(double seconds, const volatile bool *cancel)
     return !(cancel && *cancel);
 }
 
-/* Adds 1e-3 to the first element of the first F32 tensor of a safetensors file, in place
- * (layout: u64 header length N, N bytes of JSON, then the data). Leaves anything else alone. */
-static void nudge_first_f32(void *bytes, size_t len)
+/* Adds 1e-3 to the last float of a safetensors file's data (the last element of the F32 tensor
+ * that ends last), in place (layout: u64 header length N, N bytes of JSON, then the data).
+ * Returns its offset, or SIZE_MAX when there is none (nothing changed). The offset is looked up
+ * in the JSON only when the header differs from the last one. */
+static size_t nudge_last_f32(echo_spot *spot, void *bytes, size_t len)
 {
     unsigned char *b = bytes;
     if (len < 8)
-        return;
+        return SIZE_MAX;
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--)
         n = (n << 8) | b[i];
     if (n > len - 8)
-        return;
-    json_t *h = json_loadb((const char *)b + 8, (size_t)n, 0, NULL);
-    const char *key;
-    json_t *t;
-    json_object_foreach(h, key, t) {
-        json_t *off = json_object_get(t, "data_offsets");
-        const char *dtype = json_string_value(json_object_get(t, "dtype"));
-        json_int_t begin = json_integer_value(json_array_get(off, 0));
-        if (strcmp(key, "__metadata__") == 0 || !dtype || strcmp(dtype, "F32") != 0 ||
-            begin < 0 || 8 + n + (uint64_t)begin + sizeof(float) > len)
-            continue;
-        float x;
-        memcpy(&x, b + 8 + n + begin, sizeof x);
-        x += 1e-3f;
-        memcpy(b + 8 + n + begin, &x, sizeof x);
-        break;
+        return SIZE_MAX;
+    size_t hl = (size_t)n + 8, at = spot->at;
+    if (!spot->header || spot->header_len != hl || memcmp(spot->header, b, hl) != 0) {
+        free(spot->header);
+        spot->header = NULL;
+        at = SIZE_MAX;
+        json_int_t last = -1;
+        json_t *h = json_loadb((const char *)b + 8, (size_t)n, 0, NULL);
+        const char *key;
+        json_t *t;
+        json_object_foreach(h, key, t) {
+            json_t *off = json_object_get(t, "data_offsets");
+            const char *dtype = json_string_value(json_object_get(t, "dtype"));
+            json_int_t begin = json_integer_value(json_array_get(off, 0));
+            json_int_t end = json_integer_value(json_array_get(off, 1));
+            if (strcmp(key, "__metadata__") == 0 || !dtype || strcmp(dtype, "F32") != 0 ||
+                begin < 0 || end - begin < (json_int_t)sizeof(float) || end <= last ||
+                hl + (uint64_t)end > len)
+                continue;
+            last = end;
+            at = hl + (size_t)end - sizeof(float);
+        }
+        json_decref(h);
+        if (at != SIZE_MAX && (spot->header = malloc(hl))) { /* else found again next round */
+            memcpy(spot->header, b, hl);
+            spot->header_len = hl;
+            spot->at = at;
+        }
     }
-    json_decref(h);
+    if (at == SIZE_MAX || at + sizeof(float) > len)
+        return SIZE_MAX;
+    float x;
+    memcpy(&x, b + at, sizeof x);
+    x += 1e-3f;
+    memcpy(b + at, &x, sizeof x);
+    return at;
+}
+
+/* SHA-256 of the state `from` continued over tail[0..n). */
+static bool sha256_finish(const EVP_MD_CTX *from, const void *tail, size_t n, uint8_t out[32])
+{
+    EVP_MD_CTX *c = EVP_MD_CTX_new();
+    unsigned int got = 0;
+    bool ok = c && EVP_MD_CTX_copy_ex(c, from) == 1 && EVP_DigestUpdate(c, tail, n) == 1 &&
+              EVP_DigestFinal_ex(c, out, &got) == 1 && got == 32;
+    EVP_MD_CTX_free(c);
+    return ok;
+}
+
+/* The SHA-256 of the update, which equals the model except in bytes at and after `at`. The
+ * state over the model's bytes before `at` is kept from an earlier round; it still applies when
+ * finishing it over this model's tail gives this model's (verified) hash, else it is computed
+ * again from this model. false: no hash (the client library then hashes the update itself). */
+static bool echo_update_sha256(echo_spot *spot, const tern_fit_task *task, const void *update,
+                               size_t at, uint8_t out[32])
+{
+    const unsigned char *model = task->model;
+    size_t len = task->model_size;
+    uint8_t h[32];
+    if (!task->model_sha256 || at >= len)
+        return false;
+    if (!spot->prefix || spot->prefix_at != at || spot->prefix_len != len ||
+        !sha256_finish(spot->prefix, model + at, len - at, h) ||
+        memcmp(h, task->model_sha256, 32) != 0) {
+        if (!spot->prefix && !(spot->prefix = EVP_MD_CTX_new()))
+            return false;
+        spot->prefix_len = 0;
+        if (EVP_DigestInit_ex(spot->prefix, EVP_sha256(), NULL) != 1 ||
+            EVP_DigestUpdate(spot->prefix, model, at) != 1)
+            return false;
+        spot->prefix_at = at;
+        spot->prefix_len = len;
+    }
+    return sha256_finish(spot->prefix, (const unsigned char *)update + at, len - at, out);
 }
 
 static tern_status fit(void *user, const tern_fit_task *task, const volatile bool *cancel,
@@ -94,7 +169,9 @@ static tern_status fit(void *user, const tern_fit_task *task, const volatile boo
         out->num_examples = 1;
         /* One weight nudged: the next global model is new, as after training, so the next
          * round downloads it again instead of hitting the client's model cache. */
-        nudge_first_f32(out->update, out->update_size);
+        size_t at = nudge_last_f32(&ctx->spot, out->update, out->update_size);
+        out->has_sha256 = at != SIZE_MAX &&
+                          echo_update_sha256(&ctx->spot, task, out->update, at, out->sha256);
         return TERN_OK;
     }
     tern_local_result r = {0};
@@ -319,6 +396,7 @@ static int client_run(const cli *c)
     if (c->echo && (c->data || c->partition || c->limit))
         return die("--echo takes no data options");
 
+    fl_tune_malloc();
     client_ctx ctx = {.echo = c->echo, .fit_delay = c->fit_delay,
                       .lg = {.min_level = fl_log_level(c), .who = c->name}};
     share sh = {0};
@@ -396,6 +474,8 @@ static int client_run(const cli *c)
 done:
     tern_client_destroy(&client);
     tern_local_destroy(&ctx.local);
+    free(ctx.spot.header);
+    EVP_MD_CTX_free(ctx.spot.prefix);
     share_close(&sh);
     return rc;
 }

@@ -20,6 +20,13 @@
 #define FL_INITIAL_MODEL "initial.safetensors"
 #define FL_KEY_DIR "keys"
 
+/* Keep the C library from handing big blocks back to the kernel after each use: a server or a
+ * client allocates and frees model-sized buffers (transfers, updates, ZeroMQ messages of 1 MiB)
+ * every round, and with glibc's defaults each of them is a fresh mmap whose pages the kernel
+ * faults in and zeroes again. Freed memory is reused instead, so the process stays at its peak
+ * (flat in the number of clients) rather than paying page faults per round. No-op elsewhere. */
+void fl_tune_malloc(void);
+
 /* --store, else $TERN_STORE, else ./tern-store. */
 const char *fl_store_dir(const cli *c);
 

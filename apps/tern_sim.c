@@ -317,6 +317,8 @@ static const char SIM_HELP[] =
     "  --keep                 keep the temporary directory (it is kept anyway on failure)\n"
     "  --insecure             no CURVE (default: on, as in production)\n"
     "  --json-log FILE        append one JSON line per round\n"
+    "  --no-sync              no fsync of the store at each commit (a power loss may lose\n"
+    "                         the last rounds)\n"
     "  --verbose, --quiet     more or fewer server log lines on stderr\n\n"
     "example: tern sim --clients 4 --rounds 5 --partition dirichlet:0.5\n";
 

@@ -8,6 +8,12 @@
  *   order_mismatch floats of the naive result that change when the same clients arrive in
  *                  reverse order (the exact accumulator's count is 0 by construction; checked)
  *
+ *   deferred4      add_fit_result_deferred, four updates folded per pass over the accumulator
+ *                  (as tern-server does); bitwise equal to fedavg (checked)
+ *   scalar         the same exact FedAvg with the scalar reference kernels (options.isa
+ *                  TERN_ISA_SCALAR) in the same run; its global vector must equal fedavg's bit
+ *                  for bit (checked), so the ratio is the SIMD kernels' gain alone
+ *
  * Usage: bench_strategy [--clients K] [--params N] [--reps R] (defaults 100, 2500000, 3; best
  * of R). Client vectors cycle through 8 distinct buffers so the working set is larger than the
  * caches, as streamed updates would be. */
@@ -105,10 +111,14 @@ int main(int argc, char **argv)
     o.num_params = n;
     o.min_fit_clients = 1;
     o.min_available_clients = 1;
-    tern_strategy *s = NULL;
+    tern_strategy *s = NULL, *ref = NULL;
     tern_error err = {{0}};
     if (tern_strategy_create(&o, global, &s, &err) != TERN_OK)
         return die("create", err.message);
+    o.isa = TERN_ISA_SCALAR;
+    if (tern_strategy_create(&o, global, &ref, &err) != TERN_OK)
+        return die("create", err.message);
+    double best_ref = 1e300, best_deferred = 1e300;
 
     double best = 1e300, best_add = 1e300, best_naive = 1e300;
     for (int r = 0; r < reps; r++) {
@@ -138,6 +148,46 @@ int main(int argc, char **argv)
         else if (memcmp(exact, tern_strategy_global(s), n * sizeof(float)) != 0)
             return die("determinism", "exact FedAvg changed with arrival order");
 
+        if (tern_strategy_set_global(ref, global) != TERN_OK ||
+            tern_strategy_configure_fit(ref, (uint64_t)r + 1, ids, k, sel, &ns) != TERN_OK)
+            return die("scalar strategy", tern_strategy_last_error(ref));
+        t0 = now();
+        for (size_t c = 0; c < k; c++) {
+            tern_fit_result res = {.client_id = ids[c], .update = rows[c % DISTINCT],
+                                   .num_params = n, .num_examples = ex[c]};
+            if (tern_strategy_add_fit_result(ref, &res) != TERN_OK)
+                return die("add_fit_result", tern_strategy_last_error(ref));
+        }
+        t1 = now();
+        if (t1 - t0 < best_ref)
+            best_ref = t1 - t0;
+        if (tern_strategy_aggregate_fit(ref, NULL) != TERN_OK)
+            return die("aggregate_fit", tern_strategy_last_error(ref));
+        if (memcmp(exact, tern_strategy_global(ref), n * sizeof(float)) != 0)
+            return die("kernels", "the SIMD kernels' FedAvg differs from the scalar one");
+
+        /* Deferred: four updates per pass over the accumulator (as the server does). */
+        if (tern_strategy_set_global(s, global) != TERN_OK ||
+            tern_strategy_configure_fit(s, (uint64_t)r + 1, ids, k, sel, &ns) != TERN_OK)
+            return die("deferred", tern_strategy_last_error(s));
+        t0 = now();
+        for (size_t c = 0; c < k; c++) {
+            tern_fit_result res = {.client_id = ids[c], .update = rows[c % DISTINCT],
+                                   .num_params = n, .num_examples = ex[c]};
+            if (tern_strategy_pending(s) == 4)
+                tern_strategy_flush(s);
+            if (tern_strategy_add_fit_result_deferred(s, &res) != TERN_OK)
+                return die("add_fit_result_deferred", tern_strategy_last_error(s));
+        }
+        tern_strategy_flush(s);
+        t1 = now();
+        if (t1 - t0 < best_deferred)
+            best_deferred = t1 - t0;
+        if (tern_strategy_aggregate_fit(s, NULL) != TERN_OK)
+            return die("aggregate_fit", tern_strategy_last_error(s));
+        if (memcmp(exact, tern_strategy_global(s), n * sizeof(float)) != 0)
+            return die("deferred", "deferred accumulation differs");
+
         t0 = now();
         naive(acc, out, rows, ex, k, n, false);
         t1 = now();
@@ -152,10 +202,14 @@ int main(int argc, char **argv)
     }
 
     const double mb = (double)k * (double)n * sizeof(float) / 1e6;
-    json_t *j = json_pack("{s:s, s:I, s:I, s:i, s:{s:f, s:f, s:f, s:f}, s:{s:f, s:f}, s:f, "
-                          "s:{s:I, s:I, s:I}}",
+    json_t *j = json_pack("{s:s, s:I, s:I, s:i, s:s, s:{s:f, s:f}, s:{s:f, s:f}, "
+                          "s:{s:f, s:f, s:f, s:f}, "
+                          "s:{s:f, s:f}, s:f, s:{s:I, s:I, s:I}}",
                           "bench", "strategy", "clients", (json_int_t)k, "params", (json_int_t)n,
-                          "reps", reps,
+                          "reps", reps, "isa", tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)),
+                          "scalar", "add_seconds", best_ref, "ratio_add_simd_vs_scalar",
+                          best_ref / best_add, "deferred4", "add_seconds", best_deferred,
+                          "ratio_add_vs_immediate", best_add / best_deferred,
                           "fedavg", "seconds", best, "mb_per_s", mb / best,
                           "add_seconds", best_add, "aggregate_seconds", best - best_add,
                           "naive_double", "seconds", best_naive, "mb_per_s", mb / best_naive,
@@ -173,6 +227,7 @@ int main(int argc, char **argv)
     json_decref(j);
 
     tern_strategy_destroy(&s);
+    tern_strategy_destroy(&ref);
     for (int d = 0; d < DISTINCT; d++)
         free(rows[d]);
     free(global);

@@ -11,22 +11,37 @@
 # measured in this run: Flower 1.6, echo clients, 10.25 MB model, 2 shared cores: 0.29 s/round
 # at 2 clients, 1.78 s at 10, 5.45 s at 30; server memory about 100 MiB per client.
 #
+# Also per configuration: the median of the server's per-round breakdown (tern_round_report:
+# idle, verify, load, fold, send, aggregate, serialize, commit seconds, and the server's CPU
+# seconds per round), and the CPU seconds of the whole run of the server and of all clients
+# together (GNU time), so that the shares of the two cores can be compared.
+#
 # usage: bench/rounds.sh [BUILD_DIR] [WORK_DIR]      (defaults: build, /tmp/tern-bench-rounds)
 #        CLIENTS="2 10" ROUNDS=4 MODES="curve plain" bench/rounds.sh ...
+#        SERVER_ARGS="--no-sync" LABEL=no-sync bench/rounds.sh ...   (extra server options)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build}
 work=${2:-/tmp/tern-bench-rounds}
 tern=$build/tern
 clients_list=${CLIENTS:-2 10 30 100}
-rounds=${ROUNDS:-4}        # 1 warm-up + ROUNDS-1 measured
+rounds=${ROUNDS:-6}        # 1 warm-up + ROUNDS-1 measured
 modes=${MODES:-curve plain}
+server_args=${SERVER_ARGS:-}
+label=${LABEL:-}
+gnutime=/usr/bin/time
+[ -x "$gnutime" ] || { echo "GNU time ($gnutime) is needed for CPU times and peak RSS" >&2; exit 1; }
 [ -x "$tern" ] || { echo "no $tern: build first (scripts/build.sh $build)" >&2; exit 1; }
 mkdir -p "$work"
 
 pids=()
 cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  # Each pid is GNU time's: end its child (the tern process) first.
+  for p in "${pids[@]:-}"; do
+    [ -n "$p" ] || continue
+    pkill -P "$p" 2>/dev/null || true
+    kill "$p" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
@@ -55,25 +70,23 @@ for n in $clients_list; do
     endpoint=tcp://127.0.0.1:$port
     sec=()
     [ "$mode" = plain ] && sec=(--insecure)
-    echo "== $n clients, $mode: $rounds rounds" >&2
-    "$tern" server run --store "$dir" --endpoint "$endpoint" "${sec[@]}" --rounds "$rounds" \
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    echo "== $n clients, $mode: $rounds rounds (load $load)" >&2
+    # shellcheck disable=SC2086
+    "$gnutime" -o "$dir/server.time" -f '%e %U %S %M %R' \
+      "$tern" server run --store "$dir" --endpoint "$endpoint" "${sec[@]}" --rounds "$rounds" \
       --min-available-clients "$n" --min-fit-clients "$n" --fraction-evaluate 0 \
       --round-timeout 600 --wait-timeout 600 --json-log "$dir/rounds.jsonl" --quiet \
-      >"$dir/server.log" 2>&1 &
+      $server_args >"$dir/server.log" 2>&1 &
     server=$!
     pids=("$server")
     ckey=()
     [ "$mode" = curve ] && ckey=(--server-key "$dir/keys/server.pub")
     for i in $(seq 1 "$n"); do
-      TERN_API_KEY=$(cat "$dir/key-$i") "$tern" client run --endpoint "$endpoint" \
+      TERN_API_KEY=$(cat "$dir/key-$i") "$gnutime" -o "$dir/client-$i.time" -f '%e %U %S %M %R' \
+        "$tern" client run --endpoint "$endpoint" \
         --name "echo-$i" --echo --quiet "${sec[@]}" "${ckey[@]}" >"$dir/client-$i.log" 2>&1 &
       pids+=("$!")
-    done
-    hwm=0
-    while kill -0 "$server" 2>/dev/null; do
-      v=$(awk '/VmHWM/ {print $2}' "/proc/$server/status" 2>/dev/null || true)
-      [ -n "$v" ] && hwm=$v
-      sleep 0.2
     done
     status=0
     wait "$server" || status=$?
@@ -84,9 +97,18 @@ for n in $clients_list; do
       tail -5 "$dir/server.log" >&2
       continue
     fi
-    python3 - "$dir/rounds.jsonl" "$n" "$mode" "$hwm" "$dir/initial.safetensors" <<'EOF'
-import json, os, statistics, sys
-path, n, mode, hwm_kib, model = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    python3 - "$dir/rounds.jsonl" "$n" "$mode" "$dir" "$dir/initial.safetensors" "$load" "$label" <<'EOF'
+import glob, json, os, statistics, sys
+path, n, mode, d, model, load, label = (sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4],
+                                        sys.argv[5], float(sys.argv[6]), sys.argv[7])
+def gnutime(p):
+    # elapsed, user, system seconds, max RSS KiB, minor page faults
+    f = open(p).read().split()[-5:]
+    return float(f[0]), float(f[1]) + float(f[2]), int(f[3]), int(f[4])
+_, server_cpu, hwm_kib, server_faults = gnutime(d + "/server.time")
+clients = [gnutime(p) for p in glob.glob(d + "/client-*.time")]
+clients_cpu = sum(c[1] for c in clients)
+clients_faults = sum(c[3] for c in clients)
 rows = [json.loads(l) for l in open(path) if l.strip()]
 done = [r for r in rows if r["completed"]]
 measured = done[1:]  # the first round is the warm-up
@@ -103,6 +125,18 @@ out = {
     "seconds_per_round_max": round(max(secs), 4) if secs else None,
     "mb_out_per_round": round(statistics.median([r["bytes_out"] for r in measured]) / 1e6, 1) if measured else None,
     "server_peak_rss_mib": round(hwm_kib / 1024, 1),
+    "label": label or None,
+    "load_1min_at_start": load,
+    "server_cpu_seconds_run": round(server_cpu, 2),
+    "clients_cpu_seconds_run": round(clients_cpu, 2),
+    "server_page_faults_run": server_faults,
+    "clients_page_faults_run": clients_faults,
+    "breakdown_median_seconds": {
+        k: round(statistics.median([r[k] for r in measured if r.get(k) is not None]), 4)
+        for k in ("fit_seconds", "eval_seconds", "commit_seconds", "idle_seconds",
+                  "verify_seconds", "load_seconds", "fold_seconds", "send_seconds",
+                  "aggregate_seconds", "serialize_seconds", "cpu_seconds", "loop_cpu_seconds")
+        if measured and all(r.get(k) is not None for r in measured)},
     "server_rss_mib_per_client": round(hwm_kib / 1024 / n, 2),
     "reference_flower_issue_figures_not_measured_here": {
         "source": "figures quoted in the issue: Flower 1.6, echo clients, 10.25 MB model, 2 shared cores",

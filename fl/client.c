@@ -465,17 +465,25 @@ void tern_client_stats_get(const tern_client *c, tern_client_stats *out)
 static bool send_msg(tern_client *c, session *ss, tern_msg *m)
 {
     m->seq = tern_seq_next(&ss->tx_seq);
-    void *bytes = NULL;
     size_t len = 0;
     tern_error e = {{0}};
-    tern_status s = tern_msg_encode(m, &ss->send_limits, NULL, &bytes, &len, &e);
+    /* Encoded straight into the ZeroMQ message (one copy of a chunk's bytes; libzmq owns it). */
+    zmq_msg_t frame;
+    tern_status s = tern_msg_encoded_size(m, &ss->send_limits, &len, &e);
+    if (s == TERN_OK && zmq_msg_init_size(&frame, len) != 0)
+        s = tern_set_error(&e, TERN_ERR_NOMEM, "no memory for %zu bytes", len);
+    else if (s == TERN_OK &&
+             (s = tern_msg_encode_into(m, &ss->send_limits, zmq_msg_data(&frame), len, &len,
+                                       &e)) != TERN_OK)
+        zmq_msg_close(&frame);
     if (s != TERN_OK) {
         logf_(c, TERN_LOG_ERROR, "client: cannot encode %s: %s", tern_msg_type_name(m->type),
               e.message);
         return s != TERN_ERR_NOMEM;
     }
-    int rc = zmq_send(ss->zsock, bytes, len, 0);
-    tern_proto_free(NULL, bytes);
+    int rc = zmq_msg_send(&frame, ss->zsock, 0);
+    if (rc < 0)
+        zmq_msg_close(&frame);
     if (rc < 0) {
         logf_(c, TERN_LOG_WARN, "client: sending %s failed: %s", tern_msg_type_name(m->type),
               zmq_strerror(zmq_errno()));
@@ -561,7 +569,7 @@ static bool start_worker(tern_client *c, session *ss)
     work *w = &ss->w;
     w->task = (tern_fit_task){.round = w->round, .model_version = w->model_version,
                               .model = c->model, .model_size = c->model_size,
-                              .config = &w->config};
+                              .model_sha256 = c->model_sha, .config = &w->config};
     w->cancel = false;
     atomic_store(&w->finished, false);
     memset(&w->fit_out, 0, sizeof w->fit_out);
@@ -642,7 +650,12 @@ static bool finish_worker(tern_client *c, session *ss)
     w->update = w->fit_out.update;
     w->update_size = w->fit_out.update_size;
     tern_status s = TERN_ERR_INVALID;
-    if (w->update && w->update_size > 0)
+    if (w->update && w->update_size > 0 && w->fit_out.has_sha256)
+        s = tern_payload_describe_hashed(w->fit_out.sha256, w->update_size,
+                                         ++ss->next_transfer_id, ss->welcome.chunk_size,
+                                         TERN_PAYLOAD_SAFETENSORS, &ss->send_limits,
+                                         &m.fit_res.payload, &e);
+    else if (w->update && w->update_size > 0)
         s = tern_payload_describe(w->update, w->update_size, ++ss->next_transfer_id,
                                   ss->welcome.chunk_size, TERN_PAYLOAD_SAFETENSORS,
                                   &ss->send_limits, &m.fit_res.payload, &e);
@@ -775,17 +788,15 @@ static bool on_chunk(tern_client *c, session *ss, const tern_msg *m)
     memcpy(sha, tern_transfer_info(w->transfer)->sha256, 32);
     s = tern_transfer_take(w->transfer, &data, &len);
     tern_transfer_destroy(&w->transfer);
-    void *copy = s == TERN_OK ? malloc(len) : NULL; /* the transfer's bytes are aligned blocks */
-    if (copy)
-        memcpy(copy, data, len);
-    tern_proto_free(NULL, data);
-    if (!copy) {
+    if (s != TERN_OK) {
         uint32_t round = w->round;
         work_reset(w);
         return send_error(c, ss, TERN_PROTO_E_INTERNAL, m->seq, round,
-                          "client: out of memory for the model");
+                          "client: the model cannot be taken from its transfer");
     }
-    cache_store(c, copy, len, sha, w->model_version);
+    /* A transfer made without an allocator holds C library memory (aligned_alloc): the cache
+     * keeps the bytes as they are and frees them with free(). */
+    cache_store(c, data, len, sha, w->model_version);
     stats_add(c, &c->stats.downloads, 1);
     if (!send_msg(c, ss, &ack))
         return false;

@@ -1138,12 +1138,39 @@ static tern_status sha256(const void *data, size_t len, uint8_t out[32])
     return TERN_OK;
 }
 
+static tern_status describe(const void *data, const uint8_t *sha, size_t len,
+                           uint64_t transfer_id, uint32_t chunk_size,
+                           tern_payload_encoding encoding, const tern_proto_limits *lim,
+                           tern_payload_info *out, tern_error *err);
+
 tern_status tern_payload_describe(const void *data, size_t len, uint64_t transfer_id,
                                   uint32_t chunk_size, tern_payload_encoding encoding,
                                   const tern_proto_limits *lim, tern_payload_info *out,
                                   tern_error *err)
 {
-    if (!data || !out)
+    if (!data)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    return describe(data, NULL, len, transfer_id, chunk_size, encoding, lim, out, err);
+}
+
+tern_status tern_payload_describe_hashed(const uint8_t sha256[32], size_t len,
+                                         uint64_t transfer_id, uint32_t chunk_size,
+                                         tern_payload_encoding encoding,
+                                         const tern_proto_limits *lim, tern_payload_info *out,
+                                         tern_error *err)
+{
+    if (!sha256)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    return describe(NULL, sha256, len, transfer_id, chunk_size, encoding, lim, out, err);
+}
+
+/* data is hashed, unless sha (the hash of len bytes) is given. */
+static tern_status describe(const void *data, const uint8_t *sha, size_t len,
+                           uint64_t transfer_id, uint32_t chunk_size,
+                           tern_payload_encoding encoding, const tern_proto_limits *lim,
+                           tern_payload_info *out, tern_error *err)
+{
+    if (!out)
         return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
     if (encoding == TERN_PAYLOAD_NONE || (unsigned)encoding >= TERN_PAYLOAD_ENCODING_COUNT)
         return tern_set_error(err, TERN_ERR_INVALID, "bad payload encoding %u",
@@ -1160,7 +1187,9 @@ tern_status tern_payload_describe(const void *data, size_t len, uint64_t transfe
     tern_status st = check_payload(&c, &p, false, "payload");
     if (st != TERN_OK)
         return st;
-    if (sha256(data, len, p.sha256) != TERN_OK)
+    if (sha)
+        memcpy(p.sha256, sha, 32);
+    else if (sha256(data, len, p.sha256) != TERN_OK)
         return tern_set_error(err, TERN_ERR_IO, "OpenSSL SHA-256 failed");
     *out = p;
     return TERN_OK;

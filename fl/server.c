@@ -492,9 +492,7 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
     s->avail = calloc(ms, sizeof *s->avail);
     s->avail_ids = calloc(ms, sizeof *s->avail_ids);
     s->selected = calloc(2 * (size_t)ms, sizeof *s->selected);
-    s->txcap = s->limits.max_message_size;
-    s->txbuf = malloc(s->txcap);
-    if (!s->sessions || !s->avail || !s->avail_ids || !s->selected || !s->txbuf) {
+    if (!s->sessions || !s->avail || !s->avail_ids || !s->selected) {
         st = tern_set_error(err, TERN_ERR_NOMEM, "server_create: session table");
         goto fail;
     }
@@ -509,6 +507,13 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
     }
     s->num_params = tern_model_param_count(model);
     s->num_bn = count_bn(model);
+    size_t nupd;
+    if (!tern_mul_size(SRV_PENDING * sizeof(float), s->num_params, &nupd) ||
+        !(s->updates = tern_alloc(NULL, nupd))) {
+        st = tern_set_error(err, TERN_ERR_NOMEM, "server_create: %d update vectors",
+                            SRV_PENDING);
+        goto fail;
+    }
 
     if ((st = bind_socket(s, err)) != TERN_OK)
         goto fail;
@@ -571,8 +576,9 @@ void tern_server_destroy(tern_server **server)
     tern_strategy_destroy(&s->strategy);
     tern_strategy_destroy(&s->bn);
     tern_model_destroy(&s->scratch);
+    srv_layout_clear(&s->layout);
+    tern_free(NULL, s->updates);
     free(s->bn_values);
-    free(s->txbuf);
     free(s->sessions);
     free(s->avail);
     free(s->avail_ids);
@@ -605,7 +611,9 @@ static int poll_timeout(tern_server *s)
 static tern_status poll_once(tern_server *s, int timeout, tern_error *err)
 {
     zmq_pollitem_t item = {zsock_resolve(s->sock), 0, ZMQ_POLLIN, 0};
+    int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
     int rc = zmq_poll(&item, 1, timeout);
+    s->timers[SRV_T_IDLE] += srv_clock_ns(CLOCK_MONOTONIC) - t0;
     s->now = zclock_mono();
     if (rc < 0 && zmq_errno() != EINTR)
         return tern_set_error(err, TERN_ERR_IO, "polling the server socket: %s",
@@ -629,7 +637,17 @@ tern_status tern_server_run(tern_server *s, tern_error *err)
         s->now = zclock_mono();
         if (s->stop)
             break;
-        if ((st = srv_round_step(s, err)) != TERN_OK)
+        /* A phase that ends at once (EVALUATE with nobody to ask, then COMMIT, then the next
+         * round's FIT) runs on in the same turn instead of after a poll timeout. Bounded, so
+         * that rounds failing at once still let the socket be served. */
+        srv_phase before;
+        int steps = 0;
+        do {
+            before = s->phase;
+            st = srv_round_step(s, err);
+            s->now = zclock_mono();
+        } while (st == TERN_OK && s->phase != before && !s->finished && ++steps < 4);
+        if (st != TERN_OK)
             break;
         if (s->finished) {
             s->closing = true;

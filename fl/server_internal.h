@@ -11,6 +11,7 @@
 
 #include <signal.h>
 #include <stdarg.h>
+#include <time.h>
 
 #include <czmq.h>
 
@@ -91,6 +92,40 @@ typedef struct srv_part {
 
 typedef enum srv_phase { PH_WAIT, PH_FIT, PH_EVALUATE } srv_phase;
 
+/* Per-round timers of the event-loop thread (nanoseconds), reported in tern_round_report. */
+typedef enum srv_timer {
+    SRV_T_IDLE,
+    SRV_T_VERIFY,
+    SRV_T_LOAD,
+    SRV_T_FOLD,
+    SRV_T_SEND,
+    SRV_T_AGGREGATE,
+    SRV_T_SERIALIZE,
+    SRV_T_COUNT
+} srv_timer;
+
+static inline int64_t srv_clock_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Where each tensor of the scratch model sits in an update's safetensors bytes. Every client
+ * serializes the same model with the same writer, so updates share their header byte for byte:
+ * an update whose header (and length) equals the one that went through the full parse and the
+ * model's checks loads by copying these ranges, with no parse and no copy of the whole file. */
+#define SRV_PENDING 4
+
+typedef struct srv_layout {
+    uint8_t *header;           /* the 8-byte length and the JSON header; NULL: no layout yet */
+    size_t header_len;         /* 8 + N */
+    size_t total;              /* the payload's length */
+    size_t *offset;            /* per model tensor: offset of its bytes in the payload */
+    size_t *param_at;          /* per model tensor: its index in the flat parameter vector,
+                                  SIZE_MAX for buffers and counters */
+} srv_layout;
+
 /* A verified API key, so that a reconnect costs one SHA-256 instead of PBKDF2. */
 typedef struct srv_key_cache {
     char name[TERN_STORE_NAME_SIZE];
@@ -104,13 +139,16 @@ struct tern_server {
     tern_proto_limits limits;  /* resolved */
     tern_store *store;
     tern_model *model;         /* the global model (borrowed) */
-    tern_model *scratch;       /* updates are loaded here */
+    tern_model *scratch;       /* updates' buffers and counters are loaded here */
+    srv_layout layout;         /* of the last update loaded through the full parse */
+    /* Updates' parameters, SRV_PENDING vectors of num_params floats: the strategy folds them
+     * in SRV_PENDING at a time (tern_strategy_add_fit_result_deferred); vector i is borrowed
+     * by the strategy while i < tern_strategy_pending. */
+    float *updates;
     tern_strategy *strategy;   /* parameters */
     tern_strategy *bn;         /* BatchNorm running statistics; NULL if the model has none */
     size_t num_params, num_bn;
     float *bn_values;          /* num_bn: gathered buffers (global, then each update) */
-    uint8_t *txbuf;            /* one encoded outgoing frame */
-    size_t txcap;
 
     zsock_t *sock;
     volatile sig_atomic_t stop;
@@ -153,6 +191,8 @@ struct tern_server {
     size_t num_eval_parts;
     tern_round_report report;
     uint64_t round_bytes_in0, round_bytes_out0;
+    int64_t timers[SRV_T_COUNT]; /* this round's, in ns */
+    int64_t round_cpu0, round_thread_cpu0;
 
     tern_server_stats stats;
 };
@@ -218,6 +258,11 @@ int64_t srv_round_deadline(const tern_server *s);
 void srv_part_failed(tern_server *s, srv_session *ss, const char *why);
 /* FIT_RES / EVALUATE_RES: false when refused (the reply is sent). */
 bool srv_fit_result(tern_server *s, srv_session *ss, const tern_msg *msg);
+/* Load a verified update's safetensors bytes into the scratch model: through the layout of
+ * an earlier update with the same header, else the full parse (which records the layout). */
+tern_status srv_load_update(tern_server *s, const void *data, size_t len, float *params,
+                            tern_error *err);
+void srv_layout_clear(srv_layout *l);
 /* The upload of ss completed: fold the update into the round. */
 void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t len);
 bool srv_evaluate_result(tern_server *s, srv_session *ss, const tern_msg *msg);

@@ -196,6 +196,15 @@ static char *report_json(const tern_round_report *r)
     bad |= json_object_set_new(o, "eval_seconds", num_or_null(r->eval_seconds));
     bad |= json_object_set_new(o, "commit_seconds", num_or_null(r->commit_seconds));
     bad |= json_object_set_new(o, "round_seconds", num_or_null(r->round_seconds));
+    const struct { const char *key; double v; } timing[] = {
+        {"idle_seconds", r->idle_seconds},         {"verify_seconds", r->verify_seconds},
+        {"load_seconds", r->load_seconds},         {"fold_seconds", r->fold_seconds},
+        {"send_seconds", r->send_seconds},         {"aggregate_seconds", r->aggregate_seconds},
+        {"serialize_seconds", r->serialize_seconds}, {"cpu_seconds", r->cpu_seconds},
+        {"loop_cpu_seconds", r->loop_cpu_seconds},
+    };
+    for (size_t i = 0; i < sizeof timing / sizeof timing[0]; i++)
+        bad |= json_object_set_new(o, timing[i].key, num_or_null(timing[i].v));
     bad |= json_object_set_new(o, "model_version", json_string(r->model_version));
     char *text = bad ? NULL : json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(o);
@@ -307,6 +316,8 @@ static void end_round(tern_server *s)
     s->wait_started = s->now;
 }
 
+static void fill_timing(tern_server *s);
+
 static void finish_report(tern_server *s)
 {
     size_t ok, failed, rejected, waiting;
@@ -317,6 +328,26 @@ static void finish_report(tern_server *s)
     s->report.bytes_in = s->stats.bytes_in - s->round_bytes_in0;
     s->report.bytes_out = s->stats.bytes_out - s->round_bytes_out0;
     s->report.round_seconds = seconds_since(s, s->round_started);
+    fill_timing(s);
+}
+
+static void fill_timing(tern_server *s)
+{
+    double *out[SRV_T_COUNT] = {
+        [SRV_T_IDLE] = &s->report.idle_seconds,
+        [SRV_T_VERIFY] = &s->report.verify_seconds,
+        [SRV_T_LOAD] = &s->report.load_seconds,
+        [SRV_T_FOLD] = &s->report.fold_seconds,
+        [SRV_T_SEND] = &s->report.send_seconds,
+        [SRV_T_AGGREGATE] = &s->report.aggregate_seconds,
+        [SRV_T_SERIALIZE] = &s->report.serialize_seconds,
+    };
+    for (int i = 0; i < SRV_T_COUNT; i++)
+        *out[i] = (double)s->timers[i] * 1e-9;
+    s->report.cpu_seconds =
+        (double)(srv_clock_ns(CLOCK_PROCESS_CPUTIME_ID) - s->round_cpu0) * 1e-9;
+    s->report.loop_cpu_seconds =
+        (double)(srv_clock_ns(CLOCK_THREAD_CPUTIME_ID) - s->round_thread_cpu0) * 1e-9;
 }
 
 static tern_status fail_round(tern_server *s, const char *reason, tern_error *err)
@@ -484,6 +515,9 @@ static tern_status start_fit(tern_server *s, tern_error *err)
     r->update_norm_mean = NAN;
     s->round_bytes_in0 = s->stats.bytes_in;
     s->round_bytes_out0 = s->stats.bytes_out;
+    memset(s->timers, 0, sizeof s->timers);
+    s->round_cpu0 = srv_clock_ns(CLOCK_PROCESS_CPUTIME_ID);
+    s->round_thread_cpu0 = srv_clock_ns(CLOCK_THREAD_CPUTIME_ID);
     s->round_started = s->phase_started = s->now;
     s->phase_deadline = s->now + s->opt.round_timeout_ms;
     s->phase = PH_FIT;
@@ -618,27 +652,140 @@ static void reject_update(tern_server *s, srv_part *p, bool strategy_knows, cons
             (unsigned long long)s->report.training_round, p->name, why);
 }
 
+static void fold_update(tern_server *s, srv_session *ss, srv_part *p, const void *data,
+                        size_t len, int64_t t0);
+
+void srv_layout_clear(srv_layout *l)
+{
+    free(l->header);
+    free(l->offset);
+    free(l->param_at);
+    memset(l, 0, sizeof *l);
+}
+
+/* 8 + the JSON header's length of a safetensors file, or 0 when b cannot be one. */
+static size_t safetensors_header_len(const uint8_t *b, size_t len)
+{
+    if (len < 8)
+        return 0;
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--)
+        n = (n << 8) | b[i];
+    return n <= len - 8 ? (size_t)n + 8 : 0;
+}
+
+static size_t tensor_bytes(const tern_model_tensor *t)
+{
+    return t->kind == TERN_TENSOR_COUNTER ? sizeof(int64_t) : t->count * sizeof(float);
+}
+
+/* After a full parse of b loaded into the scratch model: record where each tensor's bytes are,
+ * from the header's data_offsets, each range checked against the parsed view's bytes. No layout
+ * (only the slow path next time) when anything does not agree. */
+static void layout_record(tern_server *s, const uint8_t *b, size_t len, const tern_safetensors *sf)
+{
+    srv_layout *l = &s->layout;
+    srv_layout_clear(l);
+    size_t hl = safetensors_header_len(b, len), n = tern_model_tensor_count(s->scratch);
+    if (!hl)
+        return;
+    json_t *h = json_loadb((const char *)b + 8, hl - 8, 0, NULL);
+    l->offset = malloc((n ? n : 1) * sizeof *l->offset);
+    l->param_at = malloc((n ? n : 1) * sizeof *l->param_at);
+    l->header = malloc(hl);
+    bool ok = h && l->offset && l->param_at && l->header;
+    const float *params = tern_model_params(s->scratch);
+    for (size_t i = 0; ok && i < n; i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
+        l->param_at[i] = SIZE_MAX;
+        if (t->kind == TERN_TENSOR_PARAM) { /* a view into the flat parameter block */
+            if (!(t->data >= params && t->data + t->count <= params + s->num_params)) {
+                ok = false;
+                break;
+            }
+            l->param_at[i] = (size_t)(t->data - params);
+        }
+        json_t *off = json_object_get(json_object_get(h, t->name), "data_offsets");
+        json_t *first = json_array_get(off, 0), *last = json_array_get(off, 1);
+        tern_tensor_view v;
+        size_t nbytes = tensor_bytes(t);
+        ok = json_is_integer(first) && json_is_integer(last) &&
+             tern_safetensors_find(sf, t->name, &v) == TERN_OK && v.nbytes == nbytes;
+        if (!ok)
+            break;
+        json_int_t begin = json_integer_value(first), end = json_integer_value(last);
+        ok = begin >= 0 && end >= begin && (uint64_t)(end - begin) == nbytes &&
+             (uint64_t)end <= len - hl && memcmp(b + hl + begin, v.data, nbytes) == 0;
+        l->offset[i] = hl + (size_t)begin;
+    }
+    json_decref(h);
+    if (!ok) {
+        srv_layout_clear(l);
+        return;
+    }
+    memcpy(l->header, b, hl);
+    l->header_len = hl;
+    l->total = len;
+}
+
+tern_status srv_load_update(tern_server *s, const void *data, size_t len, float *params,
+                            tern_error *err)
+{
+    const uint8_t *b = data;
+    const srv_layout *l = &s->layout;
+    if (l->header && len == l->total && memcmp(b, l->header, l->header_len) == 0) {
+        /* The same header as an update that passed the full parse and the model's checks:
+         * the same tensors at the same offsets, so the same bytes would be loaded. */
+        for (size_t i = 0; i < tern_model_tensor_count(s->scratch); i++) {
+            const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
+            void *dst = l->param_at[i] != SIZE_MAX ? (void *)(params + l->param_at[i])
+                        : t->kind == TERN_TENSOR_COUNTER ? (void *)t->counter
+                                                         : (void *)t->data;
+            memcpy(dst, b + l->offset[i], tensor_bytes(t));
+        }
+        tern_model_invalidate(s->scratch);
+        return TERN_OK;
+    }
+    tern_safetensors *sf = NULL;
+    tern_status st = tern_safetensors_parse(data, len, NULL, &sf, err);
+    if (st == TERN_OK)
+        st = tern_model_load_state(s->scratch, sf, "", err);
+    if (st == TERN_OK) {
+        memcpy(params, tern_model_params(s->scratch), s->num_params * sizeof(float));
+        layout_record(s, b, len, sf);
+    }
+    tern_safetensors_close(&sf);
+    return st;
+}
+
 void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t len)
 {
     if (s->phase != PH_FIT || ss->part < 0 || s->parts[ss->part].state != PART_WAITING)
         return;
     srv_part *p = &s->parts[ss->part];
-    tern_safetensors *sf = NULL;
+    int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
+    fold_update(s, ss, p, data, len, t0);
+    s->timers[SRV_T_FOLD] += srv_clock_ns(CLOCK_MONOTONIC) - t0;
+}
+
+/* Load one verified update into the scratch model and fold it into the strategies; the time
+ * from t0 to the end of the load counts as SRV_T_LOAD (the caller counts all as FOLD first). */
+static void fold_update(tern_server *s, srv_session *ss, srv_part *p, const void *data,
+                        size_t len, int64_t t0)
+{
+    /* Parameters go to the first free update vector; when all are pending, they are folded in
+     * first (one pass over the accumulator for SRV_PENDING updates). */
+    if (tern_strategy_pending(s->strategy) == SRV_PENDING)
+        tern_strategy_flush(s->strategy);
+    float *upd = s->updates + tern_strategy_pending(s->strategy) * s->num_params;
     tern_error e = {{0}};
-    tern_status st = tern_safetensors_parse(data, len, NULL, &sf, &e);
-    if (st == TERN_OK)
-        st = tern_model_load_state(s->scratch, sf, "", &e);
-    tern_safetensors_close(&sf);
+    tern_status st = srv_load_update(s, data, len, upd, &e);
+    int64_t loaded = srv_clock_ns(CLOCK_MONOTONIC) - t0;
+    s->timers[SRV_T_LOAD] += loaded;
+    s->timers[SRV_T_FOLD] -= loaded;
     if (st != TERN_OK)
         return reject_update(s, p, false, "%s", e.message);
 
-    const float *upd = tern_model_params(s->scratch);
-    const float *glob = tern_strategy_global(s->strategy);
-    double sq = 0.0;
-    for (size_t i = 0; i < s->num_params; i++) {
-        double d = (double)upd[i] - (double)glob[i];
-        sq += d * d;
-    }
     size_t k = 0;
     for (size_t i = 0; s->bn && i < tern_model_tensor_count(s->scratch); i++) {
         const tern_model_tensor *t = tern_model_tensor_at(s->scratch, i);
@@ -659,7 +806,7 @@ void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t 
     tern_fit_result fr = {.client_id = p->cid, .update = upd, .num_params = s->num_params,
                           .num_examples = ss->up_examples, .metrics = metrics,
                           .num_metrics = nm};
-    st = tern_strategy_add_fit_result(s->strategy, &fr);
+    st = tern_strategy_add_fit_result_deferred(s->strategy, &fr);
     if (st != TERN_OK)
         return reject_update(s, p, true, "%s", tern_strategy_last_error(s->strategy));
     if (s->bn) {
@@ -674,7 +821,7 @@ void srv_update_ready(tern_server *s, srv_session *ss, const void *data, size_t 
     }
     p->state = PART_OK;
     p->examples = ss->up_examples;
-    p->norm = sqrt(sq);
+    p->norm = tern_strategy_last_update_norm(s->strategy);
     double v;
     if (tern_metrics_get(&ss->up_metrics, "loss", &v) == TERN_OK)
         p->loss = v;
@@ -828,6 +975,7 @@ static tern_status aggregate(tern_server *s, tern_error *err)
         TERN_OK)
         return TERN_ERR_IO;
     tern_fit_summary sum;
+    int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
     if (tern_strategy_aggregate_fit(s->strategy, &sum) != TERN_OK) {
         char reason[256];
         snprintf(reason, sizeof reason, "aggregation: %s", tern_strategy_last_error(s->strategy));
@@ -837,6 +985,8 @@ static tern_status aggregate(tern_server *s, tern_error *err)
         srv_log(s, TERN_LOG_ERROR, "round %llu: BatchNorm statistics not aggregated: %s",
                 (unsigned long long)s->report.training_round, tern_strategy_last_error(s->bn));
     write_global(s);
+    int64_t t1 = srv_clock_ns(CLOCK_MONOTONIC);
+    s->timers[SRV_T_AGGREGATE] += t1 - t0;
     s->report.num_examples = sum.num_examples;
     for (size_t i = 0; i < sum.num_metrics; i++) {
         if (strcmp(sum.metric_names[i], "loss") == 0)
@@ -853,8 +1003,10 @@ static tern_status aggregate(tern_server *s, tern_error *err)
         }
     s->report.update_norm_mean = ok ? norms / (double)ok : NAN;
     tern_status st = srv_blob_make(s, s->completed + 1, &s->next_blob, err);
+    s->timers[SRV_T_SERIALIZE] += srv_clock_ns(CLOCK_MONOTONIC) - t1;
     if (st != TERN_OK)
         return st;
+    s->now = zclock_mono();
     return start_evaluate(s, err);
 }
 
@@ -867,7 +1019,7 @@ static tern_status commit(tern_server *s, tern_error *err)
 {
     tern_round_report *r = &s->report;
     r->eval_seconds = seconds_since(s, s->phase_started);
-    int64_t t0 = zclock_mono();
+    int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
     double acc = isfinite(r->eval_accuracy) ? r->eval_accuracy : r->client_eval_accuracy;
     s->completed++;
     if (isfinite(acc)) {
@@ -918,8 +1070,9 @@ static tern_status commit(tern_server *s, tern_error *err)
     if (st != TERN_OK)
         return TERN_ERR_IO;
     s->now = zclock_mono();
-    r->commit_seconds = (double)(s->now - t0) / 1000.0;
+    r->commit_seconds = (double)(srv_clock_ns(CLOCK_MONOTONIC) - t0) * 1e-9;
     r->round_seconds = seconds_since(s, s->round_started);
+    fill_timing(s);
     snprintf(r->model_version, sizeof r->model_version, "%s", version.version);
     srv_blob_free(s, &s->blob);
     s->blob = s->next_blob;

@@ -19,26 +19,40 @@
 
 /* ---- sending ----------------------------------------------------------------------------- */
 
+static bool send_to_timed(tern_server *s, zframe_t *rid, const tern_msg *msg);
+
 static bool send_to(tern_server *s, zframe_t *rid, const tern_msg *msg)
+{
+    int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
+    bool ok = send_to_timed(s, rid, msg);
+    s->timers[SRV_T_SEND] += srv_clock_ns(CLOCK_MONOTONIC) - t0;
+    return ok;
+}
+
+/* The message is encoded straight into the ZeroMQ message that goes out (one copy of a model
+ * chunk's bytes, which libzmq then owns), after the routing id. */
+static bool send_to_timed(tern_server *s, zframe_t *rid, const tern_msg *msg)
 {
     size_t len = 0;
     tern_error e = {{0}};
-    tern_status st = tern_msg_encode_into(msg, &s->limits, s->txbuf, s->txcap, &len, &e);
+    tern_status st = tern_msg_encoded_size(msg, &s->limits, &len, &e);
+    zmq_msg_t body;
+    if (st == TERN_OK && zmq_msg_init_size(&body, len) != 0)
+        st = tern_set_error(&e, TERN_ERR_NOMEM, "no memory for %zu bytes", len);
+    else if (st == TERN_OK &&
+             (st = tern_msg_encode_into(msg, &s->limits, zmq_msg_data(&body), len, &len, &e)) !=
+                 TERN_OK)
+        zmq_msg_close(&body);
     if (st != TERN_OK) {
         srv_log(s, TERN_LOG_ERROR, "cannot encode %s: %s", tern_msg_type_name(msg->type),
                 e.message);
         return false;
     }
-    zmsg_t *m = zmsg_new();
-    zframe_t *r = zframe_dup(rid);
-    zframe_t *b = zframe_new(s->txbuf, len);
-    bool ok = m && r && b && zmsg_append(m, &r) == 0 && zmsg_append(m, &b) == 0;
-    zframe_destroy(&r);
-    zframe_destroy(&b);
-    if (ok && zmsg_send(&m, s->sock) != 0)
-        ok = false;
-    zmsg_destroy(&m);
+    void *raw = zsock_resolve(s->sock);
+    bool ok = zmq_send(raw, zframe_data(rid), zframe_size(rid), ZMQ_SNDMORE) >= 0 &&
+              zmq_msg_send(&body, raw, 0) >= 0;
     if (!ok) {
+        zmq_msg_close(&body); /* still ours when the send failed */
         srv_log(s, TERN_LOG_WARN, "cannot send %s (%s)", tern_msg_type_name(msg->type),
                 zmq_strerror(zmq_errno()));
         return false;
@@ -531,7 +545,9 @@ static bool handle_upload_chunk(tern_server *s, srv_session *ss, const tern_msg 
         return false;
     }
     tern_error e = {{0}};
+    int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
     tern_status st = tern_transfer_add(ss->up_xfer, c, &e);
+    s->timers[SRV_T_VERIFY] += srv_clock_ns(CLOCK_MONOTONIC) - t0;
     if (st != TERN_OK) {
         if (tern_transfer_failed(ss->up_xfer)) {
             srv_upload_cancel(s, ss);

@@ -61,6 +61,10 @@ struct tern_strategy {
     const char *state_names[2];
     double *acc;        /* averaging kinds: 3 bins of stride doubles */
     uint64_t rounds;
+    tern_isa isa;       /* resolved opt.isa */
+    double last_norm;   /* of the last accepted result */
+    acc_item pending[TERN_STRATEGY_MAX_PENDING]; /* accepted, not accumulated yet (borrowed) */
+    size_t num_pending;
 
     /* fit round */
     bool fit_open;
@@ -259,6 +263,8 @@ tern_status tern_strategy_create(const tern_strategy_options *opt, const float *
     s->opt = *opt;
     s->n = n;
     s->stride = stride;
+    s->isa = tern_isa_resolve(opt->isa);
+    s->last_norm = NAN;
     if (opt->kind == TERN_STRATEGY_FEDAVGM && opt->server_momentum > 0.0f)
         s->state_names[s->nstate++] = "momentum";
     if (is_fedopt(opt->kind)) {
@@ -328,6 +334,7 @@ tern_status tern_strategy_set_global(tern_strategy *s, const float *params)
                               "set_global: parameter %zu is not finite", bad);
     memcpy(s->global, params, s->n * sizeof(float));
     s->fit_open = false;
+    s->num_pending = 0;
     return TERN_OK;
 }
 
@@ -536,6 +543,7 @@ tern_status tern_strategy_configure_fit(tern_strategy *s, uint64_t server_round,
     if (server_round == 0)
         return tern_set_error(&s->err, TERN_ERR_INVALID, "configure_fit: rounds count from 1");
     s->fit_open = false;
+    s->num_pending = 0; /* the round they belonged to is over */
     size_t k, min_available;
     tern_strategy_num_fit_clients(s, num_available, &k, &min_available);
     tern_status st = sample_clients(s, "fit", server_round, STREAM_FIT, available, num_available,
@@ -552,6 +560,7 @@ tern_status tern_strategy_configure_fit(tern_strategy *s, uint64_t server_round,
     }
     if (s->acc)
         memset(s->acc, 0, 3 * s->stride * sizeof(double));
+    s->num_pending = 0;
     s->fit_round = server_round;
     s->num_selected = k;
     s->num_results = s->num_failures = s->num_clipped = 0;
@@ -658,7 +667,36 @@ static tern_status reject(tern_strategy *s, fit_slot *slot, tern_status st)
     return st;
 }
 
+static tern_status add_result(tern_strategy *s, const tern_fit_result *r, bool defer);
+
 tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result *r)
+{
+    return add_result(s, r, false);
+}
+
+tern_status tern_strategy_add_fit_result_deferred(tern_strategy *s, const tern_fit_result *r)
+{
+    if (s->num_pending == TERN_STRATEGY_MAX_PENDING)
+        return tern_set_error(&s->err, TERN_ERR_STATE, "%d results pending: flush first",
+                              TERN_STRATEGY_MAX_PENDING);
+    return add_result(s, r, true);
+}
+
+size_t tern_strategy_pending(const tern_strategy *s)
+{
+    return s ? s->num_pending : 0;
+}
+
+void tern_strategy_flush(tern_strategy *s)
+{
+    if (!s || s->num_pending == 0)
+        return;
+    double *bins[3] = {s->acc, s->acc + s->stride, s->acc + 2 * s->stride};
+    strategy_acc_add_many(bins, s->pending, s->num_pending, s->global, s->n, s->isa);
+    s->num_pending = 0;
+}
+
+static tern_status add_result(tern_strategy *s, const tern_fit_result *r, bool defer)
 {
     if (!r)
         return tern_set_error(&s->err, TERN_ERR_INVALID, "add_fit_result: NULL result");
@@ -693,7 +731,7 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
 
     const bool is_delta = s->opt.update == TERN_UPDATE_DELTA;
     update_stats stats;
-    strategy_update_stats(r->update, s->global, s->n, is_delta, &stats);
+    strategy_update_stats(r->update, s->global, s->n, is_delta, &stats, s->isa);
     if (!stats.finite)
         return reject(s, slot, tern_set_error(&s->err, TERN_ERR_INVALID,
                                               "client %llu: update value %zu is not finite", id,
@@ -728,9 +766,14 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
                                                   "client %llu: examples x update norm = %.6g "
                                                   "leaves the exact accumulator's range (2^50 "
                                                   "per round)", id, range));
-        double *bins[3] = {s->acc, s->acc + s->stride, s->acc + 2 * s->stride};
         acc_mode mode = is_delta ? ACC_DELTA : scale < 1.0 ? ACC_WEIGHTS_CLIP : ACC_WEIGHTS;
-        strategy_acc_add(bins, r->update, s->global, s->n, (double)r->num_examples, scale, mode);
+        acc_item item = {r->update, (double)r->num_examples, scale, mode};
+        if (defer) {
+            s->pending[s->num_pending++] = item;
+        } else {
+            double *bins[3] = {s->acc, s->acc + s->stride, s->acc + 2 * s->stride};
+            strategy_acc_add_many(bins, &item, 1, s->global, s->n, s->isa);
+        }
         s->range_used += range;
     } else {
         float *row = s->plan.rows + at * s->stride;
@@ -747,6 +790,7 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
     }
 
     slot->state = SLOT_ACCEPTED;
+    s->last_norm = stats.norm;
     slot->examples = r->num_examples;
     slot->num_metrics = r->num_metrics;
     for (size_t i = 0; i < r->num_metrics; i++) {
@@ -758,6 +802,11 @@ tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result
     if (scale < 1.0)
         s->num_clipped++;
     return TERN_OK;
+}
+
+double tern_strategy_last_update_norm(const tern_strategy *s)
+{
+    return s ? s->last_norm : NAN;
 }
 
 tern_status tern_strategy_add_fit_failure(tern_strategy *s, uint64_t client_id)
@@ -959,6 +1008,8 @@ tern_status tern_strategy_aggregate_fit(tern_strategy *s, tern_fit_summary *summ
         return tern_set_error(&s->err, TERN_ERR_STATE, "aggregate_fit: no fit round is open");
     s->fit_open = false;
     const unsigned long long round = s->fit_round;
+    if (s->num_results == 0 || (s->num_failures > 0 && !s->opt.accept_failures))
+        s->num_pending = 0; /* the round closes without them */
     if (s->num_results == 0)
         return tern_set_error(&s->err, TERN_ERR_STATE,
                               "fit round %llu: no result to aggregate (%zu failures)", round,
@@ -979,6 +1030,7 @@ tern_status tern_strategy_aggregate_fit(tern_strategy *s, tern_fit_summary *summ
     }
 
     if (!is_robust(s->opt.kind)) {
+        tern_strategy_flush(s);
         apply_average(s);
     } else {
         fit_plan *p = &s->plan;

@@ -27,9 +27,21 @@ typedef enum acc_mode {
     ACC_WEIGHTS_CLIP, /* v = g + scale * (u - g) */
 } acc_mode;
 
-/* bins[0..2]: n doubles each. Adds weight * v(u, g) for every coordinate. */
+/* bins[0..2]: n doubles each. Adds weight * v(u, g) for every coordinate. Every isa gives
+ * bitwise the same bins (the same IEEE operations per coordinate, no contraction). */
 void strategy_acc_add(double *const bins[3], const float *u, const float *g, size_t n,
-                      double weight, double scale, acc_mode mode);
+                      double weight, double scale, acc_mode mode, tern_isa isa);
+/* One update of strategy_acc_add_many: strategy_acc_add's arguments. */
+typedef struct acc_item {
+    const float *u;
+    double weight, scale;
+    acc_mode mode;
+} acc_item;
+/* strategy_acc_add for each of items[0..k), block by block over the coordinates so that the bins
+ * of a block stay in cache while every item is added: the same bins (every addition is exact),
+ * one pass over them for all k. */
+void strategy_acc_add_many(double *const bins[3], const acc_item *items, size_t k,
+                           const float *g, size_t n, tern_isa isa);
 /* The weighted sum at coordinate i, divided by total. */
 static inline double strategy_acc_value(double *const bins[3], size_t i, double total)
 {
@@ -46,7 +58,7 @@ typedef struct update_stats {
 } update_stats;
 
 void strategy_update_stats(const float *u, const float *g, size_t n, bool is_delta,
-                           update_stats *out);
+                           update_stats *out, tern_isa isa);
 
 /* ---- robust aggregation ---------------------------------------------------------------------- */
 

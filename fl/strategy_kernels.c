@@ -7,6 +7,14 @@
 #include <math.h>
 #include <string.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* Only the instructions below are used: double add, sub, mul and float-to-double conversion,
+ * each exactly the IEEE operation the scalar code does per coordinate (no FMA). */
+#define TARGET_AVX512 __attribute__((target("avx512f")))
+#define HAVE_AVX512_KERNELS 1
+#endif
+
 /* ---- checks ------------------------------------------------------------------------------- */
 
 /* Eight lanes of partial sums in a fixed pattern keep the pass vectorizable (a single running
@@ -46,10 +54,52 @@ static void stats_delta(const float *restrict u, size_t n, double *restrict sq_u
     }
 }
 
+#ifdef HAVE_AVX512_KERNELS
+/* The scalar loops' eight lanes are one 512-bit register: lane l sums coordinates i = l mod 8
+ * of the full blocks in the same order, and the tail goes to lane 0 as there. */
+static TARGET_AVX512 void stats_weights_avx512(const float *restrict u, const float *restrict g,
+                                               size_t n, double *restrict sq_change,
+                                               double *restrict sq_u)
+{
+    __m512d c = _mm512_loadu_pd(sq_change), q = _mm512_loadu_pd(sq_u);
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(u + i));
+        __m512d d = _mm512_sub_pd(x, _mm512_cvtps_pd(_mm256_loadu_ps(g + i)));
+        c = _mm512_add_pd(c, _mm512_mul_pd(d, d));
+        q = _mm512_add_pd(q, _mm512_mul_pd(x, x));
+    }
+    _mm512_storeu_pd(sq_change, c);
+    _mm512_storeu_pd(sq_u, q);
+    stats_weights(u + i, g + i, n - i, sq_change, sq_u);
+}
+
+static TARGET_AVX512 void stats_delta_avx512(const float *restrict u, size_t n,
+                                             double *restrict sq_u)
+{
+    __m512d q = _mm512_loadu_pd(sq_u);
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(u + i));
+        q = _mm512_add_pd(q, _mm512_mul_pd(x, x));
+    }
+    _mm512_storeu_pd(sq_u, q);
+    stats_delta(u + i, n - i, sq_u);
+}
+#endif
+
 void strategy_update_stats(const float *u, const float *g, size_t n, bool is_delta,
-                           update_stats *out)
+                           update_stats *out, tern_isa isa)
 {
     double sq_change[LANES] = {0}, sq_u[LANES] = {0};
+#ifdef HAVE_AVX512_KERNELS
+    if (isa == TERN_ISA_AVX512) {
+        if (is_delta)
+            stats_delta_avx512(u, n, sq_u);
+        else
+            stats_weights_avx512(u, g, n, sq_change, sq_u);
+    } else
+#endif
     if (is_delta)
         stats_delta(u, n, sq_u);
     else
@@ -88,10 +138,59 @@ static inline void acc_term(double *restrict b0, double *restrict b1, double *re
     b2[i] += a2;
 }
 
+#ifdef HAVE_AVX512_KERNELS
+/* acc_term on eight coordinates: the same operations in the same order, lane by lane. */
+static TARGET_AVX512 void acc_add_avx512(double *restrict b0, double *restrict b1,
+                                         double *restrict b2, const float *restrict u,
+                                         const float *restrict g, size_t n, double weight,
+                                         double scale, acc_mode mode)
+{
+    const __m512d m0 = _mm512_set1_pd(M0), m1 = _mm512_set1_pd(M1), m2 = _mm512_set1_pd(M2);
+    const double w = mode == ACC_DELTA && scale != 1.0 ? weight * scale : weight;
+    const __m512d vw = _mm512_set1_pd(w), vs = _mm512_set1_pd(scale);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(u + i)), t;
+        if (mode == ACC_WEIGHTS_CLIP) {
+            __m512d gi = _mm512_cvtps_pd(_mm256_loadu_ps(g + i));
+            t = _mm512_mul_pd(_mm512_add_pd(gi, _mm512_mul_pd(vs, _mm512_sub_pd(x, gi))), vw);
+        } else {
+            t = _mm512_mul_pd(x, vw);
+        }
+        __m512d a0 = _mm512_sub_pd(_mm512_add_pd(t, m0), m0);
+        __m512d r = _mm512_sub_pd(t, a0);
+        __m512d a1 = _mm512_sub_pd(_mm512_add_pd(r, m1), m1);
+        r = _mm512_sub_pd(r, a1);
+        __m512d a2 = _mm512_sub_pd(_mm512_add_pd(r, m2), m2);
+        _mm512_storeu_pd(b0 + i, _mm512_add_pd(_mm512_loadu_pd(b0 + i), a0));
+        _mm512_storeu_pd(b1 + i, _mm512_add_pd(_mm512_loadu_pd(b1 + i), a1));
+        _mm512_storeu_pd(b2 + i, _mm512_add_pd(_mm512_loadu_pd(b2 + i), a2));
+    }
+    for (; i < n; i++) {
+        double t;
+        if (mode == ACC_WEIGHTS_CLIP) {
+            double gi = g[i];
+            t = (gi + scale * ((double)u[i] - gi)) * weight;
+        } else {
+            t = (double)u[i] * w;
+        }
+        acc_term(b0, b1, b2, i, t);
+    }
+}
+#endif
+
 void strategy_acc_add(double *const bins[3], const float *u, const float *g, size_t n,
-                      double weight, double scale, acc_mode mode)
+                      double weight, double scale, acc_mode mode, tern_isa isa)
 {
     double *restrict b0 = bins[0], *restrict b1 = bins[1], *restrict b2 = bins[2];
+#ifdef HAVE_AVX512_KERNELS
+    if (isa == TERN_ISA_AVX512) {
+        acc_add_avx512(b0, b1, b2, u, g, n, weight, scale, mode);
+        return;
+    }
+#else
+    (void)isa;
+#endif
     switch (mode) {
     case ACC_WEIGHTS:
         for (size_t i = 0; i < n; i++)
@@ -113,6 +212,20 @@ void strategy_acc_add(double *const bins[3], const float *u, const float *g, siz
             acc_term(b0, b1, b2, i, (gi + scale * ((double)u[i] - gi)) * weight);
         }
         break;
+    }
+}
+
+#define ACC_BLOCK 2048 /* coordinates: 3 x 16 KiB of bins */
+
+void strategy_acc_add_many(double *const bins[3], const acc_item *items, size_t k,
+                           const float *g, size_t n, tern_isa isa)
+{
+    for (size_t start = 0; start < n; start += ACC_BLOCK) {
+        size_t len = n - start < ACC_BLOCK ? n - start : ACC_BLOCK;
+        double *const b[3] = {bins[0] + start, bins[1] + start, bins[2] + start};
+        for (size_t j = 0; j < k; j++)
+            strategy_acc_add(b, items[j].u + start, g + start, len, items[j].weight,
+                             items[j].scale, items[j].mode, isa);
     }
 }
 

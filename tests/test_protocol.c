@@ -982,6 +982,18 @@ static void test_transfer_3mb(void **state)
                                            TERN_PAYLOAD_SAFETENSORS, NULL, &info, NULL),
                      TERN_OK);
     assert_int_equal(info.chunk_count, (total + chunk - 1) / chunk);
+    /* The same description from a hash the caller already has, without the bytes. */
+    tern_payload_info hashed;
+    assert_int_equal(tern_payload_describe_hashed(info.sha256, total, 0xABCD, chunk,
+                                                  TERN_PAYLOAD_SAFETENSORS, NULL, &hashed, NULL),
+                     TERN_OK);
+    assert_true(hashed.transfer_id == info.transfer_id && hashed.total_size == info.total_size &&
+                hashed.chunk_size == info.chunk_size && hashed.chunk_count == info.chunk_count &&
+                hashed.encoding == info.encoding);
+    assert_memory_equal(hashed.sha256, info.sha256, 32);
+    assert_int_equal(tern_payload_describe_hashed(NULL, total, 0xABCD, chunk,
+                                                  TERN_PAYLOAD_SAFETENSORS, NULL, &hashed, NULL),
+                     TERN_ERR_INVALID);
     size_t *lens = calloc(info.chunk_count, sizeof *lens);
     assert_non_null(lens);
     uint8_t **frames = encode_chunks(&info, payload, lens);

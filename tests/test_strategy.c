@@ -6,7 +6,7 @@
  * and Multi-Krum with an adversarial client; selection (fraction, minimum counts, seeds, order
  * of the available list); validation (NaN, infinity, wrong length, norm bound, unselected and
  * duplicate clients) leaving the aggregate bitwise unchanged; arrival-order independence,
- * bitwise, for every strategy; evaluation and metric means; allocation failure at every
+ * bitwise, for every strategy; the SIMD kernels bitwise against the scalar ones; evaluation and metric means; allocation failure at every
  * allocation. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -740,6 +740,84 @@ static void test_arrival_order_bitwise(void **state)
     free(first);
 }
 
+/* The SIMD kernels (validation sums, exact accumulation) against the scalar reference, bitwise:
+ * weights, deltas and clipped weights, lengths that leave tails, several rounds, and the norm
+ * reported for each result; and deferred accumulation (several updates per pass) likewise. On a CPU without SIMD kernels both sides run the scalar code. */
+static void test_simd_kernels_bitwise(void **state)
+{
+    (void)state;
+    static const size_t lengths[] = {1, 7, 8, 9, 1000, 4099};
+    enum { k = 5, rounds = 3 };
+    for (size_t li = 0; li < sizeof lengths / sizeof *lengths; li++)
+        for (int mode = 0; mode < 3; mode++) {
+            const size_t n = lengths[li];
+            float *g = malloc(sizeof(float) * n), *rows = malloc(sizeof(float) * n * k);
+            assert_non_null(g);
+            assert_non_null(rows);
+            tern_strategy_options o = opts(TERN_STRATEGY_FEDAVG, n);
+            o.update = mode == 1 ? TERN_UPDATE_DELTA : TERN_UPDATE_WEIGHTS;
+            if (mode == 2) { /* clip every change to norm 0.5 (ACC_WEIGHTS_CLIP) */
+                o.max_update_norm = 0.5;
+                o.norm_policy = TERN_NORM_CLIP;
+            }
+            test_rng data = {(uint64_t)(31 + li * 3 + (size_t)mode)};
+            test_fill_uniform(&data, g, n, -1, 1);
+            o.isa = TERN_ISA_SCALAR;
+            tern_strategy *ref = make(&o, g);
+            o.isa = TERN_ISA_AUTO;
+            tern_strategy *fast = make(&o, g);
+            tern_strategy *later = make(&o, g); /* add_fit_result_deferred, flushed now and then */
+            uint64_t ids[k];
+            for (int c = 0; c < k; c++)
+                ids[c] = 10 + (uint64_t)c;
+            for (uint64_t round = 1; round <= rounds; round++) {
+                uint64_t ex[k];
+                for (int c = 0; c < k; c++) {
+                    ex[c] = (uint64_t)test_rng_int(&data, 1, 100000);
+                    float scale = powf(10.0f, (float)test_rng_int(&data, -4, 2));
+                    for (size_t i = 0; i < n; i++)
+                        rows[c * n + i] = scale * test_rng_uniform(&data, -1, 1);
+                }
+                open_all(ref, round, ids, k);
+                open_all(fast, round, ids, k);
+                open_all(later, round, ids, k);
+                for (int c = 0; c < k; c++) {
+                    add(ref, ids[c], rows + c * n, n, ex[c]);
+                    add(fast, ids[c], rows + c * n, n, ex[c]);
+                    tern_fit_result fr = {.client_id = ids[c], .update = rows + c * n,
+                                          .num_params = n, .num_examples = ex[c]};
+                    if (tern_strategy_add_fit_result_deferred(later, &fr) != TERN_OK)
+                        fail_msg("deferred: %s", tern_strategy_last_error(later));
+                    assert_int_equal(tern_strategy_pending(later), (size_t)(c % 3) + 1);
+                    if (c % 3 == 2)
+                        tern_strategy_flush(later);
+                    double a = tern_strategy_last_update_norm(ref);
+                    double b = tern_strategy_last_update_norm(fast);
+                    if (memcmp(&a, &b, sizeof a) != 0)
+                        fail_msg("n %zu mode %d round %d client %d: norm %.17g vs %.17g", n, mode,
+                                 (int)round, c, a, b);
+                }
+                aggregate(ref);
+                aggregate(fast);
+                aggregate(later);
+                assert_int_equal(tern_strategy_pending(later), 0);
+                if (memcmp(tern_strategy_global(ref), tern_strategy_global(fast),
+                           sizeof(float) * n) != 0)
+                    fail_msg("n %zu mode %d round %d: %s kernels differ from scalar", n, mode,
+                             (int)round, tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)));
+                if (memcmp(tern_strategy_global(ref), tern_strategy_global(later),
+                           sizeof(float) * n) != 0)
+                    fail_msg("n %zu mode %d round %d: deferred accumulation differs", n, mode,
+                             (int)round);
+            }
+            tern_strategy_destroy(&ref);
+            tern_strategy_destroy(&fast);
+            tern_strategy_destroy(&later);
+            free(g);
+            free(rows);
+        }
+}
+
 static void test_fedavg_accuracy(void **state)
 {
     (void)state;
@@ -909,6 +987,7 @@ int main(void)
         cmocka_unit_test(test_clip_policy),
         cmocka_unit_test(test_round_failures),
         cmocka_unit_test(test_arrival_order_bitwise),
+        cmocka_unit_test(test_simd_kernels_bitwise),
         cmocka_unit_test(test_fedavg_accuracy),
         cmocka_unit_test(test_metrics_and_evaluate),
         cmocka_unit_test(test_accumulator_range),

@@ -34,6 +34,7 @@ typedef struct tern_fit_task {
     uint64_t model_version;        /* the server's id of the model */
     const void *model;             /* safetensors bytes of the global model (borrowed) */
     size_t model_size;
+    const uint8_t *model_sha256;   /* its SHA-256 (32 bytes, checked when it arrived; borrowed) */
     const tern_msg_config *config; /* epochs, batch_size, lr, seed, proximal_mu, fedbn, ... */
 } tern_fit_task;
 
@@ -42,6 +43,11 @@ typedef struct tern_fit_task {
 typedef struct tern_fit_output {
     void *update;
     size_t update_size;
+    /* Optional: a callback that knows the SHA-256 of update (computed while writing it) sets
+     * it here, and the client does not read the update again to hash it. A wrong value gets
+     * the upload refused by the server (a failure in the round). */
+    bool has_sha256;
+    uint8_t sha256[32];
     uint64_t num_examples;         /* >= 1 */
     tern_msg_metrics metrics;      /* e.g. loss, accuracy */
 } tern_fit_output;

@@ -406,6 +406,13 @@ tern_status tern_payload_describe(const void *data, size_t len, uint64_t transfe
                                   uint32_t chunk_size, tern_payload_encoding encoding,
                                   const tern_proto_limits *limits, tern_payload_info *out,
                                   tern_error *err);
+/* As tern_payload_describe for len bytes whose SHA-256 the caller already has (computed while
+ * writing them, say), without reading them. A wrong sha256 is the receiver's hash mismatch. */
+tern_status tern_payload_describe_hashed(const uint8_t sha256[32], size_t len,
+                                         uint64_t transfer_id, uint32_t chunk_size,
+                                         tern_payload_encoding encoding,
+                                         const tern_proto_limits *limits, tern_payload_info *out,
+                                         tern_error *err);
 /* Fill *out (type MODEL_CHUNK) for chunk `index` of data described by info; the chunk borrows
  * data. Sets type and body only: seq, round and flags are the caller's. TERN_ERR_INVALID. */
 tern_status tern_payload_chunk(const tern_payload_info *info, const void *data, uint32_t index,

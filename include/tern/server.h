@@ -105,6 +105,18 @@ typedef struct tern_round_report {
     double update_norm_mean;   /* mean L2 norm of accepted changes */
     uint64_t bytes_in, bytes_out; /* frames received / sent during the round */
     double fit_seconds, eval_seconds, commit_seconds, round_seconds;
+    /* Where the event-loop thread's time went during the round: disjoint parts of
+     * round_seconds (the rest is receiving and decoding frames, and bookkeeping). */
+    double idle_seconds;       /* blocked in poll: waiting for clients or the network */
+    double verify_seconds;     /* update chunks copied into their transfers, SHA-256 checks */
+    double load_seconds;       /* updates parsed and loaded into the scratch model */
+    double fold_seconds;       /* updates checked and folded into the strategies */
+    double send_seconds;       /* messages encoded and handed to ZeroMQ (mostly model chunks) */
+    double aggregate_seconds;  /* the strategy's rule, the new global model written */
+    double serialize_seconds;  /* the new global model serialized and hashed */
+    double cpu_seconds;        /* CPU time of the server process during the round, ZeroMQ's
+                                  I/O thread (where CURVE encrypts) included */
+    double loop_cpu_seconds;   /* CPU time of the event-loop thread alone */
     char model_version[TERN_STORE_VERSION_SIZE]; /* the committed version; "" when failed */
 } tern_round_report;
 

@@ -52,6 +52,7 @@
 #include <stdint.h>
 
 #include "tern/alloc.h"
+#include "tern/model.h" /* tern_isa */
 #include "tern/status.h"
 
 #ifdef __cplusplus
@@ -131,6 +132,9 @@ typedef struct tern_strategy_options {
     size_t num_clients_to_keep;    /* KRUM: 0 = Krum, m > 0 = Multi-Krum (default 0) */
 
     const tern_allocator *alloc;   /* NULL: the C library; borrowed, must outlive the strategy */
+    /* Kernels for the per-parameter loops (validation, exact accumulation): TERN_ISA_AUTO (0,
+     * default) picks the best this CPU runs; every level gives bitwise the same results. */
+    tern_isa isa;
 } tern_strategy_options;
 
 /* Flower's defaults for kind (listed above), num_params 0 (the caller must set it), updates as
@@ -224,6 +228,27 @@ typedef struct tern_fit_result {
  * length), TERN_ERR_INVALID (NULL, non-finite value, norm above the bound, bad metric, zero
  * examples, out of accumulator range). Detail in last_error. */
 tern_status tern_strategy_add_fit_result(tern_strategy *s, const tern_fit_result *result);
+/* Most accepted results whose accumulation tern_strategy_add_fit_result_deferred keeps pending. */
+#define TERN_STRATEGY_MAX_PENDING 8
+/* As tern_strategy_add_fit_result (the same checks, errors and rejections, decided now), except
+ * that an averaging strategy may keep an accepted result's update BORROWED and fold it into the
+ * accumulator later, together with the others pending: one pass over the accumulator (three
+ * doubles per parameter) for several updates instead of one each. The aggregate is bitwise the
+ * same. The caller keeps every pending update valid and unchanged until tern_strategy_pending
+ * says 0: after tern_strategy_flush, tern_strategy_aggregate_fit (which flushes), or the next
+ * configure_fit / set_global (which drop them with the round). TERN_ERR_STATE when
+ * TERN_STRATEGY_MAX_PENDING are pending already (flush first). Robust strategies copy the update
+ * at once, as add_fit_result does. */
+tern_status tern_strategy_add_fit_result_deferred(tern_strategy *s, const tern_fit_result *result);
+/* Updates accepted by add_fit_result_deferred and not folded in yet (their buffers are still
+ * borrowed). */
+size_t tern_strategy_pending(const tern_strategy *s);
+/* Fold the pending updates into the accumulator; afterwards none is borrowed. Never fails. */
+void tern_strategy_flush(tern_strategy *s);
+/* The L2 norm of the change of the result that add_fit_result accepted last (u - global for
+ * weights, u for deltas; before any clipping), so that callers need no pass of their own; NaN
+ * before the first accepted result. */
+double tern_strategy_last_update_norm(const tern_strategy *s);
 /* Record that a selected client failed (vanished, timed out) this round. TERN_ERR_STATE if no
  * fit round is open. */
 tern_status tern_strategy_add_fit_failure(tern_strategy *s, uint64_t client_id);
