@@ -58,6 +58,7 @@ typedef struct cli {
     double fraction_fit, fraction_evaluate, min_completion, round_timeout, wait_timeout,
         eval_fraction, fit_delay;
     float proximal_mu, lr_min;
+    int lr_warmup_rounds;
     long long test_limit, partition_seed, limit_per_client;
     /* differential privacy accounting (tern_dp.c) and DP-SGD training (tern train --dp) */
     const char *accountant;

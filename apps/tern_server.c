@@ -727,6 +727,9 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     else if (c->schedule && strcmp(c->schedule, "constant") != 0)
         return die("unknown --schedule '%s' (constant or cosine)", c->schedule);
     o.lr_min = c->lr_min;
+    o.lr_warmup_rounds = (uint32_t)c->lr_warmup_rounds;
+    if (c->weight_decay > 0)
+        tern_config_set_float(&o.fit_config, "weight_decay", c->weight_decay);
     tern_config_set_float(&o.fit_config, "momentum", c->momentum >= 0 ? c->momentum : 0.9);
     if (c->max_steps > 0)
         tern_config_set_int(&o.fit_config, "max_steps", c->max_steps);
@@ -909,6 +912,8 @@ static const char RUN_HELP[] =
     "  --local-epochs E (default 1), --batch B (default 32), --lr F (default 0.05),\n"
     "  --schedule constant|cosine   the learning rate over the rounds (default constant);\n"
     "                        cosine decays from --lr to --lr-min (default 0) at --rounds\n"
+    "  --lr-warmup-rounds W  rounds 1..W ramp the learning rate up to --lr (default 0)\n"
+    "  --weight-decay F      client SGD weight decay (default 0)\n"
     "  --momentum F (default 0.9), --max-steps N (default: no limit),\n"
     "  --proximal-mu MU (FedProx; default 0.01), --fedbn (BatchNorm stays local)\n"
     "Evaluation and output:\n"

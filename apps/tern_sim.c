@@ -305,6 +305,7 @@ static const char SIM_HELP[] =
     "  --lr F                 client SGD learning rate (default 0.05, momentum 0.9)\n"
     "  --schedule constant|cosine, --lr-min F   learning rate over the rounds (as in tern\n"
     "                         server run; default constant)\n"
+    "  --lr-warmup-rounds W, --weight-decay F   as in tern server run\n"
     "  --max-steps N          cap on each client's steps per round\n"
     "  --fraction-fit F, --fraction-evaluate F, --min-fit-clients N, --policy P,\n"
     "  --min-completion F, --round-timeout S, --proximal-mu MU, --fedbn, --patience P\n"

@@ -263,12 +263,15 @@ static tern_status resolve_options(tern_server *s, const tern_server_options *in
     if (o->lr_schedule != TERN_LR_CONSTANT && o->lr_schedule != TERN_LR_COSINE)
         return tern_set_error(err, TERN_ERR_INVALID, "server options: unknown lr_schedule %d",
                               (int)o->lr_schedule);
-    if (o->lr_schedule == TERN_LR_COSINE) {
+    if (o->lr_warmup_rounds > 0 && o->lr_warmup_rounds >= o->rounds)
+        return tern_set_error(err, TERN_ERR_INVALID, "server options: lr_warmup_rounds %u must "
+                              "be below the round limit", o->lr_warmup_rounds);
+    if (o->lr_schedule == TERN_LR_COSINE || o->lr_warmup_rounds > 0) {
         double lr0 = 0;
         if (tern_config_get_number(&o->fit_config, "lr", &lr0) != TERN_OK || !isfinite(lr0) ||
             lr0 <= 0)
             return tern_set_error(err, TERN_ERR_INVALID, "server options: the cosine lr "
-                                  "schedule needs fit_config \"lr\", a number > 0");
+                                  "schedule and the warm-up need fit_config \"lr\", a number > 0");
         if (!isfinite(o->lr_min) || o->lr_min < 0 || o->lr_min > lr0)
             return tern_set_error(err, TERN_ERR_INVALID, "server options: lr_min %g is outside "
                                   "[0, lr = %g]", o->lr_min, lr0);

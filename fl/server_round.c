@@ -391,7 +391,12 @@ double srv_round_lr(const tern_server_options *o, uint64_t t)
 {
     double lr0 = 0;
     tern_config_get_number(&o->fit_config, "lr", &lr0);
-    double x = (double)(t - 1) / (double)o->rounds;
+    const uint64_t w = o->lr_warmup_rounds;
+    if (t <= w)
+        return lr0 * (double)t / (double)(w + 1);
+    if (o->lr_schedule != TERN_LR_COSINE)
+        return lr0;
+    double x = (double)(t - w - 1) / (double)(o->rounds - w);
     return o->lr_min + (lr0 - o->lr_min) * 0.5 * (1.0 + cos(3.14159265358979323846 * x));
 }
 
@@ -412,7 +417,7 @@ static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
               tern_config_set_bool(c, "fedbn", s->opt.fedbn) == TERN_OK;
     if (ok && s->opt.strategy.kind == TERN_STRATEGY_FEDPROX)
         ok = tern_config_set_float(c, "proximal_mu", s->opt.strategy.proximal_mu) == TERN_OK;
-    if (ok && s->opt.lr_schedule == TERN_LR_COSINE)
+    if (ok && (s->opt.lr_schedule == TERN_LR_COSINE || s->opt.lr_warmup_rounds > 0))
         ok = tern_config_set_float(c, "lr", srv_round_lr(&s->opt, t)) == TERN_OK;
     if (ok) {
         srv_download_prepare(s, ss, s->blob, (uint32_t)t, &m->fit_ins.payload);

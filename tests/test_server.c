@@ -1278,6 +1278,41 @@ static void lr_cosine(void **state)
     fake_destroy(&a);
 }
 
+/* Warm-up: rounds t <= W get lr0 t / (W + 1), then the cosine runs over the R - W rounds left.
+ * A warm-up as long as the run is refused. */
+static void lr_warmup(void **state)
+{
+    fixture *fx = *state;
+    tern_server_options o = one_client_options(fx);
+    o.rounds = 5;
+    o.lr_schedule = TERN_LR_COSINE;
+    o.lr_warmup_rounds = 2;
+    assert_int_equal(tern_config_set_float(&o.fit_config, "lr", 0.3), TERN_OK);
+
+    tern_server *bad = NULL;
+    tern_error err = {{0}};
+    tern_server_options b = o;
+    b.lr_warmup_rounds = 5;
+    assert_int_equal(tern_server_create(&b, fx->store, fx->model, &bad, &err), TERN_ERR_INVALID);
+    assert_non_null(strstr(err.message, "lr_warmup_rounds"));
+    assert_null(bad);
+
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    const double want[5] = {0.1, 0.2, 0.3, 0.3 * 0.5 * (1 + cos(PI / 3)),
+                            0.3 * 0.5 * (1 + cos(2 * PI / 3))};
+    for (uint32_t t = 1; t <= 5; t++) {
+        tern_msg ins = fake_fit_round(fx, a, t);
+        double v;
+        assert_int_equal(tern_config_get_number(&ins.fit_ins.config, "lr", &v), TERN_OK);
+        if (fabs(v - want[t - 1]) > 1e-12)
+            fail_msg("round %u: lr %.17g, want %.17g", t, v, want[t - 1]);
+    }
+    fake_expect(a, TERN_MSG_GOODBYE, 5000);
+    assert_int_equal(join_server(fx), TERN_OK);
+    fake_destroy(&a);
+}
+
 /* The default schedule sends fit_config's lr unchanged. */
 static void lr_constant(void **state)
 {
@@ -1643,6 +1678,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(resume, setup, teardown),
         cmocka_unit_test_setup_teardown(curve, setup, teardown),
         cmocka_unit_test_setup_teardown(lr_cosine, setup, teardown),
+        cmocka_unit_test_setup_teardown(lr_warmup, setup, teardown),
         cmocka_unit_test_setup_teardown(lr_constant, setup, teardown),
         cmocka_unit_test_setup_teardown(patience, setup, teardown),
         cmocka_unit_test_setup_teardown(download_slots, setup, teardown),

@@ -153,11 +153,15 @@ typedef struct tern_server_options {
      * for FedProx, "fedbn"). Copied at create. */
     tern_msg_config fit_config;    /* e.g. epochs, batch_size, lr, momentum, weight_decay */
     tern_msg_config evaluate_config;
-    /* With TERN_LR_COSINE, fit_config must hold "lr" (a number > 0), and lr_min must be in
-     * [0, lr]; R is `rounds`, t the training round (1-based; a resumed run continues the
-     * schedule). TERN_ERR_INVALID otherwise. */
+    /* With TERN_LR_COSINE or a warm-up, fit_config must hold "lr" (a number > 0), and lr_min
+     * must be in [0, lr]; R is `rounds`, t the training round (1-based; a resumed run
+     * continues the schedule). TERN_ERR_INVALID otherwise. */
     tern_lr_schedule lr_schedule;  /* default TERN_LR_CONSTANT */
     double lr_min;                 /* default 0 */
+    /* Rounds t <= W get lr0 * t / (W + 1), a linear warm-up that keeps the first rounds'
+     * clients from leaving the shared starting point too far to be averaged; the schedule then
+     * runs over the remaining R - W rounds (t' = t - W of R - W). W < R; default 0. */
+    uint32_t lr_warmup_rounds;
 
     /* Transfers and flow control (docs/federation.md). */
     uint32_t chunk_size;           /* default TERN_PROTO_DEFAULT_CHUNK */
