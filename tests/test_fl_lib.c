@@ -49,29 +49,6 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void rm_tree(const char *path)
-{
-    struct stat sb;
-    if (lstat(path, &sb) != 0)
-        return;
-    if (S_ISDIR(sb.st_mode)) {
-        DIR *d = opendir(path);
-        if (d) {
-            struct dirent *e;
-            char child[1024];
-            while ((e = readdir(d)))
-                if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                    snprintf(child, sizeof child, "%s/%s", path, e->d_name);
-                    rm_tree(child);
-                }
-            closedir(d);
-        }
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
-
 static tern_transform fashion_transform(bool augment)
 {
     tern_transform t = {.size = 32, .channels = 1, .resize = 28};
@@ -265,7 +242,7 @@ static int teardown(void **state)
     free(f->logits);
     tern_model_destroy(&f->model);
     tern_store_close(&f->store);
-    rm_tree(f->dir);
+    test_rm_tree(f->dir);
     pthread_mutex_destroy(&f->lock);
     free(f);
     return 0;

@@ -97,32 +97,10 @@ static void idx_create(idx_fixture *f, size_t n, int side)
         fail_msg("open_idx: %s", err.message);
 }
 
-/* Remove a directory tree (two levels are enough here). */
-static void remove_tree(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    char path[512];
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        struct stat sb;
-        if (lstat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
-            remove_tree(path);
-        else
-            unlink(path);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 static void idx_destroy(idx_fixture *f)
 {
     tern_dataset_close(&f->ds);
-    remove_tree(f->dir);
+    test_rm_tree(f->dir);
 }
 
 /* A plain transform that keeps 28x28 grey pixels as value / 255. */
@@ -614,7 +592,7 @@ static void test_corrupt_skipped(void **state)
     assert_int_equal(tern_loader_skipped(l), 0);
     tern_loader_destroy(&l);
     tern_dataset_close(&ds);
-    remove_tree(f.dir);
+    test_rm_tree(f.dir);
 }
 
 /* One epoch's batches (images then labels), concatenated into buf; returns floats used. */
@@ -717,8 +695,8 @@ static void test_cache(void **state)
     free(e1);
     free(plain);
     tern_dataset_close(&ds);
-    remove_tree(cache);
-    remove_tree(f.dir);
+    test_rm_tree(cache);
+    test_rm_tree(f.dir);
 }
 
 static void test_cache_bad_dir(void **state)

@@ -61,29 +61,6 @@ typedef struct fixture {
     int num_reports;
 } fixture;
 
-static void rm_tree(const char *path)
-{
-    struct stat sb;
-    if (lstat(path, &sb) != 0)
-        return;
-    if (S_ISDIR(sb.st_mode)) {
-        DIR *d = opendir(path);
-        if (d) {
-            struct dirent *e;
-            char child[1024];
-            while ((e = readdir(d)))
-                if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                    snprintf(child, sizeof child, "%s/%s", path, e->d_name);
-                    rm_tree(child);
-                }
-            closedir(d);
-        }
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
-
 static tern_model_options model_options(void)
 {
     tern_model_options o = tern_model_options_default(TERN_ARCH_MOBILENET_V3_SMALL);
@@ -151,7 +128,7 @@ static int teardown(void **state)
     tern_model_destroy(&f->model);
     tern_model_destroy(&f->cm);
     tern_store_close(&f->store);
-    rm_tree(f->dir);
+    test_rm_tree(f->dir);
     pthread_mutex_destroy(&f->lock);
     free(f);
     return 0;
