@@ -42,9 +42,9 @@ typedef struct opt_spec {
     unsigned cmds;
 } opt_spec;
 
-#define MODEL (CMD_FORWARD | CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS)
-#define TRAINING (CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_ADD_CLASS)
-#define LOOPS (CMD_TRAIN | CMD_ADD_CLASS)
+#define MODEL (CMD_FORWARD | CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS | CMD_PRUNE)
+#define TRAINING (CMD_STEP | CMD_DEMO | CMD_TRAIN | CMD_ADD_CLASS | CMD_PRUNE)
+#define LOOPS (CMD_TRAIN | CMD_ADD_CLASS | CMD_PRUNE)
 #define FL_MODEL (CMD_SERVER_INIT | CMD_SIM)
 #define FL_RUN (CMD_SERVER_RUN | CMD_SIM)
 #define O(field) offsetof(cli, field)
@@ -68,7 +68,7 @@ static const opt_spec OPTIONS[] = {
     {"data", T_STR, O(data), 0, 0, LOOPS | CMD_EVAL | CMD_CLIENT},
     {"val", T_STR, O(val), 0, 0, LOOPS},
     {"val-split", T_FLOAT, O(val_split), 0, 0.9, LOOPS},
-    {"model", T_STR, O(model), 0, 0, CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS},
+    {"model", T_STR, O(model), 0, 0, CMD_EVAL | CMD_PREDICT | CMD_ADD_CLASS | CMD_PRUNE},
     {"init", T_STR, O(init), 0, 0, CMD_TRAIN | CMD_SERVER_INIT},
     {"reset-head", T_FLAG, O(reset_head), 0, 0, CMD_TRAIN},
     {"checkpoint", T_STR, O(checkpoint), 0, 0, CMD_TRAIN},
@@ -156,6 +156,14 @@ static const opt_spec OPTIONS[] = {
     /* DP-SGD training */
     {"dp", T_FLAG, O(dp), 0, 0, CMD_TRAIN},
     {"max-grad-norm", T_DOUBLE, O(max_grad_norm), 1e-300, 1e300, CMD_TRAIN},
+    /* pruning */
+    {"sparsity", T_FLOAT, O(sparsity), 0, 1, CMD_PRUNE},
+    {"scope", T_STR, O(scope), 0, 0, CMD_PRUNE},
+    {"fine-tune-epochs", T_INT, O(epochs), 0, 100000, CMD_PRUNE},
+    {"include", T_STR, O(prune_include), 0, 0, CMD_PRUNE},
+    {"storage", T_STR, O(storage), 0, 0, CMD_PRUNE},
+    {"gradual", T_FLAG, O(gradual), 0, 0, CMD_PRUNE},
+    {"prune-interval", T_INT, O(prune_interval), 1, 1000000000, CMD_PRUNE},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 

@@ -26,6 +26,7 @@ enum {
     CMD_CLIENT = 1 << 13,       /* tern client run */
     CMD_SIM = 1 << 14,          /* tern sim */
     CMD_DP = 1 << 15,           /* tern dp */
+    CMD_PRUNE = 1 << 16,        /* tern prune */
 };
 
 typedef struct cli {
@@ -64,6 +65,11 @@ typedef struct cli {
     const char *accountant;
     double sample_rate, noise_multiplier, delta, target_epsilon, max_grad_norm;
     bool dp;
+    /* pruning (tern_prune.c; --fine-tune-epochs sets epochs) */
+    float sparsity;
+    const char *scope, *prune_include, *storage;
+    bool gradual;
+    int prune_interval;
     /* positional arguments (predict) */
     char **args;
     int nargs;
@@ -112,5 +118,7 @@ int tern_cmd_client(int argc, char **argv);
 int tern_cmd_sim(int argc, char **argv);
 /* Command in tern_dp.c. */
 int tern_cmd_dp(int argc, char **argv);
+/* Command in tern_prune.c. */
+int tern_cmd_prune(int argc, char **argv);
 
 #endif

@@ -7,6 +7,7 @@
  *   tern train, eval, predict   (tern_train.c)
  *   tern add-class              (tern_add_class.c)
  *   tern quantize               (tern_quant.c)
+ *   tern prune                  (tern_prune.c)
  *   tern store, category, model (tern_store.c)
  *   tern server, client, sim    (tern_server.c, tern_client.c, tern_sim.c)
  *   tern dp                     (tern_dp.c)
@@ -420,6 +421,7 @@ static void usage(FILE *f)
             "  predict   classify images with a trained model\n"
             "  add-class add a class to a trained model without forgetting the old ones\n"
             "  quantize  INT8 post-training quantization of a model (eval/predict run it)\n"
+            "  prune     magnitude pruning with fine-tuning; compressed model files\n"
             "  store     create, inspect, check, back up and restore the server's store\n"
             "  category  add, list, rename and remove object categories in the store\n"
             "  model     list, show, roll back, tag, prune and export stored model versions\n"
@@ -451,7 +453,8 @@ int main(int argc, char **argv)
         {"store", tern_cmd_store},     {"category", tern_cmd_category},
         {"model", tern_cmd_model},     {"server", tern_cmd_server},
         {"client", tern_cmd_client},   {"sim", tern_cmd_sim},
-        {"dp", tern_cmd_dp},           {"quantize", tern_cmd_quantize}};
+        {"dp", tern_cmd_dp},           {"quantize", tern_cmd_quantize},
+        {"prune", tern_cmd_prune}};
     for (size_t i = 0; i < sizeof COMMANDS / sizeof *COMMANDS; i++) {
         if (strcmp(cmd, COMMANDS[i].name) == 0) {
             static char name[64];

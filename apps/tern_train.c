@@ -17,6 +17,7 @@
 #include "cli.h"
 #include "tern_quant.h"
 #include "train_common.h"
+#include "train_data.h"
 #include "tern.h"
 #include "tern/checkpoint.h"
 
@@ -24,15 +25,7 @@
 
 /* ---- data ------------------------------------------------------------------------------------- */
 
-typedef struct data {
-    tern_dataset *train, *val; /* val may be the same dataset as train (split) or NULL */
-    size_t *train_idx, *val_idx;
-    size_t ntrain, nval;
-    tern_transform train_t, eval_t;
-    bool fashion;
-} data;
-
-static void data_close(data *d)
+void data_close(data *d)
 {
     if (d->val != d->train)
         tern_dataset_close(&d->val);
@@ -43,7 +36,7 @@ static void data_close(data *d)
 }
 
 /* The geometry and normalization for a data source at `size`. */
-static void make_transforms(data *d, int size, int channels, bool augment)
+void make_transforms(data *d, int size, int channels, bool augment)
 {
     tern_transform e = {.size = size, .channels = channels};
     if (d->fashion) {
@@ -69,7 +62,7 @@ static void make_transforms(data *d, int size, int channels, bool augment)
 }
 
 /* Opens --data (and --val) for training or evaluation. */
-static int open_data(const cli *c, bool training, data *d)
+int open_data(const cli *c, bool training, data *d)
 {
     memset(d, 0, sizeof *d);
     if (!c->data)
@@ -220,7 +213,7 @@ static void progress_update(progress *p, const char *what, size_t done, double l
 /* ---- evaluation ------------------------------------------------------------------------------ */
 
 /* Runs the model in eval mode over a loader's epoch into metrics. */
-static int evaluate(tern_model *m, tern_qmodel *q, tern_loader *loader, tern_metrics *metrics,
+int evaluate(tern_model *m, tern_qmodel *q, tern_loader *loader, tern_metrics *metrics,
                     float *logits, const cli *c, const char *what, bool quiet_log)
 {
     int num_classes = 0; /* from the quantized model q when m is NULL */

@@ -16,6 +16,7 @@
 #include "tern/optim.h"
 #include "tern/privacy.h"
 #include "tern/protocol.h"
+#include "tern/prune.h"
 #include "tern/quant.h"
 #include "tern/rng.h"
 #include "tern/safetensors.h"

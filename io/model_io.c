@@ -10,6 +10,7 @@
 #include <jansson.h>
 
 #include "nn/util.h"
+#include "tern/prune.h"
 
 static void format_shape(char *buf, size_t len, int ndim, const int64_t *shape)
 {
@@ -49,46 +50,61 @@ static bool kept(const char *name, const char *const *keep, int nkeep)
     return false;
 }
 
-/* Validate everything first, then copy, so that a bad file changes nothing. */
+/* Validate everything first, then copy, so that a bad file changes nothing. Tensors of a
+ * compressed file (tern/prune.h) are decoded during validation into `decoded`. */
 static tern_status load_state(tern_model *model, const tern_safetensors *st, const char *prefix,
                               const char *const *keep, int nkeep, tern_error *err)
 {
     if (!model || !st || !prefix)
         return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
     size_t plen = strlen(prefix), n = tern_model_tensor_count(model);
+    const tern_allocator *alloc = tern_model_options_of(model)->alloc;
+    bool sparse = tern_sparse_file_is_compressed(st);
+    float **decoded = sparse ? tern_calloc(alloc, n ? n : 1, sizeof *decoded) : NULL;
+    if (sparse && !decoded)
+        return tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
+    tern_status s = TERN_OK;
     char name[256];
-    for (int pass = 0; pass < 2; pass++) {
-        for (size_t i = 0; i < n; i++) {
+    for (int pass = 0; pass < 2 && s == TERN_OK; pass++) {
+        for (size_t i = 0; i < n && s == TERN_OK; i++) {
             const tern_model_tensor *t = tern_model_tensor_at(model, i);
             if (kept(t->name, keep, nkeep))
                 continue;
             tern_tensor_view v;
             snprintf(name, sizeof name, "%s%s", prefix, t->name);
-            if (tern_safetensors_find(st, name, &v) != TERN_OK)
-                return tern_set_error(err, TERN_ERR_NOT_FOUND, "tensor '%s' missing from file",
-                                      name);
-            if (pass == 0) {
-                tern_status s = check_tensor(t, &v, prefix, err);
-                if (s != TERN_OK)
-                    return s;
+            if (tern_safetensors_find(st, name, &v) != TERN_OK) {
+                s = tern_set_error(err, TERN_ERR_NOT_FOUND, "tensor '%s' missing from file", name);
+            } else if (pass == 0 && sparse && v.dtype == TERN_DTYPE_U8 &&
+                       t->kind != TERN_TENSOR_COUNTER) {
+                if (!(decoded[i] = tern_alloc(alloc, t->count * sizeof(float))))
+                    s = tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
+                else
+                    s = tern_sparse_decode(&v, t->ndim, t->shape, decoded[i], err);
+            } else if (pass == 0) {
+                s = check_tensor(t, &v, prefix, err);
             } else if (t->kind == TERN_TENSOR_COUNTER) {
                 memcpy(t->counter, v.data, sizeof(int64_t));
             } else {
-                memcpy(t->data, v.data, v.nbytes);
+                memcpy(t->data, decoded && decoded[i] ? (const void *)decoded[i] : v.data,
+                       t->count * sizeof(float));
             }
         }
-        for (size_t i = 0; pass == 0 && i < tern_safetensors_count(st); i++) {
+        for (size_t i = 0; s == TERN_OK && pass == 0 && i < tern_safetensors_count(st); i++) {
             tern_tensor_view v;
             tern_safetensors_get(st, i, &v);
             if (strncmp(v.name, prefix, plen) == 0 && !kept(v.name + plen, keep, nkeep) &&
                 !tern_model_find_tensor(model, v.name + plen))
-                return tern_set_error(err, TERN_ERR_FORMAT,
-                                      "unexpected tensor '%s' in file (not part of %s)", v.name,
-                                      tern_arch_name(tern_model_options_of(model)->arch));
+                s = tern_set_error(err, TERN_ERR_FORMAT,
+                                   "unexpected tensor '%s' in file (not part of %s)", v.name,
+                                   tern_arch_name(tern_model_options_of(model)->arch));
         }
     }
-    tern_model_invalidate(model);
-    return TERN_OK;
+    for (size_t i = 0; decoded && i < n; i++)
+        tern_free(alloc, decoded[i]);
+    tern_free(alloc, decoded);
+    if (s == TERN_OK)
+        tern_model_invalidate(model);
+    return s;
 }
 
 tern_status tern_model_load_state(tern_model *model, const tern_safetensors *st,
@@ -162,7 +178,7 @@ static char *json_strings(char *const *v, int n)
     return text;
 }
 
-static tern_status add_info(tern_safetensors_writer *w, const tern_model_info *info)
+tern_status tern_model_add_info(tern_safetensors_writer *w, const tern_model_info *info)
 {
     tern_status s = TERN_OK;
     char size[16], *mean = NULL, *std = NULL, *names = NULL;
@@ -227,7 +243,7 @@ tern_status tern_model_save_file(const tern_model *model, const tern_model_info 
                            info->nclasses, o->num_classes);
         goto done;
     }
-    if (info && (s = add_info(w, info)) != TERN_OK) {
+    if (info && (s = tern_model_add_info(w, info)) != TERN_OK) {
         tern_set_error(err, s, "%s: %s", path,
                        s == TERN_ERR_INVALID
                            ? "class names must be UTF-8 and mean/std finite numbers"

@@ -49,6 +49,10 @@ typedef struct tern_model_info {
     char **class_names;  /* owned by the struct when read by tern_model_info_read */
 } tern_model_info;
 
+/* Set info's metadata (input_size, resize, mean, std, class_names) on a writer, as
+ * tern_model_save_file does. TERN_ERR_INVALID (names not UTF-8, mean/std not finite),
+ * TERN_ERR_NOMEM. */
+tern_status tern_model_add_info(tern_safetensors_writer *w, const tern_model_info *info);
 /* Save the model's state with its metadata (and info, which may be NULL), atomically (see
  * tern_safetensors_writer_write). */
 tern_status tern_model_save_file(const tern_model *model, const tern_model_info *info,
