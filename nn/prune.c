@@ -326,17 +326,12 @@ static size_t header_size(int ndim)
     return 8 + 8 * (size_t)ndim + 8 + 8 + 4;
 }
 
-static void put_u64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
+/* Header integers are little-endian, as the host is (x86-64, AArch64): plain copies. */
+static void put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static uint64_t get_u64(const uint8_t *p)
 {
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v |= (uint64_t)p[i] << (8 * i);
+    uint64_t v;
+    memcpy(&v, p, 8);
     return v;
 }
 

@@ -425,6 +425,62 @@ static void compressed_files(void **state)
     test_rm_tree(dir);
 }
 
+/* Every allocation of pruner creation, pruning and loading a compressed file failed in turn:
+ * NOMEM, no leak, and the model untouched. */
+static void allocation_failures(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/tern-prunealloc-XXXXXX", path[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/p.safetensors", dir);
+    tern_error err = {{0}};
+    tern_model *src = small_model();
+    tern_pruner *p = NULL;
+    assert_int_equal(tern_pruner_create(src, NULL, &p, &err), TERN_OK);
+    assert_int_equal(tern_pruner_prune(p, 0.8), TERN_OK);
+    assert_int_equal(tern_prune_save_file(src, NULL, path, &err), TERN_OK);
+    tern_pruner_destroy(&p);
+
+    test_alloc_state st = {0};
+    tern_allocator a = test_failing_allocator(&st);
+    tern_model_options o = *tern_model_options_of(src);
+    o.alloc = &a;
+    tern_model *m = NULL, *ref = small_model();
+    assert_int_equal(tern_model_create(&o, &m, &err), TERN_OK);
+    long base = st.live;
+    int done = 0;
+    for (long fail = 1; done < 2 && fail < 1000; fail++) {
+        st.fail_at = st.count + fail;
+        tern_status s;
+        if (done == 0) {
+            s = tern_pruner_create(m, NULL, &p, &err);
+            if (s == TERN_OK && (s = tern_pruner_prune(p, 0.5)) != TERN_OK)
+                tern_pruner_destroy(&p);
+        } else {
+            s = tern_model_load_file(m, path, &err);
+        }
+        if (s == TERN_OK) {
+            st.fail_at = 0;
+            tern_pruner_destroy(&p);
+            assert_int_equal(st.live, base);
+            if (done == 1)
+                assert_same_state(m, src);
+            done++;
+            fail = 0;
+            continue;
+        }
+        assert_int_equal(s, TERN_ERR_NOMEM);
+        assert_int_equal(st.live, base);
+        if (done == 0)
+            assert_same_state(m, ref); /* a failed prune changes nothing */
+    }
+    assert_int_equal(done, 2);
+    tern_model_destroy(&m);
+    tern_model_destroy(&ref);
+    tern_model_destroy(&src);
+    test_rm_tree(dir);
+}
+
 /* ---- tern prune ----------------------------------------------------------------------------- */
 
 static int run(const char *log, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -522,6 +578,7 @@ int main(void)
         cmocka_unit_test(polynomial_schedule),
         cmocka_unit_test(codec),
         cmocka_unit_test(compressed_files),
+        cmocka_unit_test(allocation_failures),
         cmocka_unit_test(cli_prune),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
