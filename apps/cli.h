@@ -64,6 +64,9 @@ typedef struct cli {
     const char *accountant;
     double sample_rate, noise_multiplier, delta, target_epsilon, max_grad_norm;
     bool dp;
+    /* differential privacy in federated rounds (tern server run, tern sim) */
+    const char *dp_mode;
+    double clip_norm, epsilon_budget, expected_clients;
     /* positional arguments (predict) */
     char **args;
     int nargs;
