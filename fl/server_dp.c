@@ -29,7 +29,8 @@
 
 struct srv_dp {
     tern_server_dp_options o;   /* resolved */
-    size_t min_available;       /* central: the strategy's minimum, enforced here */
+    size_t min_available;       /* the strategy's minimum of available clients, enforced here
+                                   before clients are left out */
     double fraction_fit;        /* central: to size expected_clients when it is 0 */
     size_t min_fit;
     /* The open round. */
@@ -125,12 +126,15 @@ tern_status srv_dp_create(tern_server *s, tern_error *err)
         return tern_set_error(err, TERN_ERR_NOMEM, "dp: out of memory");
     d->o = o;
     s->dp = d;
+    /* The strategy's minimum of available clients counts the clients present, before the
+     * budget or the Poisson sample leaves some out: it is enforced here, and the strategy
+     * sees the candidates only. */
+    d->min_available = s->opt.strategy.min_available_clients;
+    d->fraction_fit = s->opt.strategy.fraction_fit;
+    d->min_fit = s->opt.strategy.min_fit_clients;
+    s->opt.strategy.min_available_clients = s->opt.strategy.min_fit_clients;
     if (o.mode == TERN_FL_DP_CENTRAL) {
-        /* The strategy takes whoever the Poisson sample holds; its minimum is enforced before
-         * sampling, on the available clients. */
-        d->min_available = s->opt.strategy.min_available_clients;
-        d->fraction_fit = s->opt.strategy.fraction_fit;
-        d->min_fit = s->opt.strategy.min_fit_clients;
+        /* The strategy takes whoever the Poisson sample holds. */
         s->opt.strategy.fraction_fit = 1.0;
         s->opt.strategy.min_fit_clients = 1;
         s->opt.strategy.min_available_clients = 1;
@@ -193,6 +197,8 @@ static size_t select_client(tern_server *s, size_t n, uint64_t t)
 {
     srv_dp *d = s->dp;
     size_t k = 0;
+    if (n < d->min_available)
+        return 0;
     bool log = d->logged_round != t; /* WAIT retries every loop turn: log once a round */
     d->logged_round = t;
     for (size_t i = 0; i < n; i++) {
@@ -219,11 +225,12 @@ static size_t select_client(tern_server *s, size_t n, uint64_t t)
             s->avail_ids[k++] = s->avail_ids[i];
         }
     }
-    if (n > 0 && k == 0) {
-        /* Nobody here can train again; a run would wait forever. */
+    if (k < n && k < d->min_fit) {
+        /* Too few of the clients present can train again: a run would wait forever. */
         s->finished = true;
-        srv_log(s, TERN_LOG_INFO, "privacy budget spent: none of the %zu available clients can "
-                "take another round within epsilon %.4g", n, d->o.epsilon_budget);
+        srv_log(s, TERN_LOG_INFO, "privacy budget spent: %zu of the %zu available clients can "
+                "take another round within epsilon %.4g, %zu needed", k, n,
+                d->o.epsilon_budget, d->min_fit);
     }
     return k;
 }
@@ -351,22 +358,30 @@ bool srv_dp_check_result(tern_server *s, size_t part, const tern_msg_metrics *m,
     return true;
 }
 
+double srv_dp_clip_add(double *sum, const float *update, const float *global, size_t n,
+                       double clip)
+{
+    double sq = 0;
+    for (size_t i = 0; i < n; i++) {
+        double x = (double)update[i] - (double)global[i];
+        sq += x * x;
+    }
+    double norm = sqrt(sq);
+    double f = norm > clip ? clip / norm : 1.0;
+    for (size_t i = 0; i < n; i++)
+        sum[i] += f * ((double)update[i] - (double)global[i]);
+    return f;
+}
+
 void srv_dp_accepted(tern_server *s, const float *update)
 {
     srv_dp *d = s->dp;
     if (!srv_dp_central(s))
         return;
-    const float *g = tern_model_params(s->model); /* the global model of the round */
-    double sq = 0;
-    for (size_t i = 0; i < s->num_params; i++) {
-        double x = (double)update[i] - (double)g[i];
-        sq += x * x;
-    }
-    double norm = sqrt(sq);
-    double f = norm > d->o.clip_norm ? d->o.clip_norm / norm : 1.0;
+    /* The model still holds the round's global parameters (written at aggregation). */
+    double f = srv_dp_clip_add(d->sum, update, tern_model_params(s->model), s->num_params,
+                               d->o.clip_norm);
     d->clipped += f < 1.0;
-    for (size_t i = 0; i < s->num_params; i++)
-        d->sum[i] += f * ((double)update[i] - (double)g[i]);
 }
 
 /* ---- aggregation and commit ------------------------------------------------------------------ */

@@ -300,6 +300,10 @@ bool srv_dp_check_result(tern_server *s, size_t part, const tern_msg_metrics *m,
                          size_t len);
 /* Central DP: an update the strategy accepted (num_params floats, read only). */
 void srv_dp_accepted(tern_server *s, const float *update);
+/* Central DP: sum += f (update - global) with f = min(1, clip / |update - global|); returns
+ * f. */
+double srv_dp_clip_add(double *sum, const float *update, const float *global, size_t n,
+                       double clip);
 /* Central DP: next = global + (sum + N(0, noise_std^2)) / divisor over n values. */
 tern_status srv_dp_noised_mean(float *next, const float *global, const double *sum, size_t n,
                                double noise_std, double divisor, tern_rng *rng);
