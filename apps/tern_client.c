@@ -418,14 +418,8 @@ static int client_run(const cli *c)
                                       .eval_transform = et,
                                       .threads = c->threads > 0 ? c->threads : 1};
         /* DP-SGD's noise must be unpredictable to the server: a secret from the kernel. */
-        FILE *ur = fopen("/dev/urandom", "rb");
-        size_t got = ur ? fread(&lo.dp_secret, sizeof lo.dp_secret, 1, ur) : 0;
-        if (ur)
-            fclose(ur);
-        if (got != 1) {
-            rc = die("cannot read /dev/urandom for the DP-SGD noise seed");
+        if ((rc = fl_secret_seed(&lo.dp_secret)))
             goto done;
-        }
         if (tern_local_create(&lo, &ctx.local, &err) != TERN_OK) {
             rc = die("%s", err.message);
             goto done;

@@ -630,6 +630,15 @@ static void on_round(void *user, const tern_round_report *r)
     }
 }
 
+int fl_secret_seed(uint64_t *seed)
+{
+    FILE *f = fopen("/dev/urandom", "rb");
+    size_t got = f ? fread(seed, sizeof *seed, 1, f) : 0;
+    if (f)
+        fclose(f);
+    return got == 1 ? 0 : die("cannot read /dev/urandom for a differential-privacy seed");
+}
+
 /* --dp client|central and its options into o (the noise seed from /dev/urandom). */
 static int fl_dp_options(const cli *c, tern_server_dp_options *o)
 {
@@ -658,13 +667,7 @@ static int fl_dp_options(const cli *c, tern_server_dp_options *o)
     o->delta = c->delta;
     o->epsilon_budget = c->epsilon_budget;
     o->expected_clients = c->expected_clients;
-    FILE *f = fopen("/dev/urandom", "rb");
-    size_t got = f ? fread(&o->seed, sizeof o->seed, 1, f) : 0;
-    if (f)
-        fclose(f);
-    if (got != 1)
-        return die("cannot read /dev/urandom for the DP seed");
-    return 0;
+    return fl_secret_seed(&o->seed);
 }
 
 static tern_server *volatile g_server;
