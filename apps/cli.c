@@ -51,7 +51,7 @@ typedef struct opt_spec {
 
 static const opt_spec OPTIONS[] = {
     {"arch", T_STR, O(arch), 0, 0, MODEL | FL_MODEL},
-    {"norm", T_STR, O(norm), 0, 0, MODEL},
+    {"norm", T_STR, O(norm), 0, 0, MODEL | FL_MODEL},
     {"isa", T_STR, O(isa), 0, 0, MODEL},
     {"width-mult", T_DOUBLE, O(width_mult), 1e-3, 16, MODEL | FL_MODEL},
     {"in-channels", T_INT, O(in_channels), 1, 4096, MODEL | CMD_SERVER_INIT},
@@ -148,14 +148,19 @@ static const opt_spec OPTIONS[] = {
     {"limit-per-client", T_LONG, O(limit_per_client), 1, 1e12, CMD_SIM},
     {"keep", T_FLAG, O(keep_store), 0, 0, CMD_SIM},
     /* differential privacy accounting */
-    {"accountant", T_STR, O(accountant), 0, 0, CMD_DP | CMD_TRAIN},
+    {"accountant", T_STR, O(accountant), 0, 0, CMD_DP | CMD_TRAIN | FL_RUN},
     {"sample-rate", T_DOUBLE, O(sample_rate), 1e-300, 1, CMD_DP | CMD_TRAIN},
-    {"noise-multiplier", T_DOUBLE, O(noise_multiplier), 1e-300, 1e300, CMD_DP | CMD_TRAIN},
-    {"delta", T_DOUBLE, O(delta), 1e-300, 0.999999999999, CMD_DP | CMD_TRAIN},
-    {"target-epsilon", T_DOUBLE, O(target_epsilon), 1e-300, 1e300, CMD_DP | CMD_TRAIN},
+    {"noise-multiplier", T_DOUBLE, O(noise_multiplier), 1e-300, 1e300, CMD_DP | CMD_TRAIN | FL_RUN},
+    {"delta", T_DOUBLE, O(delta), 1e-300, 0.999999999999, CMD_DP | CMD_TRAIN | FL_RUN},
+    {"target-epsilon", T_DOUBLE, O(target_epsilon), 1e-300, 1e300, CMD_DP | CMD_TRAIN | FL_RUN},
     /* DP-SGD training */
     {"dp", T_FLAG, O(dp), 0, 0, CMD_TRAIN},
-    {"max-grad-norm", T_DOUBLE, O(max_grad_norm), 1e-300, 1e300, CMD_TRAIN},
+    {"max-grad-norm", T_DOUBLE, O(max_grad_norm), 1e-300, 1e300, CMD_TRAIN | FL_RUN},
+    /* differential privacy in federated rounds */
+    {"dp", T_STR, O(dp_mode), 0, 0, FL_RUN},
+    {"clip-norm", T_DOUBLE, O(clip_norm), 1e-300, 1e300, FL_RUN},
+    {"epsilon-budget", T_DOUBLE, O(epsilon_budget), 1e-300, 1e300, FL_RUN},
+    {"expected-clients", T_DOUBLE, O(expected_clients), 1, 1e9, FL_RUN},
     /* pruning */
     {"sparsity", T_FLOAT, O(sparsity), 0, 1, CMD_PRUNE},
     {"scope", T_STR, O(scope), 0, 0, CMD_PRUNE},

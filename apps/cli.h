@@ -70,6 +70,9 @@ typedef struct cli {
     const char *scope, *prune_include, *storage;
     bool gradual;
     int prune_interval;
+    /* differential privacy in federated rounds (tern server run, tern sim) */
+    const char *dp_mode;
+    double clip_norm, epsilon_budget, expected_clients;
     /* positional arguments (predict) */
     char **args;
     int nargs;

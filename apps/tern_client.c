@@ -182,10 +182,12 @@ static tern_status fit(void *user, const tern_fit_task *task, const volatile boo
         return s;
     }
     out->num_examples = r.num_examples ? r.num_examples : 1;
-    if (isfinite(r.loss))
-        tern_metrics_set(&out->metrics, "loss", r.loss);
-    if (isfinite(r.accuracy))
-        tern_metrics_set(&out->metrics, "accuracy", r.accuracy);
+    tern_local_result_metrics(&r, &out->metrics);
+    if (r.dp)
+        fl_logf(&ctx->lg, TERN_LOG_INFO, "round %u: DP-SGD noise multiplier %.4g, sample rate "
+                "%.4g, %llu steps: epsilon %.4g for this round alone", task->round,
+                r.dp_noise_multiplier, r.dp_sample_rate, (unsigned long long)r.steps,
+                r.dp_epsilon);
     fl_logf(&ctx->lg, TERN_LOG_INFO,
             "round %u: trained on %llu examples in %llu steps: loss %.4f, accuracy %.2f%%, %.1f s",
             task->round, (unsigned long long)r.num_examples, (unsigned long long)r.steps, r.loss,
@@ -415,6 +417,9 @@ static int client_run(const cli *c)
                                       .num_eval = sh.neval, .train_transform = tt,
                                       .eval_transform = et,
                                       .threads = c->threads > 0 ? c->threads : 1};
+        /* DP-SGD's noise must be unpredictable to the server: a secret from the kernel. */
+        if ((rc = fl_secret_seed(&lo.dp_secret)))
+            goto done;
         if (tern_local_create(&lo, &ctx.local, &err) != TERN_OK) {
             rc = die("%s", err.message);
             goto done;

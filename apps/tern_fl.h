@@ -27,6 +27,9 @@
  * (flat in the number of clients) rather than paying page faults per round. No-op elsewhere. */
 void fl_tune_malloc(void);
 
+/* A seed from /dev/urandom, for differential-privacy noise that must stay secret. */
+int fl_secret_seed(uint64_t *seed);
+
 /* --store, else $TERN_STORE, else ./tern-store. */
 const char *fl_store_dir(const cli *c);
 

@@ -568,13 +568,16 @@ static json_t *report_json(const tern_round_report *r)
     };
     for (size_t i = 0; j && i < sizeof timing / sizeof timing[0]; i++)
         json_object_set_new(j, timing[i].key, jnum(timing[i].v));
+    if (j)
+        json_object_set_new(j, "epsilon", jnum(r->epsilon));
     return j;
 }
 
 static void print_header(void)
 {
-    printf("%5s %4s %4s %4s %10s %10s %9s %8s %8s %7s  %s\n", "round", "sel", "ok", "fail",
-           "train loss", "eval loss", "eval acc", "MB in", "MB out", "seconds", "version");
+    printf("%5s %4s %4s %4s %10s %10s %9s %8s %8s %7s %8s  %s\n", "round", "sel", "ok", "fail",
+           "train loss", "eval loss", "eval acc", "MB in", "MB out", "seconds", "epsilon",
+           "version");
     fflush(stdout);
 }
 
@@ -594,9 +597,12 @@ static void on_round(void *user, const tern_round_report *r)
         snprintf(el, sizeof el, "%.4f", eval_loss);
     if (isfinite(eval_acc))
         snprintf(ea, sizeof ea, "%.2f%%", 100 * eval_acc);
-    printf("%5llu %4zu %4zu %4zu %10s %10s %9s %8.1f %8.1f %7.1f  %s", (unsigned long long)r->training_round,
-           r->selected, r->succeeded, r->failed, tl, el, ea, (double)r->bytes_in / 1e6,
-           (double)r->bytes_out / 1e6, r->round_seconds,
+    char eps[16] = "-";
+    if (isfinite(r->epsilon))
+        snprintf(eps, sizeof eps, "%.4g", r->epsilon);
+    printf("%5llu %4zu %4zu %4zu %10s %10s %9s %8.1f %8.1f %7.1f %8s  %s",
+           (unsigned long long)r->training_round, r->selected, r->succeeded, r->failed, tl, el,
+           ea, (double)r->bytes_in / 1e6, (double)r->bytes_out / 1e6, r->round_seconds, eps,
            r->completed ? r->model_version : "failed");
     if (!r->completed)
         printf(": %s", r->reason);
@@ -622,6 +628,46 @@ static void on_round(void *user, const tern_round_report *r)
             fprintf(stderr, "%s: warning: cannot write %s\n", cli_prog, p->json_log_path);
         json_decref(j);
     }
+}
+
+int fl_secret_seed(uint64_t *seed)
+{
+    FILE *f = fopen("/dev/urandom", "rb");
+    size_t got = f ? fread(seed, sizeof *seed, 1, f) : 0;
+    if (f)
+        fclose(f);
+    return got == 1 ? 0 : die("cannot read /dev/urandom for a differential-privacy seed");
+}
+
+/* --dp client|central and its options into o (the noise seed from /dev/urandom). */
+static int fl_dp_options(const cli *c, tern_server_dp_options *o)
+{
+    memset(o, 0, sizeof *o);
+    if (!c->dp_mode) {
+        if (c->noise_multiplier > 0 || c->target_epsilon > 0 || c->max_grad_norm > 0 ||
+            c->clip_norm > 0 || c->delta > 0 || c->epsilon_budget > 0 ||
+            c->expected_clients > 0 || c->accountant)
+            return die("the differential-privacy options need --dp client|central");
+        return 0;
+    }
+    if (tern_fl_dp_mode_parse(c->dp_mode, &o->mode) != TERN_OK || o->mode == TERN_FL_DP_NONE)
+        return die("unknown --dp '%s' (client or central)", c->dp_mode);
+    if (c->accountant && tern_accountant_kind_parse(c->accountant, &o->accountant) != TERN_OK)
+        return die("unknown --accountant '%s' (rdp or prv)", c->accountant);
+    bool central = o->mode == TERN_FL_DP_CENTRAL;
+    if (central && (c->max_grad_norm > 0 || c->target_epsilon > 0 || c->epsilon_budget > 0))
+        return die("--max-grad-norm, --target-epsilon and --epsilon-budget are for --dp client "
+                   "(central DP clips updates with --clip-norm)");
+    if (!central && (c->clip_norm > 0 || c->expected_clients > 0))
+        return die("--clip-norm and --expected-clients are for --dp central");
+    o->noise_multiplier = c->noise_multiplier;
+    o->target_epsilon = c->target_epsilon;
+    o->max_grad_norm = c->max_grad_norm;
+    o->clip_norm = c->clip_norm;
+    o->delta = c->delta;
+    o->epsilon_budget = c->epsilon_budget;
+    o->expected_clients = c->expected_clients;
+    return fl_secret_seed(&o->seed);
 }
 
 static tern_server *volatile g_server;
@@ -733,6 +779,8 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     tern_config_set_float(&o.fit_config, "momentum", c->momentum >= 0 ? c->momentum : 0.9);
     if (c->max_steps > 0)
         tern_config_set_int(&o.fit_config, "max_steps", c->max_steps);
+    if (fl_dp_options(c, &o.dp))
+        return 1;
     tern_config_set_int(&o.evaluate_config, "batch_size", 256);
     char db[PATH_MAX];
     struct stat dbs;
@@ -916,6 +964,20 @@ static const char RUN_HELP[] =
     "  --weight-decay F      client SGD weight decay (default 0)\n"
     "  --momentum F (default 0.9), --max-steps N (default: no limit),\n"
     "  --proximal-mu MU (FedProx; default 0.01), --fedbn (BatchNorm stays local)\n"
+    "Differential privacy (docs/privacy.md; the model needs --norm group at init):\n"
+    "  --dp client|central   client: every client trains with DP-SGD and the store's privacy\n"
+    "                        ledger composes each client's rounds; central: Poisson-sampled\n"
+    "                        clients, updates clipped and the sum noised by the server\n"
+    "  --noise-multiplier S  client: DP-SGD's sigma; central: noise std / --clip-norm\n"
+    "  --target-epsilon E    client, instead of --noise-multiplier: each client picks sigma so\n"
+    "                        that --rounds rounds spend E\n"
+    "  --max-grad-norm C     client: per-sample clipping norm (default 1)\n"
+    "  --clip-norm S         central: clipping norm of each update's change (default 1)\n"
+    "  --delta D             (default 1e-5)\n"
+    "  --epsilon-budget E    client: clients whose next round would pass E are not selected\n"
+    "  --expected-clients M  central: clients per round in expectation (default: the sample\n"
+    "                        size of --fraction-fit / --min-fit-clients); q = M / available\n"
+    "  --accountant rdp|prv  (default rdp)\n"
     "Evaluation and output:\n"
     "  --test-data fashion-mnist|DIR   evaluate each new model on this test set\n"
     "  --test-limit N        evaluate on N random test images\n"

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "nn/util.h"
+#include "tern/dpsgd.h"
 #include "tern/model_io.h"
 #include "tern/optim.h"
 #include "tern/safetensors.h"
@@ -37,6 +38,7 @@ struct tern_local {
     tern_transform train_t, eval_t;
     int threads;
     float bn_momentum; /* 0: from the payload's metadata, else DEFAULT_BN_MOMENTUM */
+    uint64_t dp_secret;
 
     tern_model *model; /* NULL until the first payload */
     int plan_batch;    /* largest batch planned; 0 = no plan */
@@ -62,6 +64,12 @@ typedef struct round_config {
     double lr, momentum, weight_decay, proximal_mu;
     uint64_t seed;
     bool fedbn;
+    /* DP-SGD (config "dp" = "client"): noise multiplier, or a target epsilon over dp_rounds
+     * rounds; per-sample clipping norm; delta; accountant. */
+    bool dp;
+    double dp_sigma, dp_target, dp_clip, dp_delta;
+    int64_t dp_rounds;
+    tern_accountant_kind dp_accountant;
 } round_config;
 
 static tern_status config_int(const tern_msg_config *c, const char *key, int64_t lo, int64_t hi,
@@ -120,6 +128,31 @@ static tern_status parse_config(const tern_msg_config *c, round_config *rc, tern
         return tern_set_error(err, TERN_ERR_INVALID, "config fedbn: must be a bool");
     if (e)
         rc->fedbn = e->b;
+    e = tern_config_find(c, "dp");
+    if (!e)
+        return TERN_OK;
+    if (e->type != TERN_CONFIG_STRING || strcmp(e->s, "client") != 0)
+        return tern_set_error(err, TERN_ERR_INVALID, "config dp: must be the string \"client\"");
+    rc->dp = true;
+    rc->dp_clip = 1.0;
+    rc->dp_delta = 1e-5;
+    rc->dp_rounds = 1;
+    if ((s = config_float(c, "dp_noise_multiplier", 0, true, &rc->dp_sigma, err)) != TERN_OK ||
+        (s = config_float(c, "dp_target_epsilon", 0, true, &rc->dp_target, err)) != TERN_OK ||
+        (s = config_float(c, "dp_max_grad_norm", 0, true, &rc->dp_clip, err)) != TERN_OK ||
+        (s = config_float(c, "dp_delta", 0, true, &rc->dp_delta, err)) != TERN_OK ||
+        (s = config_int(c, "dp_rounds", 1, 100000000, &rc->dp_rounds, err)) != TERN_OK)
+        return s;
+    if ((rc->dp_sigma > 0) == (rc->dp_target > 0))
+        return tern_set_error(err, TERN_ERR_INVALID, "config dp: needs exactly one of "
+                              "dp_noise_multiplier and dp_target_epsilon");
+    if (rc->dp_delta >= 1)
+        return tern_set_error(err, TERN_ERR_INVALID, "config dp_delta: %g is not below 1",
+                              rc->dp_delta);
+    e = tern_config_find(c, "dp_accountant");
+    if (e && (e->type != TERN_CONFIG_STRING ||
+              tern_accountant_kind_parse(e->s, &rc->dp_accountant) != TERN_OK))
+        return tern_set_error(err, TERN_ERR_INVALID, "config dp_accountant: rdp or prv");
     return TERN_OK;
 }
 
@@ -168,6 +201,7 @@ tern_status tern_local_create(const tern_local_data_options *opt, tern_local **o
     L->eval_t = opt->eval_transform;
     L->threads = opt->threads > 0 ? opt->threads : 1;
     L->bn_momentum = opt->bn_momentum;
+    L->dp_secret = opt->dp_secret;
     L->train_idx = copy_indices(opt->train_indices, opt->num_train);
     L->eval_idx = copy_indices(opt->eval_indices, opt->num_eval);
     if (!L->train_idx || !L->eval_idx) {
@@ -428,6 +462,147 @@ static tern_status serialize(tern_local *L, const tern_safetensors *incoming, vo
 
 /* ---- fit ---------------------------------------------------------------------------------- */
 
+static uint64_t mix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* DP-SGD over the training share: Poisson-sampled batches at q = batch / share size, ceil(1/q)
+ * steps an epoch (or max_steps), per-sample clipping and noise (tern/dpsgd.h). The noise and the
+ * sampling are seeded from the client's secret and the round's seed: the server, which chose
+ * the round's seed, cannot reproduce them without the secret. */
+static tern_status fit_dp(tern_local *L, const round_config *rc, tern_optimizer *opt, int batch,
+                          const volatile bool *cancel, tern_local_result *res, tern_error *err)
+{
+    tern_model *m = L->model;
+    const size_t n = L->ntrain;
+    const double q = (double)batch / (double)n;
+    int64_t steps = rc->epochs * (int64_t)ceil(1.0 / q);
+    if (rc->max_steps > 0 && steps > rc->max_steps)
+        steps = rc->max_steps;
+    double sigma = rc->dp_sigma;
+    tern_accountant_options ao = {.kind = rc->dp_accountant};
+    tern_error e = {{0}};
+    tern_status s;
+    if (rc->dp_target > 0) {
+        tern_noise_query nq = {.sample_rate = q, .steps = steps * rc->dp_rounds,
+                               .delta = rc->dp_delta, .target_epsilon = rc->dp_target};
+        if ((s = tern_accountant_noise_multiplier(&sigma, &ao, &nq, &e)) != TERN_OK)
+            return tern_set_error(err, s, "local: DP noise for epsilon %g over %lld rounds: %s",
+                                  rc->dp_target, (long long)rc->dp_rounds, e.message);
+    }
+    tern_dp_options o = {.max_grad_norm = rc->dp_clip, .noise_multiplier = sigma,
+                         .sample_rate = q, .expected_batch = q * (double)n,
+                         .seed = mix64(L->dp_secret ^ mix64(rc->seed)),
+                         .accountant = ao};
+    tern_dp *dp = NULL;
+    if ((s = tern_dp_create(m, &o, &dp, &e)) != TERN_OK)
+        return tern_set_error(err, s, "local: DP-SGD: %s", e.message);
+    const tern_model_options *mo = tern_model_options_of(m);
+    const size_t per = (size_t)L->train_t.size * (size_t)L->train_t.size *
+                       (size_t)mo->in_channels;
+    size_t cap = (size_t)batch * 2;
+    size_t *picked = malloc(n * sizeof *picked);
+    float *x = malloc(cap * per * sizeof *x);
+    int32_t *y = malloc(cap * sizeof *y);
+    tern_rng aug;
+    tern_rng_seed(&aug, rc->seed ^ 0x64705f6175676dull);
+    double loss_sum = 0;
+    uint64_t seen = 0;
+    int64_t step = 0;
+    if (!picked || !x || !y) {
+        s = tern_set_error(err, TERN_ERR_NOMEM, "local: DP-SGD: out of memory for batches");
+        goto done;
+    }
+    for (; step < steps; step++) {
+        if (cancel && *cancel) {
+            s = tern_set_error(err, TERN_ERR_STATE, "local: fit cancelled after %lld steps",
+                               (long long)step);
+            goto done;
+        }
+        size_t k = 0;
+        tern_dp_sample(dp, n, picked, &k);
+        if (k > cap) {
+            float *nx = realloc(x, k * per * sizeof *x);
+            if (nx)
+                x = nx;
+            int32_t *ny = realloc(y, k * sizeof *y);
+            if (ny)
+                y = ny;
+            if (!nx || !ny) {
+                s = tern_set_error(err, TERN_ERR_NOMEM, "local: DP-SGD: a batch of %zu", k);
+                goto done;
+            }
+            cap = k;
+        }
+        for (size_t i = 0; i < k; i++) {
+            size_t idx = L->train_idx[picked[i]];
+            tern_image img = {0};
+            if ((s = tern_dataset_image(L->ds, idx, NULL, &img, &e)) != TERN_OK) {
+                s = tern_set_error(err, s, "local: %s", e.message);
+                goto done;
+            }
+            s = tern_transform_apply(&L->train_t, &img, &aug, x + i * per);
+            tern_image_free(NULL, &img);
+            if (s != TERN_OK) {
+                s = tern_set_error(err, s, "local: cannot transform training image %zu", idx);
+                goto done;
+            }
+            y[i] = tern_dataset_label(L->ds, idx);
+        }
+        float loss = 0;
+        if ((s = tern_dp_step_grads(dp, x, y, (int)k, &loss)) != TERN_OK) {
+            s = tern_set_error(err, s, "local: DP-SGD step: %s", tern_dp_last_error(dp));
+            goto done;
+        }
+        if (!isfinite(loss)) {
+            s = tern_set_error(err, TERN_ERR_INVALID, "local: the loss is not finite at step "
+                               "%lld (lower lr)", (long long)step + 1);
+            goto done;
+        }
+        tern_optimizer_step(opt);
+        loss_sum += (double)loss * (double)k;
+        seen += k;
+    }
+    double eps = NAN;
+    if ((s = tern_dp_epsilon(dp, rc->dp_delta, &eps)) != TERN_OK) {
+        s = tern_set_error(err, s, "local: DP accounting: %s", tern_dp_last_error(dp));
+        goto done;
+    }
+    *res = (tern_local_result){.num_examples = n, .loss = seen ? loss_sum / (double)seen : 0,
+                               .accuracy = NAN, .steps = (uint64_t)steps, .dp = true,
+                               .dp_noise_multiplier = sigma, .dp_sample_rate = q,
+                               .dp_epsilon = eps};
+done:
+    tern_dp_destroy(&dp);
+    free(picked);
+    free(x);
+    free(y);
+    return s;
+}
+
+tern_status tern_local_result_metrics(const tern_local_result *r, tern_msg_metrics *m)
+{
+    if (!r || !m)
+        return TERN_ERR_INVALID;
+    tern_status s = TERN_OK;
+    if (isfinite(r->loss))
+        s = tern_metrics_set(m, "loss", r->loss);
+    if (s == TERN_OK && isfinite(r->accuracy))
+        s = tern_metrics_set(m, "accuracy", r->accuracy);
+    if (s == TERN_OK && r->dp) {
+        if ((s = tern_metrics_set(m, "dp_steps", (double)r->steps)) == TERN_OK &&
+            (s = tern_metrics_set(m, "dp_sample_rate", r->dp_sample_rate)) == TERN_OK)
+            s = tern_metrics_set(m, "dp_noise_multiplier", r->dp_noise_multiplier);
+        if (s == TERN_OK && isfinite(r->dp_epsilon))
+            s = tern_metrics_set(m, "dp_epsilon", r->dp_epsilon);
+    }
+    return s;
+}
+
 tern_status tern_local_fit(tern_local *L, const void *model, size_t model_size,
                            const tern_msg_config *config, const volatile bool *cancel,
                            void **update, size_t *update_size, tern_local_result *result,
@@ -473,6 +648,16 @@ tern_status tern_local_fit(tern_local *L, const void *model, size_t model_size,
     tern_error e = {{0}};
     if ((s = tern_optimizer_create(m, &oo, &opt, &e)) != TERN_OK) {
         s = tern_set_error(err, s, "local: optimizer: %s", e.message);
+        goto done;
+    }
+    if (rc.dp) {
+        if (rc.proximal_mu > 0) {
+            s = tern_set_error(err, TERN_ERR_INVALID, "local: FedProx's proximal term is not "
+                               "supported with DP-SGD");
+            goto done;
+        }
+        if ((s = fit_dp(L, &rc, opt, batch, cancel, result, err)) == TERN_OK)
+            s = serialize(L, st, update, update_size, err);
         goto done;
     }
 

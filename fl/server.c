@@ -518,6 +518,8 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
         goto fail;
     }
 
+    if ((st = srv_dp_create(s, err)) != TERN_OK)
+        goto fail;
     if ((st = bind_socket(s, err)) != TERN_OK)
         goto fail;
     if ((st = fail_dangling_rounds(s, err)) != TERN_OK)
@@ -578,6 +580,7 @@ void tern_server_destroy(tern_server **server)
     zstr_free(&s->endpoint);
     tern_strategy_destroy(&s->strategy);
     tern_strategy_destroy(&s->bn);
+    srv_dp_destroy(s);
     tern_model_destroy(&s->scratch);
     srv_layout_clear(&s->layout);
     tern_free(NULL, s->updates);

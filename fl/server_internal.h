@@ -5,6 +5,7 @@
  *                     most max_uploads transfers)
  *   server_round.c    the round state machine: selection, FIT_INS, updates folded into the
  *                     strategies, aggregation, evaluation, commit, failure, the server state
+ *   server_dp.c       differential privacy: budgets, client sampling, clipping, noise, ledger
  * Not installed. */
 #ifndef TERN_SERVER_INTERNAL_H
 #define TERN_SERVER_INTERNAL_H
@@ -16,6 +17,7 @@
 #include <czmq.h>
 
 #include "tern/model_io.h"
+#include "tern/rng.h"
 #include "tern/safetensors.h"
 #include "tern/server.h"
 
@@ -133,6 +135,8 @@ typedef struct srv_key_cache {
     uint8_t sha[32];
 } srv_key_cache;
 
+typedef struct srv_dp srv_dp; /* fl/server_dp.c */
+
 struct tern_server {
     tern_server_options opt;   /* resolved; strings below are owned copies */
     char *endpoint;            /* as bound (zsock_last_endpoint) */
@@ -195,6 +199,7 @@ struct tern_server {
     int64_t round_cpu0, round_thread_cpu0;
 
     tern_server_stats stats;
+    srv_dp *dp;                /* differential privacy; NULL without */
 };
 
 /* ---- server.c ------------------------------------------------------------------------------ */
@@ -275,5 +280,39 @@ tern_status srv_commit_initial(tern_server *s, tern_error *err);
  * round whose report names training round t. TERN_ERR_NOT_FOUND when there is none. */
 tern_status srv_version_of_round(tern_server *s, uint64_t t,
                                  char version[TERN_STORE_VERSION_SIZE], tern_error *err);
+
+/* ---- server_dp.c --------------------------------------------------------------------------- */
+/* Validate options.dp and set up (central DP rewrites the strategy's selection options). */
+tern_status srv_dp_create(tern_server *s, tern_error *err);
+void srv_dp_destroy(tern_server *s);
+bool srv_dp_on(const tern_server *s);
+bool srv_dp_central(const tern_server *s);
+/* Filter the n available sessions in s->avail / s->avail_ids for training round t: client DP
+ * drops those over budget, central DP keeps a Poisson sample. Returns how many are left;
+ * *wait is set when the round should not start yet. */
+size_t srv_dp_select(tern_server *s, size_t n, uint64_t t, bool *wait);
+/* After the participants are set up. */
+tern_status srv_dp_round_begin(tern_server *s, tern_error *err);
+/* Add the dp_* keys to a FIT_INS config; false when they do not fit. */
+bool srv_dp_fit_config(tern_server *s, tern_msg_config *c);
+/* Client DP: check and record the charge a result reports; false (why filled) to reject. */
+bool srv_dp_check_result(tern_server *s, size_t part, const tern_msg_metrics *m, char *why,
+                         size_t len);
+/* Central DP: an update the strategy accepted (num_params floats, read only). */
+void srv_dp_accepted(tern_server *s, const float *update);
+/* Central DP: sum += f (update - global) with f = min(1, clip / |update - global|); returns
+ * f. */
+double srv_dp_clip_add(double *sum, const float *update, const float *global, size_t n,
+                       double clip);
+/* Central DP: next = global + (sum + N(0, noise_std^2)) / divisor over n values. */
+tern_status srv_dp_noised_mean(float *next, const float *global, const double *sum, size_t n,
+                               double noise_std, double divisor, tern_rng *rng);
+/* Central DP: replace the strategy's global vector with the noised mean. */
+tern_status srv_dp_aggregate(tern_server *s, tern_error *err);
+/* The round's ledger charges (borrowed until the next round) and the report's epsilon. */
+tern_status srv_dp_commit_charges(tern_server *s, const tern_privacy_charge **charges,
+                                  size_t *count, tern_error *err);
+/* A failed round: charge the clients whose updates the server received. */
+void srv_dp_round_failed(tern_server *s);
 
 #endif

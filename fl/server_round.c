@@ -206,6 +206,7 @@ static char *report_json(const tern_round_report *r)
     for (size_t i = 0; i < sizeof timing / sizeof timing[0]; i++)
         bad |= json_object_set_new(o, timing[i].key, num_or_null(timing[i].v));
     bad |= json_object_set_new(o, "model_version", json_string(r->model_version));
+    bad |= json_object_set_new(o, "epsilon", num_or_null(r->epsilon));
     char *text = bad ? NULL : json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(o);
     return text;
@@ -360,6 +361,7 @@ static tern_status fail_round(tern_server *s, const char *reason, tern_error *er
     srv_blob_free(s, &s->next_blob);
     s->report.completed = false;
     snprintf(s->report.reason, sizeof s->report.reason, "%s", reason);
+    srv_dp_round_failed(s);
     if (s->report.fit_seconds == 0)
         s->report.fit_seconds = seconds_since(s, s->round_started);
     finish_report(s);
@@ -419,6 +421,7 @@ static bool send_fit_ins(tern_server *s, srv_session *ss, uint64_t t)
         ok = tern_config_set_float(c, "proximal_mu", s->opt.strategy.proximal_mu) == TERN_OK;
     if (ok && (s->opt.lr_schedule == TERN_LR_COSINE || s->opt.lr_warmup_rounds > 0))
         ok = tern_config_set_float(c, "lr", srv_round_lr(&s->opt, t)) == TERN_OK;
+    ok = ok && srv_dp_fit_config(s, c);
     if (ok) {
         srv_download_prepare(s, ss, s->blob, (uint32_t)t, &m->fit_ins.payload);
         ok = srv_send_instruction(s, ss, m);
@@ -478,7 +481,17 @@ static tern_status start_fit(tern_server *s, tern_error *err)
     n = m;
     uint64_t t = s->completed + 1;
     size_t k = 0;
-    tern_status st = tern_strategy_configure_fit(s->strategy, t, s->avail_ids, n, s->selected, &k);
+    bool wait = false;
+    size_t n_dp = srv_dp_select(s, n, t, &wait);
+    if (wait)
+        return TERN_OK;
+    tern_status st = TERN_OK;
+    if (srv_dp_central(s) && n_dp == 0) {
+        k = 0; /* nobody sampled: the round releases noise alone */
+    } else {
+        /* The first n_dp of s->avail are the candidates (the rest is stale). */
+        st = tern_strategy_configure_fit(s->strategy, t, s->avail_ids, n_dp, s->selected, &k);
+    }
     if (st == TERN_ERR_STATE)
         return TERN_OK; /* not enough clients after all: keep waiting */
     if (st != TERN_OK)
@@ -493,7 +506,7 @@ static tern_status start_fit(tern_server *s, tern_error *err)
                                   "round %llu: BatchNorm statistics round: %s",
                                   (unsigned long long)t, tern_strategy_last_error(s->bn));
     }
-    s->parts = calloc(k, sizeof *s->parts);
+    s->parts = calloc(k ? k : 1, sizeof *s->parts);
     if (!s->parts)
         return tern_set_error(err, TERN_ERR_NOMEM, "round %llu: %zu participants",
                               (unsigned long long)t, k);
@@ -518,6 +531,7 @@ static tern_status start_fit(tern_server *s, tern_error *err)
     r->client_eval_loss = r->client_eval_accuracy = NAN;
     r->eval_loss = r->eval_accuracy = NAN;
     r->update_norm_mean = NAN;
+    r->epsilon = NAN;
     s->round_bytes_in0 = s->stats.bytes_in;
     s->round_bytes_out0 = s->stats.bytes_out;
     memset(s->timers, 0, sizeof s->timers);
@@ -539,6 +553,8 @@ static tern_status start_fit(tern_server *s, tern_error *err)
     }
     srv_log(s, TERN_LOG_INFO, "round %llu (store round %lld): %zu of %zu clients selected",
             (unsigned long long)t, (long long)round.number, k, n);
+    if ((st = srv_dp_round_begin(s, err)) != TERN_OK)
+        return st;
     for (size_t i = 0; i < k; i++) {
         srv_part *p = &s->parts[i];
         if (p->session && !send_fit_ins(s, p->session, t))
@@ -808,12 +824,16 @@ static void fold_update(tern_server *s, srv_session *ss, srv_part *p, const void
     for (uint32_t i = 0; i < ss->up_metrics.count && nm < TERN_STRATEGY_MAX_METRICS; i++)
         metrics[nm++] = (tern_metric){ss->up_metrics.entries[i].key,
                                       ss->up_metrics.entries[i].value};
+    char why[256];
+    if (!srv_dp_check_result(s, (size_t)(p - s->parts), &ss->up_metrics, why, sizeof why))
+        return reject_update(s, p, false, "%s", why);
     tern_fit_result fr = {.client_id = p->cid, .update = upd, .num_params = s->num_params,
                           .num_examples = ss->up_examples, .metrics = metrics,
                           .num_metrics = nm};
     st = tern_strategy_add_fit_result_deferred(s->strategy, &fr);
     if (st != TERN_OK)
         return reject_update(s, p, true, "%s", tern_strategy_last_error(s->strategy));
+    srv_dp_accepted(s, upd);
     if (s->bn) {
         tern_fit_result br = {.client_id = p->cid, .update = s->bn_values,
                               .num_params = s->num_bn, .num_examples = ss->up_examples};
@@ -980,8 +1000,17 @@ static tern_status aggregate(tern_server *s, tern_error *err)
         TERN_OK)
         return TERN_ERR_IO;
     tern_fit_summary sum;
+    memset(&sum, 0, sizeof sum);
     int64_t t0 = srv_clock_ns(CLOCK_MONOTONIC);
-    if (tern_strategy_aggregate_fit(s->strategy, &sum) != TERN_OK) {
+    if (srv_dp_central(s)) {
+        /* The strategy's mean only gives the metrics (there may be no result at all); the
+         * noised mean of the clipped changes is the new global. */
+        if (s->num_parts > 0 && tern_strategy_aggregate_fit(s->strategy, &sum) != TERN_OK)
+            memset(&sum, 0, sizeof sum);
+        tern_status dst = srv_dp_aggregate(s, err);
+        if (dst != TERN_OK)
+            return dst;
+    } else if (tern_strategy_aggregate_fit(s->strategy, &sum) != TERN_OK) {
         char reason[256];
         snprintf(reason, sizeof reason, "aggregation: %s", tern_strategy_last_error(s->strategy));
         return fail_round(s, reason, err);
@@ -1039,9 +1068,17 @@ static tern_status commit(tern_server *s, tern_error *err)
     finish_report(s);
     void *state = NULL;
     size_t state_len = 0;
+    const tern_privacy_charge *charges = NULL;
+    size_t ncharges = 0;
+    tern_status st = srv_dp_commit_charges(s, &charges, &ncharges, err);
+    if (st != TERN_OK) {
+        srv_log(s, TERN_LOG_ERROR, "round %llu: privacy accounting failed: %s",
+                (unsigned long long)r->training_round, err ? err->message : "");
+        return TERN_ERR_IO;
+    }
     tern_client_metrics *m = client_metrics(s);
     char *json = report_json(r);
-    tern_status st = srv_state_serialize(s, &state, &state_len, err);
+    st = srv_state_serialize(s, &state, &state_len, err);
     if (st == TERN_OK && (!m || !json))
         st = tern_set_error(err, TERN_ERR_NOMEM, "committing round %lld",
                             (long long)s->store_round);
@@ -1066,6 +1103,8 @@ static tern_status commit(tern_server *s, tern_error *err)
             .server_state = state,
             .server_state_size = state_len,
             .report_json = json,
+            .privacy = charges,
+            .privacy_count = ncharges,
         };
         st = tern_store_commit_round(s->store, &c, NULL, &version, err);
     }
@@ -1197,6 +1236,8 @@ static tern_status step_fit(tern_server *s, tern_error *err)
     size_t ok, failed, rejected, waiting;
     count_parts(s, &ok, &failed, &rejected, &waiting);
     size_t k = s->num_parts;
+    if (k == 0 && srv_dp_central(s))
+        return aggregate(s, err);
     size_t need = k;
     if (s->opt.policy == TERN_POLICY_TOLERANT) {
         need = (size_t)ceil(s->opt.min_completion * (double)k - 1e-9);

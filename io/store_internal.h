@@ -6,7 +6,9 @@
  *   meta             "schema" -> "1", "current" -> version key (12 bytes),
  *                    "server_state" -> the federated server's state (raw bytes),
  *                    "server_state_info" -> JSON {size, sha256, round, saved_at} of it,
- *                    "report" + be64 number -> a round's report (JSON text as given)
+ *                    "report" + be64 number -> a round's report (JSON text as given),
+ *                    "privacy:" + subject -> the privacy ledger's record of a client id or of
+ *                    "central" (io/store_privacy.c)
  *   categories       id -> JSON            cat_by_name  name -> id     cat_by_index  be32 -> id
  *   clients          id -> JSON            client_by_name  name -> id
  *   images           id -> JSON            image_by_hash   sha256 hex -> id
@@ -144,6 +146,12 @@ tern_status st_decode_state_info(const MDB_val *v, st_state_info *out, tern_erro
 /* Record one selected client's outcome of round `round` in its statistics (see
  * tern_store_commit_round); NOT_FOUND naming the round and the client when it does not exist. */
 tern_status st_client_record_round(st_txn *t, int64_t round, const tern_client_metrics *m);
+
+/* The privacy ledger (io/store_privacy.c): check charges before a commit, and add them inside
+ * the commit's transaction. */
+#define META_PRIVACY "privacy:"
+tern_status st_privacy_check(const tern_privacy_charge *c, size_t n, tern_error *err);
+tern_status st_privacy_add(st_txn *t, int64_t round, const tern_privacy_charge *c, size_t n);
 
 /* "1.2.3" -> numbers; false when malformed. */
 bool st_parse_version(const char *s, int32_t *major, int32_t *minor, int32_t *patch);

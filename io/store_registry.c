@@ -814,7 +814,8 @@ static tern_status commit_fn(st_txn *t, void *p)
     strcpy(r->model_version, m->version);
     if ((st = save_round(t, r, old_status)) ||
         (st = record_clients(t, r->number, c->client_metrics, c->client_metrics_count)) ||
-        (st = put_report(t, r->number, c->report_json)))
+        (st = put_report(t, r->number, c->report_json)) ||
+        (st = st_privacy_add(t, r->number, c->privacy, c->privacy_count)))
         return st;
     if (c->server_state_size)
         return put_server_state(t, r->number, c->server_state, c->server_state_size, x->state_sha);
@@ -827,7 +828,8 @@ tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *
 {
     if (!store || !commit || (!commit->model && commit->model_size) ||
         (!commit->client_metrics && commit->client_metrics_count) ||
-        (!commit->server_state && commit->server_state_size))
+        (!commit->server_state && commit->server_state_size) ||
+        (!commit->privacy && commit->privacy_count))
         return tern_set_error(err, TERN_ERR_INVALID, "tern_store_commit_round: NULL argument");
     if (commit->model_size == 0)
         return tern_set_error(err, TERN_ERR_INVALID, "commit_round: the model is empty");
@@ -839,7 +841,8 @@ tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *
     tern_status st;
     if ((st = st_check_text(err, "version notes", commit->notes, TERN_STORE_TEXT_SIZE, false)) ||
         (st = check_metrics(commit->client_metrics, commit->client_metrics_count, err)) ||
-        (st = check_report(commit->report_json, err)))
+        (st = check_report(commit->report_json, err)) ||
+        (st = st_privacy_check(commit->privacy, commit->privacy_count, err)))
         return st;
     commit_ctx x = {.c = commit};
     const char *settings = commit->settings ? commit->settings : "";

@@ -803,6 +803,113 @@ static void allocation_failures(void **state)
     }
 }
 
+/* The privacy ledger: charges added by commits (merged when sigma and q repeat) and by
+ * tern_store_privacy_charge, nothing added by a refused commit, bad charges refused, and the
+ * ledger read back after the store is closed and opened again (a restarted server). */
+static void privacy_ledger(void **state)
+{
+    fixture *f = *state;
+    tern_store *s = open_store(f, "db");
+    tern_client_record a = register_client(s, "a"), b = register_client(s, "b");
+    tern_client_metrics m[2] = {outcome(&a, true, false, 1.0), outcome(&b, true, false, 1.0)};
+    tern_privacy_charge ch[3] = {{.noise_multiplier = 1.1, .sample_rate = 0.25, .steps = 4},
+                                 {.noise_multiplier = 1.1, .sample_rate = 0.125, .steps = 8},
+                                 {.noise_multiplier = 0.7, .sample_rate = 0.5, .steps = 1}};
+    strcpy(ch[0].subject, a.id);
+    strcpy(ch[1].subject, b.id);
+    strcpy(ch[2].subject, TERN_PRIVACY_CENTRAL);
+    tern_privacy_charge *h = NULL;
+    size_t n = 99;
+    tern_privacy_account acc;
+    OK(tern_store_privacy_history(s, a.id, &h, &n, &acc, err_));
+    assert_int_equal(n, 0);
+    assert_null(h);
+    assert_int_equal(acc.rounds, 0);
+
+    tern_round_commit cm = commit_of(0, m, 2);
+    cm.privacy = ch;
+    cm.privacy_count = 3;
+    tern_round r1, r2;
+    OK(tern_store_commit_round(s, &cm, &r1, NULL, err_));
+    /* The same charges again: a's history stays one entry with twice the steps. */
+    ch[0].steps = 6;
+    OK(tern_store_commit_round(s, &cm, &r2, NULL, err_));
+    OK(tern_store_privacy_history(s, a.id, &h, &n, &acc, err_));
+    assert_int_equal(n, 1);
+    assert_string_equal(h[0].subject, a.id);
+    assert_true(h[0].noise_multiplier == 1.1 && h[0].sample_rate == 0.25);
+    assert_int_equal(h[0].steps, 10);
+    assert_int_equal(acc.rounds, 2);
+    assert_int_equal(acc.last_round, r2.number);
+    assert_int_equal(acc.last.steps, 6);
+    assert_true(acc.last.noise_multiplier == 1.1 && acc.last.sample_rate == 0.25);
+    tern_store_free(s, h);
+
+    /* Another (sigma, q) appends an entry; a failed round's charge goes in on its own. */
+    tern_privacy_charge other = {.noise_multiplier = 2.0, .sample_rate = 0.25, .steps = 3};
+    strcpy(other.subject, a.id);
+    OK(tern_store_privacy_charge(s, r2.number + 1, &other, 1, err_));
+
+    /* A refused commit (an unknown client in its metrics) charges nobody; so does one whose
+     * charge names an unknown client, or is out of range. */
+    tern_error err = {{0}};
+    tern_client_metrics ghost = outcome(&a, true, false, 1.0);
+    strcpy(ghost.client_id, "00000000-0000-4000-8000-000000000000");
+    cm = commit_of(0, &ghost, 1);
+    cm.privacy = ch;
+    cm.privacy_count = 1;
+    expect_fail(tern_store_commit_round(s, &cm, NULL, NULL, &err), TERN_ERR_NOT_FOUND, &err,
+                NULL);
+    cm = commit_of(0, m, 1);
+    tern_privacy_charge bad = ch[0];
+    strcpy(bad.subject, "00000000-0000-4000-8000-000000000000");
+    cm.privacy = &bad;
+    cm.privacy_count = 1;
+    expect_fail(tern_store_commit_round(s, &cm, NULL, NULL, &err), TERN_ERR_NOT_FOUND, &err,
+                "not registered");
+    bad = ch[0];
+    bad.sample_rate = 1.5;
+    expect_fail(tern_store_commit_round(s, &cm, NULL, NULL, &err), TERN_ERR_INVALID, &err,
+                "sample rate");
+    bad = ch[0];
+    bad.noise_multiplier = 0;
+    expect_fail(tern_store_commit_round(s, &cm, NULL, NULL, &err), TERN_ERR_INVALID, &err,
+                "noise multiplier");
+    tern_privacy_charge twice[2] = {ch[0], ch[0]};
+    cm.privacy = twice;
+    cm.privacy_count = 2;
+    expect_fail(tern_store_commit_round(s, &cm, NULL, NULL, &err), TERN_ERR_INVALID, &err,
+                "both name");
+    expect_fail(tern_store_privacy_history(s, "", &h, &n, NULL, &err), TERN_ERR_INVALID, &err,
+                NULL);
+    assert_int_equal(check(s), 0);
+    tern_store_close(&s);
+
+    /* Reopened: everything as committed. */
+    s = open_store(f, "db");
+    OK(tern_store_privacy_history(s, a.id, &h, &n, &acc, err_));
+    assert_int_equal(n, 2);
+    assert_int_equal(h[0].steps, 10);
+    assert_true(h[1].noise_multiplier == 2.0 && h[1].sample_rate == 0.25);
+    assert_int_equal(h[1].steps, 3);
+    assert_int_equal(acc.rounds, 3);
+    assert_int_equal(acc.last.steps, 3);
+    tern_store_free(s, h);
+    OK(tern_store_privacy_history(s, b.id, &h, &n, &acc, err_));
+    assert_int_equal(n, 1);
+    assert_true(h[0].sample_rate == 0.125);
+    assert_int_equal(h[0].steps, 16);
+    assert_int_equal(acc.rounds, 2);
+    tern_store_free(s, h);
+    OK(tern_store_privacy_history(s, TERN_PRIVACY_CENTRAL, &h, &n, &acc, err_));
+    assert_int_equal(n, 1);
+    assert_true(h[0].noise_multiplier == 0.7 && h[0].sample_rate == 0.5);
+    assert_int_equal(h[0].steps, 2);
+    tern_store_free(s, h);
+    assert_int_equal(check(s), 0);
+    tern_store_close(&s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -814,6 +921,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(backup_carries_state_and_reports, setup, teardown),
         cmocka_unit_test_setup_teardown(damaged_records_are_found, setup, teardown),
         cmocka_unit_test_setup_teardown(allocation_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(privacy_ledger, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

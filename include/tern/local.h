@@ -13,6 +13,13 @@
  *   seed          int    shuffling, augmentation and dropout for this round (0)
  *   fedbn         bool   keep this client's BatchNorm parameters and statistics: the incoming
  *                        model's BatchNorm tensors are ignored when a local copy exists (false)
+ *   dp            string "client": train with DP-SGD (a GroupNorm model), with
+ *   dp_noise_multiplier float   sigma, or
+ *   dp_target_epsilon   float   sigma chosen so that dp_rounds (int, 1) such rounds spend it
+ *   dp_max_grad_norm    float   per-sample clipping norm (1)
+ *   dp_delta            float   (1e-5)
+ *   dp_accountant       string  "rdp" (default) or "prv"
+ *                        The sample rate is batch_size / share size, ceil(1/q) steps an epoch.
  * Unknown keys are ignored; a known key with the wrong type or an out-of-range value is
  * TERN_ERR_INVALID naming it. */
 #ifndef TERN_LOCAL_H
@@ -47,6 +54,9 @@ typedef struct tern_local_data_options {
      * one, else 0.1: torchvision's 0.01 leaves an averaged model's running statistics near
      * their initial values after short local rounds (docs/federation.md). */
     float bn_momentum;
+    /* DP-SGD's noise and batch sampling are seeded from this and the round's seed. Keep it
+     * secret from the server (the client app reads /dev/urandom). */
+    uint64_t dp_secret;
 } tern_local_data_options;
 
 typedef struct tern_local tern_local;
@@ -62,7 +72,16 @@ typedef struct tern_local_result {
     double loss;                   /* mean training loss over the round's steps */
     double accuracy;               /* training accuracy over the round's steps */
     uint64_t steps;
+    /* DP-SGD (config "dp"): the round's mechanism, as the FIT_RES reports it. */
+    bool dp;
+    double dp_noise_multiplier, dp_sample_rate;
+    double dp_epsilon;             /* this round's local training alone, at dp_delta */
 } tern_local_result;
+
+/* The FIT_RES metrics of a result: "loss", "accuracy" when finite, and with DP "dp_steps",
+ * "dp_sample_rate", "dp_noise_multiplier", "dp_epsilon" (docs/protocol.md). TERN_ERR_INVALID
+ * when m is full. */
+tern_status tern_local_result_metrics(const tern_local_result *r, tern_msg_metrics *m);
 
 /* Load the global model (safetensors bytes), train per config, and return the new full state
  * as safetensors bytes (malloc'd, *update_size bytes). cancel (may be NULL) is polled between

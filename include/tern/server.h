@@ -41,6 +41,7 @@
 #include <stdint.h>
 
 #include "tern/model.h"
+#include "tern/privacy.h"
 #include "tern/protocol.h"
 #include "tern/status.h"
 #include "tern/store.h"
@@ -118,7 +119,49 @@ typedef struct tern_round_report {
                                   I/O thread (where CURVE encrypts) included */
     double loop_cpu_seconds;   /* CPU time of the event-loop thread alone */
     char model_version[TERN_STORE_VERSION_SIZE]; /* the committed version; "" when failed */
+    /* Differential privacy at dp.delta after this round (NaN without DP): client DP, the
+     * largest spent epsilon among the clients charged this round; central DP, the server's
+     * epsilon over all its rounds. */
+    double epsilon;
 } tern_round_report;
+
+/* Differential privacy in federated rounds, chosen by the server (docs/privacy.md). */
+typedef enum tern_fl_dp_mode {
+    TERN_FL_DP_NONE,
+    /* Client-side DP-SGD: FIT_INS carries dp_* keys (docs/protocol.md), every client trains
+     * with DP-SGD (a GroupNorm model) and reports its steps and sample rate; the store's
+     * privacy ledger composes each client's rounds, and a client whose next round (predicted
+     * from its last one) would exceed epsilon_budget is not selected. */
+    TERN_FL_DP_CLIENT,
+    /* Central DP (DP-FedAvg, McMahan et al. 2018): clients are Poisson-sampled at rate
+     * q = expected_clients / available, each update's change is clipped to clip_norm, the sum
+     * gets Gaussian noise of std noise_multiplier * clip_norm and is divided by
+     * expected_clients. Needs strategy FedAvg. */
+    TERN_FL_DP_CENTRAL,
+} tern_fl_dp_mode;
+
+/* "none", "client", "central"; static storage. */
+const char *tern_fl_dp_mode_name(tern_fl_dp_mode mode);
+/* Inverse of tern_fl_dp_mode_name; TERN_ERR_INVALID for anything else. */
+tern_status tern_fl_dp_mode_parse(const char *name, tern_fl_dp_mode *out);
+
+typedef struct tern_server_dp_options {
+    tern_fl_dp_mode mode;          /* default NONE; all below ignored then */
+    double noise_multiplier;       /* sigma > 0 (client: DP-SGD's; central: per round) */
+    double target_epsilon;         /* client mode instead of noise_multiplier (one of the two):
+                                      each client picks sigma so that `rounds` rounds of its
+                                      local training spend this epsilon */
+    double max_grad_norm;          /* client: per-sample clipping norm; default 1 */
+    double clip_norm;              /* central: clipping norm of an update's change; default 1 */
+    double delta;                  /* (0, 1); default 1e-5 */
+    double epsilon_budget;         /* client: per-client budget at delta; 0 = none */
+    double expected_clients;       /* central: clients per round in expectation (>= 1, at most
+                                      the available ones); 0 = the strategy's sample size for
+                                      the clients available at the first DP round */
+    uint64_t seed;                 /* central: client sampling and noise. Keep it secret (the
+                                      tern tool reads /dev/urandom) */
+    tern_accountant_kind accountant; /* default RDP */
+} tern_server_dp_options;
 
 /* Server-side evaluation of the new global model (for example on a held-out test set). The
  * model holds the new weights and buffers; the callback may run forward passes on it. */
@@ -182,6 +225,8 @@ typedef struct tern_server_options {
     void *log_user;
     void (*on_round)(void *user, const tern_round_report *report); /* optional */
     void *on_round_user;
+
+    tern_server_dp_options dp;     /* differential privacy; mode NONE by default */
 } tern_server_options;
 
 /* Defaults as listed above, strategy FedAvg with Flower's defaults. */

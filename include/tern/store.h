@@ -308,6 +308,10 @@ typedef struct tern_round_commit {
     const void *server_state;       /* the federated server's state, opaque bytes; NULL or */
     size_t server_state_size;       /* size 0 = leave the stored state as it is */
     const char *report_json;        /* the round report, a JSON object text; NULL = none */
+    /* Privacy spent in this round, added to the privacy ledger (see below) in the same
+     * transaction; NULL with privacy_count 0 = none. */
+    const struct tern_privacy_charge *privacy;
+    size_t privacy_count;
 } tern_round_commit;
 
 /* Complete a round in ONE write transaction: round record (status completed, end time,
@@ -325,10 +329,51 @@ typedef struct tern_round_commit {
  * Errors besides the common ones: TERN_ERR_NOT_FOUND for a client id in client_metrics that is
  * not registered; TERN_ERR_INVALID for a client listed twice, participated together with
  * rejected, a loss, accuracy or update norm that is not finite (or a negative norm or sample
- * count), or report_json that is not a JSON object. Nothing is written on any error. */
+ * count), or report_json that is not a JSON object, or a privacy charge out of range (an
+ * empty subject, a client id that is not registered is TERN_ERR_NOT_FOUND). Nothing is
+ * written on any error. */
 tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *commit,
                                     tern_round *round_out, tern_model_version *version_out,
                                     tern_error *err);
+/* ---- privacy ledger ------------------------------------------------------------------------ */
+
+/* The privacy ledger keeps, for each subject (a client id under client-side DP, or
+ * TERN_PRIVACY_CENTRAL for the server's central-DP account), the composition history of the
+ * subsampled Gaussian mechanisms it took part in: entries (noise multiplier, sample rate,
+ * steps), an entry's steps growing when a later charge has the same noise multiplier and
+ * sample rate (composition does not depend on the order). tern_store_commit_round adds a
+ * round's charges in its own transaction, so the ledger and the committed rounds never
+ * disagree, and a restarted server reads back what was spent. */
+#define TERN_PRIVACY_CENTRAL "central"
+
+typedef struct tern_privacy_charge {
+    char subject[TERN_STORE_ID_SIZE]; /* a client id (registered) or TERN_PRIVACY_CENTRAL */
+    double noise_multiplier;          /* > 0, finite */
+    double sample_rate;               /* (0, 1] */
+    int64_t steps;                    /* >= 0 */
+} tern_privacy_charge;
+
+/* What the ledger knows of a subject besides its history. */
+typedef struct tern_privacy_account {
+    int64_t rounds;                /* rounds that charged it */
+    int64_t last_round;            /* the store round of the last charge; 0 = never charged */
+    tern_privacy_charge last;      /* the last charge (zero when never charged) */
+} tern_privacy_account;
+
+/* The history of subject: *out (store allocator, release with tern_store_free; NULL when
+ * *count is 0) receives its entries in the order they were first charged, *account (may be
+ * NULL) the rest of the record. A subject never charged has an empty history (TERN_OK, count
+ * 0, account zero). TERN_ERR_FORMAT for a malformed record. */
+tern_status tern_store_privacy_history(tern_store *store, const char *subject,
+                                       tern_privacy_charge **out, size_t *count,
+                                       tern_privacy_account *account, tern_error *err);
+/* Add charges to the ledger in a transaction of their own: for a round that failed after
+ * clients had released updates (tern_store_commit_round does it for completed rounds). Errors
+ * as for the charges of tern_store_commit_round. */
+tern_status tern_store_privacy_charge(tern_store *store, int64_t round,
+                                      const tern_privacy_charge *charges, size_t count,
+                                      tern_error *err);
+
 /* The server state last committed with tern_store_commit_round, copied into a buffer from the
  * store's allocator (release with tern_store_free) after checking its size and SHA-256 against
  * what was recorded (a mismatch is TERN_ERR_FORMAT, "corrupt"). TERN_ERR_NOT_FOUND when no
