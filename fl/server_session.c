@@ -495,7 +495,8 @@ static void pump_uploads(tern_server *s)
     srv_session *ss;
     while (s->active_uploads < s->opt.max_uploads && (ss = oldest(s, true))) {
         tern_error e = {{0}};
-        tern_status st = tern_transfer_create(&ss->up_info, &s->limits, NULL, &ss->up_xfer, &e);
+        tern_status st =
+            tern_transfer_create(&ss->up_info, &s->limits, &s->up_alloc, &ss->up_xfer, &e);
         if (st != TERN_OK) {
             srv_log(s, TERN_LOG_ERROR, "client %s: cannot receive its update: %s", ss->name,
                     e.message);
@@ -578,7 +579,7 @@ static bool handle_upload_chunk(tern_server *s, srv_session *ss, const tern_msg 
         return true;
     }
     srv_update_ready(s, ss, data, len);
-    tern_proto_free(NULL, data);
+    tern_proto_free(&s->up_alloc, data);
     return true;
 }
 

@@ -308,6 +308,10 @@ typedef struct tern_round_commit {
     const void *server_state;       /* the federated server's state, opaque bytes; NULL or */
     size_t server_state_size;       /* size 0 = leave the stored state as it is */
     const char *report_json;        /* the round report, a JSON object text; NULL = none */
+    /* The SHA-256 of model when the caller already has it (a federated server hashed the bytes
+     * it sends), so the store does not hash them again; NULL = the store computes it. It is
+     * recorded as given: a wrong one makes the version's blob fail its check when loaded. */
+    const uint8_t *model_sha256;
 } tern_round_commit;
 
 /* Complete a round in ONE write transaction: round record (status completed, end time,
