@@ -807,8 +807,17 @@ static bool on_chunk(tern_client *c, session *ss, const tern_msg *m)
     tern_msg ack;
     tern_chunk_ack_make(&ack, w->transfer, DOWNLOAD_WINDOW);
     ack.round = w->round;
-    if (!tern_transfer_complete(w->transfer))
-        return send_msg(c, ss, &ack);
+    if (!tern_transfer_complete(w->transfer)) {
+        if (!send_msg(c, ss, &ack))
+            return false;
+        /* Hashed after the ack, while the next chunk travels. */
+        if (tern_transfer_hash_ready(w->transfer, &e) == TERN_OK)
+            return true;
+        logf_(c, TERN_LOG_WARN, "client: model download failed: %s", e.message);
+        uint32_t round = w->round;
+        work_reset(w);
+        return send_error(c, ss, TERN_PROTO_E_TRANSFER, m->seq, round, "%s", e.message);
+    }
     /* Complete and verified: keep it as the cache, ack done, start the work. */
     void *data = NULL;
     size_t len = 0;

@@ -1221,11 +1221,11 @@ tern_status tern_payload_chunk(const tern_payload_info *info, const void *data, 
 
 enum { XFER_RECEIVING, XFER_COMPLETE, XFER_FAILED, XFER_TAKEN };
 
-/* The SHA-256 runs as chunks arrive: chunks 0..hashed-1 are in the digest, and each accepted
- * chunk extends it over every chunk that is now contiguous with them. Senders send in index
- * order, so each chunk is hashed right after its copy, while its bytes are still in cache,
- * and completion only finishes the digest; chunks that arrive out of order wait until the
- * gap before them is filled. */
+/* The SHA-256 runs as chunks arrive: chunks 0..hashed-1 are in the digest, and
+ * tern_transfer_hash_ready (which the receiver calls after acking a chunk) extends it over every
+ * chunk now contiguous with them. Senders send in index order, so each chunk is hashed right
+ * after its copy, while its bytes are still in cache, and the last chunk only finishes the
+ * digest; chunks that arrive out of order wait until the gap before them is filled. */
 struct tern_transfer {
     tern_allocator alloc; /* zeroed = C library */
     tern_payload_info info;
@@ -1345,17 +1345,14 @@ tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *k, tern_er
         return tern_set_error(err, TERN_ERR_EXISTS, "chunk %u received twice", k->index);
     memcpy(t->data + off, k->data, k->len);
     t->have[k->index / 8] |= (uint8_t)(1u << (k->index % 8));
-    t->received++;
+    if (++t->received < a->chunk_count)
+        return TERN_OK;
     unsigned int mdlen = 0;
     uint8_t md[EVP_MAX_MD_SIZE];
-    if (!hash_ready_chunks(t) ||
-        (t->received == a->chunk_count &&
-         (EVP_DigestFinal_ex(t->md, md, &mdlen) != 1 || mdlen != 32))) {
+    if (!hash_ready_chunks(t) || EVP_DigestFinal_ex(t->md, md, &mdlen) != 1 || mdlen != 32) {
         discard(t);
         return tern_set_error(err, TERN_ERR_IO, "OpenSSL SHA-256 failed");
     }
-    if (t->received < a->chunk_count)
-        return TERN_OK;
     if (memcmp(md, a->sha256, 32) != 0) {
         discard(t);
         return tern_set_error(err, TERN_ERR_FORMAT,
@@ -1365,6 +1362,16 @@ tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *k, tern_er
     }
     t->state = XFER_COMPLETE;
     return TERN_OK;
+}
+
+tern_status tern_transfer_hash_ready(tern_transfer *t, tern_error *err)
+{
+    if (!t)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    if (t->state != XFER_RECEIVING || hash_ready_chunks(t))
+        return TERN_OK;
+    discard(t);
+    return tern_set_error(err, TERN_ERR_IO, "OpenSSL SHA-256 failed");
 }
 
 const tern_payload_info *tern_transfer_info(const tern_transfer *t) { return &t->info; }

@@ -1211,7 +1211,8 @@ static void test_buffer_pool(void **state)
     tern_buffer_pool_destroy(&pool);
 }
 
-/* The hash runs as chunks arrive: in order, out of order (held back until the gap fills) and
+/* The hash runs as chunks arrive (tern_transfer_hash_ready after each, or all at the end): in
+ * order, out of order (held back until the gap fills) and
  * with a corrupt chunk that arrives first, last or in the middle, completion gives the same
  * verdict as hashing the whole. */
 static void test_transfer_incremental_hash(void **state)
@@ -1251,9 +1252,13 @@ static void test_transfer_incremental_hash(void **state)
                     m.chunk.data = bad;
                 }
                 last = tern_transfer_add(t, &m.chunk, &err);
-                if (k + 1 < n)
+                if (k + 1 < n) {
                     assert_int_equal(last, TERN_OK);
+                    if (pattern != 2) /* as receivers do after the ack; pattern 2 hashes at the end */
+                        assert_int_equal(tern_transfer_hash_ready(t, &err), TERN_OK);
+                }
             }
+            assert_int_equal(tern_transfer_hash_ready(t, &err), TERN_OK); /* finished: no-op */
             if (corrupt < 0) {
                 assert_int_equal(last, TERN_OK);
                 const void *data;
@@ -1267,6 +1272,7 @@ static void test_transfer_incremental_hash(void **state)
             tern_transfer_destroy(&t);
         }
     }
+    assert_int_equal(tern_transfer_hash_ready(NULL, NULL), TERN_ERR_INVALID);
     free(bad);
     free(payload);
 }

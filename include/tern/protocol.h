@@ -441,6 +441,13 @@ void tern_transfer_destroy(tern_transfer **t);
  * data is discarded, the transfer becomes failed and TERN_ERR_FORMAT is returned; TERN_ERR_IO
  * if hashing itself fails (also failed). */
 tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *chunk, tern_error *err);
+/* Extend the SHA-256 that the transfer keeps over the chunks received so far in index order
+ * (tern_transfer_add hashes whatever is left when the last chunk arrives). A receiver calls it
+ * right after acking an accepted chunk: the hash is computed while the next chunk travels and
+ * while this one is still in cache, and the last chunk only finishes it. TERN_OK also when
+ * there is nothing to hash or the transfer is no longer receiving; TERN_ERR_IO if hashing
+ * fails (the transfer has failed then); TERN_ERR_INVALID for NULL. */
+tern_status tern_transfer_hash_ready(tern_transfer *t, tern_error *err);
 
 const tern_payload_info *tern_transfer_info(const tern_transfer *t);
 uint32_t tern_transfer_received(const tern_transfer *t); /* distinct chunks so far */
