@@ -1164,8 +1164,11 @@ static void test_buffer_pool(void **state)
     a.free(a.user, small);
     a.free(a.user, NULL);
     assert_true(tern_buffer_pool_kept_bytes(pool) <= 2 * (3 * mb + 64));
+    tern_buffer_pool_destroy(&pool);
 
     /* Two transfers of the same payload, one after the other: the second reuses the block. */
+    assert_int_equal(tern_buffer_pool_create(1, &pool, &err), TERN_OK);
+    a = tern_buffer_pool_allocator(pool);
     const size_t total = 300000;
     uint8_t *payload = malloc(total);
     assert_non_null(payload);
@@ -1190,6 +1193,8 @@ static void test_buffer_pool(void **state)
         assert_int_equal(tern_transfer_take(t, &data, &len), TERN_OK);
         assert_int_equal(len, total);
         assert_memory_equal(data, payload, total);
+        tern_buffer_pool_counts(pool, &reuses, &fresh);
+        assert_int_equal(reuses, (uint64_t)round);
         if (round == 1)
             assert_ptr_equal(data, prev);
         prev = data;
