@@ -159,7 +159,9 @@ static tern_status fit(void *user, const tern_fit_task *task, const volatile boo
         return TERN_ERR_STATE;
     }
     if (ctx->echo) {
-        out->update = malloc(task->model_size ? task->model_size : 1);
+        out->update = task->update_buffer && task->update_capacity >= task->model_size
+                          ? task->update_buffer
+                          : malloc(task->model_size ? task->model_size : 1);
         if (!out->update) {
             snprintf(err->message, sizeof err->message, "out of memory");
             return TERN_ERR_NOMEM;

@@ -28,6 +28,8 @@ clients_list=${CLIENTS:-2 10 30 100}
 rounds=${ROUNDS:-6}        # 1 warm-up + ROUNDS-1 measured
 modes=${MODES:-curve plain}
 server_args=${SERVER_ARGS:-}
+server_wrap=${SERVER_WRAP:-}   # e.g. "perf record -g -o /tmp/server.perf --" (profiling)
+client_wrap=${CLIENT_WRAP:-}   # the same, for client 1 only
 label=${LABEL:-}
 gnutime=/usr/bin/time
 [ -x "$gnutime" ] || { echo "GNU time ($gnutime) is needed for CPU times and peak RSS" >&2; exit 1; }
@@ -74,7 +76,7 @@ for n in $clients_list; do
     echo "== $n clients, $mode: $rounds rounds (load $load)" >&2
     # shellcheck disable=SC2086
     "$gnutime" -o "$dir/server.time" -f '%e %U %S %M %R' \
-      "$tern" server run --store "$dir" --endpoint "$endpoint" "${sec[@]}" --rounds "$rounds" \
+      $server_wrap "$tern" server run --store "$dir" --endpoint "$endpoint" "${sec[@]}" --rounds "$rounds" \
       --min-available-clients "$n" --min-fit-clients "$n" --fraction-evaluate 0 \
       --round-timeout 600 --wait-timeout 600 --json-log "$dir/rounds.jsonl" --quiet \
       $server_args >"$dir/server.log" 2>&1 &
@@ -83,8 +85,10 @@ for n in $clients_list; do
     ckey=()
     [ "$mode" = curve ] && ckey=(--server-key "$dir/keys/server.pub")
     for i in $(seq 1 "$n"); do
+      wrap=()
+      [ "$i" = 1 ] && [ -n "$client_wrap" ] && read -r -a wrap <<<"$client_wrap"
       TERN_API_KEY=$(cat "$dir/key-$i") "$gnutime" -o "$dir/client-$i.time" -f '%e %U %S %M %R' \
-        "$tern" client run --endpoint "$endpoint" \
+        "${wrap[@]}" "$tern" client run --endpoint "$endpoint" \
         --name "echo-$i" --echo --quiet "${sec[@]}" "${ckey[@]}" >"$dir/client-$i.log" 2>&1 &
       pids+=("$!")
     done

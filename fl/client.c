@@ -94,13 +94,23 @@ struct tern_client {
     tern_client_stats stats;
     tern_proto_counters counters; /* frames from the server, by refusal code (OK: accepted) */
 
-    /* The last model received: the cache (also in cache_dir when set). */
+    /* Downloads and the model they become: the model that a new one replaces is kept for the
+     * next download, so each round's model lands in memory that is already mapped. */
+    tern_buffer_pool *pool;
+    tern_allocator alloc;
+
+    /* The last model received: the cache (also in cache_dir when set); from alloc. */
     void *model;
     size_t model_size;
     uint8_t model_sha[32];
     uint64_t model_version;
 
     uint32_t results_sent; /* FIT_RES fully uploaded, for max_rounds */
+
+    /* The buffer of the last update sent (malloc'd), lent to the next fit callback
+     * (tern_fit_task.update_buffer); NULL when none or while the callback keeps it. */
+    void *spare;
+    size_t spare_size;
 };
 
 /* One connection. */
@@ -206,11 +216,12 @@ static uint64_t get_u64(const uint8_t *p)
 
 /* ---- the model cache ---------------------------------------------------------------------- */
 
-/* Keep bytes (ownership taken) as the last model held, and write it to cache_dir. */
+/* Keep bytes (ownership taken; from c->alloc) as the last model held, and write it to
+ * cache_dir. */
 static void cache_store(tern_client *c, void *bytes, size_t len, const uint8_t sha[32],
                         uint64_t version)
 {
-    free(c->model);
+    tern_free(&c->alloc, c->model);
     c->model = bytes;
     c->model_size = len;
     memcpy(c->model_sha, sha, 32);
@@ -261,7 +272,7 @@ static void cache_load(tern_client *c)
         why = "truncated";
     } else {
         size_t len = (size_t)get_u64(header + 48);
-        if (!(bytes = malloc(len)))
+        if (!(bytes = tern_alloc(&c->alloc, len)))
             why = "out of memory";
         else if (fread(bytes, 1, len, f) != len)
             why = "unreadable";
@@ -269,7 +280,7 @@ static void cache_load(tern_client *c)
             why = "the hash does not match";
         if (!why) {
             fclose(f);
-            free(c->model);
+            tern_free(&c->alloc, c->model);
             c->model = bytes;
             c->model_size = len;
             memcpy(c->model_sha, sha, 32);
@@ -280,7 +291,7 @@ static void cache_load(tern_client *c)
         }
     }
     fclose(f);
-    free(bytes);
+    tern_free(&c->alloc, bytes);
     logf_(c, TERN_LOG_WARN, "client: ignoring the model cache %s: %s", path, why);
 }
 
@@ -403,6 +414,9 @@ tern_status tern_client_create(const tern_client_options *opt, tern_client **out
                            c->cache_dir, strerror(errno));
         goto fail;
     }
+    if ((s = tern_buffer_pool_create(1, &c->pool, err)) != TERN_OK)
+        goto fail;
+    c->alloc = tern_buffer_pool_allocator(c->pool);
     if (pthread_mutex_init(&c->stats_mu, NULL) != 0) {
         s = tern_set_error(err, TERN_ERR_THREAD, "client: cannot create a mutex");
         goto fail;
@@ -415,6 +429,7 @@ fail:
         close(c->pipe_r);
     if (c->pipe_w >= 0)
         close(c->pipe_w);
+    tern_buffer_pool_destroy(&c->pool);
     free(c->endpoint);
     free(c->name);
     free(c->api_key);
@@ -431,7 +446,9 @@ void tern_client_destroy(tern_client **client)
     close(c->pipe_r);
     close(c->pipe_w);
     pthread_mutex_destroy(&c->stats_mu);
-    free(c->model);
+    tern_free(&c->alloc, c->model);
+    tern_buffer_pool_destroy(&c->pool);
+    free(c->spare);
     free(c->endpoint);
     free(c->name);
     free(c->api_key);
@@ -555,7 +572,9 @@ static void work_reset(work *w)
         w->cancel = true;
         pthread_join(w->thread, NULL);
         w->thread_started = false;
-        if (w->is_fit && w->fit_out.update != w->update)
+        /* The update, unless it is already w->update or the lent buffer (still the spare). */
+        if (w->is_fit && w->fit_out.update != w->update &&
+            w->fit_out.update != w->task.update_buffer)
             free(w->fit_out.update);
     }
     tern_transfer_destroy(&w->transfer);
@@ -570,6 +589,10 @@ static bool start_worker(tern_client *c, session *ss)
     w->task = (tern_fit_task){.round = w->round, .model_version = w->model_version,
                               .model = c->model, .model_size = c->model_size,
                               .model_sha256 = c->model_sha, .config = &w->config};
+    if (w->is_fit) {
+        w->task.update_buffer = c->spare;
+        w->task.update_capacity = c->spare ? c->spare_size : 0;
+    }
     w->cancel = false;
     atomic_store(&w->finished, false);
     memset(&w->fit_out, 0, sizeof w->fit_out);
@@ -616,6 +639,11 @@ static bool finish_worker(tern_client *c, session *ss)
     work *w = &ss->w;
     pthread_join(w->thread, NULL);
     w->thread_started = false;
+    if (w->is_fit && w->task.update_buffer && w->fit_out.update == w->task.update_buffer) {
+        c->spare = NULL; /* the callback made its update there: it is the update now */
+        c->spare_size = 0;
+        w->task.update_buffer = NULL;
+    }
     if (w->status != TERN_OK) {
         if (w->is_fit)
             free(w->fit_out.update);
@@ -738,7 +766,7 @@ static bool on_instruction(tern_client *c, session *ss, const tern_msg *m)
         return start_worker(c, ss);
     }
     tern_error e = {{0}};
-    tern_status s = tern_transfer_create(p, &c->opt.limits, NULL, &w->transfer, &e);
+    tern_status s = tern_transfer_create(p, &c->opt.limits, &c->alloc, &w->transfer, &e);
     if (s != TERN_OK) {
         work_reset(w);
         logf_(c, TERN_LOG_WARN, "client: cannot receive the model: %s", e.message);
@@ -779,8 +807,17 @@ static bool on_chunk(tern_client *c, session *ss, const tern_msg *m)
     tern_msg ack;
     tern_chunk_ack_make(&ack, w->transfer, DOWNLOAD_WINDOW);
     ack.round = w->round;
-    if (!tern_transfer_complete(w->transfer))
-        return send_msg(c, ss, &ack);
+    if (!tern_transfer_complete(w->transfer)) {
+        if (!send_msg(c, ss, &ack))
+            return false;
+        /* Hashed after the ack, while the next chunk travels. */
+        if (tern_transfer_hash_ready(w->transfer, &e) == TERN_OK)
+            return true;
+        logf_(c, TERN_LOG_WARN, "client: model download failed: %s", e.message);
+        uint32_t round = w->round;
+        work_reset(w);
+        return send_error(c, ss, TERN_PROTO_E_TRANSFER, m->seq, round, "%s", e.message);
+    }
     /* Complete and verified: keep it as the cache, ack done, start the work. */
     void *data = NULL;
     size_t len = 0;
@@ -794,8 +831,7 @@ static bool on_chunk(tern_client *c, session *ss, const tern_msg *m)
         return send_error(c, ss, TERN_PROTO_E_INTERNAL, m->seq, round,
                           "client: the model cannot be taken from its transfer");
     }
-    /* A transfer made without an allocator holds C library memory (aligned_alloc): the cache
-     * keeps the bytes as they are and frees them with free(). */
+    /* The transfer's bytes come from c->alloc, as the cache's do. */
     cache_store(c, data, len, sha, w->model_version);
     stats_add(c, &c->stats.downloads, 1);
     if (!send_msg(c, ss, &ack))
@@ -820,6 +856,10 @@ static bool on_chunk_ack(tern_client *c, session *ss, const tern_msg *m, outcome
     if (w->window.done) {
         logf_(c, TERN_LOG_INFO, "client: update of round %u delivered", w->round);
         stats_add(c, &c->stats.fits, 1);
+        free(c->spare); /* the update's buffer is lent to the next fit */
+        c->spare = w->update;
+        c->spare_size = w->update_size;
+        w->update = NULL;
         work_reset(w);
         c->results_sent++;
         if (c->opt.max_rounds && c->results_sent >= c->opt.max_rounds) {

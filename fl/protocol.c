@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -1220,6 +1221,11 @@ tern_status tern_payload_chunk(const tern_payload_info *info, const void *data, 
 
 enum { XFER_RECEIVING, XFER_COMPLETE, XFER_FAILED, XFER_TAKEN };
 
+/* The SHA-256 runs as chunks arrive: chunks 0..hashed-1 are in the digest, and
+ * tern_transfer_hash_ready (which the receiver calls after acking a chunk) extends it over every
+ * chunk now contiguous with them. Senders send in index order, so each chunk is hashed right
+ * after its copy, while its bytes are still in cache, and the last chunk only finishes the
+ * digest; chunks that arrive out of order wait until the gap before them is filled. */
 struct tern_transfer {
     tern_allocator alloc; /* zeroed = C library */
     tern_payload_info info;
@@ -1227,6 +1233,8 @@ struct tern_transfer {
     uint8_t *have;   /* one bit per chunk */
     size_t have_len; /* bytes of `have` */
     uint32_t received;
+    uint32_t hashed; /* chunks 0..hashed-1 are in md */
+    EVP_MD_CTX *md;
     int state;
 };
 
@@ -1251,7 +1259,12 @@ tern_status tern_transfer_create(const tern_payload_info *info, const tern_proto
     t->have_len = have_len;
     t->have = tern_calloc(alloc, 1, have_len);
     t->data = tern_alloc(alloc, (size_t)info->total_size);
-    if (!t->have || !t->data) {
+    t->md = EVP_MD_CTX_new();
+    if (t->md && EVP_DigestInit_ex(t->md, EVP_sha256(), NULL) != 1) {
+        tern_transfer_destroy(&t);
+        return tern_set_error(err, TERN_ERR_IO, "OpenSSL SHA-256 failed");
+    }
+    if (!t->have || !t->data || !t->md) {
         tern_transfer_destroy(&t);
         return tern_set_error(err, TERN_ERR_NOMEM, "cannot allocate %llu bytes for a transfer",
                               (unsigned long long)info->total_size);
@@ -1266,6 +1279,7 @@ void tern_transfer_destroy(tern_transfer **tp)
         return;
     tern_transfer *t = *tp;
     tern_allocator a = t->alloc;
+    EVP_MD_CTX_free(t->md);
     tern_free(&a, t->data);
     tern_free(&a, t->have);
     tern_free(&a, t);
@@ -1277,6 +1291,27 @@ static void discard(tern_transfer *t)
     tern_free(&t->alloc, t->data);
     t->data = NULL;
     t->state = XFER_FAILED;
+}
+
+static bool have_chunk(const tern_transfer *t, uint32_t index)
+{
+    return t->have[index / 8] & (1u << (index % 8));
+}
+
+/* Extend the digest over the chunks now contiguous with those already in it. */
+static bool hash_ready_chunks(tern_transfer *t)
+{
+    const tern_payload_info *a = &t->info;
+    uint32_t from = t->hashed;
+    while (t->hashed < a->chunk_count && have_chunk(t, t->hashed))
+        t->hashed++;
+    if (t->hashed == from)
+        return true;
+    uint64_t begin = (uint64_t)from * a->chunk_size;
+    uint64_t end = (uint64_t)t->hashed * a->chunk_size;
+    if (end > a->total_size)
+        end = a->total_size;
+    return EVP_DigestUpdate(t->md, t->data + begin, (size_t)(end - begin)) == 1;
 }
 
 tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *k, tern_error *err)
@@ -1306,15 +1341,15 @@ tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *k, tern_er
     if (k->len != want || !k->data)
         return tern_set_error(err, TERN_ERR_FORMAT, "chunk %u has %u bytes, expected %llu",
                               k->index, k->len, (unsigned long long)want);
-    uint8_t bit = (uint8_t)(1u << (k->index % 8));
-    if (t->have[k->index / 8] & bit)
+    if (have_chunk(t, k->index))
         return tern_set_error(err, TERN_ERR_EXISTS, "chunk %u received twice", k->index);
     memcpy(t->data + off, k->data, k->len);
-    t->have[k->index / 8] |= bit;
+    t->have[k->index / 8] |= (uint8_t)(1u << (k->index % 8));
     if (++t->received < a->chunk_count)
         return TERN_OK;
-    uint8_t md[32];
-    if (sha256(t->data, (size_t)a->total_size, md) != TERN_OK) {
+    unsigned int mdlen = 0;
+    uint8_t md[EVP_MAX_MD_SIZE];
+    if (!hash_ready_chunks(t) || EVP_DigestFinal_ex(t->md, md, &mdlen) != 1 || mdlen != 32) {
         discard(t);
         return tern_set_error(err, TERN_ERR_IO, "OpenSSL SHA-256 failed");
     }
@@ -1327,6 +1362,16 @@ tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *k, tern_er
     }
     t->state = XFER_COMPLETE;
     return TERN_OK;
+}
+
+tern_status tern_transfer_hash_ready(tern_transfer *t, tern_error *err)
+{
+    if (!t)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    if (t->state != XFER_RECEIVING || hash_ready_chunks(t))
+        return TERN_OK;
+    discard(t);
+    return tern_set_error(err, TERN_ERR_IO, "OpenSSL SHA-256 failed");
 }
 
 const tern_payload_info *tern_transfer_info(const tern_transfer *t) { return &t->info; }
@@ -1361,6 +1406,108 @@ tern_status tern_transfer_take(tern_transfer *t, void **data, size_t *len)
     t->data = NULL;
     t->state = XFER_TAKEN;
     return TERN_OK;
+}
+
+/* ---- buffer pool ----------------------------------------------------------------------- */
+
+#define POOL_HEADER 64
+typedef struct pool_block {
+    size_t capacity; /* bytes after the header */
+} pool_block;
+
+struct tern_buffer_pool {
+    size_t keep, count;
+    pool_block **kept; /* keep slots, the first count in use */
+    uint64_t reuses, fresh;
+};
+
+tern_status tern_buffer_pool_create(size_t keep, tern_buffer_pool **out, tern_error *err)
+{
+    if (!out)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    if (keep > 1024)
+        return tern_set_error(err, TERN_ERR_INVALID, "a buffer pool keeps at most 1024 blocks");
+    tern_buffer_pool *p = calloc(1, sizeof *p);
+    if (p && keep && !(p->kept = calloc(keep, sizeof *p->kept))) {
+        free(p);
+        p = NULL;
+    }
+    if (!p)
+        return tern_set_error(err, TERN_ERR_NOMEM, "cannot allocate a buffer pool");
+    p->keep = keep;
+    *out = p;
+    return TERN_OK;
+}
+
+void tern_buffer_pool_destroy(tern_buffer_pool **pool)
+{
+    if (!pool || !*pool)
+        return;
+    tern_buffer_pool *p = *pool;
+    for (size_t i = 0; i < p->count; i++)
+        free(p->kept[i]);
+    free(p->kept);
+    free(p);
+    *pool = NULL;
+}
+
+static void *pool_alloc(void *user, size_t size, size_t align)
+{
+    tern_buffer_pool *p = user;
+    if (align > POOL_HEADER || size > SIZE_MAX - 2 * POOL_HEADER)
+        return NULL;
+    size_t best = SIZE_MAX;
+    for (size_t i = 0; size >= TERN_BUFFER_POOL_MIN && i < p->count; i++) {
+        size_t cap = p->kept[i]->capacity;
+        if (cap >= size && cap / 2 <= size && (best == SIZE_MAX || cap < p->kept[best]->capacity))
+            best = i;
+    }
+    pool_block *b;
+    if (best != SIZE_MAX) {
+        b = p->kept[best];
+        p->kept[best] = p->kept[--p->count];
+        p->reuses++;
+    } else {
+        size_t total = (POOL_HEADER + size + POOL_HEADER - 1) & ~(size_t)(POOL_HEADER - 1);
+        if (!(b = aligned_alloc(POOL_HEADER, total)))
+            return NULL;
+        b->capacity = total - POOL_HEADER;
+        p->fresh += size >= TERN_BUFFER_POOL_MIN;
+    }
+    return (uint8_t *)b + POOL_HEADER;
+}
+
+static void pool_free(void *user, void *ptr)
+{
+    tern_buffer_pool *p = user;
+    if (!ptr)
+        return;
+    pool_block *b = (pool_block *)((uint8_t *)ptr - POOL_HEADER);
+    if (b->capacity >= TERN_BUFFER_POOL_MIN && p->count < p->keep)
+        p->kept[p->count++] = b;
+    else
+        free(b);
+}
+
+tern_allocator tern_buffer_pool_allocator(tern_buffer_pool *pool)
+{
+    return (tern_allocator){.alloc = pool_alloc, .free = pool_free, .user = pool};
+}
+
+size_t tern_buffer_pool_kept_bytes(const tern_buffer_pool *pool)
+{
+    size_t n = 0;
+    for (size_t i = 0; pool && i < pool->count; i++)
+        n += POOL_HEADER + pool->kept[i]->capacity;
+    return n;
+}
+
+void tern_buffer_pool_counts(const tern_buffer_pool *pool, uint64_t *reuses, uint64_t *fresh)
+{
+    if (reuses)
+        *reuses = pool ? pool->reuses : 0;
+    if (fresh)
+        *fresh = pool ? pool->fresh : 0;
 }
 
 /* ---- flow control ---------------------------------------------------------------------- */

@@ -500,6 +500,10 @@ tern_status tern_server_create(const tern_server_options *opt, tern_store *store
         goto fail;
     }
     s->next_session_id = ((uint64_t)zclock_time() << 16) | 1;
+    if ((st = tern_buffer_pool_create(s->opt.max_uploads < 64 ? s->opt.max_uploads : 64,
+                                      &s->up_pool, err)) != TERN_OK)
+        goto fail;
+    s->up_alloc = tern_buffer_pool_allocator(s->up_pool);
 
     tern_model_options mo = *tern_model_options_of(model);
     mo.threads = 1;
@@ -584,6 +588,7 @@ void tern_server_destroy(tern_server **server)
     tern_model_destroy(&s->scratch);
     srv_layout_clear(&s->layout);
     tern_free(NULL, s->updates);
+    tern_buffer_pool_destroy(&s->up_pool); /* after the sessions: their uploads released */
     free(s->bn_values);
     free(s->sessions);
     free(s->avail);

@@ -166,6 +166,10 @@ struct tern_server {
                                   increasing numbers */
     size_t active_downloads, active_uploads;
     size_t transfer_bytes;     /* held by upload transfers now */
+    /* Upload buffers: up to max_uploads released ones are kept for the next uploads, so that
+     * each update lands in memory already mapped (at most max_uploads x max_transfer_size more). */
+    tern_buffer_pool *up_pool;
+    tern_allocator up_alloc;
 
     srv_session **avail;       /* max_sessions: scratch for selection */
     uint64_t *avail_ids, *selected;

@@ -1097,6 +1097,7 @@ static tern_status commit(tern_server *s, tern_error *err)
             .client_metrics_count = s->num_parts,
             .model = s->next_blob->bytes,
             .model_size = s->next_blob->len,
+            .model_sha256 = s->next_blob->info.sha256, /* hashed when it was made */
             .settings = s->opt.settings,
             .classes = s->opt.classes,
             .notes = notes,

@@ -495,7 +495,8 @@ static void pump_uploads(tern_server *s)
     srv_session *ss;
     while (s->active_uploads < s->opt.max_uploads && (ss = oldest(s, true))) {
         tern_error e = {{0}};
-        tern_status st = tern_transfer_create(&ss->up_info, &s->limits, NULL, &ss->up_xfer, &e);
+        tern_status st =
+            tern_transfer_create(&ss->up_info, &s->limits, &s->up_alloc, &ss->up_xfer, &e);
         if (st != TERN_OK) {
             srv_log(s, TERN_LOG_ERROR, "client %s: cannot receive its update: %s", ss->name,
                     e.message);
@@ -562,6 +563,15 @@ static bool handle_upload_chunk(tern_server *s, srv_session *ss, const tern_msg 
         ss->up_credit = m.chunk_ack.credit;
         m.round = msg->round;
         srv_send(s, ss, &m);
+        /* Hashed after the ack, while the next chunk travels. */
+        t0 = srv_clock_ns(CLOCK_MONOTONIC);
+        st = tern_transfer_hash_ready(ss->up_xfer, &e);
+        s->timers[SRV_T_VERIFY] += srv_clock_ns(CLOCK_MONOTONIC) - t0;
+        if (st != TERN_OK) {
+            srv_log(s, TERN_LOG_ERROR, "client %s: %s", ss->name, e.message);
+            srv_upload_cancel(s, ss);
+            srv_part_failed(s, ss, "its update could not be hashed");
+        }
         return true;
     }
     void *data = NULL;
@@ -578,7 +588,7 @@ static bool handle_upload_chunk(tern_server *s, srv_session *ss, const tern_msg 
         return true;
     }
     srv_update_ready(s, ss, data, len);
-    tern_proto_free(NULL, data);
+    tern_proto_free(&s->up_alloc, data);
     return true;
 }
 

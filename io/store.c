@@ -156,6 +156,11 @@ static bool from_hex(const char *s, unsigned char *out, size_t n)
     return true;
 }
 
+void st_sha256_to_hex(const uint8_t sha[32], char out[TERN_STORE_SHA256_SIZE])
+{
+    to_hex(sha, 32, out);
+}
+
 tern_status st_sha256_hex(const void *data, size_t len, char out[TERN_STORE_SHA256_SIZE],
                           tern_error *err)
 {

@@ -111,6 +111,8 @@ int64_t st_now(const tern_store *s);
 tern_status st_uuid(char out[TERN_STORE_ID_SIZE], tern_error *err);
 tern_status st_sha256_hex(const void *data, size_t len, char out[TERN_STORE_SHA256_SIZE],
                           tern_error *err);
+/* The hex text of a SHA-256 computed elsewhere. */
+void st_sha256_to_hex(const uint8_t sha[32], char out[TERN_STORE_SHA256_SIZE]);
 tern_status st_audit(st_txn *t, const char *actor, const char *action, const char *target,
                      const char *detail);
 

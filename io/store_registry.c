@@ -847,7 +847,10 @@ tern_status tern_store_commit_round(tern_store *store, const tern_round_commit *
     commit_ctx x = {.c = commit};
     const char *settings = commit->settings ? commit->settings : "";
     const char *classes = commit->classes ? commit->classes : "";
-    if ((st = st_sha256_hex(commit->model, commit->model_size, x.sha, err)) ||
+    if (commit->model_sha256)
+        st_sha256_to_hex(commit->model_sha256, x.sha);
+    if ((!commit->model_sha256 && (st = st_sha256_hex(commit->model, commit->model_size, x.sha,
+                                                      err))) ||
         (st = st_sha256_hex(settings, strlen(settings), x.settings_sha, err)) ||
         (st = st_sha256_hex(classes, strlen(classes), x.classes_sha, err)) ||
         (commit->server_state_size &&

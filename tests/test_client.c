@@ -201,6 +201,9 @@ typedef struct cb_state {
     volatile bool entered;
     bool fail;
     volatile bool saw_cancel;
+    bool use_spare;       /* fit writes its update into task->update_buffer when it fits */
+    void *lent;           /* task->update_buffer and update_capacity of the last fit */
+    size_t lent_capacity;
 } cb_state;
 
 static void record(cb_state *st, const tern_fit_task *task)
@@ -235,7 +238,12 @@ static tern_status fit_cb(void *user, const tern_fit_task *task, const volatile 
         snprintf(err->message, sizeof err->message, "disk on fire");
         return TERN_ERR_IO;
     }
-    out->update = malloc(st->update_size);
+    pthread_mutex_lock(&st->mu);
+    st->lent = task->update_buffer;
+    st->lent_capacity = task->update_capacity;
+    pthread_mutex_unlock(&st->mu);
+    bool reuse = st->use_spare && task->update_buffer && task->update_capacity >= st->update_size;
+    out->update = reuse ? task->update_buffer : malloc(st->update_size);
     if (!out->update)
         return TERN_ERR_NOMEM;
     memcpy(out->update, st->update, st->update_size);
@@ -523,6 +531,8 @@ static void test_fit_round_trip(void **state)
     assert_memory_equal(st.got, model, model_len);
     assert_int_equal(st.got_round, 1);
     assert_int_equal(st.got_version, 7);
+    assert_null(st.lent); /* no earlier update to lend */
+    st.use_spare = true;
     pthread_mutex_unlock(&st.mu);
     WAIT_STAT(r.client, fits, 1);
 
@@ -559,10 +569,15 @@ static void test_fit_round_trip(void **state)
     assert_int_equal(m.chunk_ack.received, p.chunk_count);
     assert_int_equal(m.chunk_ack.credit, p.chunk_count);
     got = upload(&f, &res, &got_len);
+    assert_int_equal(got_len, update_len);
+    assert_memory_equal(got, update, update_len);
     free(got);
     assert_int_equal(res.round, 2);
     assert_int_equal(res.fit_res.model_version, 8);
     pthread_mutex_lock(&st.mu);
+    /* Round 1's update buffer was lent to round 2's fit, which wrote its update there. */
+    assert_non_null(st.lent);
+    assert_int_equal(st.lent_capacity, update_len);
     assert_memory_equal(st.got, model, model_len);
     assert_int_equal(st.got_round, 2);
     pthread_mutex_unlock(&st.mu);

@@ -1111,6 +1111,177 @@ static void test_transfer_3mb(void **state)
     free(payload);
 }
 
+/* The buffer pool: model-sized blocks come back for the next request of about their size, at
+ * most `keep` are held, small blocks and poor fits go to the C library, and a transfer made with
+ * the pool reassembles into the block the previous one released. */
+static void test_buffer_pool(void **state)
+{
+    (void)state;
+    tern_buffer_pool *pool = NULL;
+    tern_error err = {{0}};
+    assert_int_equal(tern_buffer_pool_create(5000, &pool, &err), TERN_ERR_INVALID);
+    assert_null(pool);
+    assert_int_equal(tern_buffer_pool_create(2, NULL, &err), TERN_ERR_INVALID);
+    assert_int_equal(tern_buffer_pool_create(2, &pool, &err), TERN_OK);
+    tern_allocator a = tern_buffer_pool_allocator(pool);
+    uint64_t reuses, fresh;
+    const size_t mb = 1u << 20;
+    uint8_t *p1 = a.alloc(a.user, mb, 64), *p2 = a.alloc(a.user, mb, 64);
+    assert_non_null(p1);
+    assert_non_null(p2);
+    assert_int_equal((uintptr_t)p1 % 64, 0);
+    assert_int_equal((uintptr_t)p2 % 64, 0);
+    memset(p1, 1, mb);
+    memset(p2, 2, mb);
+    assert_null(a.alloc(a.user, mb, 128)); /* alignment beyond the header */
+    tern_buffer_pool_counts(pool, &reuses, &fresh);
+    assert_int_equal(reuses, 0);
+    assert_int_equal(fresh, 2);
+    assert_int_equal(tern_buffer_pool_kept_bytes(pool), 0);
+    a.free(a.user, p1);
+    a.free(a.user, p2);
+    assert_true(tern_buffer_pool_kept_bytes(pool) >= 2 * mb);
+    uint8_t *p3 = a.alloc(a.user, mb - 100, 64); /* a kept block serves it */
+    assert_true(p3 == p1 || p3 == p2);
+    tern_buffer_pool_counts(pool, &reuses, &fresh);
+    assert_int_equal(reuses, 1);
+    assert_int_equal(fresh, 2);
+    uint8_t *big = a.alloc(a.user, 3 * mb, 64);   /* larger than any kept block */
+    uint8_t *small = a.alloc(a.user, mb / 4, 64); /* a kept block would waste over half */
+    uint8_t *tiny = a.alloc(a.user, 100, 64);     /* below TERN_BUFFER_POOL_MIN: never kept */
+    assert_non_null(big);
+    assert_non_null(small);
+    assert_non_null(tiny);
+    assert_true(small != p1 && small != p2);
+    tern_buffer_pool_counts(pool, &reuses, &fresh);
+    assert_int_equal(reuses, 1);
+    assert_int_equal(fresh, 4);
+    size_t kept = tern_buffer_pool_kept_bytes(pool); /* one 1 MiB block */
+    a.free(a.user, tiny);
+    assert_int_equal(tern_buffer_pool_kept_bytes(pool), kept);
+    a.free(a.user, p3);
+    a.free(a.user, big); /* a third block: only two are kept */
+    a.free(a.user, small);
+    a.free(a.user, NULL);
+    assert_true(tern_buffer_pool_kept_bytes(pool) <= 2 * (3 * mb + 64));
+    tern_buffer_pool_destroy(&pool);
+
+    /* Two transfers of the same payload, one after the other: the second reuses the block. */
+    assert_int_equal(tern_buffer_pool_create(1, &pool, &err), TERN_OK);
+    a = tern_buffer_pool_allocator(pool);
+    const size_t total = 300000;
+    uint8_t *payload = malloc(total);
+    assert_non_null(payload);
+    for (size_t i = 0; i < total; i++)
+        payload[i] = (uint8_t)(i * 7 + 3);
+    tern_payload_info info;
+    assert_int_equal(tern_payload_describe(payload, total, 5, 70000, TERN_PAYLOAD_SAFETENSORS,
+                                           NULL, &info, NULL),
+                     TERN_OK);
+    void *prev = NULL;
+    for (int round = 0; round < 2; round++) {
+        tern_transfer *t = NULL;
+        assert_int_equal(tern_transfer_create(&info, NULL, &a, &t, &err), TERN_OK);
+        for (uint32_t i = 0; i < info.chunk_count; i++) {
+            tern_msg m;
+            assert_int_equal(tern_payload_chunk(&info, payload, i, &m), TERN_OK);
+            assert_int_equal(tern_transfer_add(t, &m.chunk, &err), TERN_OK);
+        }
+        assert_true(tern_transfer_complete(t));
+        void *data;
+        size_t len;
+        assert_int_equal(tern_transfer_take(t, &data, &len), TERN_OK);
+        assert_int_equal(len, total);
+        assert_memory_equal(data, payload, total);
+        tern_buffer_pool_counts(pool, &reuses, &fresh);
+        assert_int_equal(reuses, (uint64_t)round);
+        if (round == 1)
+            assert_ptr_equal(data, prev);
+        prev = data;
+        tern_transfer_destroy(&t);
+        tern_proto_free(&a, data);
+    }
+    free(payload);
+    tern_buffer_pool_destroy(&pool);
+    assert_null(pool);
+    tern_buffer_pool_destroy(&pool);
+
+    /* keep = 0: nothing is kept. */
+    assert_int_equal(tern_buffer_pool_create(0, &pool, &err), TERN_OK);
+    a = tern_buffer_pool_allocator(pool);
+    p1 = a.alloc(a.user, mb, 64);
+    assert_non_null(p1);
+    a.free(a.user, p1);
+    assert_int_equal(tern_buffer_pool_kept_bytes(pool), 0);
+    tern_buffer_pool_destroy(&pool);
+}
+
+/* The hash runs as chunks arrive (tern_transfer_hash_ready after each, or all at the end): in
+ * order, out of order (held back until the gap fills) and
+ * with a corrupt chunk that arrives first, last or in the middle, completion gives the same
+ * verdict as hashing the whole. */
+static void test_transfer_incremental_hash(void **state)
+{
+    (void)state;
+    const size_t total = 50000;
+    const uint32_t chunk = 4096; /* 13 chunks, the last one partial */
+    uint8_t *payload = malloc(total), *bad = malloc(chunk);
+    assert_non_null(payload);
+    assert_non_null(bad);
+    test_rng rng = {7};
+    for (size_t i = 0; i < total; i++)
+        payload[i] = (uint8_t)test_rng_next(&rng);
+    tern_payload_info info;
+    assert_int_equal(tern_payload_describe(payload, total, 9, chunk, TERN_PAYLOAD_SAFETENSORS,
+                                           NULL, &info, NULL),
+                     TERN_OK);
+    uint32_t n = info.chunk_count, order[16];
+    for (int pattern = 0; pattern < 4; pattern++) {
+        for (int corrupt = -1; corrupt < (int)n; corrupt += corrupt < 0 ? 1 : 6) {
+            for (uint32_t i = 0; i < n; i++) /* 0 in order, 1 reversed, 2 odd then even, 3 random */
+                order[i] = pattern == 1 ? n - 1 - i
+                           : pattern == 2 ? (i < n / 2 ? 2 * i + 1 : 2 * (i - n / 2))
+                                          : i;
+            if (pattern == 3)
+                shuffle(order, n, &rng);
+            tern_transfer *t = NULL;
+            tern_error err = {{0}};
+            assert_int_equal(tern_transfer_create(&info, NULL, NULL, &t, &err), TERN_OK);
+            tern_status last = TERN_OK;
+            for (uint32_t k = 0; k < n; k++) {
+                tern_msg m;
+                assert_int_equal(tern_payload_chunk(&info, payload, order[k], &m), TERN_OK);
+                if ((int)order[k] == corrupt) {
+                    memcpy(bad, m.chunk.data, m.chunk.len);
+                    bad[m.chunk.len / 2] ^= 0x10;
+                    m.chunk.data = bad;
+                }
+                last = tern_transfer_add(t, &m.chunk, &err);
+                if (k + 1 < n) {
+                    assert_int_equal(last, TERN_OK);
+                    if (pattern != 2) /* as receivers do after the ack; pattern 2 hashes at the end */
+                        assert_int_equal(tern_transfer_hash_ready(t, &err), TERN_OK);
+                }
+            }
+            assert_int_equal(tern_transfer_hash_ready(t, &err), TERN_OK); /* finished: no-op */
+            if (corrupt < 0) {
+                assert_int_equal(last, TERN_OK);
+                const void *data;
+                size_t len;
+                assert_int_equal(tern_transfer_data(t, &data, &len), TERN_OK);
+                assert_memory_equal(data, payload, total);
+            } else {
+                assert_int_equal(last, TERN_ERR_FORMAT);
+                assert_true(tern_transfer_failed(t));
+            }
+            tern_transfer_destroy(&t);
+        }
+    }
+    assert_int_equal(tern_transfer_hash_ready(NULL, NULL), TERN_ERR_INVALID);
+    free(bad);
+    free(payload);
+}
+
 static void test_transfer_limits(void **state)
 {
     (void)state;
@@ -1487,6 +1658,8 @@ int main(void)
         cmocka_unit_test(test_sequence),
         cmocka_unit_test(test_transfer_3mb),
         cmocka_unit_test(test_transfer_limits),
+        cmocka_unit_test(test_buffer_pool),
+        cmocka_unit_test(test_transfer_incremental_hash),
         cmocka_unit_test(test_alloc_failures),
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_send_window),

@@ -625,6 +625,45 @@ static void map_grows(void **state)
 }
 
 /* Flip one byte of a stored model inside data.mdb: load refuses it and the check reports it. */
+/* A commit that passes the model's SHA-256 (as the server does) records it without hashing the
+ * model again; a wrong one is recorded as given and the blob then fails its check on load. */
+static void commit_with_known_sha256(void **state)
+{
+    fixture *f = *state;
+    tern_store *s = open_store(f, "db", 0);
+    tern_error err = {{0}};
+    enum { SIZE = 5000 };
+    static unsigned char model[SIZE];
+    fill_bytes(model, SIZE, 9);
+    tern_round_commit c = commit_of(0, model, SIZE, "", "");
+    tern_model_version v1, v2, v3;
+    OK(tern_store_commit_round(s, &c, NULL, &v1, err_));
+    uint8_t sha[32];
+    for (int i = 0; i < 32; i++) {
+        unsigned x = 0;
+        assert_int_equal(sscanf(v1.sha256 + 2 * i, "%2x", &x), 1);
+        sha[i] = (uint8_t)x;
+    }
+    c.model_sha256 = sha;
+    OK(tern_store_commit_round(s, &c, NULL, &v2, err_));
+    assert_string_equal(v2.sha256, v1.sha256);
+    void *bytes = NULL;
+    size_t len = 0;
+    OK(tern_store_version_load(s, v2.version, &bytes, &len, NULL, err_));
+    assert_int_equal(len, SIZE);
+    assert_memory_equal(bytes, model, SIZE);
+    tern_store_free(s, bytes);
+    bytes = NULL;
+
+    sha[0] ^= 1;
+    OK(tern_store_commit_round(s, &c, NULL, &v3, err_));
+    assert_string_not_equal(v3.sha256, v1.sha256);
+    expect_fail(tern_store_version_load(s, v3.version, &bytes, &len, NULL, &err), TERN_ERR_FORMAT,
+                &err, "corrupt");
+    assert_null(bytes);
+    tern_store_close(&s);
+}
+
 static void corrupt_blob_detected(void **state)
 {
     fixture *f = *state;
@@ -815,6 +854,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(registry, setup, teardown),
         cmocka_unit_test_setup_teardown(map_grows, setup, teardown),
         cmocka_unit_test_setup_teardown(corrupt_blob_detected, setup, teardown),
+        cmocka_unit_test_setup_teardown(commit_with_known_sha256, setup, teardown),
         cmocka_unit_test_setup_teardown(backup_and_restore, setup, teardown),
         cmocka_unit_test_setup_teardown(tampered_records, setup, teardown),
         cmocka_unit_test_setup_teardown(open_errors_and_allocation_failures, setup, teardown),

@@ -36,6 +36,11 @@ typedef struct tern_fit_task {
     size_t model_size;
     const uint8_t *model_sha256;   /* its SHA-256 (32 bytes, checked when it arrived; borrowed) */
     const tern_msg_config *config; /* epochs, batch_size, lr, seed, proximal_mu, fedbn, ... */
+    /* Optional reuse: the buffer of an earlier update (malloc'd, update_capacity bytes), or
+     * NULL. A fit callback may write its update there and return it as update (then the client
+     * owns it as usual); otherwise it leaves it alone. Saves mapping fresh pages every round. */
+    void *update_buffer;
+    size_t update_capacity;
 } tern_fit_task;
 
 /* What the fit callback returns. update is a safetensors file (the full state after training)

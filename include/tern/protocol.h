@@ -441,6 +441,13 @@ void tern_transfer_destroy(tern_transfer **t);
  * data is discarded, the transfer becomes failed and TERN_ERR_FORMAT is returned; TERN_ERR_IO
  * if hashing itself fails (also failed). */
 tern_status tern_transfer_add(tern_transfer *t, const tern_msg_chunk *chunk, tern_error *err);
+/* Extend the SHA-256 that the transfer keeps over the chunks received so far in index order
+ * (tern_transfer_add hashes whatever is left when the last chunk arrives). A receiver calls it
+ * right after acking an accepted chunk: the hash is computed while the next chunk travels and
+ * while this one is still in cache, and the last chunk only finishes it. TERN_OK also when
+ * there is nothing to hash or the transfer is no longer receiving; TERN_ERR_IO if hashing
+ * fails (the transfer has failed then); TERN_ERR_INVALID for NULL. */
+tern_status tern_transfer_hash_ready(tern_transfer *t, tern_error *err);
 
 const tern_payload_info *tern_transfer_info(const tern_transfer *t);
 uint32_t tern_transfer_received(const tern_transfer *t); /* distinct chunks so far */
@@ -453,6 +460,30 @@ tern_status tern_transfer_data(const tern_transfer *t, const void **data, size_t
 /* Move the verified payload out: *data is from the transfer's allocator (release with
  * tern_proto_free). The transfer then holds nothing. TERN_ERR_STATE if not complete. */
 tern_status tern_transfer_take(tern_transfer *t, void **data, size_t *len);
+
+/* A tern_allocator that keeps released model-sized blocks for reuse. A receiver that
+ * reassembles a payload of the same size every round (a client's model download, the server's
+ * updates) then writes into memory that is already mapped, instead of the C library handing out
+ * fresh pages that the kernel must fault in and zero for each transfer. Blocks of at least
+ * TERN_BUFFER_POOL_MIN bytes that are released while fewer than `keep` are held are kept; a
+ * request is served by the smallest kept block that fits it and is at most twice its size.
+ * Everything else goes to the C library. Blocks carry a 64-byte header, and alignments up to
+ * 64 bytes are honoured (larger ones get NULL). Not thread-safe: one pool per thread. */
+#define TERN_BUFFER_POOL_MIN ((size_t)1 << 16)
+typedef struct tern_buffer_pool tern_buffer_pool;
+
+/* A pool that keeps at most `keep` blocks (0 = keep none). TERN_ERR_NOMEM, TERN_ERR_INVALID. */
+tern_status tern_buffer_pool_create(size_t keep, tern_buffer_pool **out, tern_error *err);
+/* Free the kept blocks and the pool; *pool becomes NULL. Accepts NULL. Every block handed out
+ * must have been released (through the allocator) before. */
+void tern_buffer_pool_destroy(tern_buffer_pool **pool);
+/* The allocator that draws from the pool; valid while the pool lives. */
+tern_allocator tern_buffer_pool_allocator(tern_buffer_pool *pool);
+/* Bytes held in kept blocks (not handed out), headers included. */
+size_t tern_buffer_pool_kept_bytes(const tern_buffer_pool *pool);
+/* Blocks of at least TERN_BUFFER_POOL_MIN bytes handed out: from a kept block (reuses), and
+ * from the C library (fresh). */
+void tern_buffer_pool_counts(const tern_buffer_pool *pool, uint64_t *reuses, uint64_t *fresh);
 
 /* ---- flow control ---------------------------------------------------------------------- */
 

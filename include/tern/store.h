@@ -312,6 +312,10 @@ typedef struct tern_round_commit {
      * transaction; NULL with privacy_count 0 = none. */
     const struct tern_privacy_charge *privacy;
     size_t privacy_count;
+    /* The SHA-256 of model when the caller already has it (a federated server hashed the bytes
+     * it sends), so the store does not hash them again; NULL = the store computes it. It is
+     * recorded as given: a wrong one makes the version's blob fail its check when loaded. */
+    const uint8_t *model_sha256;
 } tern_round_commit;
 
 /* Complete a round in ONE write transaction: round record (status completed, end time,
