@@ -79,6 +79,7 @@ typedef struct dw_task {
     tern_act act;
     bool dx_accumulate; /* dx += (else dx =: no bias, no activation, so the row stores the sum) */
     double *stats;      /* forward: (nthreads, 2, C) per-thread channel sums of y and y^2 */
+    int row0, row1;     /* forward: output rows [row0, row1) of the N*OH (row1 0: all) */
     tern_isa isa;
     int v; /* channels per vector at this ISA */
     const tern_conv_params *p;
@@ -641,7 +642,9 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     const int C = p->cin, v = a->v, taps = p->k * p->k;
     const int rows_per_image = backward ? p->h : p->oh, nclass = backward ? p->stride : 1;
     const int ncv = (C + v - 1) / v, gv = DW_GROUP_CHANNELS / v;
-    const size_t rows = (size_t)p->n * (size_t)rows_per_image;
+    const bool some = !backward && a->row1 > 0;
+    const size_t rfirst = some ? (size_t)a->row0 : 0;
+    const size_t rows = some ? (size_t)(a->row1 - a->row0) : (size_t)p->n * (size_t)rows_per_image;
     _Alignas(64) float wp[DW_GROUP_CHANNELS / 8][DW_WSTRIDE];
     dw_row row;
     double *stats = !backward && a->stats ? a->stats + (size_t)ith * 2 * (size_t)C : NULL;
@@ -649,6 +652,8 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     tern_split(rows * (size_t)ncv, ith, nth, &i0, &i1);
     if (i0 == i1)
         return;
+    /* Items (and i0, i1) count from row rfirst; r below is the absolute row. */
+    i0 += rfirst * (size_t)ncv, i1 += rfirst * (size_t)ncv;
     const size_t r_begin = i0 / (size_t)ncv, r_end = (i1 - 1) / (size_t)ncv + 1;
     const size_t rb = (size_t)dw_block_rows(p, (int)rows);
     for (size_t b0 = r_begin; b0 < r_end; b0 += rb) {
@@ -788,6 +793,18 @@ void tern_dwconv_forward(float *y, const float *x, const float *w, const float *
                          const tern_conv_params *p, tern_pool *pool)
 {
     tern_dwconv_forward_stats(y, NULL, x, w, b, act, p, pool);
+}
+
+void tern_dwconv_forward_rows(float *y, const float *x, const float *w, const float *b,
+                              tern_act act, const tern_conv_params *p, int row0, int row1,
+                              tern_pool *pool)
+{
+    if (row0 >= row1)
+        return;
+    dw_task t = {.y = y, .x = x, .w = w, .b = b, .act = act, .p = p, .row0 = row0,
+                 .row1 = row1};
+    dw_task_isa(&t, pool);
+    tern_pool_run(pool, dw_forward_task, &t);
 }
 
 void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,

@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "nn/model_graph.h"
 #include "tern.h"
 #include "testutil.h"
 
@@ -1485,6 +1486,52 @@ static void fused_inference_matches_unfused(void **state)
     free(input);
 }
 
+/* Folded inference runs each pointwise expansion and the depthwise conv after it by bands of
+ * rows (forward_expand_dw): the same bits as running them one after the other, for bands of
+ * one row up to the whole image, at every ISA and thread count. */
+static void expand_depthwise_bands_are_exact(void **state)
+{
+    (void)state;
+    enum { N = 2, S = 48, K = 6 };
+    static const tern_isa isas[] = {TERN_ISA_SCALAR, TERN_ISA_AVX2, TERN_ISA_AVX512};
+    static const tern_arch archs[] = {TERN_ARCH_MOBILENET_V3_SMALL, TERN_ARCH_MOBILENET_V3_LARGE};
+    static const size_t bands[] = {1, 700, 5000, (size_t)1 << 16};
+    test_rng r = {78};
+    const size_t image = (size_t)S * S * 3;
+    float *input = malloc(N * image * sizeof(float));
+    assert_non_null(input);
+    test_fill_uniform(&r, input, N * image, -1.0f, 1.0f);
+    for (size_t a = 0; a < sizeof archs / sizeof *archs; a++)
+        for (size_t i = 0; i < sizeof isas / sizeof *isas; i++) {
+            if (tern_isa_resolve(isas[i]) != isas[i])
+                continue;
+            for (int threads = 1; threads <= 2; threads++) {
+                tern_model_options o = tern_model_options_default(archs[a]);
+                o.width_mult = 0.5;
+                o.num_classes = K;
+                o.seed = 8;
+                o.threads = threads;
+                o.isa = isas[i];
+                tern_model *m = create(&o);
+                randomize_norms(m, 9);
+                assert_int_equal(tern_model_plan(m, N, S, S, false), TERN_OK);
+                float want[N * K], got[N * K];
+                tern_model_graph_set_fuse_floats(m, 0);
+                assert_int_equal(tern_model_forward(m, want, input, N, false), TERN_OK);
+                for (size_t b = 0; b < sizeof bands / sizeof *bands; b++) {
+                    tern_model_graph_set_fuse_floats(m, bands[b]);
+                    assert_int_equal(tern_model_forward(m, got, input, N, false), TERN_OK);
+                    if (memcmp(want, got, sizeof want) != 0)
+                        fail_msg("%s %s %d thread(s), bands of %zu floats",
+                                 tern_arch_name(archs[a]), tern_isa_name(isas[i]), threads,
+                                 bands[b]);
+                }
+                tern_model_destroy(&m);
+            }
+        }
+    free(input);
+}
+
 /* ---- 15. BatchNorm momentum ----------------------------------------------------------------- */
 
 /* Running statistics start at mean 0: after one training forward they are momentum times the
@@ -1534,6 +1581,7 @@ int main(void)
         cmocka_unit_test(dropout_behaviour),
         cmocka_unit_test(group_norm_model),
         cmocka_unit_test(fused_inference_matches_unfused),
+        cmocka_unit_test(expand_depthwise_bands_are_exact),
         cmocka_unit_test(sgd_semantics),
         cmocka_unit_test(sgd_rejects_bad_options),
         cmocka_unit_test_setup_teardown(save_and_load, tmpdir_setup, tmpdir_teardown),
