@@ -36,6 +36,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#include "simd_act.h"
 #define DW_X86 1
 #endif
 
@@ -253,21 +254,10 @@ static void dws_grad_row(float *accw, float *accb, const float *dyrow, ptrdiff_t
 #define DW_T512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define DW_INLINE static inline __attribute__((always_inline))
 
+/* simd_act.h's: division by 6 without vdivps, the same bits. */
 DW_INLINE DW_T512 __m512 act512(__m512 v, tern_act act)
 {
-    const __m512 zero = _mm512_setzero_ps(), three = _mm512_set1_ps(3), six = _mm512_set1_ps(6);
-    switch (act) {
-    case TERN_ACT_NONE: return v;
-    case TERN_ACT_RELU: return _mm512_max_ps(v, zero); /* max(NaN, 0) = 0, as x > 0 ? x : 0 */
-    case TERN_ACT_HARDSWISH:
-        return _mm512_div_ps(
-            _mm512_mul_ps(v, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, three), zero), six)),
-            six);
-    case TERN_ACT_HARDSIGMOID:
-        return _mm512_div_ps(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, three), zero), six),
-                             six);
-    }
-    return v;
+    return act16(v, act);
 }
 
 /* px output pixels from j, one channel vector: accumulators stay in registers over the taps. */
@@ -423,21 +413,10 @@ static DW_T512 void dw512_grad_row(float *accw, float *accb, const float *dyrow,
 /* ---- AVX2 -------------------------------------------------------------------------------- */
 #define DW_T256 __attribute__((target("avx2,fma")))
 
+/* simd_act.h's: division by 6 without vdivps, the same bits. */
 DW_INLINE DW_T256 __m256 act256(__m256 v, tern_act act)
 {
-    const __m256 zero = _mm256_setzero_ps(), three = _mm256_set1_ps(3), six = _mm256_set1_ps(6);
-    switch (act) {
-    case TERN_ACT_NONE: return v;
-    case TERN_ACT_RELU: return _mm256_max_ps(v, zero);
-    case TERN_ACT_HARDSWISH:
-        return _mm256_div_ps(
-            _mm256_mul_ps(v, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero), six)),
-            six);
-    case TERN_ACT_HARDSIGMOID:
-        return _mm256_div_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero), six),
-                             six);
-    }
-    return v;
+    return act8(v, act);
 }
 
 /* Full vectors use plain loads; the channel tail (full == false) masked ones. */
