@@ -1079,10 +1079,14 @@ static int forward_folded_conv(tern_model *m, int i, int batch, const op *scale)
 /* Whether the pointwise expansion conv + BN + act at ops[i] feeds, alone, the depthwise
  * conv + BN + act at ops[i + 2]: the pair forward_expand_dw runs interleaved. Rows of at least
  * 8 pixels, so that every GEMM of a band has more rows than the GEMM's small-M kernels take
- * (they sum in another order); the small late layers gain nothing from bands anyway. */
+ * (they sum in another order); the small late layers gain nothing from bands anyway. One
+ * thread only: with a pool, two pool runs per band (28 bands in the 112x112 layer) put a
+ * barrier in each, and on a loaded machine a worker that has lost its core stalls every one
+ * of them (measured 1.5x slower at 2 threads under load). */
 static bool fusable_expand_dw(const tern_model *m, int i)
 {
-    if (!m->fuse_floats || i + 3 >= m->nops || m->values[m->ops[i].out].w < 8)
+    if (!m->fuse_floats || tern_pool_size(m->pool) > 1 || i + 3 >= m->nops ||
+        m->values[m->ops[i].out].w < 8)
         return false;
     const op *e = &m->ops[i], *ebn = &m->ops[i + 1], *d = &m->ops[i + 2], *dbn = &m->ops[i + 3];
     return e->kind == OP_CONV && ebn->kind == OP_BN && is_pointwise(&e->conv) && e->packed &&

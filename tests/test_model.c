@@ -1487,8 +1487,9 @@ static void fused_inference_matches_unfused(void **state)
 }
 
 /* Folded inference runs each pointwise expansion and the depthwise conv after it by bands of
- * rows (forward_expand_dw): the same bits as running them one after the other, for bands of
- * one row up to the whole image, at every ISA and thread count. */
+ * rows (forward_expand_dw, single-threaded models only): the same bits as running them one
+ * after the other, for bands of one row up to the whole image, at every ISA; a 2-thread model
+ * (unbanded) checked the same way. */
 static void expand_depthwise_bands_are_exact(void **state)
 {
     (void)state;
