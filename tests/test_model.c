@@ -1437,9 +1437,28 @@ static void randomize_norms(tern_model *m, uint64_t seed)
     tern_model_invalidate(m);
 }
 
+/* A half-width model at isa and thread count with random norms, planned for inference of n
+ * images of s x s. */
+static tern_model *fused_test_model(tern_arch arch, tern_isa isa, int threads, int classes,
+                                    uint64_t seed, int n, int s)
+{
+    tern_model_options o = tern_model_options_default(arch);
+    o.width_mult = 0.5;
+    o.num_classes = classes;
+    o.seed = seed;
+    o.threads = threads;
+    o.isa = isa;
+    tern_model *m = create(&o);
+    randomize_norms(m, seed + 1);
+    assert_int_equal(tern_model_plan(m, n, s, s, false), TERN_OK);
+    return m;
+}
+
 /* Inference folds BatchNorm into the convolutions and fuses the residual adds into the
- * projections (bit-exact: the same additions in the same order) at any batch; at batch 1 it
- * also folds each squeeze-and-excitation gate into the projection's weights (not bit-exact).
+ * projections (bit-exact: the same additions in the same order) at any batch, and runs each
+ * expansion with its depthwise conv by bands of rows (bit-exact, checked against no bands); at
+ * batch 1 it also folds each squeeze-and-excitation gate into the projection's weights (not
+ * bit-exact).
  * So each image run alone must match its row of a batch-3 run, where the gates are applied
  * unfused, at every ISA and thread count, and repeat bit for bit. */
 static void fused_inference_matches_unfused(void **state)
@@ -1458,17 +1477,22 @@ static void fused_inference_matches_unfused(void **state)
             if (tern_isa_resolve(isas[i]) != isas[i])
                 continue;
             for (int threads = 1; threads <= 2; threads++) {
-                tern_model_options o = tern_model_options_default(archs[a]);
-                o.width_mult = 0.5;
-                o.num_classes = K;
-                o.seed = 5;
-                o.threads = threads;
-                o.isa = isas[i];
-                tern_model *m = create(&o);
-                randomize_norms(m, 6);
-                assert_int_equal(tern_model_plan(m, N, S, S, false), TERN_OK);
-                float batched[N * K], single[K], again[K];
+                tern_model *m = fused_test_model(archs[a], isas[i], threads, K, 5, N, S);
+                float batched[N * K], banded[N * K], single[K], again[K];
+                /* Expansions and the depthwise convs after them by bands of rows (single-
+                 * threaded models): the bits of running them one after the other, for bands
+                 * of one row up to the whole image. */
+                tern_model_graph_set_fuse_floats(m, 0);
                 assert_int_equal(tern_model_forward(m, batched, input, N, false), TERN_OK);
+                static const size_t bands[] = {1, 700, 5000, (size_t)1 << 16};
+                for (size_t b = 0; b < sizeof bands / sizeof *bands; b++) {
+                    tern_model_graph_set_fuse_floats(m, bands[b]);
+                    assert_int_equal(tern_model_forward(m, banded, input, N, false), TERN_OK);
+                    if (memcmp(batched, banded, sizeof batched) != 0)
+                        fail_msg("%s %s %d thread(s): bands of %zu floats change the bits",
+                                 tern_arch_name(archs[a]), tern_isa_name(isas[i]), threads,
+                                 bands[b]);
+                }
                 for (int n = 0; n < N; n++) {
                     assert_int_equal(tern_model_forward(m, single, input + n * image, 1, false),
                                      TERN_OK);
@@ -1479,53 +1503,6 @@ static void fused_inference_matches_unfused(void **state)
                     snprintf(what, sizeof what, "%s %s %d thread(s) image %d",
                              tern_arch_name(archs[a]), tern_isa_name(isas[i]), threads, n);
                     assert_true(test_close(what, single, batched + n * K, K, 1e-5f, 1e-3f));
-                }
-                tern_model_destroy(&m);
-            }
-        }
-    free(input);
-}
-
-/* Folded inference runs each pointwise expansion and the depthwise conv after it by bands of
- * rows (forward_expand_dw, single-threaded models only): the same bits as running them one
- * after the other, for bands of one row up to the whole image, at every ISA; a 2-thread model
- * (unbanded) checked the same way. */
-static void expand_depthwise_bands_are_exact(void **state)
-{
-    (void)state;
-    enum { N = 2, S = 48, K = 6 };
-    static const tern_isa isas[] = {TERN_ISA_SCALAR, TERN_ISA_AVX2, TERN_ISA_AVX512};
-    static const tern_arch archs[] = {TERN_ARCH_MOBILENET_V3_SMALL, TERN_ARCH_MOBILENET_V3_LARGE};
-    static const size_t bands[] = {1, 700, 5000, (size_t)1 << 16};
-    test_rng r = {78};
-    const size_t image = (size_t)S * S * 3;
-    float *input = malloc(N * image * sizeof(float));
-    assert_non_null(input);
-    test_fill_uniform(&r, input, N * image, -1.0f, 1.0f);
-    for (size_t a = 0; a < sizeof archs / sizeof *archs; a++)
-        for (size_t i = 0; i < sizeof isas / sizeof *isas; i++) {
-            if (tern_isa_resolve(isas[i]) != isas[i])
-                continue;
-            for (int threads = 1; threads <= 2; threads++) {
-                tern_model_options o = tern_model_options_default(archs[a]);
-                o.width_mult = 0.5;
-                o.num_classes = K;
-                o.seed = 8;
-                o.threads = threads;
-                o.isa = isas[i];
-                tern_model *m = create(&o);
-                randomize_norms(m, 9);
-                assert_int_equal(tern_model_plan(m, N, S, S, false), TERN_OK);
-                float want[N * K], got[N * K];
-                tern_model_graph_set_fuse_floats(m, 0);
-                assert_int_equal(tern_model_forward(m, want, input, N, false), TERN_OK);
-                for (size_t b = 0; b < sizeof bands / sizeof *bands; b++) {
-                    tern_model_graph_set_fuse_floats(m, bands[b]);
-                    assert_int_equal(tern_model_forward(m, got, input, N, false), TERN_OK);
-                    if (memcmp(want, got, sizeof want) != 0)
-                        fail_msg("%s %s %d thread(s), bands of %zu floats",
-                                 tern_arch_name(archs[a]), tern_isa_name(isas[i]), threads,
-                                 bands[b]);
                 }
                 tern_model_destroy(&m);
             }
@@ -1582,7 +1559,6 @@ int main(void)
         cmocka_unit_test(dropout_behaviour),
         cmocka_unit_test(group_norm_model),
         cmocka_unit_test(fused_inference_matches_unfused),
-        cmocka_unit_test(expand_depthwise_bands_are_exact),
         cmocka_unit_test(sgd_semantics),
         cmocka_unit_test(sgd_rejects_bad_options),
         cmocka_unit_test_setup_teardown(save_and_load, tmpdir_setup, tmpdir_teardown),
