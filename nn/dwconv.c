@@ -623,7 +623,8 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     const int ncv = (C + v - 1) / v, gv = DW_GROUP_CHANNELS / v;
     const bool some = !backward && a->row1 > 0;
     const size_t rfirst = some ? (size_t)a->row0 : 0;
-    const size_t rows = some ? (size_t)(a->row1 - a->row0) : (size_t)p->n * (size_t)rows_per_image;
+    const size_t rows = some ? (size_t)(a->row1 - a->row0)
+                             : (size_t)p->n * (size_t)rows_per_image;
     _Alignas(64) float wp[DW_GROUP_CHANNELS / 8][DW_WSTRIDE];
     dw_row row;
     double *stats = !backward && a->stats ? a->stats + (size_t)ith * 2 * (size_t)C : NULL;
