@@ -36,6 +36,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#include "simd_act.h"
 #define DW_X86 1
 #endif
 
@@ -79,6 +80,7 @@ typedef struct dw_task {
     tern_act act;
     bool dx_accumulate; /* dx += (else dx =: no bias, no activation, so the row stores the sum) */
     double *stats;      /* forward: (nthreads, 2, C) per-thread channel sums of y and y^2 */
+    int row0, row1;     /* forward: output rows [row0, row1) of the N*OH (row1 0: all) */
     tern_isa isa;
     int v; /* channels per vector at this ISA */
     const tern_conv_params *p;
@@ -252,21 +254,10 @@ static void dws_grad_row(float *accw, float *accb, const float *dyrow, ptrdiff_t
 #define DW_T512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define DW_INLINE static inline __attribute__((always_inline))
 
+/* simd_act.h's: division by 6 without vdivps, the same bits. */
 DW_INLINE DW_T512 __m512 act512(__m512 v, tern_act act)
 {
-    const __m512 zero = _mm512_setzero_ps(), three = _mm512_set1_ps(3), six = _mm512_set1_ps(6);
-    switch (act) {
-    case TERN_ACT_NONE: return v;
-    case TERN_ACT_RELU: return _mm512_max_ps(v, zero); /* max(NaN, 0) = 0, as x > 0 ? x : 0 */
-    case TERN_ACT_HARDSWISH:
-        return _mm512_div_ps(
-            _mm512_mul_ps(v, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, three), zero), six)),
-            six);
-    case TERN_ACT_HARDSIGMOID:
-        return _mm512_div_ps(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, three), zero), six),
-                             six);
-    }
-    return v;
+    return act16(v, act);
 }
 
 /* px output pixels from j, one channel vector: accumulators stay in registers over the taps. */
@@ -422,21 +413,10 @@ static DW_T512 void dw512_grad_row(float *accw, float *accb, const float *dyrow,
 /* ---- AVX2 -------------------------------------------------------------------------------- */
 #define DW_T256 __attribute__((target("avx2,fma")))
 
+/* simd_act.h's: division by 6 without vdivps, the same bits. */
 DW_INLINE DW_T256 __m256 act256(__m256 v, tern_act act)
 {
-    const __m256 zero = _mm256_setzero_ps(), three = _mm256_set1_ps(3), six = _mm256_set1_ps(6);
-    switch (act) {
-    case TERN_ACT_NONE: return v;
-    case TERN_ACT_RELU: return _mm256_max_ps(v, zero);
-    case TERN_ACT_HARDSWISH:
-        return _mm256_div_ps(
-            _mm256_mul_ps(v, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero), six)),
-            six);
-    case TERN_ACT_HARDSIGMOID:
-        return _mm256_div_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero), six),
-                             six);
-    }
-    return v;
+    return act8(v, act);
 }
 
 /* Full vectors use plain loads; the channel tail (full == false) masked ones. */
@@ -641,7 +621,10 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     const int C = p->cin, v = a->v, taps = p->k * p->k;
     const int rows_per_image = backward ? p->h : p->oh, nclass = backward ? p->stride : 1;
     const int ncv = (C + v - 1) / v, gv = DW_GROUP_CHANNELS / v;
-    const size_t rows = (size_t)p->n * (size_t)rows_per_image;
+    const bool some = !backward && a->row1 > 0;
+    const size_t rfirst = some ? (size_t)a->row0 : 0;
+    const size_t rows = some ? (size_t)(a->row1 - a->row0)
+                             : (size_t)p->n * (size_t)rows_per_image;
     _Alignas(64) float wp[DW_GROUP_CHANNELS / 8][DW_WSTRIDE];
     dw_row row;
     double *stats = !backward && a->stats ? a->stats + (size_t)ith * 2 * (size_t)C : NULL;
@@ -649,6 +632,8 @@ static void dw_rows_task(const dw_task *a, bool backward, int ith, int nth)
     tern_split(rows * (size_t)ncv, ith, nth, &i0, &i1);
     if (i0 == i1)
         return;
+    /* Items (and i0, i1) count from row rfirst; r below is the absolute row. */
+    i0 += rfirst * (size_t)ncv, i1 += rfirst * (size_t)ncv;
     const size_t r_begin = i0 / (size_t)ncv, r_end = (i1 - 1) / (size_t)ncv + 1;
     const size_t rb = (size_t)dw_block_rows(p, (int)rows);
     for (size_t b0 = r_begin; b0 < r_end; b0 += rb) {
@@ -788,6 +773,18 @@ void tern_dwconv_forward(float *y, const float *x, const float *w, const float *
                          const tern_conv_params *p, tern_pool *pool)
 {
     tern_dwconv_forward_stats(y, NULL, x, w, b, act, p, pool);
+}
+
+void tern_dwconv_forward_rows(float *y, const float *x, const float *w, const float *b,
+                              tern_act act, const tern_conv_params *p, int row0, int row1,
+                              tern_pool *pool)
+{
+    if (row0 >= row1)
+        return;
+    dw_task t = {.y = y, .x = x, .w = w, .b = b, .act = act, .p = p, .row0 = row0,
+                 .row1 = row1};
+    dw_task_isa(&t, pool);
+    tern_pool_run(pool, dw_forward_task, &t);
 }
 
 void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,

@@ -43,6 +43,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "simd_act.h"
 #include "util.h"
 
 #define KC 256
@@ -174,21 +175,10 @@ static void ukr_scalar(const ukr_args *u)
 #define X5_MR 12
 #define X5_NR 32
 
+/* simd_act.h's: division by 6 without vdivps, the same bits. */
 INLINE TARGET_AVX512 __m512 act_avx512(__m512 t, tern_act act)
 {
-    const __m512 zero = _mm512_setzero_ps(), three = _mm512_set1_ps(3), six = _mm512_set1_ps(6);
-    switch (act) {
-    case TERN_ACT_NONE: break;
-    case TERN_ACT_RELU: return _mm512_max_ps(t, zero);
-    case TERN_ACT_HARDSWISH:
-        return _mm512_div_ps(
-            _mm512_mul_ps(t, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, three), zero), six)),
-            six);
-    case TERN_ACT_HARDSIGMOID:
-        return _mm512_div_ps(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, three), zero), six),
-                             six);
-    }
-    return t;
+    return act16(t, act);
 }
 
 INLINE TARGET_AVX512 __mmask16 mask16(size_t n)
@@ -446,21 +436,10 @@ static void small_m_avx512(const gemm_problem *p)
 #define X2_MR 6
 #define X2_NR 16
 
+/* simd_act.h's: division by 6 without vdivps, the same bits. */
 INLINE TARGET_AVX2 __m256 act_avx2(__m256 t, tern_act act)
 {
-    const __m256 zero = _mm256_setzero_ps(), three = _mm256_set1_ps(3), six = _mm256_set1_ps(6);
-    switch (act) {
-    case TERN_ACT_NONE: break;
-    case TERN_ACT_RELU: return _mm256_max_ps(t, zero);
-    case TERN_ACT_HARDSWISH:
-        return _mm256_div_ps(
-            _mm256_mul_ps(t, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, three), zero), six)),
-            six);
-    case TERN_ACT_HARDSIGMOID:
-        return _mm256_div_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, three), zero), six),
-                             six);
-    }
-    return t;
+    return act8(t, act);
 }
 
 INLINE TARGET_AVX2 __m256i mask8(size_t n)

@@ -91,6 +91,12 @@ void tern_conv2d_backward_ref(float *dx, float *dw, float *db, const float *dy, 
  * y = act(conv(x, w) + b); backward accumulates dx, dw, db (each may be NULL). */
 void tern_dwconv_forward(float *y, const float *x, const float *w, const float *b, tern_act act,
                          const tern_conv_params *p, tern_pool *pool);
+/* The same for output rows [row0, row1) of the N*OH only (0 <= row0 <= row1 <= N*OH): they
+ * read only the input rows they need, so the input may be filled in row by row, just ahead of
+ * the rows that use it; bit-identical to the same rows of tern_dwconv_forward. */
+void tern_dwconv_forward_rows(float *y, const float *x, const float *w, const float *b,
+                              tern_act act, const tern_conv_params *p, int row0, int row1,
+                              tern_pool *pool);
 /* The same, also writing y's channel statistics as tern_conv2d_forward_stats does (stats may be
  * NULL). */
 void tern_dwconv_forward_stats(float *y, double *stats, const float *x, const float *w,

@@ -110,6 +110,9 @@ struct tern_model {
     bool trained; /* last forward was a training forward */
     bool dropped; /* and it drew dropout masks */
     bool profiling;
+    /* Floats of an expansion's output computed ahead of the depthwise rows that read it (see
+     * forward_expand_dw); 0 runs the two convolutions one after the other. */
+    size_t fuse_floats;
 };
 
 static tern_status model_fail(tern_model *m, tern_status s, const char *fmt, ...)
@@ -488,6 +491,7 @@ tern_status tern_model_create(const tern_model_options *opt, tern_model **out, t
     if (!m)
         return tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
     m->opt = *opt;
+    m->fuse_floats = (size_t)1 << 16; /* 256 KB bands: well inside a core's L2 */
     tern_rng_seed(&m->rng, opt->seed);
 
     builder count = {.m = m};
@@ -1072,6 +1076,68 @@ static int forward_folded_conv(tern_model *m, int i, int batch, const op *scale)
     return add ? 3 : 2;
 }
 
+/* Whether the pointwise expansion conv + BN + act at ops[i] feeds, alone, the depthwise
+ * conv + BN + act at ops[i + 2]: the pair forward_expand_dw runs interleaved. Rows of at least
+ * 8 pixels, so that every GEMM of a band has more rows than the GEMM's small-M kernels take
+ * (they sum in another order); the small late layers gain nothing from bands anyway. One
+ * thread only: with a pool, two pool runs per band (28 bands in the 112x112 layer) put a
+ * barrier in each, and on a loaded machine a worker that has lost its core stalls every one
+ * of them (measured 1.5x slower at 2 threads under load). */
+static bool fusable_expand_dw(const tern_model *m, int i)
+{
+    if (!m->fuse_floats || tern_pool_size(m->pool) > 1 || i + 3 >= m->nops ||
+        m->values[m->ops[i].out].w < 8)
+        return false;
+    const op *e = &m->ops[i], *ebn = &m->ops[i + 1], *d = &m->ops[i + 2], *dbn = &m->ops[i + 3];
+    return e->kind == OP_CONV && ebn->kind == OP_BN && is_pointwise(&e->conv) && e->packed &&
+           d->kind == OP_CONV && dbn->kind == OP_BN && d->in == ebn->out &&
+           d->conv.groups > 1 && d->conv.groups == d->conv.cin &&
+           d->conv.groups == d->conv.cout &&
+           (size_t)d->conv.k * (size_t)d->conv.k <= TERN_DW_TAPS_MAX && used_once(m, ebn->out);
+}
+
+/* The expansion (ops[i], ops[i + 1]) and the depthwise conv after it (ops[i + 2], ops[i + 3])
+ * by bands of output rows, per image: the expansion's rows that the band's depthwise rows read
+ * first are computed (a GEMM over those pixels), then the band. The expanded tensor of the early
+ * layers (112x112x64 floats: 3.2 MB) no longer round-trips through memory between the two:
+ * each band of about fuse_floats floats is read back while still in cache. Same GEMM per
+ * element (the row count does not change a C element's sum) and same depthwise kernel, so the
+ * bits are those of the unfused pair. Returns the number of ops covered (4). */
+static int forward_expand_dw(tern_model *m, int i, int batch)
+{
+    const op *e = &m->ops[i], *ebn = &m->ops[i + 1], *d = &m->ops[i + 2], *dbn = &m->ops[i + 3];
+    const value *xv = &m->values[e->in], *ev = &m->values[ebn->out], *yv = &m->values[dbn->out];
+    tern_conv_params dp = d->conv;
+    dp.n = 1;
+    const size_t cin = (size_t)e->conv.cin, C = (size_t)ev->c, W = (size_t)ev->w;
+    const size_t row = W * C, img_in = (size_t)xv->h * W * cin, img_e = (size_t)ev->h * row;
+    const size_t img_y = (size_t)yv->h * (size_t)yv->w * C;
+    const float *we = m->folded + e->fold, *be = we + conv_weight_count(e);
+    const float *wd = m->folded + d->fold, *bd = wd + conv_weight_count(d);
+    const tern_gemm_epilogue ep = {.bias = be, .act = ebn->act};
+    const tern_gemm_fusion fu = {.packed_b = e->packed};
+    size_t band = m->fuse_floats / (row * (size_t)dp.stride);
+    band = band < 1 ? 1 : band;
+    for (int n = 0; n < batch; n++) {
+        const float *x = xv->x + (size_t)n * img_in;
+        float *ex = ev->x + (size_t)n * img_e, *y = yv->x + (size_t)n * img_y;
+        int done = 0; /* expanded rows [0, done) are computed */
+        for (int oy0 = 0; oy0 < dp.oh; oy0 += (int)band) {
+            const int oy1 = oy0 + (int)band < dp.oh ? oy0 + (int)band : dp.oh;
+            int need = (oy1 - 1) * dp.stride - dp.pad + dp.k;
+            need = need < dp.h ? need : dp.h;
+            if (need > done) {
+                const size_t pix = (size_t)(need - done) * W;
+                tern_gemm_fused(ex + (size_t)done * row, C, x + (size_t)done * W * cin, cin,
+                                false, we, cin, true, pix, C, cin, false, &ep, &fu, m->pool);
+                done = need;
+            }
+            tern_dwconv_forward_rows(y, ex, wd, bd, dbn->act, &dp, oy0, oy1, m->pool);
+        }
+    }
+    return 4;
+}
+
 tern_status tern_model_forward(tern_model *model, float *logits, const float *input, int batch,
                                bool training)
 {
@@ -1100,7 +1166,10 @@ tern_status tern_model_forward(tern_model *model, float *logits, const float *in
     for (int i = 0; i < m->nops;) {
         op *o = &m->ops[i];
         double t0 = m->profiling ? now_seconds() : 0;
-        if (fold && o->kind == OP_CONV) {
+        if (fold && fusable_expand_dw(m, i)) {
+            /* Profiled as the expansion. */
+            i += forward_expand_dw(m, i, batch);
+        } else if (fold && o->kind == OP_CONV) {
             /* Convolution, BatchNorm and activation in one kernel call (and a residual add). */
             i += forward_folded_conv(m, i, batch, NULL);
         } else if (fold && o->kind == OP_SCALE && fusable_scale(m, i, batch)) {
@@ -1286,4 +1355,9 @@ int tern_model_graph_plan(const tern_model *model, int *height, int *width, bool
     *width = model->width;
     *training = model->plan_training;
     return model->arena ? model->max_batch : 0;
+}
+
+void tern_model_graph_set_fuse_floats(tern_model *model, size_t floats)
+{
+    model->fuse_floats = floats;
 }

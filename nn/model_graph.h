@@ -63,4 +63,9 @@ tern_pool *tern_model_graph_pool(tern_model *model);
 /* Planned batch (0 without a plan), with the plan's height, width and whether it trains. */
 int tern_model_graph_plan(const tern_model *model, int *height, int *width, bool *training);
 
+/* Band size (floats of the expanded tensor) with which folded inference interleaves a
+ * pointwise expansion with the depthwise conv reading it; 0 runs them one after the other.
+ * For tests and benchmarks: the results are the same bits either way. */
+void tern_model_graph_set_fuse_floats(tern_model *model, size_t floats);
+
 #endif

@@ -656,6 +656,59 @@ static void check_threads(const tern_conv_params *p, test_rng *rng, tern_pool *p
     assert_true(close);
 }
 
+/* tern_dwconv_forward_rows: random bands of output rows, in random order, each reading a
+ * copy of the input where only the rows it needs are real (the rest NaN), give the bits of
+ * the whole forward, at every ISA and thread count. */
+static void test_depthwise_rows(void **state)
+{
+    (void)state;
+    test_rng rng = {23};
+    for (size_t i = 0; i < NISAS; i++) {
+        if (tern_isa_resolve(isas[i]) != isas[i])
+            continue;
+        for (int nthreads = 1; nthreads <= 2; nthreads++) {
+            tern_pool *pool = NULL;
+            assert_int_equal(tern_pool_create(nthreads, isas[i], NULL, &pool), TERN_OK);
+            for (int t = 0; t < 30; t++) {
+                const tern_conv_params p = random_depthwise(&rng);
+                conv_case c = case_new(&p, &rng, 1);
+                float *want = alloc_floats(c.ny), *got = alloc_floats(c.ny);
+                float *xs = alloc_floats(c.nx);
+                tern_dwconv_forward(want, c.x, c.w, c.b, c.act, &p, pool);
+                const int rows = p.n * p.oh;
+                const size_t row_in = (size_t)p.w * (size_t)p.cin;
+                for (int r0 = 0; r0 < rows;) {
+                    const int step = test_rng_int(&rng, 1, 3);
+                    const int r1 = r0 + step < rows ? r0 + step : rows;
+                    for (size_t j = 0; j < c.nx; j++)
+                        xs[j] = NAN;
+                    for (int r = r0; r < r1; r++) { /* the input rows of output row r */
+                        const int n = r / p.oh, oy = r % p.oh;
+                        for (int ky = 0; ky < p.k; ky++) {
+                            const int iy = oy * p.stride - p.pad + ky;
+                            if (iy < 0 || iy >= p.h)
+                                continue;
+                            const size_t at = ((size_t)n * (size_t)p.h + (size_t)iy) * row_in;
+                            memcpy(xs + at, c.x + at, row_in * sizeof(float));
+                        }
+                    }
+                    tern_dwconv_forward_rows(got, xs, c.w, c.b, c.act, &p, r0, r1, pool);
+                    r0 = r1;
+                }
+                if (memcmp(want, got, c.ny * sizeof(float)) != 0) {
+                    print_params("depthwise rows", &p);
+                    fail_msg("isa %s, %d threads", tern_isa_name(isas[i]), nthreads);
+                }
+                free(want);
+                free(got);
+                free(xs);
+                case_free(&c);
+            }
+            tern_pool_destroy(&pool);
+        }
+    }
+}
+
 static void test_threads_deterministic(void **state)
 {
     (void)state;
@@ -835,6 +888,7 @@ int main(void)
         cmocka_unit_test(test_linear_accumulates),
         cmocka_unit_test(test_conv_ref_gradcheck),
         cmocka_unit_test(test_linear_gradcheck),
+        cmocka_unit_test(test_depthwise_rows),
         cmocka_unit_test(test_threads_deterministic),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

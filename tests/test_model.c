@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "nn/model_graph.h"
 #include "tern.h"
 #include "testutil.h"
 
@@ -1436,9 +1437,28 @@ static void randomize_norms(tern_model *m, uint64_t seed)
     tern_model_invalidate(m);
 }
 
+/* A half-width model at isa and thread count with random norms, planned for inference of n
+ * images of s x s. */
+static tern_model *fused_test_model(tern_arch arch, tern_isa isa, int threads, int classes,
+                                    uint64_t seed, int n, int s)
+{
+    tern_model_options o = tern_model_options_default(arch);
+    o.width_mult = 0.5;
+    o.num_classes = classes;
+    o.seed = seed;
+    o.threads = threads;
+    o.isa = isa;
+    tern_model *m = create(&o);
+    randomize_norms(m, seed + 1);
+    assert_int_equal(tern_model_plan(m, n, s, s, false), TERN_OK);
+    return m;
+}
+
 /* Inference folds BatchNorm into the convolutions and fuses the residual adds into the
- * projections (bit-exact: the same additions in the same order) at any batch; at batch 1 it
- * also folds each squeeze-and-excitation gate into the projection's weights (not bit-exact).
+ * projections (bit-exact: the same additions in the same order) at any batch, and runs each
+ * expansion with its depthwise conv by bands of rows (bit-exact, checked against no bands); at
+ * batch 1 it also folds each squeeze-and-excitation gate into the projection's weights (not
+ * bit-exact).
  * So each image run alone must match its row of a batch-3 run, where the gates are applied
  * unfused, at every ISA and thread count, and repeat bit for bit. */
 static void fused_inference_matches_unfused(void **state)
@@ -1457,17 +1477,22 @@ static void fused_inference_matches_unfused(void **state)
             if (tern_isa_resolve(isas[i]) != isas[i])
                 continue;
             for (int threads = 1; threads <= 2; threads++) {
-                tern_model_options o = tern_model_options_default(archs[a]);
-                o.width_mult = 0.5;
-                o.num_classes = K;
-                o.seed = 5;
-                o.threads = threads;
-                o.isa = isas[i];
-                tern_model *m = create(&o);
-                randomize_norms(m, 6);
-                assert_int_equal(tern_model_plan(m, N, S, S, false), TERN_OK);
-                float batched[N * K], single[K], again[K];
+                tern_model *m = fused_test_model(archs[a], isas[i], threads, K, 5, N, S);
+                float batched[N * K], banded[N * K], single[K], again[K];
+                /* Expansions and the depthwise convs after them by bands of rows (single-
+                 * threaded models): the bits of running them one after the other, for bands
+                 * of one row up to the whole image. */
+                tern_model_graph_set_fuse_floats(m, 0);
                 assert_int_equal(tern_model_forward(m, batched, input, N, false), TERN_OK);
+                static const size_t bands[] = {1, 700, 5000, (size_t)1 << 16};
+                for (size_t b = 0; b < sizeof bands / sizeof *bands; b++) {
+                    tern_model_graph_set_fuse_floats(m, bands[b]);
+                    assert_int_equal(tern_model_forward(m, banded, input, N, false), TERN_OK);
+                    if (memcmp(batched, banded, sizeof batched) != 0)
+                        fail_msg("%s %s %d thread(s): bands of %zu floats change the bits",
+                                 tern_arch_name(archs[a]), tern_isa_name(isas[i]), threads,
+                                 bands[b]);
+                }
                 for (int n = 0; n < N; n++) {
                     assert_int_equal(tern_model_forward(m, single, input + n * image, 1, false),
                                      TERN_OK);
