@@ -314,7 +314,7 @@ static const char SIM_HELP[] =
     "  --test-limit N         server-side test images (default 2000)\n"
     "  --bn-calibration N     re-estimate each aggregated model's BatchNorm statistics on N\n"
     "                         Fashion-MNIST training images before evaluating and committing\n"
-    "                         it (default 2000; 0: keep the averaged statistics)\n"
+    "                         it (default 0: keep the averaged statistics)\n"
     "  --width-mult F, --arch small|large, --bn-momentum F   the model (default Small, 1.0, 0.1)\n"
     "  --threads T            threads per client and for the server's evaluation (default 1)\n"
     "  --seed S               model, partition, selection and training seeds (default 0)\n"
@@ -330,8 +330,7 @@ static const char SIM_HELP[] =
 int tern_cmd_sim(int argc, char **argv)
 {
     cli c = {.clients = 4, .rounds = 5, .partition = "dirichlet:0.5", .limit_per_client = 5000,
-             .test_limit = 2000, .momentum = -1, .fraction_evaluate = -1, .proximal_mu = -1,
-             .bn_calibration = 2000};
+             .test_limit = 2000, .momentum = -1, .fraction_evaluate = -1, .proximal_mu = -1};
     int rc = cli_parse(argc, argv, CMD_SIM, false, &c);
     if (rc == 2) {
         fputs(SIM_HELP, stdout);
