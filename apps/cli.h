@@ -61,6 +61,7 @@ typedef struct cli {
     float proximal_mu, lr_min;
     int lr_warmup_rounds;
     long long test_limit, partition_seed, limit_per_client;
+    long long bn_calibration;
     /* differential privacy accounting (tern_dp.c) and DP-SGD training (tern train --dp) */
     const char *accountant;
     double sample_rate, noise_multiplier, delta, target_epsilon, max_grad_norm;

@@ -524,6 +524,65 @@ static tern_status fl_evaluate(void *user, tern_model *model, double *loss, doub
     return TERN_OK;
 }
 
+/* Server-side BatchNorm re-estimation (the server's calibrate callback): N images of the
+ * --test-data source's training split (a seeded random subset, the same every round), with
+ * the evaluation transform. */
+typedef struct fl_calib {
+    tern_dataset *ds;
+    tern_loader *loader;
+    tern_bn_calibration_options opt;
+} fl_calib;
+
+static void fl_calib_close(fl_calib *k)
+{
+    tern_loader_destroy(&k->loader);
+    tern_dataset_close(&k->ds);
+    memset(k, 0, sizeof *k);
+}
+
+static int fl_calib_open(fl_calib *k, const char *spec, long long count, uint64_t seed,
+                         const tern_model_info *info, int channels)
+{
+    memset(k, 0, sizeof *k);
+    bool fashion;
+    if (fl_open_dataset(spec, true, &k->ds, &fashion))
+        return 1;
+    size_t n = tern_dataset_size(k->ds);
+    if ((size_t)count < n)
+        n = (size_t)count;
+    if (n < 2) {
+        fl_calib_close(k);
+        return die("--bn-calibration needs at least 2 training images of %s", spec);
+    }
+    size_t *idx = shuffled_indices(tern_dataset_size(k->ds), seed ^ 0xb4ca1);
+    if (!idx) {
+        fl_calib_close(k);
+        return die("out of memory");
+    }
+    int size = info->input_size ? info->input_size : fashion ? 32 : 224;
+    tern_transform train_t, t;
+    fl_transforms(fashion, size, channels, &train_t, &t);
+    if (info->input_size)
+        t = model_eval_transform(info, 0, channels);
+    k->opt = (tern_bn_calibration_options){.batch = n < 100 ? (int)n : 100, .height = size,
+                                           .width = size};
+    tern_error err = {{0}};
+    tern_loader_options lo = {.batch = k->opt.batch, .indices = idx, .nindices = n};
+    tern_status s = tern_loader_create(k->ds, &t, &lo, NULL, &k->loader, &err);
+    free(idx);
+    if (s != TERN_OK) {
+        fl_calib_close(k);
+        return die("%s", err.message);
+    }
+    return 0;
+}
+
+static tern_status fl_calibrate(void *user, tern_model *model, tern_error *err)
+{
+    fl_calib *k = user;
+    return tern_bn_calibrate(model, k->loader, &k->opt, NULL, err);
+}
+
 typedef struct fl_printer {
     FILE *json_log;
     const char *json_log_path;
@@ -779,6 +838,8 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     tern_config_set_float(&o.fit_config, "momentum", c->momentum >= 0 ? c->momentum : 0.9);
     if (c->max_steps > 0)
         tern_config_set_int(&o.fit_config, "max_steps", c->max_steps);
+    if (c->smoothing > 0)
+        tern_config_set_float(&o.fit_config, "label_smoothing", c->smoothing);
     if (fl_dp_options(c, &o.dp))
         return 1;
     tern_config_set_int(&o.evaluate_config, "batch_size", 256);
@@ -801,6 +862,7 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
     tern_model_info info = {0};
     tern_server *server = NULL;
     fl_eval ev = {0};
+    fl_calib calib = {0};
     fl_printer printer = {.res = res};
     fl_logger lg = {.min_level = fl_log_level(c)};
     char settings[1024], classes[4096] = "";
@@ -833,6 +895,17 @@ int fl_server_run(const cli *c, const char *dir, const fl_run_hooks *hooks, fl_r
             goto done;
         o.evaluate = fl_evaluate;
         o.evaluate_user = &ev;
+    }
+    if (c->bn_calibration > 0) {
+        if (!c->test_data) {
+            rc = die("--bn-calibration takes its images from the training split of --test-data");
+            goto done;
+        }
+        if ((rc = fl_calib_open(&calib, c->test_data, c->bn_calibration, (uint64_t)c->seed, &info,
+                                mo->in_channels)))
+            goto done;
+        o.calibrate = fl_calibrate;
+        o.calibrate_user = &calib;
     }
     if (c->json_log) {
         printer.json_log = fopen(c->json_log, "a");
@@ -904,6 +977,7 @@ done:
     if (printer.json_log)
         fclose(printer.json_log);
     fl_eval_close(&ev);
+    fl_calib_close(&calib);
     tern_model_info_free(&info);
     tern_model_destroy(&model);
     tern_store_close(&store);
@@ -962,6 +1036,7 @@ static const char RUN_HELP[] =
     "                        cosine decays from --lr to --lr-min (default 0) at --rounds\n"
     "  --lr-warmup-rounds W  rounds 1..W ramp the learning rate up to --lr (default 0)\n"
     "  --weight-decay F      client SGD weight decay (default 0)\n"
+    "  --label-smoothing F   label smoothing of the clients' training loss (default 0)\n"
     "  --momentum F (default 0.9), --max-steps N (default: no limit),\n"
     "  --proximal-mu MU (FedProx; default 0.01), --fedbn (BatchNorm stays local)\n"
     "Differential privacy (docs/privacy.md; the model needs --norm group at init):\n"
@@ -981,6 +1056,8 @@ static const char RUN_HELP[] =
     "Evaluation and output:\n"
     "  --test-data fashion-mnist|DIR   evaluate each new model on this test set\n"
     "  --test-limit N        evaluate on N random test images\n"
+    "  --bn-calibration N    re-estimate each aggregated model's BatchNorm statistics on N\n"
+    "                        images of the training split of --test-data (default 0: off)\n"
     "  --threads N           threads for the server-side evaluation (default 1)\n"
     "  --json-log FILE       append one JSON line per round\n"
     "  --no-sync             do not fsync the store at each commit: faster rounds; a killed\n"

@@ -61,7 +61,7 @@ struct tern_local {
 
 typedef struct round_config {
     int64_t epochs, max_steps, batch_size;
-    double lr, momentum, weight_decay, proximal_mu;
+    double lr, momentum, weight_decay, proximal_mu, label_smoothing;
     uint64_t seed;
     bool fedbn;
     /* DP-SGD (config "dp" = "client"): noise multiplier, or a target epsilon over dp_rounds
@@ -107,8 +107,8 @@ static tern_status config_float(const tern_msg_config *c, const char *key, doubl
 static tern_status parse_config(const tern_msg_config *c, round_config *rc, tern_error *err)
 {
     *rc = (round_config){.epochs = 1, .max_steps = 0, .batch_size = 32, .lr = 0.05,
-                         .momentum = 0.9, .weight_decay = 0, .proximal_mu = 0, .seed = 0,
-                         .fedbn = false};
+                         .momentum = 0.9, .weight_decay = 0, .proximal_mu = 0,
+                         .label_smoothing = 0, .seed = 0, .fedbn = false};
     if (!c)
         return TERN_OK;
     int64_t seed = 0;
@@ -120,8 +120,12 @@ static tern_status parse_config(const tern_msg_config *c, round_config *rc, tern
         (s = config_float(c, "lr", 0, true, &rc->lr, err)) != TERN_OK ||
         (s = config_float(c, "momentum", 0, false, &rc->momentum, err)) != TERN_OK ||
         (s = config_float(c, "weight_decay", 0, false, &rc->weight_decay, err)) != TERN_OK ||
-        (s = config_float(c, "proximal_mu", 0, false, &rc->proximal_mu, err)) != TERN_OK)
+        (s = config_float(c, "proximal_mu", 0, false, &rc->proximal_mu, err)) != TERN_OK ||
+        (s = config_float(c, "label_smoothing", 0, false, &rc->label_smoothing, err)) != TERN_OK)
         return s;
+    if (rc->label_smoothing >= 1)
+        return tern_set_error(err, TERN_ERR_INVALID, "config label_smoothing: %g must be < 1",
+                              rc->label_smoothing);
     rc->seed = (uint64_t)seed;
     const tern_config_entry *e = tern_config_find(c, "fedbn");
     if (e && e->type != TERN_CONFIG_BOOL)
@@ -687,7 +691,8 @@ tern_status tern_local_fit(tern_local *L, const void *model, size_t model_size,
                                    tern_model_last_error(m));
                 goto done;
             }
-            if (tern_cross_entropy_loss(&loss, L->dlogits, L->logits, y, n, k, 0.0f) != TERN_OK) {
+            if (tern_cross_entropy_loss(&loss, L->dlogits, L->logits, y, n, k,
+                                        (float)rc.label_smoothing) != TERN_OK) {
                 s = tern_set_error(err, TERN_ERR_INVALID, "local: a label outside [0, %d) in the "
                                    "training share", k);
                 goto done;

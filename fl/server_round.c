@@ -1019,6 +1019,12 @@ static tern_status aggregate(tern_server *s, tern_error *err)
         srv_log(s, TERN_LOG_ERROR, "round %llu: BatchNorm statistics not aggregated: %s",
                 (unsigned long long)s->report.training_round, tern_strategy_last_error(s->bn));
     write_global(s);
+    if (s->opt.calibrate) {
+        tern_error e = {{0}};
+        if (s->opt.calibrate(s->opt.calibrate_user, s->model, &e) != TERN_OK)
+            srv_log(s, TERN_LOG_ERROR, "round %llu: BatchNorm statistics not re-estimated: %s",
+                    (unsigned long long)s->report.training_round, e.message);
+    }
     int64_t t1 = srv_clock_ns(CLOCK_MONOTONIC);
     s->timers[SRV_T_AGGREGATE] += t1 - t0;
     s->report.num_examples = sum.num_examples;

@@ -4,6 +4,7 @@
 #define TERN_H
 
 #include "tern/alloc.h"
+#include "tern/bn_calib.h"
 #include "tern/checkpoint.h"
 #include "tern/client.h"
 #include "tern/data.h"

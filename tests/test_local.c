@@ -422,6 +422,33 @@ static void test_fedprox(void **state)
     tern_local_destroy(&L);
 }
 
+/* label_smoothing reaches the loss: 0 is the default (same bytes as no key), 0.1 trains
+ * differently from the same seed. */
+static void test_label_smoothing(void **state)
+{
+    (void)state;
+    size_t glen, l0, l1, l2;
+    void *global = make_global(4, 10, &glen);
+    tern_local *L = make_local(900, 96, EVAL_FIRST, 0, 0);
+    tern_msg_config c = base_config(8);
+    tern_local_result r0, r1, r2;
+    void *u0 = fit_ok(L, global, glen, &c, &l0, &r0);
+    assert_int_equal(tern_config_set_float(&c, "label_smoothing", 0.0), TERN_OK);
+    void *u1 = fit_ok(L, global, glen, &c, &l1, &r1);
+    assert_int_equal(tern_config_set_float(&c, "label_smoothing", 0.1), TERN_OK);
+    void *u2 = fit_ok(L, global, glen, &c, &l2, &r2);
+    assert_int_equal(l0, l1);
+    assert_memory_equal(u0, u1, l0);
+    assert_int_equal(l0, l2);
+    assert_true(memcmp(u0, u2, l0) != 0);
+    assert_true(r0.loss != r2.loss);
+    free(u0);
+    free(u1);
+    free(u2);
+    free(global);
+    tern_local_destroy(&L);
+}
+
 static void test_fedbn(void **state)
 {
     (void)state;
@@ -507,6 +534,12 @@ static void test_refused(void **state)
     c = base_config(1);
     assert_int_equal(tern_config_set_int(&c, "batch_size", 0), TERN_OK);
     expect_invalid(L, global, glen, &c, "batch_size");
+    c = base_config(1);
+    assert_int_equal(tern_config_set_float(&c, "label_smoothing", 1.0), TERN_OK);
+    expect_invalid(L, global, glen, &c, "label_smoothing");
+    c = base_config(1);
+    assert_int_equal(tern_config_set_float(&c, "label_smoothing", -0.1), TERN_OK);
+    expect_invalid(L, global, glen, &c, "label_smoothing");
     c = base_config(1);
     assert_int_equal(tern_config_set_bool(&c, "momentum", true), TERN_OK);
     expect_invalid(L, global, glen, &c, "momentum");
@@ -670,6 +703,7 @@ int main(void)
         cmocka_unit_test(test_fit_update),
         cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_fedprox),
+        cmocka_unit_test(test_label_smoothing),
         cmocka_unit_test(test_fedbn),
         cmocka_unit_test(test_refused),
         cmocka_unit_test(test_cancel),

@@ -1358,6 +1358,92 @@ static void patience(void **state)
     assert_int_equal(calls, 4);
 }
 
+/* The first running_mean value of model m. */
+static float first_running_mean(const tern_model *m)
+{
+    for (size_t i = 0; i < tern_model_tensor_count(m); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(m, i);
+        if (t->kind == TERN_TENSOR_BUFFER && strstr(t->name, "running_mean"))
+            return t->data[0];
+    }
+    fail_msg("no running_mean");
+    return 0;
+}
+
+typedef struct calib_calls {
+    int calibrated, evaluated;
+    float seen[4]; /* first running_mean at each evaluation */
+} calib_calls;
+
+/* Sets every running_mean to 0.125 on the first call; fails (changing nothing) after. */
+static tern_status calib_cb(void *user, tern_model *model, tern_error *err)
+{
+    calib_calls *c = user;
+    if (c->calibrated++ > 0) {
+        snprintf(err->message, sizeof err->message, "no calibration images today");
+        return TERN_ERR_STATE;
+    }
+    for (size_t i = 0; i < tern_model_tensor_count(model); i++) {
+        const tern_model_tensor *t = tern_model_tensor_at(model, i);
+        if (t->kind == TERN_TENSOR_BUFFER && strstr(t->name, "running_mean"))
+            for (size_t j = 0; j < t->count; j++)
+                t->data[j] = 0.125f;
+    }
+    tern_model_invalidate(model);
+    return TERN_OK;
+}
+
+static tern_status calib_eval(void *user, tern_model *model, double *loss, double *accuracy,
+                              uint64_t *n, tern_error *err)
+{
+    calib_calls *c = user;
+    (void)err;
+    c->seen[c->evaluated++ % 4] = first_running_mean(model);
+    *loss = 1.0;
+    *accuracy = 0.5;
+    *n = 100;
+    return TERN_OK;
+}
+
+/* The calibrate callback runs on each aggregated model before evaluation and commit: what it
+ * leaves is evaluated and committed (round 1); when it fails, the round still commits, with
+ * the aggregated statistics (the client's 0.5, round 2). */
+static void bn_calibration(void **state)
+{
+    fixture *fx = *state;
+    calib_calls calls = {0};
+    tern_server_options o = one_client_options(fx);
+    o.rounds = 2;
+    o.calibrate = calib_cb;
+    o.calibrate_user = &calls;
+    o.evaluate = calib_eval;
+    o.evaluate_user = &calls;
+    start_server(fx, &o);
+    fake *a = fake_connect(fx, "alice", "alice-key");
+    for (uint32_t t = 1; t <= 2; t++)
+        fake_fit_round(fx, a, t);
+    assert_int_equal(join_server(fx), TERN_OK);
+    assert_int_equal(tern_server_rounds_completed(fx->server), 2);
+    assert_int_equal(calls.calibrated, 2);
+    assert_int_equal(calls.evaluated, 2);
+    assert_true(calls.seen[0] == 0.125f);
+    assert_true(calls.seen[1] == 0.5f);
+    tern_model_version info;
+    void *bytes = NULL;
+    size_t len = 0;
+    tern_error err = {{0}};
+    tern_safetensors *st = NULL;
+    OK(tern_store_version_load(fx->store, "1.0.1", &bytes, &len, &info, &err));
+    OK(tern_safetensors_parse(bytes, len, NULL, &st, &err));
+    OK(tern_model_load_state(fx->cm, st, "", &err));
+    tern_safetensors_close(&st);
+    tern_store_free(fx->store, bytes);
+    assert_true(first_running_mean(fx->cm) == 0.125f);
+    load_current(fx, &info);
+    assert_true(first_running_mean(fx->cm) == 0.5f);
+    fake_destroy(&a);
+}
+
 /* A download under way, driven by hand. */
 typedef struct dl {
     tern_transfer *t;
@@ -1658,6 +1744,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(lr_warmup, setup, teardown),
         cmocka_unit_test_setup_teardown(lr_constant, setup, teardown),
         cmocka_unit_test_setup_teardown(patience, setup, teardown),
+        cmocka_unit_test_setup_teardown(bn_calibration, setup, teardown),
         cmocka_unit_test_setup_teardown(download_slots, setup, teardown),
         cmocka_unit_test_setup_teardown(session_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(model_request_versions, setup, teardown),

@@ -10,6 +10,8 @@
  *   momentum      float  SGD momentum (0.9)
  *   weight_decay  float  (0)
  *   proximal_mu   float  FedProx: adds mu * (w - w_global) to the gradient (0)
+ *   label_smoothing float  training loss's label smoothing, [0, 1) (0); the reported
+ *                        training loss is the smoothed one
  *   seed          int    shuffling, augmentation and dropout for this round (0)
  *   fedbn         bool   keep this client's BatchNorm parameters and statistics: the incoming
  *                        model's BatchNorm tensors are ignored when a local copy exists (false)

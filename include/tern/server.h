@@ -217,6 +217,13 @@ typedef struct tern_server_options {
 
     tern_server_evaluate_fn evaluate; /* optional */
     void *evaluate_user;
+    /* Optional: called on each aggregated model before evaluation and commit, to re-estimate
+     * its BatchNorm statistics on server-held images (tern_bn_calibrate in tern/bn_calib.h).
+     * What it leaves in the model's buffers is evaluated, committed and sent to clients; an
+     * error is logged and the aggregated statistics are kept (the callback must leave them
+     * unchanged when it fails, as tern_bn_calibrate does). */
+    tern_status (*calibrate)(void *user, tern_model *model, tern_error *err);
+    void *calibrate_user;
 
     const char *settings;          /* text recorded with each version (training settings) */
     const char *classes;           /* text recorded with each version (class names) */
