@@ -156,6 +156,7 @@ static const opt_spec OPTIONS[] = {
     /* DP-SGD training */
     {"dp", T_FLAG, O(dp), 0, 0, CMD_TRAIN},
     {"max-grad-norm", T_DOUBLE, O(max_grad_norm), 1e-300, 1e300, CMD_TRAIN},
+    {"ema", T_DOUBLE, O(ema), 1e-300, 0.999999999, CMD_TRAIN},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 
