@@ -8,6 +8,7 @@
 
 #include <cmocka.h>
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,15 +143,21 @@ static void help_and_errors(void **state)
     expect_log(e, "--lr does not apply");
 }
 
-/* DP-SGD training on a sliver of Fashion-MNIST (skipped without the dataset). */
-static void train_dp(void **state)
+/* Whether the Fashion-MNIST files are installed (the training tests skip otherwise). */
+static bool have_fashion_mnist(void)
 {
-    env *e = *state;
     const char *dir = getenv("TERN_FASHION_MNIST");
     char probe[1024];
     snprintf(probe, sizeof probe, "%s/train-images-idx3-ubyte.gz",
              dir && *dir ? dir : "/usr/share/datasets/fashion-mnist");
-    if (access(probe, R_OK) != 0)
+    return access(probe, R_OK) == 0;
+}
+
+/* DP-SGD training on a sliver of Fashion-MNIST (skipped without the dataset). */
+static void train_dp(void **state)
+{
+    env *e = *state;
+    if (!have_fashion_mnist())
         skip();
     const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 1 "
                          "--width-mult 0.25 --batch 32 --no-progress";
@@ -196,11 +203,7 @@ static void log_line(env *e, const char *prefix, char *line, size_t size)
 static void train_dp_ema(void **state)
 {
     env *e = *state;
-    const char *dir = getenv("TERN_FASHION_MNIST");
-    char probe[1024];
-    snprintf(probe, sizeof probe, "%s/train-images-idx3-ubyte.gz",
-             dir && *dir ? dir : "/usr/share/datasets/fashion-mnist");
-    if (access(probe, R_OK) != 0)
+    if (!have_fashion_mnist())
         skip();
     const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 2 "
                          "--width-mult 0.25 --batch 32 --no-progress --dp --noise-multiplier 0.5 "
