@@ -170,6 +170,7 @@ static const opt_spec OPTIONS[] = {
     {"storage", T_STR, O(storage), 0, 0, CMD_PRUNE},
     {"gradual", T_FLAG, O(gradual), 0, 0, CMD_PRUNE},
     {"prune-interval", T_INT, O(prune_interval), 1, 1000000000, CMD_PRUNE},
+    {"ema", T_DOUBLE, O(ema), 1e-300, 0.999999999, CMD_TRAIN},
 };
 #define NOPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
 

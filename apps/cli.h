@@ -65,6 +65,7 @@ typedef struct cli {
     /* differential privacy accounting (tern_dp.c) and DP-SGD training (tern train --dp) */
     const char *accountant;
     double sample_rate, noise_multiplier, delta, target_epsilon, max_grad_norm;
+    double ema; /* tern train --ema: decay of the weight average (0: off) */
     bool dp;
     /* pruning (tern_prune.c; --fine-tune-epochs sets epochs) */
     float sparsity;

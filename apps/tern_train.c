@@ -335,7 +335,10 @@ static const char TRAIN_HELP[] =
     "  --sample-rate Q        Poisson rate (default: 1 / ceil(N / batch); the expected batch is\n"
     "                         Q * N, and an epoch is 1 / Q steps)\n"
     "  --accountant rdp|prv   (default rdp)\n"
-    "Model:\n"
+    "  --ema D                evaluate and save an exponential moving average of the weights,\n"
+    "                         decay D (e.g. 0.999; warm-up min(D, (1+t)/(10+t)) at update t)\n"
+    "                         instead of the last weights: De et al. 2022's averaging for DP\n"
+    "                         (also without --dp); each epoch also reports the raw weights\n"    "Model:\n"
     "  --arch A, --width-mult F, --norm batch|group, --threads N, --isa I  (see tern forward)\n"
     "  --init W.safetensors   start from these weights (e.g. torchvision's, saved as safetensors)\n"
     "  --reset-head           with --init: a new classifier for this data's classes\n"
@@ -547,6 +550,8 @@ static int cmd_train(int argc, char **argv)
         return die("--reset-head needs --init");
     if (c.resume && c.init)
         return die("--resume and --init exclude each other");
+    if (c.resume && c.ema > 0)
+        return die("--ema cannot be resumed: checkpoints do not carry the weight average");
     if (!c.dp && (c.max_grad_norm > 0 || c.noise_multiplier > 0 || c.target_epsilon > 0 ||
                   c.delta > 0 || c.sample_rate > 0 || c.accountant))
         return die("the differential-privacy options need --dp");
@@ -569,9 +574,14 @@ static int cmd_train(int argc, char **argv)
     tern_metrics *metrics = NULL;
     float *logits = NULL, *dlogits = NULL;
     dp_run dpr = {0};
+    tern_ema *ema = NULL;
     tern_error err = {{0}};
     if ((rc = make_model(&c, classes, channels, &m)) || (rc = make_optimizer(&c, m, 0.1f, 1e-3f, &opt)))
         goto done;
+    if (c.ema > 0 && tern_ema_create(m, c.ema, &ema, &err) != TERN_OK) {
+        rc = die("%s", err.message);
+        goto done;
+    }
     if (c.dp && (rc = dp_setup(&c, &d, m, size, channels, &dpr)))
         goto done;
     /* One LMDB environment per loader (LMDB allows one per process), holding decoded images
@@ -646,6 +656,7 @@ static int cmd_train(int argc, char **argv)
                 goto done;
             }
             tern_optimizer_step(opt);
+            tern_ema_update(ema);
             info.global_step++;
             loss_sum += (double)loss * n;
             images += (size_t)n;
@@ -683,6 +694,7 @@ static int cmd_train(int argc, char **argv)
             if (c.clip > 0)
                 tern_clip_grad_norm(m, c.clip);
             tern_optimizer_step(opt);
+            tern_ema_update(ema);
             info.global_step++;
             loss_sum += loss;
             images += (size_t)n;
@@ -690,13 +702,25 @@ static int cmd_train(int argc, char **argv)
             progress_update(&p, what, batches, loss_sum / (double)batches, images);
         }
         double train_s = cli_now() - start;
-        if ((rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
+        double raw_acc = 0; /* with --ema: the last weights' accuracy; metrics get the average's */
+        if (ema) {
+            if ((rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
+                goto done;
+            raw_acc = tern_metrics_accuracy(metrics);
+            tern_ema_swap(ema);
+        }
+        rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true);
+        tern_ema_swap(ema);
+        if (rc)
             goto done;
         double train_loss = c.dp ? loss_sum / (double)(images ? images : 1)
                                  : loss_sum / (double)(batches ? batches : 1);
-        fprintf(stderr, "epoch %d/%d: train loss %.4f, %.0f img/s, %.1f s | val loss %.4f, accuracy %.2f%%\n",
+        fprintf(stderr, "epoch %d/%d: train loss %.4f, %.0f img/s, %.1f s | val loss %.4f, accuracy %.2f%%",
                 epoch + 1, c.epochs, train_loss, (double)images / train_s, train_s,
                 tern_metrics_loss(metrics), 100 * tern_metrics_accuracy(metrics));
+        if (ema)
+            fprintf(stderr, " (weight average; last weights %.2f%%)", 100 * raw_acc);
+        fputc('\n', stderr);
         if (c.dp) {
             double eps;
             if (tern_dp_epsilon(dpr.dp, dpr.delta, &eps) != TERN_OK) {
@@ -712,8 +736,13 @@ static int cmd_train(int argc, char **argv)
             goto done;
         }
     }
+    /* From here on the model holds the weight average, if any: it is evaluated and saved. */
+    tern_ema_swap(ema);
     if (tern_metrics_count(metrics) == 0 && (rc = evaluate(m, NULL, val, metrics, logits, &c, "  validating", true)))
         goto done;
+    if (ema)
+        printf("weights: exponential moving average, decay %g, %lld updates\n", c.ema,
+               (long long)tern_ema_updates(ema));
     printf("trained in %.1f s\n", cli_now() - run_start);
     if (c.dp) {
         double eps;
@@ -757,6 +786,7 @@ static int cmd_train(int argc, char **argv)
         rc = write_metrics_json(c.metrics_json, metrics, &d, classes);
 done:
     dp_run_free(&dpr);
+    tern_ema_destroy(&ema);
     tern_loader_destroy(&train);
     tern_loader_destroy(&val);
     tern_metrics_destroy(&metrics);

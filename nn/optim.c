@@ -509,3 +509,88 @@ float tern_clip_grad_norm(tern_model *model, float max_norm)
     }
     return (float)norm;
 }
+
+/* ---- weight averaging ----------------------------------------------------------------------- */
+
+struct tern_ema {
+    tern_model *model;
+    double decay;
+    int64_t updates;
+    size_t n;
+    double *avg;  /* (n) the average */
+    float *saved; /* (n) the model's own parameters while the average is swapped in */
+    bool swapped;
+};
+
+tern_status tern_ema_create(tern_model *model, double decay, tern_ema **out, tern_error *err)
+{
+    if (!model || !out)
+        return tern_set_error(err, TERN_ERR_INVALID, "NULL argument");
+    if (!(decay >= 0 && decay < 1))
+        return tern_set_error(err, TERN_ERR_INVALID, "EMA decay %g is not in [0, 1)", decay);
+    const tern_allocator *a = tern_model_options_of(model)->alloc;
+    size_t n = tern_model_param_count(model);
+    tern_ema *e = tern_calloc(a, 1, sizeof *e);
+    if (!e)
+        return tern_set_error(err, TERN_ERR_NOMEM, "out of memory (EMA)");
+    e->avg = tern_calloc(a, n ? n : 1, sizeof *e->avg);
+    e->saved = tern_calloc(a, n ? n : 1, sizeof *e->saved);
+    if (!e->avg || !e->saved) {
+        tern_free(a, e->avg);
+        tern_free(a, e->saved);
+        tern_free(a, e);
+        return tern_set_error(err, TERN_ERR_NOMEM, "out of memory (EMA of %zu parameters)", n);
+    }
+    e->model = model;
+    e->decay = decay;
+    e->n = n;
+    const float *p = tern_model_params(model);
+    for (size_t i = 0; i < n; i++)
+        e->avg[i] = p[i];
+    *out = e;
+    return TERN_OK;
+}
+
+void tern_ema_destroy(tern_ema **ema)
+{
+    if (!ema || !*ema)
+        return;
+    const tern_allocator *a = tern_model_options_of((*ema)->model)->alloc;
+    tern_free(a, (*ema)->avg);
+    tern_free(a, (*ema)->saved);
+    tern_free(a, *ema);
+    *ema = NULL;
+}
+
+void tern_ema_update(tern_ema *ema)
+{
+    if (!ema || ema->swapped)
+        return;
+    double warm = (1.0 + (double)ema->updates) / (10.0 + (double)ema->updates);
+    double d = ema->decay < warm ? ema->decay : warm;
+    const float *p = tern_model_params(ema->model);
+    for (size_t i = 0; i < ema->n; i++)
+        ema->avg[i] = d * ema->avg[i] + (1.0 - d) * (double)p[i];
+    ema->updates++;
+}
+
+void tern_ema_swap(tern_ema *ema)
+{
+    if (!ema)
+        return;
+    float *p = tern_model_params(ema->model);
+    if (!ema->swapped) {
+        memcpy(ema->saved, p, sizeof *p * ema->n);
+        for (size_t i = 0; i < ema->n; i++)
+            p[i] = (float)ema->avg[i];
+    } else {
+        memcpy(p, ema->saved, sizeof *p * ema->n);
+    }
+    ema->swapped = !ema->swapped;
+    tern_model_invalidate(ema->model);
+}
+
+int64_t tern_ema_updates(const tern_ema *ema)
+{
+    return ema ? ema->updates : 0;
+}

@@ -8,6 +8,7 @@
 
 #include <cmocka.h>
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,15 +143,21 @@ static void help_and_errors(void **state)
     expect_log(e, "--lr does not apply");
 }
 
-/* DP-SGD training on a sliver of Fashion-MNIST (skipped without the dataset). */
-static void train_dp(void **state)
+/* Whether the Fashion-MNIST files are installed (the training tests skip otherwise). */
+static bool have_fashion_mnist(void)
 {
-    env *e = *state;
     const char *dir = getenv("TERN_FASHION_MNIST");
     char probe[1024];
     snprintf(probe, sizeof probe, "%s/train-images-idx3-ubyte.gz",
              dir && *dir ? dir : "/usr/share/datasets/fashion-mnist");
-    if (access(probe, R_OK) != 0)
+    return access(probe, R_OK) == 0;
+}
+
+/* DP-SGD training on a sliver of Fashion-MNIST (skipped without the dataset). */
+static void train_dp(void **state)
+{
+    env *e = *state;
+    if (!have_fashion_mnist())
         skip();
     const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 1 "
                          "--width-mult 0.25 --batch 32 --no-progress";
@@ -176,6 +183,50 @@ static void train_dp(void **state)
     assert_int_equal(unlink(out), 0);
 }
 
+/* The first line of the log starting with prefix, into line (empty if none). */
+static void log_line(env *e, const char *prefix, char *line, size_t size)
+{
+    line[0] = 0;
+    FILE *f = fopen(e->log, "r");
+    assert_non_null(f);
+    char buf[1024];
+    while (fgets(buf, sizeof buf, f))
+        if (strncmp(buf, prefix, strlen(prefix)) == 0) {
+            snprintf(line, size, "%s", buf);
+            break;
+        }
+    fclose(f);
+}
+
+/* --ema: each epoch reports the average and the last weights, the run reports the updates,
+ * and the saved model is the average (tern eval of it prints the run's final metrics). */
+static void train_dp_ema(void **state)
+{
+    env *e = *state;
+    if (!have_fashion_mnist())
+        skip();
+    const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 2 "
+                         "--width-mult 0.25 --batch 32 --no-progress --dp --noise-multiplier 0.5 "
+                         "--lr 0.5";
+    assert_int_equal(run(e, "%s --ema 1", common), 1);
+    expect_log(e, "--ema");
+    assert_int_equal(run(e, "%s --ema 0.9 --resume x.ckpt", common), 1);
+    expect_log(e, "--ema cannot be resumed");
+
+    char out[128], trained[1024], evaluated[1024];
+    snprintf(out, sizeof out, "%s/m.safetensors", e->dir);
+    assert_int_equal(run(e, "%s --ema 0.9 --out '%s'", common, out), 0);
+    expect_log(e, "epoch 1/2: train loss ");
+    expect_log(e, "(weight average; last weights ");
+    expect_log(e, "weights: exponential moving average, decay 0.9, 6 updates");
+    log_line(e, "accuracy ", trained, sizeof trained);
+    assert_true(trained[0] != 0);
+    assert_int_equal(run(e, "eval --model '%s' --data fashion-mnist --limit 32", out), 0);
+    log_line(e, "accuracy ", evaluated, sizeof evaluated);
+    assert_string_equal(trained, evaluated);
+    assert_int_equal(unlink(out), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -183,6 +234,7 @@ int main(void)
         cmocka_unit_test(noise_reference),
         cmocka_unit_test(help_and_errors),
         cmocka_unit_test(train_dp),
+        cmocka_unit_test(train_dp_ema),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -665,6 +665,186 @@ static void clip_grad_norm(void **state)
     tern_model_destroy(&m);
 }
 
+/* ---- weight averaging ---------------------------------------------------------------------- */
+
+/* The average follows avg = d avg + (1 - d) p with d = min(decay, (1 + t) / (10 + t)), from a
+ * copy of the initial parameters, against a double reference computed here; 12 updates at
+ * decay 0.5 cross from the warm-up (t < 8) to the fixed decay. Swapping puts the rounded
+ * average in the model, is ignored by updates, and a second swap restores the parameters bit
+ * for bit. */
+static void ema_tracks_average(void **state)
+{
+    (void)state;
+    tern_model_options mo = small_options(11);
+    tern_model *m = create_model(&mo);
+    size_t np = tern_model_param_count(m);
+    float *p = tern_model_params(m);
+    double *ref = malloc(np * sizeof *ref);
+    float *last = malloc(np * sizeof *last);
+    assert_non_null(ref);
+    assert_non_null(last);
+    for (size_t i = 0; i < np; i++)
+        ref[i] = p[i];
+    tern_ema *e = NULL;
+    tern_error err = {{0}};
+    assert_int_equal(tern_ema_create(m, 0.5, &e, &err), TERN_OK);
+    test_rng r = {17};
+    for (int t = 0; t < 12; t++) {
+        test_fill_uniform(&r, p, np, -1.0f, 1.0f);
+        tern_ema_update(e);
+        double d = (1.0 + t) / (10.0 + t);
+        d = d < 0.5 ? d : 0.5;
+        for (size_t i = 0; i < np; i++)
+            ref[i] = d * ref[i] + (1.0 - d) * p[i];
+    }
+    assert_int_equal(tern_ema_updates(e), 12);
+    memcpy(last, p, np * sizeof *last);
+    tern_ema_swap(e);
+    size_t differ = 0;
+    for (size_t i = 0; i < np; i++) {
+        assert_true(p[i] == (float)ref[i]);
+        differ += p[i] != last[i];
+    }
+    assert_true(differ > np / 2);
+    tern_ema_update(e); /* swapped in: ignored */
+    assert_int_equal(tern_ema_updates(e), 12);
+    tern_ema_swap(e);
+    assert_memory_equal(p, last, np * sizeof *last);
+    tern_ema_swap(e);
+    for (size_t i = 0; i < np; i++)
+        assert_true(p[i] == (float)ref[i]);
+    tern_ema_destroy(&e);
+    assert_null(e);
+    tern_ema_destroy(&e);
+    tern_ema_destroy(NULL);
+    free(ref);
+    free(last);
+    tern_model_destroy(&m);
+}
+
+/* Constant parameters average to themselves; decay 0 makes the average the last parameters. */
+static void ema_constant_and_zero_decay(void **state)
+{
+    (void)state;
+    tern_model_options mo = small_options(12);
+    tern_model *m = create_model(&mo);
+    size_t np = tern_model_param_count(m);
+    float *p = tern_model_params(m);
+    float *orig = malloc(np * sizeof *orig);
+    assert_non_null(orig);
+    memcpy(orig, p, np * sizeof *orig);
+    tern_ema *e = NULL;
+    assert_int_equal(tern_ema_create(m, 0.999, &e, NULL), TERN_OK);
+    for (int t = 0; t < 30; t++)
+        tern_ema_update(e);
+    tern_ema_swap(e);
+    assert_memory_equal(p, orig, np * sizeof *orig);
+    tern_ema_swap(e);
+    tern_ema_destroy(&e);
+
+    assert_int_equal(tern_ema_create(m, 0.0, &e, NULL), TERN_OK);
+    test_rng r = {3};
+    test_fill_uniform(&r, p, np, -1.0f, 1.0f);
+    tern_ema_update(e);
+    float *now = malloc(np * sizeof *now);
+    assert_non_null(now);
+    memcpy(now, p, np * sizeof *now);
+    tern_ema_swap(e);
+    assert_memory_equal(p, now, np * sizeof *now);
+    tern_ema_swap(e);
+    tern_ema_destroy(&e);
+    free(now);
+    free(orig);
+    tern_model_destroy(&m);
+}
+
+/* The swapped-in average is what inference uses (the model is invalidated): a BatchNorm model's
+ * output after the swap equals that of a copy holding the average's values. */
+static void ema_swap_invalidates_model(void **state)
+{
+    (void)state;
+    tern_model_options mo = small_options(13);
+    tern_model *a = create_model(&mo), *b = create_model(&mo);
+    const int n = 2;
+    size_t count = (size_t)n * 32 * 32 * 3, np = tern_model_param_count(a);
+    float *x = malloc(count * sizeof(float)), la[10], lb[10];
+    assert_non_null(x);
+    test_rng r = {9};
+    test_fill_uniform(&r, x, count, -1.0f, 1.0f);
+    assert_int_equal(tern_model_plan(a, n, 32, 32, false), TERN_OK);
+    assert_int_equal(tern_model_plan(b, n, 32, 32, false), TERN_OK);
+    tern_ema *e = NULL;
+    assert_int_equal(tern_ema_create(a, 0.9, &e, NULL), TERN_OK);
+    assert_int_equal(tern_model_forward(a, la, x, n, false), TERN_OK); /* folds BatchNorm */
+    for (int t = 0; t < 3; t++) {
+        test_fill_uniform(&r, tern_model_params(a), np, -0.5f, 0.5f);
+        tern_model_invalidate(a);
+        tern_ema_update(e);
+    }
+    assert_int_equal(tern_model_forward(a, la, x, n, false), TERN_OK);
+    tern_ema_swap(e);
+    memcpy(tern_model_params(b), tern_model_params(a), np * sizeof(float));
+    tern_model_invalidate(b);
+    assert_int_equal(tern_model_forward(a, la, x, n, false), TERN_OK);
+    assert_int_equal(tern_model_forward(b, lb, x, n, false), TERN_OK);
+    assert_memory_equal(la, lb, sizeof(float) * (size_t)n * 5);
+    tern_ema_destroy(&e);
+    free(x);
+    tern_model_destroy(&a);
+    tern_model_destroy(&b);
+}
+
+static void ema_rejects_bad_arguments(void **state)
+{
+    (void)state;
+    tern_model_options mo = small_options(14);
+    tern_model *m = create_model(&mo);
+    tern_ema *const sentinel = (tern_ema *)(uintptr_t)0x4321;
+    const double bad[] = {1.0, -0.1, 2.0, NAN};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        tern_ema *e = sentinel;
+        tern_error err = {{0}};
+        assert_int_equal(tern_ema_create(m, bad[i], &e, &err), TERN_ERR_INVALID);
+        assert_ptr_equal(e, sentinel);
+        assert_non_null(strstr(err.message, "decay"));
+    }
+    tern_ema *e = sentinel;
+    assert_int_equal(tern_ema_create(NULL, 0.5, &e, NULL), TERN_ERR_INVALID);
+    assert_int_equal(tern_ema_create(m, 0.5, NULL, NULL), TERN_ERR_INVALID);
+    assert_ptr_equal(e, sentinel);
+    assert_int_equal(tern_ema_updates(NULL), 0);
+    tern_ema_update(NULL);
+    tern_ema_swap(NULL);
+    tern_model_destroy(&m);
+
+    /* allocation failure: the handle, then each of its two blocks */
+    test_alloc_state st = {0};
+    tern_allocator a = test_failing_allocator(&st);
+    mo.alloc = &a;
+    m = create_model(&mo);
+    long live = st.live;
+    int failures = 0;
+    for (long k = 1;; k++) {
+        assert_true(k < 100);
+        st.fail_at = st.count + k;
+        e = sentinel;
+        tern_error err = {{0}};
+        tern_status s = tern_ema_create(m, 0.5, &e, &err);
+        if (s == TERN_OK) {
+            tern_ema_destroy(&e);
+            break;
+        }
+        assert_int_equal(s, TERN_ERR_NOMEM);
+        assert_ptr_equal(e, sentinel);
+        assert_int_equal(st.live, live);
+        failures++;
+    }
+    assert_int_equal(failures, 3);
+    st.fail_at = 0;
+    tern_model_destroy(&m);
+    assert_int_equal(st.live, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -679,6 +859,10 @@ int main(void)
         cmocka_unit_test(schedules_match_torch),
         cmocka_unit_test(schedules_reject_bad_values),
         cmocka_unit_test(clip_grad_norm),
+        cmocka_unit_test(ema_tracks_average),
+        cmocka_unit_test(ema_constant_and_zero_decay),
+        cmocka_unit_test(ema_swap_invalidates_model),
+        cmocka_unit_test(ema_rejects_bad_arguments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -178,6 +178,28 @@ float tern_schedule_lr(const tern_schedule *s, long step);
  * (a NaN or infinite gradient) is returned with the gradients left untouched. */
 float tern_clip_grad_norm(tern_model *model, float max_norm);
 
+/* ---- weight averaging ----------------------------------------------------------------------- */
+
+/* An exponential moving average of a model's parameters (the flat block), as used for DP-SGD
+ * by De et al. 2022: after each optimizer step, avg = d * avg + (1 - d) * p with
+ * d = min(decay, (1 + t) / (10 + t)), t being the number of updates before this one (the
+ * warm-up of TensorFlow's ExponentialMovingAverage with num_updates, so that short runs are
+ * not dominated by the initial weights). The average starts as a copy of the parameters and
+ * is accumulated in double. Buffers (BatchNorm statistics) are not averaged. */
+typedef struct tern_ema tern_ema;
+
+/* decay in [0, 1). The model is borrowed and must outlive the handle. TERN_ERR_INVALID for a
+ * NULL argument or decay out of range, TERN_ERR_NOMEM. */
+tern_status tern_ema_create(tern_model *model, double decay, tern_ema **out, tern_error *err);
+void tern_ema_destroy(tern_ema **ema);
+/* Fold the model's current parameters into the average (ignored while swapped in). */
+void tern_ema_update(tern_ema *ema);
+/* Exchange the model's parameters with the average (rounded to float); a second call restores
+ * them exactly. The model is invalidated (its inference folding redone). */
+void tern_ema_swap(tern_ema *ema);
+/* Updates taken so far. */
+int64_t tern_ema_updates(const tern_ema *ema);
+
 #ifdef __cplusplus
 }
 #endif
