@@ -37,7 +37,11 @@
 
 #define CLIENT_VERSION "tern/0.1"
 #define DOWNLOAD_WINDOW 4 /* chunks in flight per download (docs/federation.md) */
-#define DEFAULT_PATIENCE 5
+/* The server does not answer while it aggregates, evaluates and commits a round (seconds on a
+ * loaded machine, more with a large test set or BatchNorm re-estimation); giving up after 5
+ * intervals made clients reconnect in the middle of a round and cost it. 15 intervals (15 s at
+ * the default 1 s heartbeat) still notices a dead server quickly. */
+#define DEFAULT_PATIENCE 15
 #define DEFAULT_BACKOFF_INITIAL_MS 100
 #define DEFAULT_BACKOFF_MAX_MS 5000
 #define DEFAULT_HELLO_TIMEOUT_MS 5000

@@ -89,7 +89,7 @@ typedef struct tern_client_options {
     tern_client_evaluate_fn evaluate; /* optional: EVALUATE_INS gets ERROR unsupported without */
     void *user;
 
-    uint32_t heartbeat_patience;   /* silent server intervals before reconnecting; default 5 */
+    uint32_t heartbeat_patience;   /* silent server intervals before reconnecting; default 15 */
     uint32_t backoff_initial_ms;   /* first reconnect delay; default 100 */
     uint32_t backoff_max_ms;       /* default 5000 */
     uint32_t max_reconnects;       /* consecutive reconnects without a WELCOME; 0 = forever;
