@@ -22,7 +22,6 @@
 #include "tern/safetensors.h"
 #include "testutil.h"
 
-#define FASHION_DIR "/usr/share/datasets/fashion-mnist"
 #define EVAL_FIRST 50000 /* held-out images come from here on in the training file */
 
 static tern_dataset *g_ds;
@@ -30,14 +29,8 @@ static tern_dataset *g_ds;
 static int group_setup(void **state)
 {
     (void)state;
-    const char *dir = getenv("TERN_FASHION_MNIST");
-    tern_error err = {{0}};
-    if (tern_dataset_open_fashion_mnist(dir && *dir ? dir : FASHION_DIR, true, NULL, &g_ds,
-                                        &err) != TERN_OK) {
-        fprintf(stderr, "test_local: %s\n", err.message);
-        return -1;
-    }
-    return 0;
+    g_ds = test_open_fashion_mnist(true, "test_local");
+    return g_ds ? 0 : -1;
 }
 
 static int group_teardown(void **state)

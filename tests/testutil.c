@@ -1,4 +1,5 @@
 #include "testutil.h"
+#include "tern/data.h"
 
 #include <dirent.h>
 #include <math.h>
@@ -84,6 +85,19 @@ const char *test_fixture_dir(void)
 {
     const char *d = getenv("TERN_FIXTURES");
     return d && *d ? d : "tests/golden";
+}
+
+struct tern_dataset *test_open_fashion_mnist(bool train, const char *who)
+{
+    const char *dir = getenv("TERN_FASHION_MNIST");
+    tern_dataset *ds = NULL;
+    tern_error err = {{0}};
+    if (tern_dataset_open_fashion_mnist(dir && *dir ? dir : "/usr/share/datasets/fashion-mnist",
+                                        train, NULL, &ds, &err) != TERN_OK) {
+        fprintf(stderr, "%s: %s\n", who, err.message);
+        return NULL;
+    }
+    return ds;
 }
 
 void test_rm_tree(const char *path)

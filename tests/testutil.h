@@ -35,4 +35,8 @@ void test_rm_tree(const char *path);
 /* Directory holding golden fixtures ($TERN_FIXTURES, else tests/golden). */
 const char *test_fixture_dir(void);
 
+/* Fashion-MNIST's training or test split from $TERN_FASHION_MNIST, else the Debian package's
+ * directory; NULL after printing why, prefixed by who, to stderr. */
+struct tern_dataset *test_open_fashion_mnist(bool train, const char *who);
+
 #endif
