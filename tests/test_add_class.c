@@ -118,12 +118,6 @@ typedef struct env {
     char old_model[128], new_model[128], plain_model[128];
 } env;
 
-static const char *tern_bin(void)
-{
-    const char *b = getenv("TERN_BIN");
-    return b && *b ? b : "./tern";
-}
-
 /* The classes, in name order: "green" and "red" are the old ones, "violet" the new one (so the
  * grown model's class order is also the folders' sorted order and `tern eval` accepts it). */
 static const char *const CLASS_NAMES[3] = {"green", "red", "violet"};
@@ -224,58 +218,22 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     env *e = *state;
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", e->dir);
-    int rc = system(cmd);
+    test_rm_tree(e->dir);
     free(e);
-    return rc == 0 ? 0 : -1;
-}
-
-/* Runs `tern ARGS`, stdout and stderr to e->log; returns the exit status. */
-static int run(env *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(env *e, const char *fmt, ...)
-{
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", tern_bin(), args, e->log);
-    int status = system(cmd);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-/* The log's text (static buffer). */
-static const char *log_text(const env *e)
-{
-    static char buf[65536];
-    FILE *f = fopen(e->log, "r");
-    size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
-    if (f)
-        fclose(f);
-    buf[n] = 0;
-    return buf;
-}
-
-static bool log_contains(const env *e, const char *needle)
-{
-    const char *text = log_text(e);
-    if (!strstr(text, needle)) {
-        fprintf(stderr, "expected '%s' in output:\n%s\n", needle, text);
-        return false;
-    }
-    return true;
+    return 0;
 }
 
 /* The percentage after `label` in the log ("old-class accuracy before: 97.50%"), or -1. */
 static double log_percent(const env *e, const char *label)
 {
-    const char *at = strstr(log_text(e), label);
+    char *text = test_slurp(e->log);
+    const char *at = text ? strstr(text, label) : NULL;
     double v;
     if (!at || sscanf(at + strlen(label), " %lf%%", &v) != 1) {
-        fprintf(stderr, "no '%s' in output:\n%s\n", label, log_text(e));
-        return -1;
+        fprintf(stderr, "no '%s' in output:\n%s\n", label, text ? text : "(no log)");
+        v = -1;
     }
+    free(text);
     return v;
 }
 
@@ -287,24 +245,29 @@ static void add_class_end_to_end(void **state)
     make_folder(e->data, 3, 32, 16, 2);
     /* Batches of 16 and enough steps for BatchNorm's running statistics (momentum 0.01) to
      * settle: with batches of 8 this tiny network's eval-mode accuracy is erratic. */
-    assert_int_equal(run(e, "train --data %s --width-mult 0.25 --size 32 --batch 16 --epochs 60 "
-                            "--no-augment --seed 3 --out %s",
-                         e->old_data, e->old_model),
-                     0);
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "train --data %s --width-mult 0.25 --size 32 --batch 16 --epochs 60 "
+                      "--no-augment --seed 3 --out %s",
+                      e->old_data, e->old_model),
+        0);
     char json[160];
     snprintf(json, sizeof json, "%s/metrics.json", e->dir);
-    int rc = run(e, "add-class --model %s --data %s --class violet --batch 16 --epochs 40 "
-                    "--lr 0.05 --no-augment --seed 3 --out %s --metrics-json %s",
-                 e->old_model, e->data, e->new_model, json);
-    fprintf(stderr, "%s", log_text(e));
+    int rc = test_run_tern(e->log,
+                           "add-class --model %s --data %s --class violet --batch 16 --epochs 40 "
+                           "--lr 0.05 --no-augment --seed 3 --out %s --metrics-json %s",
+                           e->old_model, e->data, e->new_model, json);
+    char *output = test_slurp(e->log);
+    fprintf(stderr, "%s", output ? output : "(no log)");
+    free(output);
     assert_int_equal(rc, 0);
     double before = log_percent(e, "old-class accuracy before:");
     double old_after = log_percent(e, "old-class accuracy after:");
     double new_after = log_percent(e, "new-class accuracy after:");
     double overall = log_percent(e, "overall accuracy after:");
-    assert_true(log_contains(e, "old model, 32 images of 2 classes"));
-    assert_true(log_contains(e, "choosing among the old classes only"));
-    assert_true(log_contains(e, "(16 images of 'violet')"));
+    assert_true(test_file_contains(e->log, "old model, 32 images of 2 classes"));
+    assert_true(test_file_contains(e->log, "choosing among the old classes only"));
+    assert_true(test_file_contains(e->log, "(16 images of 'violet')"));
     /* Chance is 1/3 among three classes. Over old-model seeds 3-6, add-class seeds 1-3 and
      * the scalar and AVX2 kernels, the lowest values seen were 93.75% before, 87.5% old-class
      * after and 68.75% new-class: the bounds leave room for other kernels' rounding. (Without
@@ -349,8 +312,8 @@ static void add_class_end_to_end(void **state)
     /* tern eval takes the grown model on the three-class folder. */
     char val[160];
     snprintf(val, sizeof val, "%s/val", e->data);
-    assert_int_equal(run(e, "eval --model %s --data %s", e->new_model, val), 0);
-    assert_true(log_contains(e, "accuracy"));
+    assert_int_equal(test_run_tern(e->log, "eval --model %s --data %s", e->new_model, val), 0);
+    assert_true(test_file_contains(e->log, "accuracy"));
 }
 
 static void add_class_errors(void **state)
@@ -362,28 +325,32 @@ static void add_class_errors(void **state)
     make_folder(path, 3, 2, 1, 7);
     save_untrained_model(e->plain_model, 2, true);
 
-    assert_int_equal(run(e, "add-class --help"), 0);
-    assert_true(log_contains(e, "--distill"));
-    assert_int_equal(run(e, "--help"), 0);
-    assert_true(log_contains(e, "add-class"));
-    assert_int_equal(run(e, "add-class --model %s --data %s", e->plain_model, path), 1);
-    assert_true(log_contains(e, "--class is required"));
-    assert_int_equal(run(e, "add-class --model %s --class violet", e->plain_model), 1);
-    assert_true(log_contains(e, "--data is required"));
-    assert_int_equal(run(e, "add-class --model %s --data %s --class violet --distill -1",
-                         e->plain_model, path),
+    assert_int_equal(test_run_tern(e->log, "add-class --help"), 0);
+    assert_true(test_file_contains(e->log, "--distill"));
+    assert_int_equal(test_run_tern(e->log, "--help"), 0);
+    assert_true(test_file_contains(e->log, "add-class"));
+    assert_int_equal(test_run_tern(e->log, "add-class --model %s --data %s", e->plain_model, path),
                      1);
-    assert_true(log_contains(e, "bad value '-1' for --distill"));
+    assert_true(test_file_contains(e->log, "--class is required"));
+    assert_int_equal(test_run_tern(e->log, "add-class --model %s --class violet", e->plain_model),
+                     1);
+    assert_true(test_file_contains(e->log, "--data is required"));
+    assert_int_equal(test_run_tern(e->log,
+                                   "add-class --model %s --data %s --class violet --distill -1",
+                                   e->plain_model, path),
+                     1);
+    assert_true(test_file_contains(e->log, "bad value '-1' for --distill"));
 
     /* No folder for the new class. */
-    assert_int_equal(run(e, "add-class --model %s --data %s --class blue",
-                         e->plain_model, path),
-                     1);
-    assert_true(log_contains(e, "no class folder 'blue'"));
+    assert_int_equal(
+        test_run_tern(e->log, "add-class --model %s --data %s --class blue", e->plain_model, path),
+        1);
+    assert_true(test_file_contains(e->log, "no class folder 'blue'"));
     /* The new class is already one of the model's. */
-    assert_int_equal(run(e, "add-class --model %s --data %s --class red", e->plain_model, path),
-                     1);
-    assert_true(log_contains(e, "'red' is already class 1"));
+    assert_int_equal(
+        test_run_tern(e->log, "add-class --model %s --data %s --class red", e->plain_model, path),
+        1);
+    assert_true(test_file_contains(e->log, "'red' is already class 1"));
     /* A folder that is neither an old class nor the new one. */
     char odd[320];
     snprintf(odd, sizeof odd, "%s/train/orange", path);
@@ -391,20 +358,21 @@ static void add_class_errors(void **state)
     snprintf(odd, sizeof odd, "%s/train/orange/a.png", path);
     test_rng r = {9};
     save_image(odd, 0, &r);
-    assert_int_equal(run(e, "add-class --model %s --data %s --class violet", e->plain_model,
-                         path),
+    assert_int_equal(test_run_tern(e->log, "add-class --model %s --data %s --class violet",
+                                   e->plain_model, path),
                      1);
-    assert_true(log_contains(e, "class folder 'orange'"));
-    assert_true(log_contains(e, "'green', 'red'"));
+    assert_true(test_file_contains(e->log, "class folder 'orange'"));
+    assert_true(test_file_contains(e->log, "'green', 'red'"));
     /* A model whose metadata names no classes. */
     save_untrained_model(e->plain_model, 2, false);
-    assert_int_equal(run(e, "add-class --model %s --data %s --class violet", e->plain_model,
-                         path),
+    assert_int_equal(test_run_tern(e->log, "add-class --model %s --data %s --class violet",
+                                   e->plain_model, path),
                      1);
-    assert_true(log_contains(e, "has no class names"));
+    assert_true(test_file_contains(e->log, "has no class names"));
     /* A missing model file. */
-    assert_int_equal(run(e, "add-class --model %s/none.safetensors --data %s --class violet",
-                         e->dir, path),
+    assert_int_equal(test_run_tern(e->log,
+                                   "add-class --model %s/none.safetensors --data %s --class violet",
+                                   e->dir, path),
                      1);
 }
 

@@ -22,12 +22,6 @@ typedef struct env {
     tern_safetensors *fixture;
 } env;
 
-static const char *tern_bin(void)
-{
-    const char *b = getenv("TERN_BIN");
-    return b && *b ? b : "./tern";
-}
-
 /* Copies the fixture tensors whose names start with `prefix` into path, without the prefix
  * and without metadata (as a torchvision export would be). */
 static void write_subset(const tern_safetensors *st, const char *prefix, const char *path,
@@ -75,42 +69,10 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     env *e = *state;
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", e->dir);
     tern_safetensors_close(&e->fixture);
-    int rc = system(cmd);
+    test_rm_tree(e->dir);
     free(e);
-    return rc == 0 ? 0 : -1;
-}
-
-/* Runs `tern ARGS`, stdout and stderr to e->log; returns the exit status. */
-static int run(env *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(env *e, const char *fmt, ...)
-{
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", tern_bin(), args, e->log);
-    int status = system(cmd);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static bool log_contains(const env *e, const char *needle)
-{
-    FILE *f = fopen(e->log, "r");
-    if (!f)
-        return false;
-    char buf[8192];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    if (!strstr(buf, needle)) {
-        fprintf(stderr, "expected '%s' in output:\n%s\n", needle, buf);
-        return false;
-    }
-    return true;
+    return 0;
 }
 
 #define MODEL_ARGS "--arch mobilenet_v3_small --width-mult 0.3 --in-channels 1 --num-classes 10"
@@ -118,8 +80,10 @@ static bool log_contains(const env *e, const char *needle)
 static void forward_matches_torchvision(void **state)
 {
     env *e = *state;
-    assert_int_equal(run(e, "forward " MODEL_ARGS " --weights %s --input %s --output %s --threads 2",
-                         e->weights, e->input, e->out),
+    assert_int_equal(test_run_tern(e->log,
+                                   "forward " MODEL_ARGS
+                                   " --weights %s --input %s --output %s --threads 2",
+                                   e->weights, e->input, e->out),
                      0);
     tern_safetensors *y = NULL;
     assert_int_equal(tern_safetensors_open(e->out, NULL, &y, NULL), TERN_OK);
@@ -136,12 +100,14 @@ static void forward_matches_torchvision(void **state)
 static void step_matches_torchvision(void **state)
 {
     env *e = *state;
-    assert_int_equal(run(e, "step " MODEL_ARGS " --weights %s --input %s --labels %s --lr 0.1 "
-                            "--momentum 0.9 --nesterov --weight-decay 1e-4 --label-smoothing 0.1 "
-                            "--dropout 0 --output %s",
-                         e->weights, e->input, e->labels, e->out),
-                     0);
-    assert_true(log_contains(e, "loss 2.30"));
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "step " MODEL_ARGS " --weights %s --input %s --labels %s --lr 0.1 "
+                      "--momentum 0.9 --nesterov --weight-decay 1e-4 --label-smoothing 0.1 "
+                      "--dropout 0 --output %s",
+                      e->weights, e->input, e->labels, e->out),
+        0);
+    assert_true(test_file_contains(e->log, "loss 2.30"));
     tern_safetensors *w2 = NULL;
     assert_int_equal(tern_safetensors_open(e->out, NULL, &w2, NULL), TERN_OK);
     assert_string_equal(tern_safetensors_metadata(w2, "arch"), "mobilenet_v3_small");
@@ -166,50 +132,60 @@ static void step_matches_torchvision(void **state)
     tern_safetensors_close(&w2);
 
     /* The written file carries its own metadata: forward needs no model options. */
-    assert_int_equal(run(e, "forward --weights %s --input %s --output %s/y2.safetensors",
-                         e->out, e->input, e->dir),
+    assert_int_equal(test_run_tern(e->log,
+                                   "forward --weights %s --input %s --output %s/y2.safetensors",
+                                   e->out, e->input, e->dir),
                      0);
 }
 
 static void bad_invocations(void **state)
 {
     env *e = *state;
-    assert_int_equal(run(e, "--help"), 0);
-    assert_true(log_contains(e, "forward"));
-    assert_int_equal(run(e, "forward --help"), 0);
-    assert_true(log_contains(e, "--weights"));
-    assert_int_equal(run(e, "step --help"), 0);
-    assert_int_equal(run(e, "frobnicate"), 1);
-    assert_true(log_contains(e, "unknown command"));
-    assert_int_equal(run(e, "forward " MODEL_ARGS " --input %s --output %s", e->input, e->out), 1);
-    assert_true(log_contains(e, "--weights is required"));
+    assert_int_equal(test_run_tern(e->log, "--help"), 0);
+    assert_true(test_file_contains(e->log, "forward"));
+    assert_int_equal(test_run_tern(e->log, "forward --help"), 0);
+    assert_true(test_file_contains(e->log, "--weights"));
+    assert_int_equal(test_run_tern(e->log, "step --help"), 0);
+    assert_int_equal(test_run_tern(e->log, "frobnicate"), 1);
+    assert_true(test_file_contains(e->log, "unknown command"));
+    assert_int_equal(
+        test_run_tern(e->log, "forward " MODEL_ARGS " --input %s --output %s", e->input, e->out),
+        1);
+    assert_true(test_file_contains(e->log, "--weights is required"));
     /* No metadata and no --arch. */
-    assert_int_equal(run(e, "forward --weights %s --input %s --output %s", e->weights, e->input,
-                         e->out),
+    assert_int_equal(test_run_tern(e->log, "forward --weights %s --input %s --output %s",
+                                   e->weights, e->input, e->out),
                      1);
-    assert_true(log_contains(e, "--arch is required"));
-    assert_int_equal(run(e, "forward " MODEL_ARGS " --threads zero --weights %s", e->weights), 1);
-    assert_true(log_contains(e, "bad value 'zero' for --threads"));
+    assert_true(test_file_contains(e->log, "--arch is required"));
+    assert_int_equal(
+        test_run_tern(e->log, "forward " MODEL_ARGS " --threads zero --weights %s", e->weights), 1);
+    assert_true(test_file_contains(e->log, "bad value 'zero' for --threads"));
     /* Wrong class count: the error names the tensor and both shapes. */
-    assert_int_equal(run(e, "forward --arch mobilenet_v3_small --width-mult 0.3 --in-channels 1 "
-                            "--num-classes 11 --weights %s --input %s --output %s",
-                         e->weights, e->input, e->out),
-                     1);
-    assert_true(log_contains(e, "classifier.3.weight"));
-    assert_true(log_contains(e, "[11, 304]"));
-    assert_true(log_contains(e, "[10, 304]"));
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "forward --arch mobilenet_v3_small --width-mult 0.3 --in-channels 1 "
+                      "--num-classes 11 --weights %s --input %s --output %s",
+                      e->weights, e->input, e->out),
+        1);
+    assert_true(test_file_contains(e->log, "classifier.3.weight"));
+    assert_true(test_file_contains(e->log, "[11, 304]"));
+    assert_true(test_file_contains(e->log, "[10, 304]"));
     /* Input with the wrong channel count. */
-    assert_int_equal(run(e, "forward --arch mobilenet_v3_small --width-mult 0.3 --in-channels 3 "
-                            "--num-classes 10 --weights %s --input %s --output %s",
-                         e->weights, e->input, e->out),
-                     1);
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "forward --arch mobilenet_v3_small --width-mult 0.3 --in-channels 3 "
+                      "--num-classes 10 --weights %s --input %s --output %s",
+                      e->weights, e->input, e->out),
+        1);
     /* A label outside [0, K). */
-    assert_int_equal(run(e, "step --arch mobilenet_v3_small --width-mult 0.3 --in-channels 1 "
-                            "--num-classes 10 --weights %s --input %s --labels %s --lr 0.1 "
-                            "--output %s",
-                         e->weights, e->input, e->input, e->out),
-                     1);
-    assert_true(log_contains(e, "no tensor named 'labels'"));
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "step --arch mobilenet_v3_small --width-mult 0.3 --in-channels 1 "
+                      "--num-classes 10 --weights %s --input %s --labels %s --lr 0.1 "
+                      "--output %s",
+                      e->weights, e->input, e->input, e->out),
+        1);
+    assert_true(test_file_contains(e->log, "no tensor named 'labels'"));
 }
 
 static void truncated_weights(void **state)
@@ -228,13 +204,14 @@ static void truncated_weights(void **state)
     }
     fclose(in);
     fclose(out);
-    assert_int_equal(run(e, "forward " MODEL_ARGS " --weights %s --input %s --output %s", cut,
-                         e->input, e->out),
+    assert_int_equal(test_run_tern(e->log,
+                                   "forward " MODEL_ARGS " --weights %s --input %s --output %s",
+                                   cut, e->input, e->out),
                      1);
-    assert_true(log_contains(e, "cut.safetensors"));
-    assert_int_equal(run(e, "info %s", cut), 1);
-    assert_int_equal(run(e, "info %s", e->weights), 0);
-    assert_true(log_contains(e, "features.0.0.weight"));
+    assert_true(test_file_contains(e->log, "cut.safetensors"));
+    assert_int_equal(test_run_tern(e->log, "info %s", cut), 1);
+    assert_int_equal(test_run_tern(e->log, "info %s", e->weights), 0);
+    assert_true(test_file_contains(e->log, "features.0.0.weight"));
 }
 
 int main(void)

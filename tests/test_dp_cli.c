@@ -45,102 +45,84 @@ static int teardown(void **state)
     return rc;
 }
 
-static int run(env *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(env *e, const char *fmt, ...)
-{
-    const char *tern = getenv("TERN_BIN");
-    char args[1024], cmd[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", tern && *tern ? tern : "./tern", args, e->log);
-    int status = system(cmd);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static void expect_log(env *e, const char *needle)
-{
-    char text[8192] = {0};
-    FILE *f = fopen(e->log, "r");
-    if (f) {
-        size_t n = fread(text, 1, sizeof text - 1, f);
-        text[n] = 0;
-        fclose(f);
-    }
-    if (!strstr(text, needle))
-        fail_msg("expected '%s' in:\n%s", needle, text);
-}
-
 static void epsilon_reference(void **state)
 {
     env *e = *state;
     /* opacus/tests/accountants_test.py: 7.32911117143 (printed to 12 digits). */
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 "
-                            "--delta 1e-5"),
-                     0);
-    expect_log(e, "epsilon 7.32911117144\n");
-    expect_log(e, "order 3.9\n");
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 "
-                            "--delta 1e-5 --accountant rdp"),
-                     0);
-    expect_log(e, "epsilon 7.32911117144\n");
+    assert_int_equal(
+        test_run_tern(e->log, "dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 "
+                              "--delta 1e-5"),
+        0);
+    assert_true(test_file_contains(e->log, "epsilon 7.32911117144\n"));
+    assert_true(test_file_contains(e->log, "order 3.9\n"));
+    assert_int_equal(
+        test_run_tern(e->log, "dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 "
+                              "--delta 1e-5 --accountant rdp"),
+        0);
+    assert_true(test_file_contains(e->log, "epsilon 7.32911117144\n"));
     /* opacus/tests/prv_accountant.py: sigma 1.5, q 0.05, 100 steps, delta 1e-6. */
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.05 --noise-multiplier 1.5 --steps 100 "
-                            "--delta 1e-6 --accountant prv"),
-                     0);
-    expect_log(e, "epsilon 1.953853");
-    expect_log(e, "lower ");
+    assert_int_equal(
+        test_run_tern(e->log, "dp epsilon --sample-rate 0.05 --noise-multiplier 1.5 --steps 100 "
+                              "--delta 1e-6 --accountant prv"),
+        0);
+    assert_true(test_file_contains(e->log, "epsilon 1.953853"));
+    assert_true(test_file_contains(e->log, "lower "));
 }
 
 static void noise_reference(void **state)
 {
     env *e = *state;
     /* opacus/tests/accountants_test.py: 1.3562 to 4 places. */
-    assert_int_equal(run(e, "dp noise --sample-rate 0.04 --steps 2000 --delta 1e-5 "
-                            "--target-epsilon 8"),
+    assert_int_equal(test_run_tern(e->log, "dp noise --sample-rate 0.04 --steps 2000 --delta 1e-5 "
+                                           "--target-epsilon 8"),
                      0);
-    expect_log(e, "noise_multiplier 1.3562");
-    expect_log(e, "epsilon 7.99");
+    assert_true(test_file_contains(e->log, "noise_multiplier 1.3562"));
+    assert_true(test_file_contains(e->log, "epsilon 7.99"));
 }
 
 static void help_and_errors(void **state)
 {
     env *e = *state;
-    assert_int_equal(run(e, "--help"), 0);
-    expect_log(e, "  dp ");
-    assert_int_equal(run(e, "dp --help"), 0);
-    expect_log(e, "epsilon");
-    assert_int_equal(run(e, "dp epsilon --help"), 0);
-    expect_log(e, "tern dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250");
-    assert_int_equal(run(e, "dp noise --help"), 0);
-    expect_log(e, "--target-epsilon");
+    assert_int_equal(test_run_tern(e->log, "--help"), 0);
+    assert_true(test_file_contains(e->log, "  dp "));
+    assert_int_equal(test_run_tern(e->log, "dp --help"), 0);
+    assert_true(test_file_contains(e->log, "epsilon"));
+    assert_int_equal(test_run_tern(e->log, "dp epsilon --help"), 0);
+    assert_true(test_file_contains(
+        e->log, "tern dp epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250"));
+    assert_int_equal(test_run_tern(e->log, "dp noise --help"), 0);
+    assert_true(test_file_contains(e->log, "--target-epsilon"));
 
-    assert_int_equal(run(e, "dp"), 1);
-    assert_int_equal(run(e, "dp budget"), 1);
-    expect_log(e, "unknown subcommand 'budget'");
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.04 --steps 10 --delta 1e-5"), 1);
-    expect_log(e, "--noise-multiplier is required");
-    assert_int_equal(run(e, "dp epsilon --sample-rate 1.5 --noise-multiplier 1 --steps 10 "
-                            "--delta 1e-5"),
+    assert_int_equal(test_run_tern(e->log, "dp"), 1);
+    assert_int_equal(test_run_tern(e->log, "dp budget"), 1);
+    assert_true(test_file_contains(e->log, "unknown subcommand 'budget'"));
+    assert_int_equal(test_run_tern(e->log, "dp epsilon --sample-rate 0.04 --steps 10 --delta 1e-5"),
                      1);
-    expect_log(e, "bad value '1.5' for --sample-rate");
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
-                            "--delta 1"),
+    assert_true(test_file_contains(e->log, "--noise-multiplier is required"));
+    assert_int_equal(test_run_tern(e->log,
+                                   "dp epsilon --sample-rate 1.5 --noise-multiplier 1 --steps 10 "
+                                   "--delta 1e-5"),
                      1);
-    expect_log(e, "--delta");
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
-                            "--delta 1e-5 --accountant gdp"),
+    assert_true(test_file_contains(e->log, "bad value '1.5' for --sample-rate"));
+    assert_int_equal(test_run_tern(e->log,
+                                   "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
+                                   "--delta 1"),
                      1);
-    expect_log(e, "unknown --accountant 'gdp'");
-    assert_int_equal(run(e, "dp noise --sample-rate 0.1 --steps 10 --delta 1e-5 "
-                            "--target-epsilon 1 --noise-multiplier 2"),
+    assert_true(test_file_contains(e->log, "--delta"));
+    assert_int_equal(test_run_tern(e->log,
+                                   "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
+                                   "--delta 1e-5 --accountant gdp"),
                      1);
-    expect_log(e, "does not apply");
-    assert_int_equal(run(e, "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
-                            "--delta 1e-5 --lr 0.1"),
+    assert_true(test_file_contains(e->log, "unknown --accountant 'gdp'"));
+    assert_int_equal(test_run_tern(e->log, "dp noise --sample-rate 0.1 --steps 10 --delta 1e-5 "
+                                           "--target-epsilon 1 --noise-multiplier 2"),
                      1);
-    expect_log(e, "--lr does not apply");
+    assert_true(test_file_contains(e->log, "does not apply"));
+    assert_int_equal(test_run_tern(e->log,
+                                   "dp epsilon --sample-rate 0.1 --noise-multiplier 1 --steps 10 "
+                                   "--delta 1e-5 --lr 0.1"),
+                     1);
+    assert_true(test_file_contains(e->log, "--lr does not apply"));
 }
 
 /* Whether the Fashion-MNIST files are installed (the training tests skip otherwise). */
@@ -161,25 +143,29 @@ static void train_dp(void **state)
         skip();
     const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 1 "
                          "--width-mult 0.25 --batch 32 --no-progress";
-    assert_int_equal(run(e, "%s --dp --norm batch --noise-multiplier 1", common), 1);
-    expect_log(e, "--dp needs --norm group");
-    assert_int_equal(run(e, "%s --dp", common), 1);
-    expect_log(e, "--dp needs one of --target-epsilon and --noise-multiplier");
-    assert_int_equal(run(e, "%s --max-grad-norm 1", common), 1);
-    expect_log(e, "need --dp");
-    assert_int_equal(run(e, "%s --dp --noise-multiplier 1 --clip-grad-norm 1", common), 1);
-    expect_log(e, "--clip-grad-norm does not apply with --dp");
+    assert_int_equal(test_run_tern(e->log, "%s --dp --norm batch --noise-multiplier 1", common), 1);
+    assert_true(test_file_contains(e->log, "--dp needs --norm group"));
+    assert_int_equal(test_run_tern(e->log, "%s --dp", common), 1);
+    assert_true(
+        test_file_contains(e->log, "--dp needs one of --target-epsilon and --noise-multiplier"));
+    assert_int_equal(test_run_tern(e->log, "%s --max-grad-norm 1", common), 1);
+    assert_true(test_file_contains(e->log, "need --dp"));
+    assert_int_equal(
+        test_run_tern(e->log, "%s --dp --noise-multiplier 1 --clip-grad-norm 1", common), 1);
+    assert_true(test_file_contains(e->log, "--clip-grad-norm does not apply with --dp"));
 
     char out[128];
     snprintf(out, sizeof out, "%s/m.safetensors", e->dir);
-    assert_int_equal(run(e, "%s --dp --target-epsilon 8 --delta 1e-3 --max-grad-norm 1.5 --out '%s'",
-                         common, out),
-                     0);
-    expect_log(e, "DP-SGD: sample rate 0.333333 (expected batch 32.0)");
-    expect_log(e, "max grad norm 1.5, 3 steps");
-    expect_log(e, "epoch 1/1: privacy spent epsilon ");
-    expect_log(e, "differential privacy: epsilon ");
-    expect_log(e, "at delta 0.001 (rdp accountant");
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "%s --dp --target-epsilon 8 --delta 1e-3 --max-grad-norm 1.5 --out '%s'",
+                      common, out),
+        0);
+    assert_true(test_file_contains(e->log, "DP-SGD: sample rate 0.333333 (expected batch 32.0)"));
+    assert_true(test_file_contains(e->log, "max grad norm 1.5, 3 steps"));
+    assert_true(test_file_contains(e->log, "epoch 1/1: privacy spent epsilon "));
+    assert_true(test_file_contains(e->log, "differential privacy: epsilon "));
+    assert_true(test_file_contains(e->log, "at delta 0.001 (rdp accountant"));
     assert_int_equal(unlink(out), 0);
 }
 
@@ -208,20 +194,22 @@ static void train_dp_ema(void **state)
     const char *common = "train --data fashion-mnist --limit 96 --val-limit 32 --epochs 2 "
                          "--width-mult 0.25 --batch 32 --no-progress --dp --noise-multiplier 0.5 "
                          "--lr 0.5";
-    assert_int_equal(run(e, "%s --ema 1", common), 1);
-    expect_log(e, "--ema");
-    assert_int_equal(run(e, "%s --ema 0.9 --resume x.ckpt", common), 1);
-    expect_log(e, "--ema cannot be resumed");
+    assert_int_equal(test_run_tern(e->log, "%s --ema 1", common), 1);
+    assert_true(test_file_contains(e->log, "--ema"));
+    assert_int_equal(test_run_tern(e->log, "%s --ema 0.9 --resume x.ckpt", common), 1);
+    assert_true(test_file_contains(e->log, "--ema cannot be resumed"));
 
     char out[128], trained[1024], evaluated[1024];
     snprintf(out, sizeof out, "%s/m.safetensors", e->dir);
-    assert_int_equal(run(e, "%s --ema 0.9 --out '%s'", common, out), 0);
-    expect_log(e, "epoch 1/2: train loss ");
-    expect_log(e, "(weight average; last weights ");
-    expect_log(e, "weights: exponential moving average, decay 0.9, 6 updates");
+    assert_int_equal(test_run_tern(e->log, "%s --ema 0.9 --out '%s'", common, out), 0);
+    assert_true(test_file_contains(e->log, "epoch 1/2: train loss "));
+    assert_true(test_file_contains(e->log, "(weight average; last weights "));
+    assert_true(
+        test_file_contains(e->log, "weights: exponential moving average, decay 0.9, 6 updates"));
     log_line(e, "accuracy ", trained, sizeof trained);
     assert_true(trained[0] != 0);
-    assert_int_equal(run(e, "eval --model '%s' --data fashion-mnist --limit 32", out), 0);
+    assert_int_equal(
+        test_run_tern(e->log, "eval --model '%s' --data fashion-mnist --limit 32", out), 0);
     log_line(e, "accuracy ", evaluated, sizeof evaluated);
     assert_string_equal(trained, evaluated);
     assert_int_equal(unlink(out), 0);

@@ -41,6 +41,7 @@
 
 #include "tern.h"
 #include "tern/protocol.h"
+#include "testutil.h"
 
 extern char **environ;
 
@@ -56,12 +57,6 @@ extern char **environ;
 typedef struct env {
     char dir[64];
 } env;
-
-static const char *tern_bin(void)
-{
-    const char *b = getenv("TERN_BIN");
-    return b && *b ? b : "./tern";
-}
 
 static double now(void)
 {
@@ -100,11 +95,9 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     env *e = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", e->dir);
-    int rc = system(cmd);
+    test_rm_tree(e->dir);
     free(e);
-    return rc == 0 ? 0 : -1;
+    return 0;
 }
 
 /* ---- processes ------------------------------------------------------------------------------ */
@@ -114,7 +107,7 @@ static pid_t start(const char *log, const char *key, const char *const *args)
 {
     const char *argv[64];
     int n = 0;
-    argv[n++] = tern_bin();
+    argv[n++] = test_tern_bin();
     for (; args[n - 1] && n < 63; n++)
         argv[n] = args[n - 1];
     argv[n] = NULL;
@@ -173,21 +166,9 @@ static int run(const char *log, const char *const *args)
     return finish(start(log, NULL, args), 180);
 }
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    char *buf = calloc(1, 1 << 20);
-    if (buf)
-        fread(buf, 1, (1 << 20) - 1, f);
-    fclose(f);
-    return buf;
-}
-
 static bool log_has(const char *path, const char *needle)
 {
-    char *t = slurp(path);
+    char *t = test_slurp(path);
     bool has = t && strstr(t, needle);
     free(t);
     return has;
@@ -202,7 +183,7 @@ static bool wait_text(const char *path, const char *needle, double timeout)
         sleep_ms(50);
     }
     fprintf(stderr, "no '%s' in %s after %.0f s\n", needle, path, timeout);
-    char *t = slurp(path);
+    char *t = test_slurp(path);
     fprintf(stderr, "%s\n", t ? t : "(no log)");
     free(t);
     return false;
@@ -212,7 +193,7 @@ static bool wait_text(const char *path, const char *needle, double timeout)
 static void server_endpoint(const char *log, char *out, size_t cap)
 {
     assert_true(wait_text(log, "serving on tcp://", 60));
-    char *t = slurp(log);
+    char *t = test_slurp(log);
     char *p = strstr(t, "serving on ");
     p += strlen("serving on ");
     size_t n = strcspn(p, " \n");

@@ -483,33 +483,6 @@ static void allocation_failures(void **state)
 
 /* ---- tern prune ----------------------------------------------------------------------------- */
 
-static int run(const char *log, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(const char *log, const char *fmt, ...)
-{
-    const char *tern = getenv("TERN_BIN");
-    char args[4096], cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", tern && *tern ? tern : "./tern", args, log);
-    int status = system(cmd);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static void expect_log(const char *log, const char *needle)
-{
-    FILE *f = fopen(log, "r");
-    char *text = calloc(1, 1 << 20);
-    if (f && text)
-        fread(text, 1, (1 << 20) - 1, f);
-    if (f)
-        fclose(f);
-    if (!text || !strstr(text, needle))
-        fail_msg("expected '%s' in:\n%s", needle, text ? text : "(no output)");
-    free(text);
-}
-
 static void cli_prune(void **state)
 {
     (void)state;
@@ -524,34 +497,36 @@ static void cli_prune(void **state)
     assert_int_equal(tern_model_save_file(m, NULL, model, &err), TERN_OK);
     tern_model_destroy(&m);
 
-    assert_int_equal(run(log, "prune --help"), 0);
-    expect_log(log, "--sparsity");
-    expect_log(log, "--fine-tune-epochs");
-    assert_int_equal(run(log, "prune --model %s --out %s", model, out), 1);
-    expect_log(log, "--sparsity");
-    assert_int_equal(run(log, "prune --model %s --sparsity 0.5 --scope all --out %s", model, out), 1);
-    expect_log(log, "unknown --scope 'all'");
-    assert_int_equal(run(log, "prune --model %s --sparsity 1.5 --out %s", model, out), 1);
-    assert_int_equal(run(log, "prune --model %s --sparsity 0.5 --include head --out %s", model,
-                         out),
+    assert_int_equal(test_run_tern(log, "prune --help"), 0);
+    assert_true(test_file_contains(log, "--sparsity"));
+    assert_true(test_file_contains(log, "--fine-tune-epochs"));
+    assert_int_equal(test_run_tern(log, "prune --model %s --out %s", model, out), 1);
+    assert_true(test_file_contains(log, "--sparsity"));
+    assert_int_equal(
+        test_run_tern(log, "prune --model %s --sparsity 0.5 --scope all --out %s", model, out), 1);
+    assert_true(test_file_contains(log, "unknown --scope 'all'"));
+    assert_int_equal(test_run_tern(log, "prune --model %s --sparsity 1.5 --out %s", model, out), 1);
+    assert_int_equal(
+        test_run_tern(log, "prune --model %s --sparsity 0.5 --include head --out %s", model, out),
+        1);
+    assert_true(test_file_contains(log, "unknown 'head'"));
+    assert_int_equal(test_run_tern(log,
+                                   "prune --model %s --sparsity 0.5 --fine-tune-epochs 1 --out %s",
+                                   model, out),
                      1);
-    expect_log(log, "unknown 'head'");
-    assert_int_equal(run(log, "prune --model %s --sparsity 0.5 --fine-tune-epochs 1 --out %s",
-                         model, out),
-                     1);
-    expect_log(log, "needs --data");
+    assert_true(test_file_contains(log, "needs --data"));
 
-    assert_int_equal(run(log, "prune --model %s --sparsity 0.8 --scope layer --out %s", model,
-                         out),
-                     0);
-    expect_log(log, "features.1.block.2.0.weight");
-    expect_log(log, "conv1x1");
-    expect_log(log, "prunable weights:");
-    expect_log(log, "(80.00%)");
-    expect_log(log, "reloaded bit for bit");
+    assert_int_equal(
+        test_run_tern(log, "prune --model %s --sparsity 0.8 --scope layer --out %s", model, out),
+        0);
+    assert_true(test_file_contains(log, "features.1.block.2.0.weight"));
+    assert_true(test_file_contains(log, "conv1x1"));
+    assert_true(test_file_contains(log, "prunable weights:"));
+    assert_true(test_file_contains(log, "(80.00%)"));
+    assert_true(test_file_contains(log, "reloaded bit for bit"));
     assert_true(file_size(out) < file_size(model));
-    assert_int_equal(run(log, "info %s", out), 0);
-    expect_log(log, "compression: tern-sparse-v1");
+    assert_int_equal(test_run_tern(log, "info %s", out), 0);
+    assert_true(test_file_contains(log, "compression: tern-sparse-v1"));
     /* tern predict runs the compressed file */
     char png[64];
     snprintf(png, sizeof png, "%s/x.png", dir);
@@ -560,11 +535,11 @@ static void cli_prune(void **state)
         pix[i] = (uint8_t)(i * 37);
     tern_image img = {.width = 40, .height = 40, .channels = 1, .data = pix};
     assert_int_equal(tern_image_save_png(png, &img, &err), TERN_OK);
-    assert_int_equal(run(log, "predict --model %s --size 32 %s", out, png), 0);
-    expect_log(log, "x.png: ");
+    assert_int_equal(test_run_tern(log, "predict --model %s --size 32 %s", out, png), 0);
+    assert_true(test_file_contains(log, "x.png: "));
     /* a pruned file loads wherever a model file does: pruning it again keeps its zeros */
-    assert_int_equal(run(log, "prune --model %s --sparsity 0.9 --out %s", out, q), 0);
-    expect_log(log, "(90.00%)");
+    assert_int_equal(test_run_tern(log, "prune --model %s --sparsity 0.9 --out %s", out, q), 0);
+    assert_true(test_file_contains(log, "(90.00%)"));
     test_rm_tree(dir);
 }
 

@@ -43,45 +43,9 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     env *e = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", e->dir);
-    int rc = system(cmd);
+    test_rm_tree(e->dir);
     free(e);
-    return rc == 0 ? 0 : -1;
-}
-
-static int run(env *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(env *e, const char *fmt, ...)
-{
-    const char *tern = getenv("TERN_BIN");
-    char args[4096], cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", tern && *tern ? tern : "./tern", args, e->log);
-    int status = system(cmd);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    char *buf = calloc(1, 1 << 20);
-    if (buf)
-        fread(buf, 1, (1 << 20) - 1, f);
-    fclose(f);
-    return buf;
-}
-
-static void expect_log(env *e, const char *needle)
-{
-    char *text = slurp(e->log);
-    if (!text || !strstr(text, needle))
-        fail_msg("expected '%s' in:\n%s", needle, text ? text : "(no output)");
-    free(text);
+    return 0;
 }
 
 /* The first Fashion-MNIST test image as a PNG. */
@@ -102,32 +66,36 @@ static void write_test_image(const char *path)
 static void quantize_then_use(void **state)
 {
     env *e = *state;
-    assert_int_equal(run(e, "quantize --model %s --calib-data fashion-mnist --calib-count 256 "
-                            "--method entropy --fp32-layers 2 --eval-count 500 --out %s",
-                         e->weights, e->qmodel),
-                     0);
-    expect_log(e, "layer sensitivity");
-    expect_log(e, "features.0.0.weight");
-    expect_log(e, "fp32");
-    expect_log(e, "held-out 500 images (test set)");
-    expect_log(e, "smaller");
+    assert_int_equal(
+        test_run_tern(e->log,
+                      "quantize --model %s --calib-data fashion-mnist --calib-count 256 "
+                      "--method entropy --fp32-layers 2 --eval-count 500 --out %s",
+                      e->weights, e->qmodel),
+        0);
+    assert_true(test_file_contains(e->log, "layer sensitivity"));
+    assert_true(test_file_contains(e->log, "features.0.0.weight"));
+    assert_true(test_file_contains(e->log, "fp32"));
+    assert_true(test_file_contains(e->log, "held-out 500 images (test set)"));
+    assert_true(test_file_contains(e->log, "smaller"));
 
-    assert_int_equal(run(e, "info %s", e->qmodel), 0);
-    expect_log(e, "format: tern-int8");
-    expect_log(e, "values.zero_point");
-    expect_log(e, "I8");
+    assert_int_equal(test_run_tern(e->log, "info %s", e->qmodel), 0);
+    assert_true(test_file_contains(e->log, "format: tern-int8"));
+    assert_true(test_file_contains(e->log, "values.zero_point"));
+    assert_true(test_file_contains(e->log, "I8"));
 
-    assert_int_equal(run(e, "eval --model %s --data fashion-mnist --limit 500 --no-progress",
-                         e->qmodel),
+    assert_int_equal(test_run_tern(e->log,
+                                   "eval --model %s --data fashion-mnist --limit 500 --no-progress",
+                                   e->qmodel),
                      0);
-    expect_log(e, "accuracy");
-    expect_log(e, "on 500 images");
-    expect_log(e, "confusion matrix");
+    assert_true(test_file_contains(e->log, "accuracy"));
+    assert_true(test_file_contains(e->log, "on 500 images"));
+    assert_true(test_file_contains(e->log, "confusion matrix"));
 
     write_test_image(e->image);
-    assert_int_equal(run(e, "predict --model %s --top 2 %s", e->qmodel, e->image), 0);
-    expect_log(e, "test0.png: ");
-    expect_log(e, "%");
+    assert_int_equal(test_run_tern(e->log, "predict --model %s --top 2 %s", e->qmodel, e->image),
+                     0);
+    assert_true(test_file_contains(e->log, "test0.png: "));
+    assert_true(test_file_contains(e->log, "%"));
 
     /* the C API's predictor runs the quantized file as it runs a float one */
     const char *example = getenv("TERN_EXAMPLE");
@@ -135,34 +103,38 @@ static void quantize_then_use(void **state)
     snprintf(cmd, sizeof cmd, "'%s' '%s' '%s' > '%s' 2>&1",
              example && *example ? example : "./example_classify", e->qmodel, e->image, e->log);
     assert_int_equal(system(cmd), 0);
-    char *pred = slurp(e->log);
+    char *pred = test_slurp(e->log);
     assert_non_null(pred);
     assert_true(strlen(pred) > 2);
     free(pred);
 
     /* errors a person can make */
-    assert_int_equal(run(e, "eval --model %s --data fashion-mnist --size 64 --limit 10",
-                         e->qmodel),
+    assert_int_equal(test_run_tern(e->log,
+                                   "eval --model %s --data fashion-mnist --size 64 --limit 10",
+                                   e->qmodel),
                      1);
-    expect_log(e, "takes 32x32 images");
-    assert_int_equal(run(e, "quantize --model %s --calib-data fashion-mnist --method kl --out %s",
-                         e->weights, e->qmodel),
+    assert_true(test_file_contains(e->log, "takes 32x32 images"));
+    assert_int_equal(
+        test_run_tern(e->log, "quantize --model %s --calib-data fashion-mnist --method kl --out %s",
+                      e->weights, e->qmodel),
+        1);
+    assert_true(test_file_contains(e->log, "unknown --method 'kl'"));
+    assert_int_equal(
+        test_run_tern(e->log, "quantize --model %s --calib-data fashion-mnist", e->weights), 1);
+    assert_true(test_file_contains(e->log, "--out are required"));
+    assert_int_equal(test_run_tern(e->log, "quantize --model %s --calib-data %s/none --out %s",
+                                   e->weights, e->dir, e->qmodel),
                      1);
-    expect_log(e, "unknown --method 'kl'");
-    assert_int_equal(run(e, "quantize --model %s --calib-data fashion-mnist", e->weights), 1);
-    expect_log(e, "--out are required");
-    assert_int_equal(run(e, "quantize --model %s --calib-data %s/none --out %s", e->weights,
-                         e->dir, e->qmodel),
-                     1);
-    assert_int_equal(run(e, "quantize --help"), 0);
-    expect_log(e, "--fp32-layers");
+    assert_int_equal(test_run_tern(e->log, "quantize --help"), 0);
+    assert_true(test_file_contains(e->log, "--fp32-layers"));
     /* a truncated quantized file is refused, not run */
     char cut[256];
     snprintf(cut, sizeof cut, "head -c 100000 '%s' > '%s/cut.safetensors'", e->qmodel, e->dir);
     assert_int_equal(system(cut), 0);
-    assert_int_equal(run(e, "eval --model %s/cut.safetensors --data fashion-mnist --limit 10",
-                         e->dir),
-                     1);
+    assert_int_equal(
+        test_run_tern(e->log, "eval --model %s/cut.safetensors --data fashion-mnist --limit 10",
+                      e->dir),
+        1);
 }
 
 int main(void)

@@ -27,12 +27,6 @@ typedef struct fixture {
     unsigned char models[3][MODEL_SIZE]; /* committed as 1.0.0, 1.1.0, 1.1.1 */
 } fixture;
 
-static const char *tern_bin(void)
-{
-    const char *b = getenv("TERN_BIN");
-    return b && *b ? b : "./tern";
-}
-
 static int setup(void **state)
 {
     fixture *f = calloc(1, sizeof *f);
@@ -55,11 +49,9 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fixture *f = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", f->dir);
-    int rc = system(cmd);
+    test_rm_tree(f->dir);
     free(f);
-    return rc == 0 ? 0 : -1;
+    return 0;
 }
 
 /* Runs `env tern ARGS` in the fixture's directory, stdout and stderr to files; returns the
@@ -73,8 +65,8 @@ static int run_env(fixture *f, const char *env, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    snprintf(cmd, sizeof cmd, "cd '%s' && %s '%s' %s >'%s' 2>'%s'", f->dir, env, tern_bin(), args,
-             f->out, f->err);
+    snprintf(cmd, sizeof cmd, "cd '%s' && %s '%s' %s >'%s' 2>'%s'", f->dir, env, test_tern_bin(),
+             args, f->out, f->err);
     int status = system(cmd);
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }

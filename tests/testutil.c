@@ -3,10 +3,12 @@
 
 #include <dirent.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 uint64_t test_rng_next(test_rng *r)
@@ -121,4 +123,62 @@ void test_rm_tree(const char *path)
     } else {
         unlink(path);
     }
+}
+
+const char *test_tern_bin(void)
+{
+    const char *b = getenv("TERN_BIN");
+    return b && *b ? b : "./tern";
+}
+
+static int run_exe(const char *log, const char *exe, const char *fmt, va_list ap)
+{
+    char args[4096], cmd[8192];
+    vsnprintf(args, sizeof args, fmt, ap);
+    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>&1", exe, args, log);
+    int status = system(cmd);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int test_run_exe(const char *log, const char *exe, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = run_exe(log, exe, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+int test_run_tern(const char *log, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = run_exe(log, test_tern_bin(), fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+char *test_slurp(const char *path)
+{
+    enum { CAP = 1 << 20 };
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NULL;
+    char *text = malloc(CAP);
+    if (text) {
+        size_t n = fread(text, 1, CAP - 1, f);
+        text[n] = 0;
+    }
+    fclose(f);
+    return text;
+}
+
+bool test_file_contains(const char *path, const char *needle)
+{
+    char *text = test_slurp(path);
+    bool found = text && strstr(text, needle);
+    if (!found)
+        fprintf(stderr, "expected '%s' in %s:\n%s\n", needle, path, text ? text : "(unreadable)");
+    free(text);
+    return found;
 }

@@ -32,6 +32,22 @@ tern_allocator test_failing_allocator(test_alloc_state *state);
 /* Remove a file or a directory tree (a test's scratch directory); missing paths are ignored. */
 void test_rm_tree(const char *path);
 
+/* The tern executable under test: $TERN_BIN, else ./tern (ctest runs in the build dir). */
+const char *test_tern_bin(void);
+
+/* Runs `'exe' ARGS` through the shell, ARGS printf-formatted, with stdout and stderr written to
+ * log; returns the exit status, or -1 when the command did not exit normally. test_run_tern
+ * runs test_tern_bin(). */
+int test_run_exe(const char *log, const char *exe, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int test_run_tern(const char *log, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The first MiB of a text file, NUL-terminated and heap-allocated (NULL when it cannot be read). */
+char *test_slurp(const char *path);
+
+/* Whether the text file at path contains needle; when not, prints both to stderr. */
+bool test_file_contains(const char *path, const char *needle);
+
 /* Directory holding golden fixtures ($TERN_FIXTURES, else tests/golden). */
 const char *test_fixture_dir(void);
 
