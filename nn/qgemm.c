@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "qkernels.h"
+#include "qsimd256.h"
 #include "qsimd512.h"
 
 #define T_AVX2 __attribute__((target("avx2")))
@@ -179,7 +180,7 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
                              int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
                              const int32_t *rowsum128,
                              const int8_t *wb, size_t bstride, const int32_t *bias, size_t K,
-                             size_t ncols, const float *scale, const rqf16 *rf,
+                             size_t ncols, const tern_requant *rq, const rqf16 *rf,
                              const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
@@ -206,6 +207,32 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
         }
         return;
     }
+    if (rq->mode == TERN_REQUANT_FIXED) {
+        rqx16 px[VNNI_NV];
+        _Pragma("GCC unroll 8")
+        for (int v = 0; v < nv; v++)
+            px[v] = rqx16_load(rq, n0 + 16 * (size_t)v, q_tail_mask16(ncols - 16 * (size_t)v));
+        if (nv == VNNI_NV && ncols == 64) {
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < mr; r++) {
+                __m512i b = requantx64(acc[r], px, rf);
+                if (has_lut)
+                    b = lut512_apply(b, lut);
+                _mm512_storeu_si512(y + r * ldy + n0, b);
+            }
+            return;
+        }
+        _Pragma("GCC unroll 8")
+        for (int v = 0; v < nv; v++) {
+            __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
+            _Pragma("GCC unroll 8")
+            for (int r = 0; r < mr; r++)
+                _mm_mask_storeu_epi8(y + r * ldy + n0 + 16 * (size_t)v, m,
+                                     requantx16(acc[r][v], &px[v], rf, has_lut ? lut : NULL));
+        }
+        return;
+    }
+    const float *scale = rq->scale + n0;
     if (nv == VNNI_NV && ncols == 64) {
         __m512 sv[VNNI_NV];
         _Pragma("GCC unroll 8")
@@ -233,14 +260,14 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
 }
 
 #define VNNI_TILE(MR, NV)                                                                       \
-    vnni_tile(MR, NV, LUT, y, y32, ldy, a, lda, rowsum128, wb, bstride, bias, K, ncols, scale, \
+    vnni_tile(MR, NV, LUT, y, y32, ldy, a, lda, rowsum128, wb, bstride, bias, K, ncols, rq,    \
               rf, lut, n0)
 
 T_VNNI static void vnni_tile_any(int mr, int nv, bool has_lut, int8_t *y, int32_t *y32,
                                  size_t ldy, const int8_t *a, size_t lda,
                                  const int32_t *rowsum128, const int8_t *wb,
                                  size_t bstride, const int32_t *bias, size_t K, size_t ncols,
-                                 const float *scale, const rqf16 *rf, const __m512i *lut,
+                                 const tern_requant *rq, const rqf16 *rf, const __m512i *lut,
                                  size_t n0)
 {
 #define ROW(MR)                                                                                 \
@@ -310,7 +337,7 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
             vnni_tile_any(mr, nv, lut != NULL, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
                           a + m0 * lda, lda, rowsum128, w + (n0 / 16) * bstride, bstride,
                           bias + n0, K,
-                          ncols, y32 ? NULL : rq->scale + n0, &rf, lut, n0);
+                          ncols, rq, &rf, lut, n0);
         }
     }
 }
@@ -359,6 +386,34 @@ T_AVX2 INLINE void avx2_tile(const int mr, const int nv, int8_t *y, int32_t *y32
         }
     }
     int32_t tile[AVX2_MR][AVX2_NV * 8] = {{0}};
+    if (!y32 && rq->mode == TERN_REQUANT_FIXED) {
+        /* the bias added and requantized in vectors (the weights' padding columns of the last
+         * block read 8 multipliers past ncols: the packed bias has them, rq has not, so a
+         * partial block goes through a copy) */
+        for (int v = 0; v < nv; v++) {
+            size_t n = n0 + 8 * (size_t)v, cols = ncols - 8 * (size_t)v;
+            rqx8 px;
+            if (cols >= 8) {
+                px = rqx8_load(rq, n);
+            } else {
+                int32_t m8[8] = {0}, s8[8] = {0};
+                memcpy(m8, rq->multiplier + n, cols * sizeof(int32_t));
+                memcpy(s8, rq->shift + n, cols * sizeof(int32_t));
+                px = rqx8_make(_mm256_loadu_si256((const __m256i *)m8),
+                               _mm256_loadu_si256((const __m256i *)s8));
+            }
+            const __m256i bv = _mm256_loadu_si256((const __m256i *)(bias + 8 * v));
+            for (int r = 0; r < mr; r++)
+                _mm256_storeu_si256((__m256i *)&tile[r][8 * v],
+                                    requantx8_i32(_mm256_add_epi32(acc[r][v], bv), &px, rq));
+        }
+        for (int r = 0; r < mr; r++)
+            for (size_t j = 0; j < ncols; j++) {
+                int8_t q = (int8_t)tile[r][j];
+                y[(size_t)r * ldy + n0 + j] = rq->lut ? rq->lut[(uint8_t)q] : q;
+            }
+        return;
+    }
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < nv; v++)
             _mm256_storeu_si256((__m256i *)&tile[r][8 * v], acc[r][v]);
@@ -567,12 +622,13 @@ static void direct_scalar(int8_t *y, const int8_t *x, int32_t x_zp, const void *
                 }
 }
 
-/* One block of 16 output channels over an image: K kernel rows of G groups. */
-T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, int8_t *y,
-                                const uint8_t *u, size_t row, const int8_t *wb,
-                                const int32_t *bias, const float *scale, const rqf16 *rf,
-                                const int8_t *table, __mmask16 m, const tern_conv_params *p)
+/* One block of 16 output channels (from c0) over an image: K kernel rows of G groups. */
+T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, const bool fixed,
+                                int8_t *y, const uint8_t *u, size_t row, const int8_t *wb,
+                                const int32_t *bias, const tern_requant *rq, size_t c0,
+                                const rqf16 *rf, __mmask16 m, const tern_conv_params *p)
 {
+    const int8_t *table = rq->lut;
     __m512i tables[4];
     for (int i = 0; has_lut && i < 4; i++)
         tables[i] = _mm512_loadu_si512(table + 64 * i);
@@ -582,7 +638,9 @@ T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, in
         for (int g = 0; g < G; g++)
             w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
     const __m512i b = _mm512_maskz_loadu_epi32(m, bias);
-    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    const __m512 sv = fixed ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, rq->scale + c0);
+    const rqx16 px = fixed ? rqx16_load(rq, c0, m) : (rqx16){0};
+#define REQ(acc) (fixed ? requantx16(acc, &px, rf, lut) : requantf16(acc, sv, rf, lut))
     const size_t cin = (size_t)p->cin, s = (size_t)p->stride, C = (size_t)p->cout;
     for (int oy = 0; oy < p->oh; oy++) {
         const uint8_t *top = u + (size_t)oy * s * row;
@@ -604,7 +662,7 @@ T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, in
                     }
             for (int j = 0; j < 4; j++)
                 _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
-                                     requantf16(_mm512_add_epi32(acc[j][0], acc[j][1]), sv, rf, lut));
+                                     REQ(_mm512_add_epi32(acc[j][0], acc[j][1])));
         }
         for (; ox < p->ow; ox++) {
             const uint8_t *at = top + (size_t)ox * s * cin;
@@ -615,9 +673,10 @@ T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, in
                     memcpy(&four, at + (size_t)ky * row + 4 * (size_t)g, 4);
                     DPBUSD(acc, _mm512_set1_epi32(four), w[ky][g]);
                 }
-            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, requantf16(acc, sv, rf, lut));
+            _mm_mask_storeu_epi8(out + (size_t)ox * C, m, REQ(acc));
         }
     }
+#undef REQ
 }
 
 /* The padded unsigned copy of image n: borders x_zp + 128, then each row from x (int8) or xf
@@ -673,16 +732,17 @@ T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, const float *xf, tern
         for (size_t b = 0; b < np / 16; b++) {
             __mmask16 m = q_tail_mask16(C - 16 * b);
             const int8_t *wb = w + b * (size_t)k * G * 64;
-            const bool t = rq->lut != NULL;
-#define DB(K, G, L)                                                                             \
-    direct_block(K, G, L, yn + 16 * b, u, row, wb, bias + 16 * b, rq->scale + 16 * b, &rf,      \
-                 rq->lut, m, p)
+            const bool t = rq->lut != NULL, fx = rq->mode == TERN_REQUANT_FIXED;
+#define DB(K, G, L, X)                                                                          \
+    direct_block(K, G, L, X, yn + 16 * b, u, row, wb, bias + 16 * b, rq, 16 * b, &rf, m, p)
+#define DBX(K, G, L) (fx ? DB(K, G, L, true) : DB(K, G, L, false))
             if (k == 3 && G == 3)
-                t ? DB(3, 3, true) : DB(3, 3, false);
+                t ? DBX(3, 3, true) : DBX(3, 3, false);
             else if (k == 3 && G == 1)
-                t ? DB(3, 1, true) : DB(3, 1, false);
+                t ? DBX(3, 1, true) : DBX(3, 1, false);
             else
-                t ? DB(k, G, true) : DB(k, G, false);
+                t ? DBX(k, G, true) : DBX(k, G, false);
+#undef DBX
 #undef DB
         }
     }

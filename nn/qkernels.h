@@ -21,14 +21,27 @@
 #include "kernels.h"
 #include "tern/quant.h"
 
-/* Requantization of an int32 accumulator of output channel c, in single precision (the
- * "fp32" requantization of XNNPACK, TFLite's default CPU path for int8 models):
- *   q = clamp(round_even((float)acc * scale[c]), qmin - out_zp, qmax - out_zp) + out_zp
- * with IEEE single-precision conversion and product, both rounded to nearest even, so that
- * scalar and vector code give the same bits. Then, with a lookup table, q = lut[(uint8_t)q]
- * (an activation between two parameter sets). A fused ReLU is qmin = out_zp. */
+/* Requantization of an int32 accumulator of output channel c to int8, in one of two modes.
+ *   TERN_REQUANT_FLOAT, in single precision (the "fp32" requantization of XNNPACK, TFLite's
+ *   default CPU path for int8 models):
+ *     q = clamp(round_even((float)acc * scale[c]), qmin - out_zp, qmax - out_zp) + out_zp
+ *   with IEEE single-precision conversion and product, both rounded to nearest even, so that
+ *   scalar and vector code give the same bits.
+ *   TERN_REQUANT_FIXED, TFLite's reference kernels (MultiplyByQuantizedMultiplier, two
+ *   roundings):
+ *     q = clamp(tern_quant_mbqm(acc, multiplier[c], shift[c]) + out_zp, qmin, qmax)
+ *   with multiplier and shift from tern_quant_multiplier (multiplier in [2^30, 2^31), or 0 with
+ *   shift 0). The vector code relies on that range: a multiplier >= 2^30 with a left shift
+ *   makes any accumulator whose shift would saturate land beyond the clamp anyway, so the
+ *   vectors clamp the accumulator before shifting instead of saturating after.
+ * Then, with a lookup table, q = lut[(uint8_t)q] (an activation between two parameter sets).
+ * A fused ReLU is qmin = out_zp. A zero-initialized struct is float mode. */
 typedef struct tern_requant {
-    const float *scale;   /* (C): input scale * weight scale / output scale, finite, > 0 */
+    tern_requant_mode mode;
+    const float *scale;         /* FLOAT: (C) input scale * weight scale / output scale, finite,
+                                 * > 0 */
+    const int32_t *multiplier;  /* FIXED: (C) the same scale as Q31 multipliers ... */
+    const int32_t *shift;       /* ... and shifts (int32 so that vectors load them), [-31, 30] */
     int32_t out_zp;
     int32_t qmin, qmax;   /* -128 <= qmin <= qmax <= 127 */
     const int8_t *lut;    /* 256 entries indexed by (uint8_t)q, or NULL */
@@ -42,14 +55,32 @@ static inline float tern_round_even(float x)
     return (x + big) - big;
 }
 
+/* clamp(v + zp, lo, hi) without overflow (v may be any int32). */
+static inline int32_t tern_clamp_zp(int32_t v, int32_t zp, int32_t lo, int32_t hi)
+{
+    int64_t q = (int64_t)v + zp;
+    return (int32_t)(q < lo ? lo : q > hi ? hi : q);
+}
+
 static inline int8_t tern_requant_one(int32_t acc, const tern_requant *rq, size_t c)
 {
-    float r = (float)acc * rq->scale[c];
-    const float lo = (float)(rq->qmin - rq->out_zp), hi = (float)(rq->qmax - rq->out_zp);
-    r = r < lo ? lo : r > hi ? hi : r; /* integer bounds: clamping first rounds the same */
-    int32_t q = (int32_t)tern_round_even(r) + rq->out_zp;
+    int32_t q;
+    if (rq->mode == TERN_REQUANT_FIXED) {
+        q = tern_clamp_zp(tern_quant_mbqm(acc, rq->multiplier[c], rq->shift[c]), rq->out_zp,
+                          rq->qmin, rq->qmax);
+    } else {
+        float r = (float)acc * rq->scale[c];
+        const float lo = (float)(rq->qmin - rq->out_zp), hi = (float)(rq->qmax - rq->out_zp);
+        r = r < lo ? lo : r > hi ? hi : r; /* integer bounds: clamping first rounds the same */
+        q = (int32_t)tern_round_even(r) + rq->out_zp;
+    }
     return rq->lut ? rq->lut[(uint8_t)q] : (int8_t)q;
 }
+
+/* multiplier[c], shift[c] for C real scales (tern_quant_multiplier of each). TERN_ERR_INVALID
+ * if one is negative, not finite, or 2^30 or more. */
+tern_status tern_requant_fixed_params(int32_t *multiplier, int32_t *shift, const double *real,
+                                      size_t C);
 
 /* lut[(uint8_t)q] = quantize(act(dequantize(q, in)), out), computed in double precision with
  * rounding half away from zero. */
@@ -134,34 +165,53 @@ void tern_qdwconv(int8_t *y, const int8_t *x, int32_t x_zp, const void *packed, 
 
 /* ---- elementwise and reductions --------------------------------------------------------------- */
 
-/* Residual add in single precision (as the convolutions' requantization; XNNPACK's fp32
- * ADD), parameters from tern_quant_add_params:
+/* Residual add, parameters from tern_quant_add_params.
+ * FLOAT, in single precision (as the convolutions' requantization; XNNPACK's fp32 ADD):
  *   r = fma(a, a_scale, fma(b, b_scale, bias))   (a, b the raw int8 values as floats)
  *   y = clamp(round_even(r), qmin - out_zp, qmax - out_zp) + out_zp
  * with a_scale = sa / so, b_scale = sb / so, bias = -(a_zp sa + b_zp sb) / so: the zero points
  * folded into one constant, two fused multiply-adds per element, exactly rounded on every
- * level (fmaf in the reference). */
+ * level (fmaf in the reference).
+ * FIXED, TFLite's int8 ADD: with m = 2 max(sa, sb) and left_shift = 20,
+ *   a' = mbqm((a - a_zp) << 20, a_mult, a_shift)   (a_mult, a_shift: sa / m, shift <= 0)
+ *   b' = mbqm((b - b_zp) << 20, b_mult, b_shift)   (sb / m)
+ *   y = clamp(mbqm(a' + b', out_mult, out_shift) + out_zp, qmin, qmax)   (m / (2^20 so))
+ * where mbqm with a shift <= 0 is TFLite's MultiplyByQuantizedMultiplierSmallerThanOneExp. */
 typedef struct tern_qadd_params {
-    float a_scale, b_scale, bias;
+    tern_requant_mode mode;
+    float a_scale, b_scale, bias;                     /* FLOAT */
+    int32_t a_zp, b_zp;                               /* FIXED */
+    int32_t a_mult, a_shift, b_mult, b_shift, out_mult, out_shift;
     int32_t out_zp;
     int32_t qmin, qmax;
 } tern_qadd_params;
+#define TERN_QADD_LEFT_SHIFT 20
+/* TERN_ERR_INVALID if a scale ratio is out of range (in fixed mode, also a multiplier of 1 or
+ * more, which TFLite refuses as well). */
 tern_status tern_quant_add_params(tern_qadd_params *add, tern_qparams a, tern_qparams b,
-                                  tern_qparams out);
+                                  tern_qparams out, tern_requant_mode mode);
 void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
                    const tern_qadd_params *p);
 void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p,
                tern_qisa isa);
 
-/* Squeeze-and-excitation gate in single precision, broadcast over H, W:
+/* Squeeze-and-excitation gate, broadcast over H, W; parameters from tern_quant_gate_params.
+ * FLOAT, in single precision:
  *   gf[n, c] = (float)(g[n, c] - g_zp) * scale           (scale = sx sg / so)
  *   y[n, i, c] = clamp(round_even((float)(x - x_zp) * gf[n, c]), -128 - out_zp, 127 - out_zp)
  *                + out_zp
+ * FIXED, TFLite's int8 MUL: (mult, shift) = tern_quant_multiplier(sx sg / so),
+ *   y[n, i, c] = clamp(mbqm((x - x_zp) * (g[n, c] - g_zp), mult, shift) + out_zp, -128, 127)
  *   x (N, HW, C), g (N, C) */
 typedef struct tern_qgate_params {
+    tern_requant_mode mode;
     int32_t x_zp, g_zp, out_zp;
-    float scale;
+    float scale;           /* FLOAT */
+    int32_t mult, shift;   /* FIXED */
 } tern_qgate_params;
+/* TERN_ERR_INVALID if the scale ratio is out of range. */
+tern_status tern_quant_gate_params(tern_qgate_params *gate, tern_qparams x, tern_qparams g,
+                                   tern_qparams out, tern_requant_mode mode);
 void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
                     const tern_qgate_params *p);
 void tern_qgate(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
@@ -169,6 +219,8 @@ void tern_qgate(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, i
 
 /* Global average pool as TFLite's int8 AVERAGE_POOL_2D over the whole image (output keeps the
  * input's parameters): y[n, c] = sum / hw rounded half away from zero, of the raw int8 values.
+ * Integer arithmetic with no rescaling, so the same in both requantization modes (TFLite's
+ * reference kernel divides exactly this way).
  *   x (N, HW, C), y (N, C) */
 void tern_qavgpool_ref(int8_t *y, const int8_t *x, int n, size_t hw, int c);
 void tern_qavgpool(int8_t *y, const int8_t *x, int n, size_t hw, int c, tern_qisa isa);

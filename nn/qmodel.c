@@ -591,10 +591,13 @@ static tern_status finish_layer(tern_qmodel *q, qop *o)
     const tern_qparams in = q->values[o->in].q, out = q->values[o->out].q;
     const tern_qparams target = tern_qact_is_table(o->act) ? o->pre : out;
     int8_t *wt = NULL;
+    const bool fixed = q->opt.requant == TERN_REQUANT_FIXED && o->kind != QOP_LOGITS;
     o->rqscale = tern_alloc(a, (size_t)cout * sizeof(float));
     if (o->kind == QOP_LOGITS)
         o->deq = tern_alloc(a, (size_t)cout * sizeof(float));
-    if (!o->rqscale || (o->kind == QOP_LOGITS && !o->deq))
+    if (fixed)
+        o->rqfixed = tern_alloc(a, 2 * (size_t)cout * sizeof(int32_t));
+    if (!o->rqscale || (o->kind == QOP_LOGITS && !o->deq) || (fixed && !o->rqfixed))
         goto nomem;
     for (int c = 0; c < cout; c++) {
         double acc_scale = (double)in.scale * (double)o->wscale[c];
@@ -609,8 +612,18 @@ static tern_status finish_layer(tern_qmodel *q, qop *o)
                                     "%s: requantization scale %g of channel %d is out of range",
                                     o->name, acc_scale / target.scale, c);
         o->rqscale[c] = sc;
+        /* the fixed mode's multiplier from the same ratio, in double as TFLite computes it */
+        double real = acc_scale / target.scale;
+        if (fixed && tern_requant_fixed_params(o->rqfixed + c, o->rqfixed + cout + c, &real, 1))
+            return tern_qmodel_fail(q, TERN_ERR_INVALID,
+                                    "%s: requantization scale %g of channel %d has no fixed-point "
+                                    "form", o->name, real, c);
     }
-    o->rq = (tern_requant){.scale = o->rqscale, .out_zp = target.zero_point,
+    o->rq = (tern_requant){.mode = fixed ? TERN_REQUANT_FIXED : TERN_REQUANT_FLOAT,
+                           .scale = o->rqscale,
+                           .multiplier = fixed ? o->rqfixed : NULL,
+                           .shift = fixed ? o->rqfixed + cout : NULL,
+                           .out_zp = target.zero_point,
                            .qmin = o->act == TERN_ACT_RELU ? target.zero_point : -128,
                            .qmax = 127};
     if (tern_qact_is_table(o->act)) {
@@ -660,18 +673,13 @@ tern_status tern_qmodel_finish_op(tern_qmodel *q, int i)
     case QOP_LOGITS:
         return finish_layer(q, o);
     case QOP_ADD:
-        if (tern_quant_add_params(&o->add, in, q->values[o->in2].q, out) != TERN_OK)
+        if (tern_quant_add_params(&o->add, in, q->values[o->in2].q, out, q->opt.requant))
             return tern_qmodel_fail(q, TERN_ERR_INVALID, "residual add %d: scales out of range", i);
         return TERN_OK;
-    case QOP_GATE: {
-        const tern_qparams g = q->values[o->in2].q;
-        o->gate = (tern_qgate_params){.x_zp = in.zero_point, .g_zp = g.zero_point,
-                                      .out_zp = out.zero_point,
-                                      .scale = (float)((double)in.scale * g.scale / out.scale)};
-        if (!isfinite(o->gate.scale) || !(o->gate.scale > 0))
+    case QOP_GATE:
+        if (tern_quant_gate_params(&o->gate, in, q->values[o->in2].q, out, q->opt.requant))
             return tern_qmodel_fail(q, TERN_ERR_INVALID, "gate %d: scales out of range", i);
         return TERN_OK;
-    }
     case QOP_POOL:
         return TERN_OK;
     }
@@ -877,6 +885,9 @@ static tern_status check_options(const tern_model *model, const tern_qmodel_opti
                               o->fp32_layers);
     if (o->isa < TERN_QISA_AUTO || o->isa > TERN_QISA_AVX512_VNNI)
         return tern_set_error(err, TERN_ERR_INVALID, "unknown instruction set %d", (int)o->isa);
+    if (o->requant != TERN_REQUANT_FLOAT && o->requant != TERN_REQUANT_FIXED)
+        return tern_set_error(err, TERN_ERR_INVALID, "unknown requantization mode %d",
+                              (int)o->requant);
     if (tern_model_options_of(model)->norm != TERN_NORM_BATCH)
         return tern_set_error(err, TERN_ERR_UNSUPPORTED,
                               "only BatchNorm models are quantized (GroupNorm does not fold)");
@@ -950,6 +961,7 @@ void tern_qmodel_destroy(tern_qmodel **qmodel)
         tern_free(a, o->bf);
         tern_free(a, o->bias);
         tern_free(a, o->rqscale);
+        tern_free(a, o->rqfixed);
         tern_free(a, o->packed);
         tern_free(a, o->deq);
         tern_free(a, o->wq);
@@ -1230,6 +1242,11 @@ const char *tern_qmodel_last_error(const tern_qmodel *qmodel)
 tern_qisa tern_qmodel_isa(const tern_qmodel *qmodel)
 {
     return qmodel->isa;
+}
+
+tern_requant_mode tern_qmodel_requant(const tern_qmodel *qmodel)
+{
+    return qmodel->opt.requant;
 }
 
 tern_qparams tern_qmodel_input_params(const tern_qmodel *qmodel)

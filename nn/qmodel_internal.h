@@ -58,6 +58,7 @@ typedef struct qop {
     float *wscale;          /* (cout) their scales */
     int32_t *bias;          /* (cout) */
     float *rqscale;         /* (cout) requantization: input scale * weight scale / output */
+    int32_t *rqfixed;       /* fixed mode: (2, cout) that scale's multipliers, then shifts */
     void *packed;           /* GEMM, DEPTHWISE: packed weights and corrected bias */
     float *deq;             /* LOGITS: input scale * weight scale, per class */
     int8_t lut[256];

@@ -3,7 +3,9 @@
  * Metadata: "format" = "tern-int8"; the float model's architecture keys (arch, width_mult,
  * in_channels, num_classes, norm) and evaluation pipeline (input_size, resize, mean, std,
  * class_names), so that tern_model_options_from_metadata and tern_model_info_read read them as
- * from a float file; "observer"; and "graph", a JSON description of the op graph:
+ * from a float file; "observer"; "requant", the requantization mode ("float" or "fixed"; a file
+ * without it is float, what every file was before the fixed mode existed); and "graph", a JSON
+ * description of the op graph:
  *   {"version": 1, "height": H, "width": W,
  *    "values": [channels of each value...],
  *    "ops": [{"kind", "name", "in", "in2", "out", "act", "fp32",
@@ -104,7 +106,9 @@ static tern_status set_model_metadata(tern_safetensors_writer *w, const tern_qmo
         (s = tern_safetensors_writer_set_metadata(w, "num_classes", classes)) ||
         (s = tern_safetensors_writer_set_metadata(w, "norm", "batch")) ||
         (s = tern_safetensors_writer_set_metadata(w, "observer",
-                                                  tern_quant_observer_name(q->opt.observer))))
+                                                  tern_quant_observer_name(q->opt.observer))) ||
+        (s = tern_safetensors_writer_set_metadata(w, "requant",
+                                                  tern_requant_mode_name(q->opt.requant))))
         return s;
     if (!info)
         return TERN_OK;
@@ -512,6 +516,11 @@ tern_status tern_qmodel_load(const tern_safetensors *st, const tern_qmodel_load_
         return tern_set_error(err, TERN_ERR_NOMEM, "out of memory");
     q->opt = (tern_qmodel_options){.max_batch = lo.max_batch, .isa = lo.isa, .alloc = lo.alloc};
     tern_quant_observer_parse(tern_safetensors_metadata(st, "observer"), &q->opt.observer);
+    const char *requant = tern_safetensors_metadata(st, "requant"); /* absent: older files */
+    if (requant && tern_requant_mode_parse(requant, &q->opt.requant) != TERN_OK) {
+        s = tern_qmodel_fail(q, TERN_ERR_FORMAT, "unknown requantization mode \"%.32s\"", requant);
+        goto fail;
+    }
     q->isa = tern_qisa_resolve(lo.isa);
     q->mo = mo;
     q->in_channels = mo.in_channels;

@@ -1,12 +1,14 @@
 /* Integer kernels besides the GEMM: depthwise convolution, residual add, squeeze-and-excitation
  * gate, global average pool, input quantization. Each has a scalar reference written from the
  * definition and a dispatching version (vectorized over channels or elements at the AVX-512 VNNI
- * level, and for the depthwise convolution also at AVX2) that must give the same bits. */
+ * level, and for the depthwise convolution also at AVX2) that must give the same bits, in both
+ * requantization modes (tern_requant_mode: single precision or TFLite's fixed point). */
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
 #include "qkernels.h"
+#include "qsimd256.h"
 #include "qsimd512.h"
 
 #define T_AVX2 __attribute__((target("avx2")))
@@ -173,6 +175,13 @@ T_AVX2 static void dw_pixel_avx2(int8_t *y, const int8_t *img, int C, const int 
             acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(xv, wv));
         }
         int32_t s[8];
+        if (rq->mode == TERN_REQUANT_FIXED) {
+            const rqx8 px = rqx8_load(rq, (size_t)c0);
+            _mm256_storeu_si256((__m256i *)s, requantx8_i32(acc, &px, rq));
+            for (int j = 0; j < 8; j++)
+                y[c0 + j] = rq->lut ? rq->lut[(uint8_t)s[j]] : (int8_t)s[j];
+            continue;
+        }
         _mm256_storeu_si256((__m256i *)s, acc);
         for (int j = 0; j < 8; j++)
             y[c0 + j] = tern_requant_one(s[j], rq, (size_t)c0 + j);
@@ -227,15 +236,22 @@ T_VNNI static void dw_pad_image(uint8_t *u, const int8_t *img, int32_t x_zp,
     }
 }
 
+/* A block's 16 accumulators to bytes in dw_block and dw_block_quads' mode. */
+#define DW_REQ(acc)                                                                             \
+    (fixed ? requantx16(acc, &px, r, has_lut ? lut : NULL)                                      \
+           : requantf16(acc, sv, r, has_lut ? lut : NULL))
+
 /* One block of 16 channels over all output pixels of an image, G groups of 4 taps per row.
  * A 64-byte read at (iy, ix) holds pixels ix..ix+3 of the block; one byte permute turns it into
  * the channel-major quadruples vpdpbusd multiplies with the packed weights. */
-T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, int8_t *y,
-                             const uint8_t *ub, size_t wpp, const int8_t *wb,
-                             const int32_t *bias, const float *scale, const rqf16 *r,
-                             const int8_t *table, __mmask16 m, const tern_conv_params *p)
+T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, const bool fixed,
+                             int8_t *y, const uint8_t *ub, size_t wpp, const int8_t *wb,
+                             const int32_t *bias, const tern_requant *rq, size_t c0,
+                             const rqf16 *r, __mmask16 m, const tern_conv_params *p)
 {
-    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    const int8_t *table = rq->lut;
+    const __m512 sv = fixed ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, rq->scale + c0);
+    const rqx16 px = fixed ? rqx16_load(rq, c0, m) : (rqx16){0};
     __m512i w[7][2], lut[4];
     for (int ky = 0; ky < K; ky++)
         for (int g = 0; g < G; g++)
@@ -264,7 +280,7 @@ T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, int8_
                     }
             for (int j = 0; j < 4; j++)
                 _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
-                                     requantf16(acc[j], sv, r, has_lut ? lut : NULL));
+                                     DW_REQ(acc[j]));
         }
         for (; ox < p->ow; ox++) {
             const uint8_t *at = top + (size_t)ox * s * 16;
@@ -275,7 +291,7 @@ T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, int8_
                     DPBUSD(acc, _mm512_permutexvar_epi8(idx, v), w[ky][g]);
                 }
             _mm_mask_storeu_epi8(out + (size_t)ox * C, m,
-                                 requantf16(acc, sv, r, has_lut ? lut : NULL));
+                                 DW_REQ(acc));
         }
     }
 }
@@ -317,12 +333,15 @@ T_VNNI static void dw_build_quads(uint8_t *quad, uint8_t *row, const int8_t *img
 }
 
 /* Stride 1: one block over an image from its quadruple image, four output pixels per step. */
-T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut, int8_t *y,
-                                   const uint8_t *quad, const int8_t *wb, const int32_t *bias,
-                                   const float *scale, const rqf16 *r, const int8_t *table,
+T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut,
+                                   const bool fixed, int8_t *y, const uint8_t *quad,
+                                   const int8_t *wb, const int32_t *bias,
+                                   const tern_requant *rq, size_t c0, const rqf16 *r,
                                    __mmask16 m, const tern_conv_params *p)
 {
-    const __m512 sv = _mm512_maskz_loadu_ps(m, scale);
+    const int8_t *table = rq->lut;
+    const __m512 sv = fixed ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, rq->scale + c0);
+    const rqx16 px = fixed ? rqx16_load(rq, c0, m) : (rqx16){0};
     __m512i w[7][2], lut[4];
     for (int ky = 0; ky < K; ky++)
         for (int g = 0; g < G; g++)
@@ -345,7 +364,7 @@ T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut,
                     }
             for (int j = 0; j < 4; j++)
                 _mm_mask_storeu_epi8(out + (size_t)(ox + j) * C, m,
-                                     requantf16(acc[j], sv, r, has_lut ? lut : NULL));
+                                     DW_REQ(acc[j]));
         }
         for (; ox < p->ow; ox++) {
             __m512i acc = b;
@@ -354,7 +373,7 @@ T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut,
                     DPBUSD(acc, _mm512_loadu_si512(top + ((size_t)ky * wq + (size_t)(ox + 4 * g)) * 64),
                            w[ky][g]);
             _mm_mask_storeu_epi8(out + (size_t)ox * C, m,
-                                 requantf16(acc, sv, r, has_lut ? lut : NULL));
+                                 DW_REQ(acc));
         }
     }
 }
@@ -372,7 +391,7 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + 16 * nb);
     const size_t wblock = (size_t)k * (size_t)G * 64;
-    const bool t = rq->lut != NULL;
+    const bool t = rq->lut != NULL, fx = rq->mode == TERN_REQUANT_FIXED;
     if (dw_use_quads(p)) {
         const size_t wq = (size_t)p->ow + 4 * (size_t)(G - 1);
         uint8_t *row = u + (size_t)(p->h + 2 * p->pad) * wq * 64;
@@ -382,13 +401,15 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             for (size_t b = 0; b < nb; b++) {
                 __mmask16 m = q_tail_mask16(C - 16 * b);
                 dw_build_quads(u, row, img, b, x_zp, p);
-#define DWQ(K, G, L)                                                                            \
-    dw_block_quads(K, G, L, yn + 16 * b, u, w + b * wblock, bias + 16 * b, rq->scale + 16 * b, \
-                   &r, rq->lut, m, p)
+#define DWQ(K, G, L, X)                                                                         \
+    dw_block_quads(K, G, L, X, yn + 16 * b, u, w + b * wblock, bias + 16 * b, rq, 16 * b, &r, \
+                   m, p)
+#define DWQX(K, G, L) (fx ? DWQ(K, G, L, true) : DWQ(K, G, L, false))
                 if (k == 5)
-                    t ? DWQ(5, 2, true) : DWQ(5, 2, false);
+                    t ? DWQX(5, 2, true) : DWQX(5, 2, false);
                 else
-                    t ? DWQ(k, G, true) : DWQ(k, G, false);
+                    t ? DWQX(k, G, true) : DWQX(k, G, false);
+#undef DWQX
 #undef DWQ
             }
         }
@@ -404,14 +425,15 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             int8_t *yb = yn + 16 * b;
             const int8_t *wb = w + b * wblock;
             const int32_t *bb = bias + 16 * b;
-            const float *sc = rq->scale + 16 * b;
-#define DW(K, G, L) dw_block(K, G, L, yb, ub, wpp, wb, bb, sc, &r, rq->lut, m, p)
+#define DW(K, G, L, X) dw_block(K, G, L, X, yb, ub, wpp, wb, bb, rq, 16 * b, &r, m, p)
+#define DWX(K, G, L) (fx ? DW(K, G, L, true) : DW(K, G, L, false))
             if (k == 3)
-                t ? DW(3, 1, true) : DW(3, 1, false);
+                t ? DWX(3, 1, true) : DWX(3, 1, false);
             else if (k == 5)
-                t ? DW(5, 2, true) : DW(5, 2, false);
+                t ? DWX(5, 2, true) : DWX(5, 2, false);
             else
-                t ? DW(k, G, true) : DW(k, G, false);
+                t ? DWX(k, G, true) : DWX(k, G, false);
+#undef DWX
 #undef DW
         }
     }
@@ -453,8 +475,24 @@ static inline int8_t round_clamp_zp(float r, int32_t zp, int32_t qmin, int32_t q
     return (int8_t)((int32_t)tern_round_even(r) + zp);
 }
 
+/* TFLite's AddFunc (see tern_qadd_params). */
+static inline int8_t add_fixed(int8_t a, int8_t b, const tern_qadd_params *p)
+{
+    int32_t sa = tern_quant_mbqm(((int32_t)a - p->a_zp) * (1 << TERN_QADD_LEFT_SHIFT), p->a_mult,
+                                 p->a_shift);
+    int32_t sb = tern_quant_mbqm(((int32_t)b - p->b_zp) * (1 << TERN_QADD_LEFT_SHIFT), p->b_mult,
+                                 p->b_shift);
+    return (int8_t)tern_clamp_zp(tern_quant_mbqm(sa + sb, p->out_mult, p->out_shift), p->out_zp,
+                                 p->qmin, p->qmax);
+}
+
 void tern_qadd_ref(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p)
 {
+    if (p->mode == TERN_REQUANT_FIXED) {
+        for (size_t i = 0; i < count; i++)
+            y[i] = add_fixed(a[i], b[i], p);
+        return;
+    }
     for (size_t i = 0; i < count; i++) {
         float r = fmaf((float)a[i], p->a_scale, fmaf((float)b[i], p->b_scale, p->bias));
         y[i] = round_clamp_zp(r, p->out_zp, p->qmin, p->qmax);
@@ -480,10 +518,36 @@ T_VNNI static void qadd_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t
     }
 }
 
+/* The fixed mode: each input's int32 lanes shifted and scaled, summed, scaled again. The
+ * multipliers come from tern_quant_multiplier with shifts <= 0, so mbqm16 is exact. */
+T_VNNI static void qadd_fixed_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
+                                   const tern_qadd_params *p)
+{
+    const rqx16 pa = rqx16_make(_mm512_set1_epi32(p->a_mult), _mm512_set1_epi32(p->a_shift));
+    const rqx16 pb = rqx16_make(_mm512_set1_epi32(p->b_mult), _mm512_set1_epi32(p->b_shift));
+    const rqx16 po = rqx16_make(_mm512_set1_epi32(p->out_mult), _mm512_set1_epi32(p->out_shift));
+    const __m512i azp = _mm512_set1_epi32(p->a_zp), bzp = _mm512_set1_epi32(p->b_zp);
+    const __m512i lo = _mm512_set1_epi32(p->qmin - p->out_zp);
+    const __m512i hi = _mm512_set1_epi32(p->qmax - p->out_zp);
+    const __m512i zp = _mm512_set1_epi32(p->out_zp);
+    for (size_t i = 0; i < count; i += 16) {
+        __mmask16 m = q_tail_mask16(count - i);
+        __m512i va = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)), azp);
+        __m512i vb = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)), bzp);
+        va = mbqm16(_mm512_slli_epi32(va, TERN_QADD_LEFT_SHIFT), &pa);
+        vb = mbqm16(_mm512_slli_epi32(vb, TERN_QADD_LEFT_SHIFT), &pb);
+        __m512i q = mbqm16(_mm512_add_epi32(va, vb), &po);
+        q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
+        _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
+    }
+}
+
 void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p,
                tern_qisa isa)
 {
-    if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI)
+    if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI && p->mode == TERN_REQUANT_FIXED)
+        qadd_fixed_vnni(y, a, b, count, p);
+    else if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI)
         qadd_vnni(y, a, b, count, p);
     else
         tern_qadd_ref(y, a, b, count, p);
@@ -494,6 +558,19 @@ void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const 
 void tern_qgate_ref(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
                     const tern_qgate_params *p)
 {
+    if (p->mode == TERN_REQUANT_FIXED) { /* TFLite's MUL */
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < c; k++) {
+                int32_t gv = (int32_t)g[(size_t)i * c + k] - p->g_zp;
+                for (size_t j = 0; j < hw; j++) {
+                    size_t at = ((size_t)i * hw + j) * c + k;
+                    int32_t prod = ((int32_t)x[at] - p->x_zp) * gv;
+                    y[at] = (int8_t)tern_clamp_zp(tern_quant_mbqm(prod, p->mult, p->shift),
+                                                  p->out_zp, -128, 127);
+                }
+            }
+        return;
+    }
     for (int i = 0; i < n; i++)
         for (int k = 0; k < c; k++) {
             float gf = (float)((int32_t)g[(size_t)i * c + k] - p->g_zp) * p->scale;
@@ -528,10 +605,34 @@ T_VNNI static void qgate_vnni(int8_t *y, const int8_t *x, const int8_t *g, int n
         }
 }
 
+T_VNNI static void qgate_fixed_vnni(int8_t *y, const int8_t *x, const int8_t *g, int n,
+                                    size_t hw, int c, const tern_qgate_params *p)
+{
+    const __m512i xzp = _mm512_set1_epi32(p->x_zp), gzp = _mm512_set1_epi32(p->g_zp);
+    const __m512i zp = _mm512_set1_epi32(p->out_zp);
+    const __m512i lo = _mm512_set1_epi32(-128 - p->out_zp), hi = _mm512_set1_epi32(127 - p->out_zp);
+    const rqx16 pm = rqx16_make(_mm512_set1_epi32(p->mult), _mm512_set1_epi32(p->shift));
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < c; k += 16) {
+            __mmask16 m = q_tail_mask16((size_t)(c - k));
+            __m512i gv = _mm512_sub_epi32(
+                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, g + (size_t)i * c + k)), gzp);
+            for (size_t j = 0; j < hw; j++) {
+                size_t at = ((size_t)i * hw + j) * c + k;
+                __m512i xi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at));
+                __m512i q = mbqm16(_mm512_mullo_epi32(_mm512_sub_epi32(xi, xzp), gv), &pm);
+                q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
+                _mm_mask_storeu_epi8(y + at, m, _mm512_cvtepi32_epi8(q));
+            }
+        }
+}
+
 void tern_qgate(int8_t *y, const int8_t *x, const int8_t *g, int n, size_t hw, int c,
                 const tern_qgate_params *p, tern_qisa isa)
 {
-    if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI)
+    if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI && p->mode == TERN_REQUANT_FIXED)
+        qgate_fixed_vnni(y, x, g, n, hw, c, p);
+    else if (tern_qisa_resolve(isa) == TERN_QISA_AVX512_VNNI)
         qgate_vnni(y, x, g, n, hw, c, p);
     else
         tern_qgate_ref(y, x, g, n, hw, c, p);

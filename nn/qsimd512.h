@@ -1,6 +1,7 @@
-/* AVX-512 pieces shared by the integer kernels (nn/qgemm.c, nn/qops.c): the single-precision
- * requantization of tern_requant (convert, multiply, clamp, convert with rounding to nearest
- * even, zero point), the 256-entry tables, vpdpbusd updating its accumulator in place.
+/* AVX-512 pieces shared by the integer kernels (nn/qgemm.c, nn/qops.c): the two
+ * requantizations of tern_requant (single precision: convert, multiply, clamp, convert with
+ * rounding to nearest even, zero point; fixed point: TFLite's MultiplyByQuantizedMultiplier on
+ * 64-bit products), the 256-entry tables, vpdpbusd updating its accumulator in place.
  * Internal; include from x86 code only. */
 #ifndef TERN_QSIMD512_H
 #define TERN_QSIMD512_H
@@ -27,13 +28,91 @@ typedef struct rqf16 {
     __m512 lo, hi;
     __m512i zp;
     __m512i zp16, qmin16; /* for requantf64: the zero point and lower bound as int16 */
+    __m512i lo32, hi32;   /* fixed point: the bounds less the zero point as int32 */
+    __m512i qmax16;       /* requantx64: the upper bound as int16 */
 } rqf16;
 
 T_VNNI QINLINE rqf16 rqf16_make(const tern_requant *rq)
 {
     return (rqf16){_mm512_set1_ps((float)(rq->qmin - rq->out_zp)),
                    _mm512_set1_ps((float)(rq->qmax - rq->out_zp)), _mm512_set1_epi32(rq->out_zp),
-                   _mm512_set1_epi16((int16_t)rq->out_zp), _mm512_set1_epi16((int16_t)rq->qmin)};
+                   _mm512_set1_epi16((int16_t)rq->out_zp), _mm512_set1_epi16((int16_t)rq->qmin),
+                   _mm512_set1_epi32(rq->qmin - rq->out_zp),
+                   _mm512_set1_epi32(rq->qmax - rq->out_zp),
+                   _mm512_set1_epi16((int16_t)rq->qmax)};
+}
+
+/* A fixed-point multiplier and shift per lane (tern_quant_mbqm's), in the forms the vector
+ * code uses, made once per block of channels. */
+typedef struct rqx16 {
+    __m512i mult, mult_odd;  /* the multipliers; the odd lanes' moved to the even ones */
+    __m512i left, right;     /* max(shift, 0), max(-shift, 0) */
+    __m512i lo, hi;          /* INT32_MIN >> left, INT32_MAX >> left: no overflow in between */
+    __m512i rmask, rhalf;    /* 2^right - 1 and its half, for the rounding shift */
+} rqx16;
+
+T_VNNI QINLINE rqx16 rqx16_make(__m512i mult, __m512i shift)
+{
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i left = _mm512_max_epi32(shift, zero), right = _mm512_sub_epi32(left, shift);
+    __m512i rmask = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), right),
+                                     _mm512_set1_epi32(1));
+    return (rqx16){mult, _mm512_srli_epi64(mult, 32), left, right,
+                   _mm512_srav_epi32(_mm512_set1_epi32(INT32_MIN), left),
+                   _mm512_srav_epi32(_mm512_set1_epi32(INT32_MAX), left), rmask,
+                   _mm512_srli_epi32(rmask, 1)};
+}
+
+/* The multipliers and shifts of channels [c, c + 16) of rq (lanes past m: 0 and 0). */
+T_VNNI QINLINE rqx16 rqx16_load(const tern_requant *rq, size_t c, __mmask16 m)
+{
+    return rqx16_make(_mm512_maskz_loadu_epi32(m, rq->multiplier + c),
+                      _mm512_maskz_loadu_epi32(m, rq->shift + c));
+}
+
+/* tern_quant_mbqm per lane, for multipliers in [2^30, 2^31) or 0 with shift 0, when the result
+ * is then clamped to the int8 range: where the left shift of x would saturate, x is clamped
+ * first instead (|x << left| stays >= 2^30 - 2^left, the product beyond any int8 bound either
+ * way).
+ * SaturatingRoundingDoublingHighMul of nonnegative multipliers is (x m + 2^30) >> 31 (floor;
+ * nothing saturates): vpmuldq gives the 64-bit products of the even lanes, and of the odd ones
+ * shifted down; bits 31..62 of each sum are the result (the even lanes' shifted down to their
+ * low half, the odd lanes' doubled into their high half). RoundingDivideByPOT: x >> right plus
+ * one where the remainder exceeds half (half + 1 for negative x). */
+T_VNNI QINLINE __m512i mbqm16(__m512i x, const rqx16 *p)
+{
+    const __m512i nudge = _mm512_set1_epi64((int64_t)1 << 30);
+    x = _mm512_sllv_epi32(_mm512_min_epi32(_mm512_max_epi32(x, p->lo), p->hi), p->left);
+    __m512i even = _mm512_add_epi64(_mm512_mul_epi32(x, p->mult), nudge);
+    __m512i odd = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(x, 32), p->mult_odd), nudge);
+    __m512i s = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 31),
+                                        _mm512_add_epi64(odd, odd));
+    __m512i q = _mm512_srav_epi32(s, p->right);
+    __m512i threshold = _mm512_add_epi32(p->rhalf, _mm512_srli_epi32(s, 31));
+    __mmask16 up = _mm512_cmpgt_epi32_mask(_mm512_and_si512(s, p->rmask), threshold);
+    return _mm512_mask_sub_epi32(q, up, q, _mm512_set1_epi32(-1));
+}
+
+/* tern_requant_one's fixed mode on 16 accumulators: int32 lanes, clamped, zero point added. */
+T_VNNI QINLINE __m512i requantx16_i32(__m512i acc, const rqx16 *p, const rqf16 *r)
+{
+    __m512i v = _mm512_min_epi32(_mm512_max_epi32(mbqm16(acc, p), r->lo32), r->hi32);
+    return _mm512_add_epi32(v, r->zp);
+}
+
+/* The fixed mode on 64 accumulators (four vectors of 16 channels) into 64 bytes in channel
+ * order, clamped by saturating packs as requantf64 (int16 bounds on both sides). */
+T_VNNI QINLINE __m512i requantx64(const __m512i acc[4], const rqx16 p[4], const rqf16 *r)
+{
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    __m512i q[4];
+    for (int v = 0; v < 4; v++)
+        q[v] = mbqm16(acc[v], &p[v]);
+    __m512i h0 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), r->zp16);
+    __m512i h1 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), r->zp16);
+    h0 = _mm512_min_epi16(_mm512_max_epi16(h0, r->qmin16), r->qmax16);
+    h1 = _mm512_min_epi16(_mm512_max_epi16(h1, r->qmin16), r->qmax16);
+    return _mm512_permutexvar_epi32(order, _mm512_packs_epi16(h0, h1));
 }
 
 /* tern_requant_one on 16 accumulators with their channels' scales: int32 lanes. The
@@ -78,6 +157,15 @@ T_VNNI QINLINE __m512i lut512_apply(__m512i idx, const __m512i *lut)
 T_VNNI QINLINE __m128i requantf16(__m512i acc, __m512 scale, const rqf16 *r, const __m512i *lut)
 {
     __m128i b = _mm512_cvtepi32_epi8(requantf16_i32(acc, scale, r));
+    if (lut)
+        b = _mm512_castsi512_si128(lut512_apply(_mm512_castsi128_si512(b), lut));
+    return b;
+}
+
+/* 16 accumulators to 16 int8 in the fixed mode (through the table when lut is not NULL). */
+T_VNNI QINLINE __m128i requantx16(__m512i acc, const rqx16 *p, const rqf16 *r, const __m512i *lut)
+{
+    __m128i b = _mm512_cvtepi32_epi8(requantx16_i32(acc, p, r));
     if (lut)
         b = _mm512_castsi512_si128(lut512_apply(_mm512_castsi128_si512(b), lut));
     return b;

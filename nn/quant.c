@@ -1,11 +1,13 @@
 /* The INT8 scheme's arithmetic, scalar and exact: TFLite's fixed-point requantization
  * (gemmlowp's SaturatingRoundingDoublingHighMul and RoundingDivideByPOT, TFLite's
- * QuantizeMultiplier and MultiplyByQuantizedMultiplier), its choice of activation parameters,
- * and the lookup tables of the activations. The vector kernels (nn/qgemm.c, nn/qops.c) are
+ * QuantizeMultiplier and MultiplyByQuantizedMultiplier: the fixed requantization mode), its
+ * choice of activation parameters, the lookup tables of the activations, and the parameters of
+ * the residual add and the gate in either mode. The vector kernels (nn/qgemm.c, nn/qops.c) are
  * tested bit for bit against these. */
 #include "tern/quant.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "qkernels.h"
 
@@ -122,16 +124,86 @@ void tern_quant_lut(int8_t lut[256], tern_act act, tern_qparams in, tern_qparams
     }
 }
 
+const char *tern_requant_mode_name(tern_requant_mode mode)
+{
+    switch (mode) {
+    case TERN_REQUANT_FLOAT: return "float";
+    case TERN_REQUANT_FIXED: return "fixed";
+    }
+    return "?";
+}
+
+tern_status tern_requant_mode_parse(const char *name, tern_requant_mode *out)
+{
+    for (int m = TERN_REQUANT_FLOAT; name && m <= TERN_REQUANT_FIXED; m++)
+        if (!strcmp(name, tern_requant_mode_name((tern_requant_mode)m))) {
+            *out = (tern_requant_mode)m;
+            return TERN_OK;
+        }
+    return TERN_ERR_INVALID;
+}
+
+tern_status tern_requant_fixed_params(int32_t *multiplier, int32_t *shift, const double *real,
+                                      size_t C)
+{
+    for (size_t c = 0; c < C; c++) {
+        int s;
+        tern_status st = tern_quant_multiplier(real[c], &multiplier[c], &s);
+        if (st != TERN_OK)
+            return st;
+        shift[c] = s;
+    }
+    return TERN_OK;
+}
+
+/* TFLite's QuantizeMultiplierSmallerThanOneExp: as tern_quant_multiplier, for real < 1 only
+ * (shift <= 0). */
+static tern_status multiplier_below_one(double real, int32_t *multiplier, int32_t *shift)
+{
+    int s;
+    if (!(real < 1) || tern_quant_multiplier(real, multiplier, &s) != TERN_OK || s > 0)
+        return TERN_ERR_INVALID;
+    *shift = s;
+    return TERN_OK;
+}
+
 tern_status tern_quant_add_params(tern_qadd_params *add, tern_qparams a, tern_qparams b,
-                                  tern_qparams out)
+                                  tern_qparams out, tern_requant_mode mode)
 {
     double so = out.scale;
     *add = (tern_qadd_params){
+        .mode = mode, .a_zp = a.zero_point, .b_zp = b.zero_point,
         .a_scale = (float)(a.scale / so), .b_scale = (float)(b.scale / so),
         .bias = (float)(-((double)a.zero_point * a.scale + (double)b.zero_point * b.scale) / so),
         .out_zp = out.zero_point, .qmin = -128, .qmax = 127};
     if (!isfinite(add->a_scale) || !isfinite(add->b_scale) || !isfinite(add->bias) ||
         !(add->a_scale > 0) || !(add->b_scale > 0))
         return TERN_ERR_INVALID;
+    if (mode != TERN_REQUANT_FIXED)
+        return mode == TERN_REQUANT_FLOAT ? TERN_OK : TERN_ERR_INVALID;
+    /* TFLite's int8 ADD: the larger input scale, doubled, as float then double */
+    const double twice_max = 2 * (double)(a.scale > b.scale ? a.scale : b.scale);
+    const double out_real = twice_max / ((double)(1 << TERN_QADD_LEFT_SHIFT) * so);
+    if (multiplier_below_one(a.scale / twice_max, &add->a_mult, &add->a_shift) != TERN_OK ||
+        multiplier_below_one(b.scale / twice_max, &add->b_mult, &add->b_shift) != TERN_OK ||
+        multiplier_below_one(out_real, &add->out_mult, &add->out_shift) != TERN_OK)
+        return TERN_ERR_INVALID;
+    return TERN_OK;
+}
+
+tern_status tern_quant_gate_params(tern_qgate_params *gate, tern_qparams x, tern_qparams g,
+                                   tern_qparams out, tern_requant_mode mode)
+{
+    const double real = (double)x.scale * (double)g.scale / (double)out.scale;
+    *gate = (tern_qgate_params){.mode = mode, .x_zp = x.zero_point, .g_zp = g.zero_point,
+                                .out_zp = out.zero_point, .scale = (float)real};
+    if (!isfinite(gate->scale) || !(gate->scale > 0))
+        return TERN_ERR_INVALID;
+    if (mode != TERN_REQUANT_FIXED)
+        return mode == TERN_REQUANT_FLOAT ? TERN_OK : TERN_ERR_INVALID;
+    int s;
+    if (tern_quant_multiplier(real, &gate->mult, &s) != TERN_OK)
+        return TERN_ERR_INVALID;
+    gate->shift = s;
     return TERN_OK;
 }

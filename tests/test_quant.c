@@ -246,20 +246,33 @@ static void lut_cases(void **state)
 /* Random requantization of n channels: realistic scales with occasional extreme ones. */
 typedef struct rq_case {
     float *scale;
+    int32_t *fixed; /* (2, n): multipliers, shifts */
     int8_t lut[256];
     tern_requant rq;
 } rq_case;
 
-static void rq_case_init(rq_case *c, test_rng *r, size_t n)
+/* Case t's mode: the two alternate, so that every kernel test covers both on random shapes. */
+static tern_requant_mode case_mode(int t)
+{
+    return t % 2 ? TERN_REQUANT_FIXED : TERN_REQUANT_FLOAT;
+}
+
+static void rq_case_init(rq_case *c, test_rng *r, size_t n, tern_requant_mode mode)
 {
     c->scale = xcalloc(n, sizeof(float));
+    c->fixed = xcalloc(2 * n, sizeof(int32_t));
     for (size_t i = 0; i < n; i++) {
-        /* mostly what layers have; now and then tiny or large (saturating) scales */
+        /* mostly what layers have; now and then tiny or large (saturating, and in fixed mode
+         * left-shifting) scales */
         int e = test_rng_int(r, 0, 20) == 0 ? test_rng_int(r, -40, 10) : test_rng_int(r, -14, 0);
         c->scale[i] = ldexpf(test_rng_uniform(r, 0.5f, 1.0f), e);
+        double real = c->scale[i];
+        assert_int_equal(tern_requant_fixed_params(c->fixed + i, c->fixed + n + i, &real, 1),
+                         TERN_OK);
     }
     int zp = test_rng_int(r, -128, 127);
-    c->rq = (tern_requant){.scale = c->scale, .out_zp = zp, .qmin = -128, .qmax = 127};
+    c->rq = (tern_requant){.mode = mode, .scale = c->scale, .multiplier = c->fixed,
+                           .shift = c->fixed + n, .out_zp = zp, .qmin = -128, .qmax = 127};
     int kind = test_rng_int(r, 0, 2);
     if (kind == 1) { /* fused ReLU */
         c->rq.qmin = zp;
@@ -275,6 +288,16 @@ static void rq_case_init(rq_case *c, test_rng *r, size_t n)
 static void rq_case_free(rq_case *c)
 {
     free(c->scale);
+    free(c->fixed);
+}
+
+/* A bias: mostly moderate, now and then anywhere in int32 (sums then reach the saturating and
+ * wrapping ends of both requantizations). */
+static int32_t random_bias(test_rng *r, int range)
+{
+    if (test_rng_int(r, 0, 9) == 0)
+        return (int32_t)(uint32_t)test_rng_next(r);
+    return test_rng_int(r, -range, range);
 }
 
 /* Single-precision requantization: ties to even, clamps, zero point, fused ReLU. */
@@ -299,6 +322,93 @@ static void requant_cases(void **state)
     scale[0] = 1.0f / 3;
     rq = (tern_requant){.scale = scale, .out_zp = 5, .qmin = -128, .qmax = 127};
     assert_int_equal(tern_requant_one(100, &rq, 0), 38); /* 33.33 + 5 */
+}
+
+/* The fixed mode (TFLite's MultiplyByQuantizedMultiplier): ties of the high multiply round
+ * upward, those of the shift away from zero, two roundings; saturation; left shifts. */
+static void requant_fixed_cases(void **state)
+{
+    (void)state;
+    int32_t mult[1], shift[1];
+    double real = 0.5;
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_OK);
+    assert_int_equal(mult[0], 1 << 30);
+    assert_int_equal(shift[0], 0);
+    tern_requant rq = {.mode = TERN_REQUANT_FIXED, .multiplier = mult, .shift = shift,
+                       .out_zp = 0, .qmin = -128, .qmax = 127};
+    assert_int_equal(tern_requant_one(3, &rq, 0), 2);    /* 1.5 -> 2 */
+    assert_int_equal(tern_requant_one(5, &rq, 0), 3);    /* 2.5 -> 3 (float mode: 2) */
+    assert_int_equal(tern_requant_one(-3, &rq, 0), -1);  /* -1.5 -> -1, upward (float: -2) */
+    assert_int_equal(tern_requant_one(-5, &rq, 0), -2);  /* -2.5 -> -2 */
+    assert_int_equal(tern_requant_one(-4, &rq, 0), -2);
+    assert_int_equal(tern_requant_one(1000, &rq, 0), 127);
+    assert_int_equal(tern_requant_one(INT32_MAX, &rq, 0), 127);
+    assert_int_equal(tern_requant_one(INT32_MIN, &rq, 0), -128);
+    rq.out_zp = -100;
+    assert_int_equal(tern_requant_one(10, &rq, 0), -95);
+    assert_int_equal(tern_requant_one(-100, &rq, 0), -128); /* -150 clamps */
+    rq.qmin = -100;                                         /* fused ReLU */
+    assert_int_equal(tern_requant_one(-10, &rq, 0), -100);
+    assert_int_equal(tern_requant_one(INT32_MAX, &rq, 0), 127); /* no overflow adding zp */
+    /* 0.25: the shift's ties go away from zero */
+    real = 0.25;
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_OK);
+    assert_int_equal(shift[0], -1);
+    rq = (tern_requant){.mode = TERN_REQUANT_FIXED, .multiplier = mult, .shift = shift,
+                        .qmin = -128, .qmax = 127};
+    assert_int_equal(tern_requant_one(2, &rq, 0), 1);    /* 0.5 -> 1 */
+    assert_int_equal(tern_requant_one(-2, &rq, 0), -1);  /* -0.5 -> -1 */
+    assert_int_equal(tern_requant_one(6, &rq, 0), 2);    /* 1.5 -> 2 */
+    assert_int_equal(tern_requant_one(-6, &rq, 0), -2);  /* -1.5 -> -2 */
+    assert_int_equal(tern_requant_one(10, &rq, 0), 3);   /* 2.5 -> 3 (float: 2) */
+    assert_int_equal(tern_requant_one(-10, &rq, 0), -3); /* -2.5 -> -3 */
+    assert_int_equal(tern_requant_one(101, &rq, 0), 26); /* 25.25: 50.5 -> 51, 25.5 -> 26 */
+    /* 1/3: the Q31 multiplier 1431655765 (shift -1); 100/3 = 33.3 but the high multiply
+     * rounds 66.67 up to 67 and the shift 33.5 up to 34 */
+    real = 1.0 / 3;
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_OK);
+    assert_int_equal(mult[0], 1431655765);
+    assert_int_equal(shift[0], -1);
+    rq.out_zp = 5;
+    assert_int_equal(tern_requant_one(100, &rq, 0), 39); /* float mode: 38 */
+    assert_int_equal(tern_requant_one(-100, &rq, 0), -29); /* -67 -> -33.5 -> -34 */
+    /* 4: a left shift of 3, saturating on the way for large accumulators */
+    real = 4;
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_OK);
+    assert_int_equal(shift[0], 3);
+    rq.out_zp = 0;
+    assert_int_equal(tern_requant_one(10, &rq, 0), 40);
+    assert_int_equal(tern_requant_one(-31, &rq, 0), -124);
+    assert_int_equal(tern_requant_one(100, &rq, 0), 127);
+    assert_int_equal(tern_requant_one(1 << 29, &rq, 0), 127);
+    assert_int_equal(tern_requant_one(-(1 << 29), &rq, 0), -128);
+    /* a ratio below 2^-32 flushes to zero: the output is the zero point */
+    real = ldexp(1, -40);
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_OK);
+    rq.out_zp = 7;
+    assert_int_equal(tern_requant_one(INT32_MAX, &rq, 0), 7);
+    real = -1;
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_ERR_INVALID);
+    real = ldexp(1, 31);
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_ERR_INVALID);
+    /* the table after the fixed-point step */
+    int8_t lut[256];
+    for (int i = 0; i < 256; i++)
+        lut[i] = (int8_t)(255 - i);
+    real = 0.5;
+    assert_int_equal(tern_requant_fixed_params(mult, shift, &real, 1), TERN_OK);
+    rq = (tern_requant){.mode = TERN_REQUANT_FIXED, .multiplier = mult, .shift = shift,
+                        .qmin = -128, .qmax = 127, .lut = lut};
+    assert_int_equal(tern_requant_one(5, &rq, 0), (int8_t)(255 - 3));
+    /* mode names */
+    tern_requant_mode mode = TERN_REQUANT_FLOAT;
+    assert_int_equal(tern_requant_mode_parse("fixed", &mode), TERN_OK);
+    assert_int_equal(mode, TERN_REQUANT_FIXED);
+    assert_string_equal(tern_requant_mode_name(mode), "fixed");
+    assert_int_equal(tern_requant_mode_parse("float", &mode), TERN_OK);
+    assert_int_equal(mode, TERN_REQUANT_FLOAT);
+    assert_int_equal(tern_requant_mode_parse("fp32", &mode), TERN_ERR_INVALID);
+    assert_int_equal(tern_requant_mode_parse(NULL, &mode), TERN_ERR_INVALID);
 }
 
 static bool bytes_equal(const char *what, const int8_t *a, const int8_t *b, size_t n)
@@ -331,9 +441,9 @@ static void qgemm_matches_reference(void **state)
         for (size_t i = 0; i < N * K; i++)
             w[i] = w[i] == -128 ? -127 : w[i];
         for (size_t i = 0; i < N; i++)
-            bias[i] = test_rng_int(&r, -100000, 100000);
+            bias[i] = random_bias(&r, 100000);
         rq_case rq;
-        rq_case_init(&rq, &r, N);
+        rq_case_init(&rq, &r, N, case_mode(t));
         int8_t *ref = xcalloc(M * ldy, 1), *got = xcalloc(M * ldy, 1);
         int32_t *ref32 = xcalloc(M * ldy, 4), *got32 = xcalloc(M * ldy, 4);
         tern_qgemm_ref(raw ? NULL : ref, raw ? ref32 : NULL, ldy, a, lda, zp, w,
@@ -351,8 +461,9 @@ static void qgemm_matches_reference(void **state)
                 ok = raw ? memcmp(got32 + m * ldy, ref32 + m * ldy, N * 4) == 0
                          : bytes_equal("qgemm", got + m * ldy, ref + m * ldy, N);
             if (!ok)
-                print_error("qgemm %s: M %zu N %zu K %zu lda %zu zp %d raw %d lut %d\n",
-                            tern_qisa_name(isas[l]), M, N, K, lda, zp, raw, rq.rq.lut != NULL);
+                print_error("qgemm %s %s: M %zu N %zu K %zu lda %zu zp %d raw %d lut %d\n",
+                            tern_qisa_name(isas[l]), tern_requant_mode_name(rq.rq.mode), M, N,
+                            K, lda, zp, raw, rq.rq.lut != NULL);
             assert_true(ok);
             free(packed);
             free(ws);
@@ -393,7 +504,7 @@ static void conv_im2col_matches_direct(void **state)
         for (int i = 0; i < p.cout; i++)
             bias[i] = test_rng_int(&r, -5000, 5000);
         rq_case rq;
-        rq_case_init(&rq, &r, (size_t)p.cout);
+        rq_case_init(&rq, &r, (size_t)p.cout, case_mode(t));
         int8_t *ref = xcalloc(rows * p.cout, 1), *got = xcalloc(rows * p.cout, 1);
         for (int n = 0; n < p.n; n++)
             for (int oy = 0; oy < p.oh; oy++)
@@ -426,8 +537,9 @@ static void conv_im2col_matches_direct(void **state)
             tern_qgemm(got, NULL, (size_t)p.cout, col, K, packed, ws, rows, (size_t)p.cout, K,
                        &rq.rq, isas[l]);
             if (!bytes_equal("conv", got, ref, rows * p.cout))
-                print_error("conv %s: n %d %dx%dx%d -> %d stride %d\n", tern_qisa_name(isas[l]),
-                            p.n, p.h, p.w, p.cin, p.cout, p.stride);
+                print_error("conv %s %s: n %d %dx%dx%d -> %d stride %d\n",
+                            tern_qisa_name(isas[l]), tern_requant_mode_name(rq.rq.mode), p.n, p.h,
+                            p.w, p.cin, p.cout, p.stride);
             assert_memory_equal(got, ref, rows * p.cout);
             free(packed);
             free(ws);
@@ -439,9 +551,9 @@ static void conv_im2col_matches_direct(void **state)
             memset(got, 0x55, rows * p.cout);
             tern_qconv_direct(got, x, zp, packed, ws, &p, &rq.rq, isas[l]);
             if (!bytes_equal("direct conv", got, ref, rows * p.cout))
-                print_error("direct conv %s: n %d %dx%dx%d -> %d k %d stride %d pad %d\n",
-                            tern_qisa_name(isas[l]), p.n, p.h, p.w, p.cin, p.cout, k, p.stride,
-                            p.pad);
+                print_error("direct conv %s %s: n %d %dx%dx%d -> %d k %d stride %d pad %d\n",
+                            tern_qisa_name(isas[l]), tern_requant_mode_name(rq.rq.mode), p.n, p.h,
+                            p.w, p.cin, p.cout, k, p.stride, p.pad);
             assert_memory_equal(got, ref, rows * p.cout);
             /* the same from float input quantized on the way in */
             size_t nx = (size_t)p.n * p.h * p.w * p.cin;
@@ -495,9 +607,9 @@ static void qdwconv_matches_reference(void **state)
         random_bytes(&r, x, nx);
         random_bytes(&r, w, (size_t)ch * k * k);
         for (int i = 0; i < ch; i++)
-            bias[i] = test_rng_int(&r, -20000, 20000);
+            bias[i] = random_bias(&r, 20000);
         rq_case rq;
-        rq_case_init(&rq, &r, (size_t)ch);
+        rq_case_init(&rq, &r, (size_t)ch, case_mode(t));
         int8_t *ref = xcalloc(ny, 1), *got = xcalloc(ny, 1);
         tern_qdwconv_ref(ref, x, zp, w, has_bias ? bias : NULL, &p, &rq.rq);
         for (int l = 0; l < nisa; l++) {
@@ -509,8 +621,9 @@ static void qdwconv_matches_reference(void **state)
             free(wp);
             free(ws);
             if (!bytes_equal("dwconv", got, ref, ny))
-                print_error("dwconv %s: n %d %dx%dx%d k %d stride %d pad %d\n",
-                            tern_qisa_name(isas[l]), p.n, p.h, p.w, ch, k, stride, pad);
+                print_error("dwconv %s %s: n %d %dx%dx%d k %d stride %d pad %d\n",
+                            tern_qisa_name(isas[l]), tern_requant_mode_name(rq.rq.mode), p.n, p.h,
+                            p.w, ch, k, stride, pad);
             assert_memory_equal(got, ref, ny);
         }
         rq_case_free(&rq);
@@ -542,27 +655,33 @@ static void elementwise_match_reference(void **state)
         random_bytes(&r, b, count);
         random_bytes(&r, g, (size_t)n * c);
 
-        tern_qadd_params add;
-        assert_int_equal(tern_quant_add_params(&add, random_params(&r), random_params(&r),
-                                               random_params(&r)), TERN_OK);
-        tern_qadd_ref(ref, a, b, count, &add);
-        for (int l = 0; l < nisa; l++) {
-            tern_qadd(got, a, b, count, &add, isas[l]);
-            if (!bytes_equal("add", got, ref, count))
-                print_error("add %s: count %zu\n", tern_qisa_name(isas[l]), count);
-            assert_memory_equal(got, ref, count);
-        }
-
+        tern_qparams pa = random_params(&r), pb = random_params(&r), pao = random_params(&r);
         tern_qparams px = random_params(&r), pg = random_params(&r), po = random_params(&r);
-        tern_qgate_params gate = {.x_zp = px.zero_point, .g_zp = pg.zero_point,
-                                  .out_zp = po.zero_point};
-        gate.scale = (float)((double)px.scale * pg.scale / po.scale);
-        tern_qgate_ref(ref, a, g, n, hw, c, &gate);
-        for (int l = 0; l < nisa; l++) {
-            tern_qgate(got, a, g, n, hw, c, &gate, isas[l]);
-            if (!bytes_equal("gate", got, ref, count))
-                print_error("gate %s: n %d hw %zu c %d\n", tern_qisa_name(isas[l]), n, hw, c);
-            assert_memory_equal(got, ref, count);
+        if (t % 4 == 3) /* a gate whose multiplier shifts left (real ratio above 1) */
+            po.scale = px.scale * pg.scale / test_rng_uniform(&r, 1.5f, 300.0f);
+        for (int mode = TERN_REQUANT_FLOAT; mode <= TERN_REQUANT_FIXED; mode++) {
+            const char *mname = tern_requant_mode_name((tern_requant_mode)mode);
+            tern_qadd_params add;
+            assert_int_equal(tern_quant_add_params(&add, pa, pb, pao, (tern_requant_mode)mode),
+                             TERN_OK);
+            tern_qadd_ref(ref, a, b, count, &add);
+            for (int l = 0; l < nisa; l++) {
+                tern_qadd(got, a, b, count, &add, isas[l]);
+                if (!bytes_equal("add", got, ref, count))
+                    print_error("add %s %s: count %zu\n", tern_qisa_name(isas[l]), mname, count);
+                assert_memory_equal(got, ref, count);
+            }
+            tern_qgate_params gate;
+            assert_int_equal(tern_quant_gate_params(&gate, px, pg, po, (tern_requant_mode)mode),
+                             TERN_OK);
+            tern_qgate_ref(ref, a, g, n, hw, c, &gate);
+            for (int l = 0; l < nisa; l++) {
+                tern_qgate(got, a, g, n, hw, c, &gate, isas[l]);
+                if (!bytes_equal("gate", got, ref, count))
+                    print_error("gate %s %s: n %d hw %zu c %d\n", tern_qisa_name(isas[l]), mname,
+                                n, hw, c);
+                assert_memory_equal(got, ref, count);
+            }
         }
 
         tern_qavgpool_ref(ref, a, n, hw, c);
@@ -599,24 +718,101 @@ static void elementwise_match_reference(void **state)
     }
 }
 
-/* A hand-checked add: the inputs 1.0 (scale 0.5) and 0.25 (scale 0.25) sum to 1.25 (scale 0.125). */
+/* One element of the add at every level: all must agree; returns the result. */
+static int8_t add_one(int8_t a, int8_t b, const tern_qadd_params *p)
+{
+    int8_t y, v;
+    tern_qadd_ref(&y, &a, &b, 1, p);
+    tern_qisa isas[4];
+    for (int l = 0, n = levels(isas); l < n; l++) {
+        tern_qadd(&v, &a, &b, 1, p, isas[l]);
+        assert_int_equal(v, y);
+    }
+    return y;
+}
+
+/* A hand-checked add: the inputs 1.0 (scale 0.5) and 0.25 (scale 0.25) sum to 1.25 (scale
+ * 0.125), in both modes; then ties, where the modes differ. */
 static void add_hand_case(void **state)
 {
     (void)state;
+    for (int mode = TERN_REQUANT_FLOAT; mode <= TERN_REQUANT_FIXED; mode++) {
+        tern_qadd_params add;
+        assert_int_equal(tern_quant_add_params(&add, (tern_qparams){0.5f, 3},
+                                               (tern_qparams){0.25f, -2},
+                                               (tern_qparams){0.125f, 1}, (tern_requant_mode)mode),
+                         TERN_OK);
+        assert_int_equal(add_one(2 + 3, 1 - 2, &add), 10 + 1);
+        assert_int_equal(add_one(127, 1 - 2, &add), 127); /* (124 * 0.5 + ...) / 0.125 */
+        assert_int_equal(add_one(-128, -128, &add), -128);
+    }
     tern_qadd_params add;
-    assert_int_equal(tern_quant_add_params(&add, (tern_qparams){0.5f, 3},
-                                           (tern_qparams){0.25f, -2}, (tern_qparams){0.125f, 1}),
+    /* fixed: 1/2 = 2^30 * 2^-31 and 1/4 for the inputs, 2^-17 (shift -16) for the output */
+    assert_int_equal(tern_quant_add_params(&add, (tern_qparams){0.5f, 3}, (tern_qparams){0.25f, -2},
+                                           (tern_qparams){0.125f, 1}, TERN_REQUANT_FIXED),
                      TERN_OK);
-    int8_t a = 2 + 3, b = 1 - 2, y;
-    tern_qadd_ref(&y, &a, &b, 1, &add);
-    assert_int_equal(y, 10 + 1);
-    a = 127; /* (124 * 0.5 + ...) / 0.125 saturates */
-    tern_qadd_ref(&y, &a, &b, 1, &add);
-    assert_int_equal(y, 127);
-    a = -128;
-    b = -128;
-    tern_qadd_ref(&y, &a, &b, 1, &add);
-    assert_int_equal(y, -128);
+    assert_true(add.a_mult == 1 << 30 && add.a_shift == 0);
+    assert_true(add.b_mult == 1 << 30 && add.b_shift == -1);
+    assert_true(add.out_mult == 1 << 30 && add.out_shift == -16);
+    /* 0.5 + 0 and -0.5 + 0 at output scale 1: float rounds both ties to even (0), TFLite's
+     * arithmetic away from zero */
+    const tern_qparams pa = {0.25f, 2}, pb = {0.25f, -2}, po = {1.0f, 0};
+    assert_int_equal(tern_quant_add_params(&add, pa, pb, po, TERN_REQUANT_FLOAT), TERN_OK);
+    assert_int_equal(add_one(4, -2, &add), 0);
+    assert_int_equal(add_one(0, -2, &add), 0);
+    assert_int_equal(add_one(8, -2, &add), 2); /* 1.5 */
+    assert_int_equal(add_one(12, -2, &add), 2); /* 2.5 */
+    assert_int_equal(tern_quant_add_params(&add, pa, pb, po, TERN_REQUANT_FIXED), TERN_OK);
+    assert_int_equal(add_one(4, -2, &add), 1);
+    assert_int_equal(add_one(0, -2, &add), -1);
+    assert_int_equal(add_one(8, -2, &add), 2);
+    assert_int_equal(add_one(12, -2, &add), 3);
+    assert_int_equal(add_one(-128, -128, &add), -64); /* -32.5 - 31.5 */
+    /* an output scale 2^20 times below the inputs' needs a multiplier of 1 or more: refused,
+     * as TFLite refuses it */
+    assert_int_equal(tern_quant_add_params(&add, pa, pb, (tern_qparams){ldexpf(0.5f, -21), 0},
+                                           TERN_REQUANT_FIXED),
+                     TERN_ERR_INVALID);
+    assert_int_equal(tern_quant_add_params(&add, pa, pb, po, (tern_requant_mode)7),
+                     TERN_ERR_INVALID);
+}
+
+/* One element of the gate at every level (n = hw = c = 1). */
+static int8_t gate_one(int8_t x, int8_t g, const tern_qgate_params *p)
+{
+    int8_t y, v;
+    tern_qgate_ref(&y, &x, &g, 1, 1, 1, p);
+    tern_qisa isas[4];
+    for (int l = 0, n = levels(isas); l < n; l++) {
+        tern_qgate(&v, &x, &g, 1, 1, 1, p, isas[l]);
+        assert_int_equal(v, y);
+    }
+    return y;
+}
+
+/* The gate (TFLite's MUL in fixed mode): a product through one multiplier. */
+static void gate_hand_case(void **state)
+{
+    (void)state;
+    tern_qgate_params gate;
+    /* scales 0.5 * 0.25 / 0.125: a multiplier of 1, i.e. 2^30 with a left shift of 1 */
+    const tern_qparams px = {0.5f, 0}, pg = {0.25f, 0};
+    assert_int_equal(tern_quant_gate_params(&gate, px, pg, (tern_qparams){0.125f, 0},
+                                            TERN_REQUANT_FIXED),
+                     TERN_OK);
+    assert_true(gate.mult == 1 << 30 && gate.shift == 1);
+    assert_int_equal(gate_one(3, 1, &gate), 3);
+    assert_int_equal(gate_one(-7, 9, &gate), -63);
+    assert_int_equal(gate_one(127, 127, &gate), 127);
+    assert_int_equal(gate_one(-128, 127, &gate), -128);
+    /* ratio 0.25: 1.5 -> 2, -2.5 -> -3 away from zero; float: 2 and -2 */
+    const tern_qparams po = {0.5f, -10};
+    assert_int_equal(tern_quant_gate_params(&gate, px, pg, po, TERN_REQUANT_FIXED), TERN_OK);
+    assert_int_equal(gate_one(3, 2, &gate), 2 - 10);
+    assert_int_equal(gate_one(-5, 2, &gate), -3 - 10);
+    assert_int_equal(tern_quant_gate_params(&gate, px, pg, po, TERN_REQUANT_FLOAT), TERN_OK);
+    assert_int_equal(gate_one(3, 2, &gate), 2 - 10);
+    assert_int_equal(gate_one(-5, 2, &gate), -2 - 10);
 }
 
 /* ---- quantized models ---------------------------------------------------------------------- */
@@ -1077,6 +1273,7 @@ int main(void)
         cmocka_unit_test(rdivpot_cases),
         cmocka_unit_test(mbqm_cases),
         cmocka_unit_test(requant_cases),
+        cmocka_unit_test(requant_fixed_cases),
         cmocka_unit_test(multiplier_cases),
         cmocka_unit_test(choose_params_cases),
         cmocka_unit_test(lut_cases),
@@ -1085,6 +1282,7 @@ int main(void)
         cmocka_unit_test(qdwconv_matches_reference),
         cmocka_unit_test(elementwise_match_reference),
         cmocka_unit_test(add_hand_case),
+        cmocka_unit_test(gate_hand_case),
         cmocka_unit_test(qmodel_levels_agree),
         cmocka_unit_test(qmodel_rejects_bad_input),
         cmocka_unit_test(qmodel_allocation_failures),

@@ -7,24 +7,28 @@
  *   - activations: per tensor, asymmetric int8 in [-128, 127]: real = scale * (q - zero_point),
  *     with the range widened to contain 0 and "nudged" so that 0 is exactly representable;
  *   - biases: int32, round(b / (input_scale * weight_scale[c]));
- *   - requantization of convolutions and fully connected layers: the int32 accumulator is
- *     converted to float and multiplied by M = input_scale * weight_scale / output_scale (a
- *     float per output channel), clamped, rounded to nearest even, offset by the output zero
- *     point (and clamped to the smaller range a fused ReLU leaves): the "fp32" requantization
- *     of XNNPACK, which is what TFLite itself runs int8 models with on CPUs (its default
- *     delegate). It costs a third of the fixed-point form (TFLite's reference kernels: a Q31
- *     multiplier and shift, MultiplyByQuantizedMultiplier, 64-bit products) and differs from
- *     it only in rounding at the last bit. IEEE single precision makes it exact and the same on
- *     every instruction set;
+ *   - requantization of convolutions and fully connected layers (M = input_scale *
+ *     weight_scale / output_scale per output channel), in one of two modes
+ *     (tern_requant_mode), both clamping to the output range (the smaller one a fused ReLU
+ *     leaves) and adding the output zero point:
+ *       float (the default): the int32 accumulator converted to float, multiplied by M as a
+ *         float, rounded to nearest even: the "fp32" requantization of XNNPACK, what TFLite
+ *         itself runs int8 models with on CPUs (its default delegate). IEEE single precision
+ *         makes it exact and the same on every instruction set;
+ *       fixed: TFLite's reference kernels: M as a Q31 multiplier and a shift
+ *         (tern_quant_multiplier), applied with MultiplyByQuantizedMultiplier
+ *         (tern_quant_mbqm: a rounding doubling high multiply of 64-bit products, then a
+ *         rounding shift), integers only;
+ *     the two differ only in rounding at the last bit (docs/int8.md has the measurements);
  *   - hardswish and hardsigmoid: 256-entry lookup tables built from the real-valued functions
- *     and the input and output quantization parameters;
- *   - residual add and squeeze-and-excitation gate: the same single-precision arithmetic (the
- *     real-valued sum or product, scaled and rounded to nearest even; see nn/qkernels.h)
- *     rather than TFLite's fixed-point ADD and MUL, for the same reason; global average pool:
- *     TFLite's AVERAGE_POOL_2D (output shares the input's parameters, sum divided with
- *     rounding).
- * tern_quant_srdhm, tern_quant_mbqm and tern_quant_multiplier below are TFLite's fixed-point
- * arithmetic, kept for comparison and for files of that scheme; the kernels do not use them.
+ *     and the input and output quantization parameters (both modes);
+ *   - residual add and squeeze-and-excitation gate: in float mode the same single-precision
+ *     arithmetic (the real-valued sum or product, scaled and rounded to nearest even; see
+ *     nn/qkernels.h); in fixed mode TFLite's ADD (inputs shifted left by 20 bits, each scaled
+ *     by its own multiplier, the sum by an output multiplier) and MUL (the product of the two
+ *     offset inputs through one multiplier); global average pool: TFLite's AVERAGE_POOL_2D in
+ *     both modes (output shares the input's parameters, sum divided with rounding: integers
+ *     already).
  *
  * A tern_qmodel is built from a float tern_model and calibration images: the float network is
  * run with BatchNorm folded, every activation tensor's range is observed (min/max), parameters
@@ -91,6 +95,17 @@ typedef enum tern_qisa {
     TERN_QISA_AVX512_VNNI, /* AVX-512 F, BW, DQ, VL, VNNI, VBMI */
 } tern_qisa;
 
+/* How the integer kernels scale int32 sums to int8 outputs (see the top of this file). */
+typedef enum tern_requant_mode {
+    TERN_REQUANT_FLOAT = 0, /* single precision (XNNPACK's fp32 requantization) */
+    TERN_REQUANT_FIXED,     /* TFLite's reference: Q31 multiplier and shift */
+} tern_requant_mode;
+
+/* "float", "fixed"; static storage, "?" for others. */
+const char *tern_requant_mode_name(tern_requant_mode mode);
+/* The inverse; TERN_ERR_INVALID for an unknown name. */
+tern_status tern_requant_mode_parse(const char *name, tern_requant_mode *out);
+
 /* "auto", "scalar", "avx2", "avx512vnni"; static storage. */
 const char *tern_qisa_name(tern_qisa isa);
 /* The level the integer kernels will run at for a request on this CPU (never AUTO). */
@@ -133,6 +148,7 @@ typedef struct tern_qmodel_options {
      * square, and the top-1 agreement. Read with tern_qmodel_op_info. */
     bool sensitivity;
     const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the qmodel */
+    tern_requant_mode requant;   /* TERN_REQUANT_FLOAT (0) by default; saved in the file */
 } tern_qmodel_options;
 
 typedef struct tern_qmodel tern_qmodel;
@@ -168,6 +184,8 @@ tern_status tern_qmodel_forward_profile(tern_qmodel *qmodel, float *logits, cons
 const char *tern_qmodel_last_error(const tern_qmodel *qmodel);
 /* The level its integer kernels run at (resolved, never AUTO). */
 tern_qisa tern_qmodel_isa(const tern_qmodel *qmodel);
+/* Its requantization mode (as created, or as its file says). */
+tern_requant_mode tern_qmodel_requant(const tern_qmodel *qmodel);
 /* Parameters chosen for the input tensor. */
 tern_qparams tern_qmodel_input_params(const tern_qmodel *qmodel);
 /* Number of integer ops (convolutions, fully connected, pool, gate, add) in execution order. */
@@ -197,7 +215,8 @@ tern_status tern_qmodel_op_info(const tern_qmodel *qmodel, size_t i, tern_qop_in
 /* ---- files ------------------------------------------------------------------------------------ */
 
 /* Save as safetensors (format "tern-int8": int8 weights, int32 biases, scales and zero points,
- * the graph in the metadata; layers kept in float as F32; see nn/qmodel_io.c), atomically.
+ * the graph and the requantization mode ("requant": "float" or "fixed") in the metadata;
+ * layers kept in float as F32; see nn/qmodel_io.c), atomically.
  * info (may be NULL): the evaluation pipeline and class names to record, as
  * tern_model_save_file. Errors: TERN_ERR_INVALID, TERN_ERR_NOMEM, TERN_ERR_IO (detail in err). */
 tern_status tern_qmodel_save_file(const tern_qmodel *qmodel, const tern_model_info *info,
@@ -211,8 +230,9 @@ typedef struct tern_qmodel_load_options {
     const tern_allocator *alloc; /* NULL: the C library; borrowed, must outlive the qmodel */
 } tern_qmodel_load_options;
 
-/* Rebuild a quantized model from an open file (no float model needed). opt may be NULL. The
- * qmodel keeps no reference to st. Errors: TERN_ERR_FORMAT (not a quantized model, or anything
+/* Rebuild a quantized model from an open file (no float model needed), in the file's
+ * requantization mode (float when the metadata has no "requant", as files written before the
+ * key existed). opt may be NULL. The qmodel keeps no reference to st. Errors: TERN_ERR_FORMAT (not a quantized model, or anything
  * malformed: detail in err), TERN_ERR_INVALID, TERN_ERR_NOMEM. *out untouched on failure. */
 tern_status tern_qmodel_load(const tern_safetensors *st, const tern_qmodel_load_options *opt,
                              tern_qmodel **out, tern_error *err);
