@@ -55,7 +55,7 @@ int tern_quant_check_size(const tern_qmodel *q, int size)
 }
 
 typedef struct qopts {
-    const char *model, *calib_data, *out, *method;
+    const char *model, *calib_data, *out, *method, *requant;
     int calib_count, eval_count, fp32_layers, batch, threads;
     double percentile;
 } qopts;
@@ -72,6 +72,9 @@ static void usage(FILE *f)
             "  --method M          minmax (default), percentile or entropy\n"
             "  --percentile P      for --method percentile (default 99.99)\n"
             "  --fp32-layers K     keep the K most sensitive layers in float (default 0)\n"
+            "  --requant R         float (default): int32 sums scaled in single precision, as\n"
+            "                      XNNPACK; fixed: TFLite's reference fixed point (Q31 multiplier\n"
+            "                      and shift per channel). Recorded in the file\n"
             "  --eval-count N      held-out images to compare on (default 1000; 0: none)\n"
             "  --batch B           images per forward pass (default 100)\n"
             "  --threads N         calibration threads (default 1)\n");
@@ -85,7 +88,8 @@ static int parse(int argc, char **argv, qopts *o)
         {"percentile", required_argument, 0, 'p'}, {"fp32-layers", required_argument, 0, 'k'},
         {"eval-count", required_argument, 0, 'e'},  {"out", required_argument, 0, 'o'},
         {"batch", required_argument, 0, 'b'},      {"threads", required_argument, 0, 't'},
-        {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
+        {"requant", required_argument, 0, 'R'},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     optind = 1;
     opterr = 0;
     int ch;
@@ -98,6 +102,7 @@ static int parse(int argc, char **argv, qopts *o)
         case 'd': o->calib_data = optarg; break;
         case 'o': o->out = optarg; break;
         case 'M': o->method = optarg; break;
+        case 'R': o->requant = optarg; break;
         case 'p':
             o->percentile = strtod(optarg, &end);
             if (*end || !(o->percentile > 50 && o->percentile <= 100))
@@ -202,13 +207,16 @@ static void print_sensitivity(const tern_qmodel *q)
 int tern_cmd_quantize(int argc, char **argv)
 {
     qopts o = {.calib_count = 512, .eval_count = 1000, .batch = 100, .threads = 1,
-               .method = "minmax"};
+               .method = "minmax", .requant = "float"};
     int rc = parse(argc, argv, &o);
     if (rc)
         return rc == 2 ? 0 : rc;
     tern_quant_observer observer;
     if (tern_quant_observer_parse(o.method, &observer) != TERN_OK)
         return die("unknown --method '%s' (minmax, percentile or entropy)", o.method);
+    tern_requant_mode requant;
+    if (tern_requant_mode_parse(o.requant, &requant) != TERN_OK)
+        return die("unknown --requant '%s' (float or fixed)", o.requant);
     cli c = {0};
     tern_model *m = NULL;
     tern_qmodel *q = NULL, *loaded = NULL;
@@ -257,8 +265,10 @@ int tern_cmd_quantize(int argc, char **argv)
         }
     }
     const size_t *held_idx = test ? eval_idx : order + ncalib;
-    printf("quantizing %s (%s, %d classes, %dx%d) with %s on %d calibration images\n", o.model,
-           tern_arch_name(mo->arch), mo->num_classes, t.size, t.size, o.method, ncalib);
+    printf("quantizing %s (%s, %d classes, %dx%d) with %s on %d calibration images, %s "
+           "requantization\n",
+           o.model, tern_arch_name(mo->arch), mo->num_classes, t.size, t.size, o.method, ncalib,
+           o.requant);
     if (!(calib = load_images(train, &t, calib_idx, ncalib, NULL))) {
         rc = 1;
         goto done;
@@ -266,7 +276,8 @@ int tern_cmd_quantize(int argc, char **argv)
     tern_qmodel_options qo = {.height = t.size, .width = t.size, .max_batch = o.batch,
                               .calib_batch = 64, .observer = observer,
                               .percentile = o.percentile, .threads = o.threads,
-                              .fp32_layers = o.fp32_layers, .sensitivity = true};
+                              .fp32_layers = o.fp32_layers, .sensitivity = true,
+                              .requant = requant};
     double t0 = cli_now();
     if (tern_qmodel_create(m, calib, ncalib, &qo, &q, &err) != TERN_OK) {
         rc = die("%s", err.message);

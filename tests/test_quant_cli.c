@@ -1,4 +1,5 @@
-/* End-to-end: `tern quantize` on the shipped Fashion-MNIST model, then `tern info`, `tern eval`
+/* End-to-end: `tern quantize` on the shipped Fashion-MNIST model (fixed-point requantization,
+ * recorded in the file), then `tern info`, `tern eval`
  * and `tern predict` on the quantized file, the embedding example (apps/examples/classify.c,
  * through tern_predictor) on it, and the errors a person can make. Needs Debian's
  * dataset-fashion-mnist and weights/fashion-mnist-small.safetensors (found from
@@ -69,9 +70,11 @@ static void quantize_then_use(void **state)
     assert_int_equal(
         test_run_tern(e->log,
                       "quantize --model %s --calib-data fashion-mnist --calib-count 256 "
-                      "--method entropy --fp32-layers 2 --eval-count 500 --out %s",
+                      "--method entropy --fp32-layers 2 --eval-count 500 --requant fixed "
+                      "--out %s",
                       e->weights, e->qmodel),
         0);
+    assert_true(test_file_contains(e->log, "fixed requantization"));
     assert_true(test_file_contains(e->log, "layer sensitivity"));
     assert_true(test_file_contains(e->log, "features.0.0.weight"));
     assert_true(test_file_contains(e->log, "fp32"));
@@ -80,6 +83,7 @@ static void quantize_then_use(void **state)
 
     assert_int_equal(test_run_tern(e->log, "info %s", e->qmodel), 0);
     assert_true(test_file_contains(e->log, "format: tern-int8"));
+    assert_true(test_file_contains(e->log, "requant: fixed"));
     assert_true(test_file_contains(e->log, "values.zero_point"));
     assert_true(test_file_contains(e->log, "I8"));
 
@@ -119,6 +123,12 @@ static void quantize_then_use(void **state)
                       e->weights, e->qmodel),
         1);
     assert_true(test_file_contains(e->log, "unknown --method 'kl'"));
+    assert_int_equal(test_run_tern(e->log,
+                                   "quantize --model %s --calib-data fashion-mnist --requant q31 "
+                                   "--out %s",
+                                   e->weights, e->qmodel),
+                     1);
+    assert_true(test_file_contains(e->log, "unknown --requant 'q31'"));
     assert_int_equal(
         test_run_tern(e->log, "quantize --model %s --calib-data fashion-mnist", e->weights), 1);
     assert_true(test_file_contains(e->log, "--out are required"));
