@@ -13,7 +13,11 @@
  *   layers    with --layers: the int8 forward's time per op and per kind of op (mean of --iters
  *             profiled runs after the latency runs)
  * Options: --arch small|large (latency of one only), --method minmax|percentile|entropy and --fp32-layers K (the fashion run's observer
- *          and mixed precision), --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
+ *          and mixed precision), --requant float|fixed|both (requantization mode, default
+ *          float; both: the latency runs time a float-mode and a fixed-mode qmodel of the same
+ *          calibration interleaved with the fp32 runs, reporting fixed_over_float, and the
+ *          fashion run prints one line per mode),
+ *          --iters N (default 100), --qisa scalar|avx2|avx512vnni, --only latency|fashion,
  *          --weights PATH (default weights/fashion-mnist-small.safetensors),
  *          --data DIR (default /usr/share/datasets/fashion-mnist), --limit N. */
 #include <jansson.h>
@@ -29,6 +33,7 @@
 typedef struct config {
     int iters, limit, fp32_layers;
     bool layers;
+    int requant; /* a tern_requant_mode, or -1 for both */
     tern_qisa qisa;
     tern_quant_observer method;
     const char *only, *weights, *data, *arch;
@@ -126,16 +131,19 @@ static int latency(tern_arch arch, const config *cfg)
     opt.seed = 1;
     tern_error err = {{0}};
     tern_model *m = NULL;
-    tern_qmodel *q = NULL;
+    tern_qmodel *q = NULL, *qx = NULL; /* qx: the fixed-mode qmodel with --requant both */
     int rc = 1;
     size_t image = (size_t)size * size * 3;
     float *x = malloc(sizeof(float) * image * ncalib);
     float *logits = malloc(sizeof(float) * (size_t)opt.num_classes);
     double *tf = malloc(sizeof(double) * (size_t)cfg->iters);
     double *tq = malloc(sizeof(double) * (size_t)cfg->iters);
+    double *tx = malloc(sizeof(double) * (size_t)cfg->iters);
     double *cf = malloc(sizeof(double) * (size_t)cfg->iters);
     double *cq = malloc(sizeof(double) * (size_t)cfg->iters);
-    if (!x || !logits || !tf || !tq || !cf || !cq || tern_model_create(&opt, &m, &err) != TERN_OK) {
+    double *cx = malloc(sizeof(double) * (size_t)cfg->iters);
+    if (!x || !logits || !tf || !tq || !tx || !cf || !cq || !cx ||
+        tern_model_create(&opt, &m, &err) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", err.message[0] ? err.message : "out of memory");
         goto done;
     }
@@ -150,53 +158,85 @@ static int latency(tern_arch arch, const config *cfg)
                                                   : 0.5f + (float)tern_rng_uniform(&rng);
     }
     tern_model_invalidate(m);
+    const bool both = cfg->requant < 0;
     tern_qmodel_options qo = {.height = size, .width = size, .max_batch = 1, .calib_batch = 2,
-                              .isa = cfg->qisa};
+                              .isa = cfg->qisa,
+                              .requant = both ? TERN_REQUANT_FLOAT
+                                              : (tern_requant_mode)cfg->requant};
     double t0 = now();
     if (tern_qmodel_create(m, x, ncalib, &qo, &q, &err) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", err.message);
         goto done;
     }
     double build_s = now() - t0;
+    qo.requant = TERN_REQUANT_FIXED;
+    if (both && tern_qmodel_create(m, x, ncalib, &qo, &qx, &err) != TERN_OK) {
+        fprintf(stderr, "bench_quant: %s\n", err.message);
+        goto done;
+    }
     if (tern_model_plan(m, 1, size, size, false) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", tern_model_last_error(m));
         goto done;
     }
     for (int r = -3; r < cfg->iters; r++) {
+        /* fp32, then the int8 modes in alternating order (neither always follows fp32) */
         t0 = now();
         double c0 = cpu_now();
         tern_model_forward(m, logits, x, 1, false);
         double t1 = now(), c1 = cpu_now();
-        tern_qmodel_forward(q, logits, x, 1);
-        double t2 = now(), c2 = cpu_now();
+        tern_qmodel *first = both && r % 2 ? qx : q, *second = first == q ? qx : q;
+        tern_qmodel_forward(first, logits, x, 1);
+        double t2 = now(), c2 = cpu_now(), t3 = t2, c3 = c2;
+        if (both) {
+            tern_qmodel_forward(second, logits, x, 1);
+            t3 = now();
+            c3 = cpu_now();
+        }
         if (r >= 0) {
             tf[r] = t1 - t0;
-            tq[r] = t2 - t1;
             cf[r] = c1 - c0;
-            cq[r] = c2 - c1;
+            bool q_first = first == q;
+            tq[r] = q_first ? t2 - t1 : t3 - t2;
+            cq[r] = q_first ? c2 - c1 : c3 - c2;
+            tx[r] = q_first ? t3 - t2 : t2 - t1;
+            cx[r] = q_first ? c3 - c2 : c2 - c1;
         }
     }
     double mf = median(tf, cfg->iters), mq = median(tq, cfg->iters);
     double mcf = median(cf, cfg->iters), mcq = median(cq, cfg->iters);
-    emit(json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "bench",
-                   "quant_latency", "arch", tern_arch_name(arch), "size", size, "batch", 1,
-                   "threads", 1, "iters", cfg->iters, "fp32_isa",
-                   tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)), "int8_isa",
-                   tern_qisa_name(tern_qmodel_isa(q)), "fp32_ms", 1e3 * mf, "int8_ms", 1e3 * mq,
-                   "int8_over_fp32", mq / mf, "fp32_cpu_ms", 1e3 * mcf, "int8_cpu_ms", 1e3 * mcq,
-                   "int8_over_fp32_cpu", mcq / mcf, "quantize_s", build_s));
+    json_t *row = json_pack(
+        "{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:s,s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "bench",
+        "quant_latency", "arch", tern_arch_name(arch), "size", size, "batch", 1, "threads", 1,
+        "iters", cfg->iters, "fp32_isa", tern_isa_name(tern_isa_resolve(TERN_ISA_AUTO)),
+        "int8_isa", tern_qisa_name(tern_qmodel_isa(q)), "requant",
+        tern_requant_mode_name(tern_qmodel_requant(q)), "fp32_ms", 1e3 * mf, "int8_ms", 1e3 * mq,
+        "int8_over_fp32", mq / mf, "fp32_cpu_ms", 1e3 * mcf, "int8_cpu_ms", 1e3 * mcq,
+        "int8_over_fp32_cpu", mcq / mcf, "quantize_s", build_s);
+    if (row && both) {
+        double mx = median(tx, cfg->iters), mcx = median(cx, cfg->iters);
+        json_object_set_new(row, "int8_fixed_ms", json_real(1e3 * mx));
+        json_object_set_new(row, "int8_fixed_cpu_ms", json_real(1e3 * mcx));
+        json_object_set_new(row, "fixed_over_float", json_real(mx / mq));
+        json_object_set_new(row, "fixed_over_float_cpu", json_real(mcx / mcq));
+    }
+    emit(row);
     if (cfg->layers && profile(q, logits, x, cfg->iters, tern_arch_name(arch)) != 0)
+        goto done;
+    if (cfg->layers && both && profile(qx, logits, x, cfg->iters, tern_arch_name(arch)) != 0)
         goto done;
     rc = 0;
 done:
     tern_qmodel_destroy(&q);
+    tern_qmodel_destroy(&qx);
     tern_model_destroy(&m);
     free(x);
     free(logits);
     free(tf);
     free(tq);
+    free(tx);
     free(cf);
     free(cq);
+    free(cx);
     return rc;
 }
 
@@ -231,7 +271,7 @@ static int argmax(const float *x, int n)
     return best;
 }
 
-static int fashion(const config *cfg)
+static int fashion(const config *cfg, tern_requant_mode requant)
 {
     const int calib_n = 256, batch = 100;
     tern_error err = {{0}};
@@ -274,7 +314,7 @@ static int fashion(const config *cfg)
         goto done;
     tern_qmodel_options qo = {.height = t.size, .width = t.size, .max_batch = batch,
                               .calib_batch = 64, .isa = cfg->qisa, .observer = cfg->method,
-                              .fp32_layers = cfg->fp32_layers};
+                              .fp32_layers = cfg->fp32_layers, .requant = requant};
     if (tern_qmodel_create(m, calib, calib_n, &qo, &q, &err) != TERN_OK ||
         tern_model_plan(m, batch, t.size, t.size, false) != TERN_OK) {
         fprintf(stderr, "bench_quant: %s\n", err.message);
@@ -297,7 +337,8 @@ static int fashion(const config *cfg)
             right_q += pq == labels[b + i];
         }
     }
-    emit(json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:f,s:f,s:f,s:f,s:f}", "bench", "quant_fashion",
+    emit(json_pack("{s:s,s:s,s:s,s:i,s:i,s:i,s:i,s:s,s:f,s:f,s:f,s:f,s:f}", "bench",
+                   "quant_fashion", "requant", tern_requant_mode_name(requant),
                    "method", tern_quant_observer_name(cfg->method), "fp32_layers", cfg->fp32_layers,
                    "images", n, "calib_images", calib_n, "batch", batch, "int8_isa",
                    tern_qisa_name(tern_qmodel_isa(q)), "fp32_accuracy", (double)right_f / n,
@@ -336,7 +377,18 @@ int main(int argc, char **argv)
             }
         } else if (!strcmp(a, "--fp32-layers") && v)
             cfg.fp32_layers = atoi(argv[++i]);
-        else if (!strcmp(a, "--layers"))
+        else if (!strcmp(a, "--requant") && v) {
+            tern_requant_mode mode;
+            i++;
+            if (!strcmp(v, "both")) {
+                cfg.requant = -1;
+            } else if (tern_requant_mode_parse(v, &mode) == TERN_OK) {
+                cfg.requant = (int)mode;
+            } else {
+                fprintf(stderr, "bench_quant: unknown requant %s\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--layers"))
             cfg.layers = true;
         else if (!strcmp(a, "--arch") && v)
             cfg.arch = argv[++i];
@@ -354,6 +406,7 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr, "usage: bench_quant [--iters N] [--layers] [--arch small|large] "
                             "[--method minmax|percentile|entropy] [--fp32-layers K] "
+                            "[--requant float|fixed|both] "
                             "[--qisa scalar|avx2|avx512vnni] [--only latency|fashion] [--weights PATH] [--data DIR] [--limit N]\n");
             return 2;
         }
@@ -367,7 +420,11 @@ int main(int argc, char **argv)
         if (!cfg.arch || !strcmp(cfg.arch, "large"))
             rc |= latency(TERN_ARCH_MOBILENET_V3_LARGE, &cfg);
     }
-    if (!cfg.only || !strcmp(cfg.only, "fashion"))
-        rc |= fashion(&cfg);
+    if (!cfg.only || !strcmp(cfg.only, "fashion")) {
+        if (cfg.requant < 0)
+            rc |= fashion(&cfg, TERN_REQUANT_FLOAT) | fashion(&cfg, TERN_REQUANT_FIXED);
+        else
+            rc |= fashion(&cfg, (tern_requant_mode)cfg.requant);
+    }
     return rc;
 }

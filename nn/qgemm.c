@@ -172,6 +172,37 @@ T_VNNI INLINE void vnni_step(const int mr, const int nv, __m512i acc[VNNI_MR][VN
     }
 }
 
+/* The fixed-point epilogue of vnni_tile: a full 64-column row into one zmm of bytes. */
+T_VNNI INLINE void vnni_store_fixed(const int mr, const int nv, const bool has_lut,
+                                    const bool left, int8_t *y, size_t ldy,
+                                    __m512i acc[VNNI_MR][VNNI_NV], size_t ncols,
+                                    const tern_requant *rq, const rqf16 *rf, const __m512i *lut,
+                                    size_t n0)
+{
+    rqx16 px[VNNI_NV];
+    _Pragma("GCC unroll 8")
+    for (int v = 0; v < nv; v++)
+        px[v] = rqx16_load(rq, n0 + 16 * (size_t)v, q_tail_mask16(ncols - 16 * (size_t)v));
+    if (nv == VNNI_NV && ncols == 64) {
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < mr; r++) {
+            __m512i b = requantx64(acc[r], px, rf, left);
+            if (has_lut)
+                b = lut512_apply(b, lut);
+            _mm512_storeu_si512(y + r * ldy + n0, b);
+        }
+        return;
+    }
+    _Pragma("GCC unroll 8")
+    for (int v = 0; v < nv; v++) {
+        __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < mr; r++)
+            _mm_mask_storeu_epi8(y + r * ldy + n0 + 16 * (size_t)v, m,
+                                 requantx16(acc[r][v], &px[v], rf, has_lut ? lut : NULL, left));
+    }
+}
+
 /* One mr x (16 nv) tile of C. wb: the packed weights of its first column block; bstride: bytes
  * between column blocks; scale: the requantization scales of the tile's columns; lut: the
  * table as four zmm when has_lut. A full 64-column row is requantized into one zmm of bytes and
@@ -180,7 +211,7 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
                              int32_t *y32, size_t ldy, const int8_t *a, size_t lda,
                              const int32_t *rowsum128,
                              const int8_t *wb, size_t bstride, const int32_t *bias, size_t K,
-                             size_t ncols, const tern_requant *rq, const rqf16 *rf,
+                             size_t ncols, const tern_requant *rq, bool left, const rqf16 *rf,
                              const __m512i *lut, size_t n0)
 {
     __m512i acc[VNNI_MR][VNNI_NV];
@@ -208,28 +239,10 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
         return;
     }
     if (rq->mode == TERN_REQUANT_FIXED) {
-        rqx16 px[VNNI_NV];
-        _Pragma("GCC unroll 8")
-        for (int v = 0; v < nv; v++)
-            px[v] = rqx16_load(rq, n0 + 16 * (size_t)v, q_tail_mask16(ncols - 16 * (size_t)v));
-        if (nv == VNNI_NV && ncols == 64) {
-            _Pragma("GCC unroll 8")
-            for (int r = 0; r < mr; r++) {
-                __m512i b = requantx64(acc[r], px, rf);
-                if (has_lut)
-                    b = lut512_apply(b, lut);
-                _mm512_storeu_si512(y + r * ldy + n0, b);
-            }
-            return;
-        }
-        _Pragma("GCC unroll 8")
-        for (int v = 0; v < nv; v++) {
-            __mmask16 m = q_tail_mask16(ncols - 16 * (size_t)v);
-            _Pragma("GCC unroll 8")
-            for (int r = 0; r < mr; r++)
-                _mm_mask_storeu_epi8(y + r * ldy + n0 + 16 * (size_t)v, m,
-                                     requantx16(acc[r][v], &px[v], rf, has_lut ? lut : NULL));
-        }
+        if (left)
+            vnni_store_fixed(mr, nv, has_lut, true, y, ldy, acc, ncols, rq, rf, lut, n0);
+        else
+            vnni_store_fixed(mr, nv, has_lut, false, y, ldy, acc, ncols, rq, rf, lut, n0);
         return;
     }
     const float *scale = rq->scale + n0;
@@ -261,14 +274,14 @@ T_VNNI INLINE void vnni_tile(const int mr, const int nv, const bool has_lut, int
 
 #define VNNI_TILE(MR, NV)                                                                       \
     vnni_tile(MR, NV, LUT, y, y32, ldy, a, lda, rowsum128, wb, bstride, bias, K, ncols, rq,    \
-              rf, lut, n0)
+              left, rf, lut, n0)
 
 T_VNNI static void vnni_tile_any(int mr, int nv, bool has_lut, int8_t *y, int32_t *y32,
                                  size_t ldy, const int8_t *a, size_t lda,
                                  const int32_t *rowsum128, const int8_t *wb,
                                  size_t bstride, const int32_t *bias, size_t K, size_t ncols,
-                                 const tern_requant *rq, const rqf16 *rf, const __m512i *lut,
-                                 size_t n0)
+                                 const tern_requant *rq, bool left, const rqf16 *rf,
+                                 const __m512i *lut, size_t n0)
 {
 #define ROW(MR)                                                                                 \
     switch (nv) {                                                                               \
@@ -305,6 +318,7 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
 {
     (void)workspace;
     const rqf16 rf = y32 ? (rqf16){0} : rqf16_make(rq);
+    const bool left = !y32 && tern_requant_left(rq, N);
     const size_t np = padded_n(N, TERN_QISA_AVX512_VNNI), kp = round_up(K, 4);
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + np);
@@ -337,7 +351,7 @@ T_VNNI static void qgemm_vnni(int8_t *y, int32_t *y32, size_t ldy, const int8_t 
             vnni_tile_any(mr, nv, lut != NULL, y ? y + m0 * ldy : NULL, y32 ? y32 + m0 * ldy : NULL, ldy,
                           a + m0 * lda, lda, rowsum128, w + (n0 / 16) * bstride, bstride,
                           bias + n0, K,
-                          ncols, rq, &rf, lut, n0);
+                          ncols, rq, left, &rf, lut, n0);
         }
     }
 }
@@ -623,7 +637,7 @@ static void direct_scalar(int8_t *y, const int8_t *x, int32_t x_zp, const void *
 }
 
 /* One block of 16 output channels (from c0) over an image: K kernel rows of G groups. */
-T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, const bool fixed,
+T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, const int rqm,
                                 int8_t *y, const uint8_t *u, size_t row, const int8_t *wb,
                                 const int32_t *bias, const tern_requant *rq, size_t c0,
                                 const rqf16 *rf, __mmask16 m, const tern_conv_params *p)
@@ -638,9 +652,11 @@ T_VNNI INLINE void direct_block(const int K, const int G, const bool has_lut, co
         for (int g = 0; g < G; g++)
             w[ky][g] = _mm512_load_si512(wb + (ky * G + g) * 64);
     const __m512i b = _mm512_maskz_loadu_epi32(m, bias);
+    const bool fixed = rqm != RQ_FLOAT;
     const __m512 sv = fixed ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, rq->scale + c0);
     const rqx16 px = fixed ? rqx16_load(rq, c0, m) : (rqx16){0};
-#define REQ(acc) (fixed ? requantx16(acc, &px, rf, lut) : requantf16(acc, sv, rf, lut))
+#define REQ(acc)                                                                                \
+    (fixed ? requantx16(acc, &px, rf, lut, rqm == RQ_FIXED_LEFT) : requantf16(acc, sv, rf, lut))
     const size_t cin = (size_t)p->cin, s = (size_t)p->stride, C = (size_t)p->cout;
     for (int oy = 0; oy < p->oh; oy++) {
         const uint8_t *top = u + (size_t)oy * s * row;
@@ -726,16 +742,19 @@ T_VNNI static void direct_vnni(int8_t *y, const int8_t *x, const float *xf, tern
     const int8_t *w = (const int8_t *)(bias + np);
     uint8_t *u = workspace;
     const rqf16 rf = rqf16_make(rq);
+    const int rqm = rq_kind(rq, C);
     for (int n = 0; n < p->n; n++) {
         direct_pad(u, x, xf, xp, x_zp, n, p);
         int8_t *yn = y + (size_t)n * p->oh * p->ow * C;
         for (size_t b = 0; b < np / 16; b++) {
             __mmask16 m = q_tail_mask16(C - 16 * b);
             const int8_t *wb = w + b * (size_t)k * G * 64;
-            const bool t = rq->lut != NULL, fx = rq->mode == TERN_REQUANT_FIXED;
+            const bool t = rq->lut != NULL;
 #define DB(K, G, L, X)                                                                          \
     direct_block(K, G, L, X, yn + 16 * b, u, row, wb, bias + 16 * b, rq, 16 * b, &rf, m, p)
-#define DBX(K, G, L) (fx ? DB(K, G, L, true) : DB(K, G, L, false))
+#define DBX(K, G, L)                                                                            \
+    (rqm == RQ_FLOAT ? DB(K, G, L, RQ_FLOAT)                                                    \
+                     : rqm == RQ_FIXED ? DB(K, G, L, RQ_FIXED) : DB(K, G, L, RQ_FIXED_LEFT))
             if (k == 3 && G == 3)
                 t ? DBX(3, 3, true) : DBX(3, 3, false);
             else if (k == 3 && G == 1)

@@ -77,6 +77,16 @@ static inline int8_t tern_requant_one(int32_t acc, const tern_requant *rq, size_
     return rq->lut ? rq->lut[(uint8_t)q] : (int8_t)q;
 }
 
+/* true if rq is in fixed mode and one of channels [0, C) shifts left (a multiplier of 1 or
+ * more): the vector kernels take a shorter path when none does. */
+static inline bool tern_requant_left(const tern_requant *rq, size_t C)
+{
+    for (size_t c = 0; rq && rq->mode == TERN_REQUANT_FIXED && c < C; c++)
+        if (rq->shift[c] > 0)
+            return true;
+    return false;
+}
+
 /* multiplier[c], shift[c] for C real scales (tern_quant_multiplier of each). TERN_ERR_INVALID
  * if one is negative, not finite, or 2^30 or more. */
 tern_status tern_requant_fixed_params(int32_t *multiplier, int32_t *shift, const double *real,

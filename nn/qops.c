@@ -238,18 +238,19 @@ T_VNNI static void dw_pad_image(uint8_t *u, const int8_t *img, int32_t x_zp,
 
 /* A block's 16 accumulators to bytes in dw_block and dw_block_quads' mode. */
 #define DW_REQ(acc)                                                                             \
-    (fixed ? requantx16(acc, &px, r, has_lut ? lut : NULL)                                      \
-           : requantf16(acc, sv, r, has_lut ? lut : NULL))
+    (rqm != RQ_FLOAT ? requantx16(acc, &px, r, has_lut ? lut : NULL, rqm == RQ_FIXED_LEFT)      \
+                     : requantf16(acc, sv, r, has_lut ? lut : NULL))
 
 /* One block of 16 channels over all output pixels of an image, G groups of 4 taps per row.
  * A 64-byte read at (iy, ix) holds pixels ix..ix+3 of the block; one byte permute turns it into
  * the channel-major quadruples vpdpbusd multiplies with the packed weights. */
-T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, const bool fixed,
+T_VNNI QINLINE void dw_block(const int K, const int G, const bool has_lut, const int rqm,
                              int8_t *y, const uint8_t *ub, size_t wpp, const int8_t *wb,
                              const int32_t *bias, const tern_requant *rq, size_t c0,
                              const rqf16 *r, __mmask16 m, const tern_conv_params *p)
 {
     const int8_t *table = rq->lut;
+    const bool fixed = rqm != RQ_FLOAT;
     const __m512 sv = fixed ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, rq->scale + c0);
     const rqx16 px = fixed ? rqx16_load(rq, c0, m) : (rqx16){0};
     __m512i w[7][2], lut[4];
@@ -334,12 +335,13 @@ T_VNNI static void dw_build_quads(uint8_t *quad, uint8_t *row, const int8_t *img
 
 /* Stride 1: one block over an image from its quadruple image, four output pixels per step. */
 T_VNNI QINLINE void dw_block_quads(const int K, const int G, const bool has_lut,
-                                   const bool fixed, int8_t *y, const uint8_t *quad,
+                                   const int rqm, int8_t *y, const uint8_t *quad,
                                    const int8_t *wb, const int32_t *bias,
                                    const tern_requant *rq, size_t c0, const rqf16 *r,
                                    __mmask16 m, const tern_conv_params *p)
 {
     const int8_t *table = rq->lut;
+    const bool fixed = rqm != RQ_FLOAT;
     const __m512 sv = fixed ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, rq->scale + c0);
     const rqx16 px = fixed ? rqx16_load(rq, c0, m) : (rqx16){0};
     __m512i w[7][2], lut[4];
@@ -391,7 +393,8 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
     const int32_t *bias = packed;
     const int8_t *w = (const int8_t *)(bias + 16 * nb);
     const size_t wblock = (size_t)k * (size_t)G * 64;
-    const bool t = rq->lut != NULL, fx = rq->mode == TERN_REQUANT_FIXED;
+    const bool t = rq->lut != NULL;
+    const int rqm = rq_kind(rq, C);
     if (dw_use_quads(p)) {
         const size_t wq = (size_t)p->ow + 4 * (size_t)(G - 1);
         uint8_t *row = u + (size_t)(p->h + 2 * p->pad) * wq * 64;
@@ -404,7 +407,9 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
 #define DWQ(K, G, L, X)                                                                         \
     dw_block_quads(K, G, L, X, yn + 16 * b, u, w + b * wblock, bias + 16 * b, rq, 16 * b, &r, \
                    m, p)
-#define DWQX(K, G, L) (fx ? DWQ(K, G, L, true) : DWQ(K, G, L, false))
+#define DWQX(K, G, L)                                                                           \
+    (rqm == RQ_FLOAT ? DWQ(K, G, L, RQ_FLOAT)                                                   \
+                     : rqm == RQ_FIXED ? DWQ(K, G, L, RQ_FIXED) : DWQ(K, G, L, RQ_FIXED_LEFT))
                 if (k == 5)
                     t ? DWQX(5, 2, true) : DWQX(5, 2, false);
                 else
@@ -426,7 +431,9 @@ T_VNNI static void dwconv_vnni(int8_t *y, const int8_t *x, int32_t x_zp, const v
             const int8_t *wb = w + b * wblock;
             const int32_t *bb = bias + 16 * b;
 #define DW(K, G, L, X) dw_block(K, G, L, X, yb, ub, wpp, wb, bb, rq, 16 * b, &r, m, p)
-#define DWX(K, G, L) (fx ? DW(K, G, L, true) : DW(K, G, L, false))
+#define DWX(K, G, L)                                                                            \
+    (rqm == RQ_FLOAT ? DW(K, G, L, RQ_FLOAT)                                                    \
+                     : rqm == RQ_FIXED ? DW(K, G, L, RQ_FIXED) : DW(K, G, L, RQ_FIXED_LEFT))
             if (k == 3)
                 t ? DWX(3, 1, true) : DWX(3, 1, false);
             else if (k == 5)
@@ -534,9 +541,9 @@ T_VNNI static void qadd_fixed_vnni(int8_t *y, const int8_t *a, const int8_t *b, 
         __mmask16 m = q_tail_mask16(count - i);
         __m512i va = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)), azp);
         __m512i vb = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)), bzp);
-        va = mbqm16(_mm512_slli_epi32(va, TERN_QADD_LEFT_SHIFT), &pa);
-        vb = mbqm16(_mm512_slli_epi32(vb, TERN_QADD_LEFT_SHIFT), &pb);
-        __m512i q = mbqm16(_mm512_add_epi32(va, vb), &po);
+        va = mbqm16(_mm512_slli_epi32(va, TERN_QADD_LEFT_SHIFT), &pa, false);
+        vb = mbqm16(_mm512_slli_epi32(vb, TERN_QADD_LEFT_SHIFT), &pb, false);
+        __m512i q = mbqm16(_mm512_add_epi32(va, vb), &po, false);
         q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
         _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
     }
@@ -612,6 +619,7 @@ T_VNNI static void qgate_fixed_vnni(int8_t *y, const int8_t *x, const int8_t *g,
     const __m512i zp = _mm512_set1_epi32(p->out_zp);
     const __m512i lo = _mm512_set1_epi32(-128 - p->out_zp), hi = _mm512_set1_epi32(127 - p->out_zp);
     const rqx16 pm = rqx16_make(_mm512_set1_epi32(p->mult), _mm512_set1_epi32(p->shift));
+    const bool left = p->shift > 0;
     for (int i = 0; i < n; i++)
         for (int k = 0; k < c; k += 16) {
             __mmask16 m = q_tail_mask16((size_t)(c - k));
@@ -620,7 +628,8 @@ T_VNNI static void qgate_fixed_vnni(int8_t *y, const int8_t *x, const int8_t *g,
             for (size_t j = 0; j < hw; j++) {
                 size_t at = ((size_t)i * hw + j) * c + k;
                 __m512i xi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + at));
-                __m512i q = mbqm16(_mm512_mullo_epi32(_mm512_sub_epi32(xi, xzp), gv), &pm);
+                __m512i prod = _mm512_mullo_epi32(_mm512_sub_epi32(xi, xzp), gv);
+                __m512i q = left ? mbqm16(prod, &pm, true) : mbqm16(prod, &pm, false);
                 q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
                 _mm_mask_storeu_epi8(y + at, m, _mm512_cvtepi32_epi8(q));
             }

@@ -71,20 +71,25 @@ T_VNNI QINLINE rqx16 rqx16_load(const tern_requant *rq, size_t c, __mmask16 m)
 }
 
 /* tern_quant_mbqm per lane, for multipliers in [2^30, 2^31) or 0 with shift 0, when the result
- * is then clamped to the int8 range: where the left shift of x would saturate, x is clamped
- * first instead (|x << left| stays >= 2^30 - 2^left, the product beyond any int8 bound either
- * way).
+ * is then clamped to the int8 range. left: some lane may shift left (a multiplier of 1 or
+ * more; never seen in a trained network, so the vector paths without are the ones that run);
+ * where the left shift of x would saturate, x is clamped first instead (|x << left| stays
+ * >= 2^30 - 2^left, the product beyond any int8 bound either way).
  * SaturatingRoundingDoublingHighMul of nonnegative multipliers is (x m + 2^30) >> 31 (floor;
  * nothing saturates): vpmuldq gives the 64-bit products of the even lanes, and of the odd ones
- * shifted down; bits 31..62 of each sum are the result (the even lanes' shifted down to their
+ * moved down; bits 31..62 of each sum are the result (the even lanes' shifted down to their
  * low half, the odd lanes' doubled into their high half). RoundingDivideByPOT: x >> right plus
  * one where the remainder exceeds half (half + 1 for negative x). */
-T_VNNI QINLINE __m512i mbqm16(__m512i x, const rqx16 *p)
+T_VNNI QINLINE __m512i mbqm16(__m512i x, const rqx16 *p, const bool left)
 {
     const __m512i nudge = _mm512_set1_epi64((int64_t)1 << 30);
-    x = _mm512_sllv_epi32(_mm512_min_epi32(_mm512_max_epi32(x, p->lo), p->hi), p->left);
+    if (left)
+        x = _mm512_sllv_epi32(_mm512_min_epi32(_mm512_max_epi32(x, p->lo), p->hi), p->left);
     __m512i even = _mm512_add_epi64(_mm512_mul_epi32(x, p->mult), nudge);
-    __m512i odd = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(x, 32), p->mult_odd), nudge);
+    /* the odd lanes moved down by a shuffle (port 5) rather than a shift (port 0, which the
+     * multiplies and vpdpbusd also need) */
+    __m512i odd = _mm512_add_epi64(
+        _mm512_mul_epi32(_mm512_shuffle_epi32(x, _MM_PERM_DDBB), p->mult_odd), nudge);
     __m512i s = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 31),
                                         _mm512_add_epi64(odd, odd));
     __m512i q = _mm512_srav_epi32(s, p->right);
@@ -94,20 +99,21 @@ T_VNNI QINLINE __m512i mbqm16(__m512i x, const rqx16 *p)
 }
 
 /* tern_requant_one's fixed mode on 16 accumulators: int32 lanes, clamped, zero point added. */
-T_VNNI QINLINE __m512i requantx16_i32(__m512i acc, const rqx16 *p, const rqf16 *r)
+T_VNNI QINLINE __m512i requantx16_i32(__m512i acc, const rqx16 *p, const rqf16 *r, const bool left)
 {
-    __m512i v = _mm512_min_epi32(_mm512_max_epi32(mbqm16(acc, p), r->lo32), r->hi32);
+    __m512i v = _mm512_min_epi32(_mm512_max_epi32(mbqm16(acc, p, left), r->lo32), r->hi32);
     return _mm512_add_epi32(v, r->zp);
 }
 
 /* The fixed mode on 64 accumulators (four vectors of 16 channels) into 64 bytes in channel
  * order, clamped by saturating packs as requantf64 (int16 bounds on both sides). */
-T_VNNI QINLINE __m512i requantx64(const __m512i acc[4], const rqx16 p[4], const rqf16 *r)
+T_VNNI QINLINE __m512i requantx64(const __m512i acc[4], const rqx16 p[4], const rqf16 *r,
+                                  const bool left)
 {
     const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     __m512i q[4];
     for (int v = 0; v < 4; v++)
-        q[v] = mbqm16(acc[v], &p[v]);
+        q[v] = mbqm16(acc[v], &p[v], left);
     __m512i h0 = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), r->zp16);
     __m512i h1 = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), r->zp16);
     h0 = _mm512_min_epi16(_mm512_max_epi16(h0, r->qmin16), r->qmax16);
@@ -144,6 +150,16 @@ T_VNNI QINLINE __m512i requantf64(const __m512i acc[4], const __m512 sv[4], cons
     return _mm512_permutexvar_epi32(order, _mm512_packs_epi16(h0, h1));
 }
 
+/* The requantization path of a kernel, a template parameter of its inner blocks. */
+enum { RQ_FLOAT, RQ_FIXED, RQ_FIXED_LEFT };
+
+static inline int rq_kind(const tern_requant *rq, size_t C)
+{
+    if (rq->mode != TERN_REQUANT_FIXED)
+        return RQ_FLOAT;
+    return tern_requant_left(rq, C) ? RQ_FIXED_LEFT : RQ_FIXED;
+}
+
 /* lut[(uint8_t)b] for each byte: vpermi2b picks among 128 bytes by bits 0-6, bit 7 the half.
  * lut: the 256-byte table as four zmm. */
 T_VNNI QINLINE __m512i lut512_apply(__m512i idx, const __m512i *lut)
@@ -163,9 +179,10 @@ T_VNNI QINLINE __m128i requantf16(__m512i acc, __m512 scale, const rqf16 *r, con
 }
 
 /* 16 accumulators to 16 int8 in the fixed mode (through the table when lut is not NULL). */
-T_VNNI QINLINE __m128i requantx16(__m512i acc, const rqx16 *p, const rqf16 *r, const __m512i *lut)
+T_VNNI QINLINE __m128i requantx16(__m512i acc, const rqx16 *p, const rqf16 *r, const __m512i *lut,
+                                  const bool left)
 {
-    __m128i b = _mm512_cvtepi32_epi8(requantx16_i32(acc, p, r));
+    __m128i b = _mm512_cvtepi32_epi8(requantx16_i32(acc, p, r, left));
     if (lut)
         b = _mm512_castsi512_si128(lut512_apply(_mm512_castsi128_si512(b), lut));
     return b;
