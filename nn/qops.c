@@ -525,9 +525,21 @@ T_VNNI static void qadd_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t
     }
 }
 
+/* One input of the fixed-mode add: mbqm((v - zp) << 20, mult, shift). The input with the larger
+ * scale has the ratio 1/2 exactly (multiplier 2^30, shift 0), for which that is (v - zp) << 19
+ * exactly (the high multiply of a multiple of 2^20 by 2^30 leaves no remainder): trivial. */
+T_VNNI QINLINE __m512i add_input16(__m128i bytes, __m512i zp, const rqx16 *p, const bool trivial)
+{
+    __m512i v = _mm512_sub_epi32(_mm512_cvtepi8_epi32(bytes), zp);
+    if (trivial)
+        return _mm512_slli_epi32(v, TERN_QADD_LEFT_SHIFT - 1);
+    return mbqm16(_mm512_slli_epi32(v, TERN_QADD_LEFT_SHIFT), p, false);
+}
+
 /* The fixed mode: each input's int32 lanes shifted and scaled, summed, scaled again. The
  * multipliers come from tern_quant_multiplier with shifts <= 0, so mbqm16 is exact. */
-T_VNNI static void qadd_fixed_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
+T_VNNI QINLINE void qadd_fixed_run(const bool a_trivial, const bool b_trivial, int8_t *y,
+                                   const int8_t *a, const int8_t *b, size_t count,
                                    const tern_qadd_params *p)
 {
     const rqx16 pa = rqx16_make(_mm512_set1_epi32(p->a_mult), _mm512_set1_epi32(p->a_shift));
@@ -539,14 +551,27 @@ T_VNNI static void qadd_fixed_vnni(int8_t *y, const int8_t *a, const int8_t *b, 
     const __m512i zp = _mm512_set1_epi32(p->out_zp);
     for (size_t i = 0; i < count; i += 16) {
         __mmask16 m = q_tail_mask16(count - i);
-        __m512i va = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a + i)), azp);
-        __m512i vb = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, b + i)), bzp);
-        va = mbqm16(_mm512_slli_epi32(va, TERN_QADD_LEFT_SHIFT), &pa, false);
-        vb = mbqm16(_mm512_slli_epi32(vb, TERN_QADD_LEFT_SHIFT), &pb, false);
+        __m512i va = add_input16(_mm_maskz_loadu_epi8(m, a + i), azp, &pa, a_trivial);
+        __m512i vb = add_input16(_mm_maskz_loadu_epi8(m, b + i), bzp, &pb, b_trivial);
         __m512i q = mbqm16(_mm512_add_epi32(va, vb), &po, false);
         q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
         _mm_mask_storeu_epi8(y + i, m, _mm512_cvtepi32_epi8(q));
     }
+}
+
+T_VNNI static void qadd_fixed_vnni(int8_t *y, const int8_t *a, const int8_t *b, size_t count,
+                                   const tern_qadd_params *p)
+{
+    const bool ta = p->a_mult == 1 << 30 && p->a_shift == 0;
+    const bool tb = p->b_mult == 1 << 30 && p->b_shift == 0;
+    if (ta && tb)
+        qadd_fixed_run(true, true, y, a, b, count, p);
+    else if (ta)
+        qadd_fixed_run(true, false, y, a, b, count, p);
+    else if (tb)
+        qadd_fixed_run(false, true, y, a, b, count, p);
+    else
+        qadd_fixed_run(false, false, y, a, b, count, p);
 }
 
 void tern_qadd(int8_t *y, const int8_t *a, const int8_t *b, size_t count, const tern_qadd_params *p,
