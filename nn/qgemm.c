@@ -15,11 +15,13 @@
  *     vpdpbusd reads); the microkernel holds a 6-row by 64-column tile in 24 accumulators, reads
  *     4 bytes of a row of A at a time (one broadcast load) and issues 4 vpdpbusd on it. The
  *     epilogue requantizes 16 columns per vector in single precision (convert, multiply,
- *     clamp, convert, zero point), then the lookup table with two vpermi2b.
+ *     clamp, convert, zero point) or in fixed point (nn/qsimd512.h's mbqm16: two vpmuldq,
+ *     rounding shift), then the lookup table with two vpermi2b.
  *   AVX2: no byte dot product that cannot saturate (vpmaddubsw saturates its int16 pairs at
  *     255 * 127 * 2), so it widens: A rows are converted once per row block into int16 pairs of
  *     a + 128 (scratch), weights packed as int16 pairs, and vpmaddwd sums pairs into int32 without
- *     saturation. 4-row by 24-column tiles; scalar requantization.
+ *     saturation. 4-row by 24-column tiles; scalar requantization in float mode, 8 columns per
+ *     vector in fixed mode (nn/qsimd256.h).
  *   scalar: the packed-bias formulation in plain C (the reference uses the direct one). */
 #include <immintrin.h>
 #include <string.h>
