@@ -953,7 +953,8 @@ static void qmodel_allocation_failures(void **state)
     float x[2 * 32 * 32 * 3];
     test_rng r = {29};
     test_fill_uniform(&r, x, sizeof x / sizeof *x, -1, 1);
-    /* plain; histograms, sensitivity and float layers; then loading the file it writes */
+    /* plain; histograms, sensitivity, float layers and fixed requantization; then loading the
+     * file that writes */
     char dir[] = "/tmp/tern_test_qalloc.XXXXXX", path[96];
     assert_non_null(mkdtemp(dir));
     snprintf(path, sizeof path, "%s/q.safetensors", dir);
@@ -963,9 +964,10 @@ static void qmodel_allocation_failures(void **state)
             test_alloc_state st = {.fail_at = fail};
             tern_allocator a = test_failing_allocator(&st);
             tern_qmodel_options qo = {.height = 32, .width = 32, .max_batch = 2, .alloc = &a};
-            if (mode > 0) {
+            if (mode > 0) { /* and the fixed mode's multipliers, built and then loaded */
                 qo.observer = TERN_QUANT_OBSERVER_ENTROPY;
                 qo.fp32_layers = 2;
+                qo.requant = TERN_REQUANT_FIXED;
             }
             tern_qmodel *q = NULL;
             tern_status s;
